@@ -1,0 +1,119 @@
+"""What a user touches before the first call: TwiML templates, flags, start-up output."""
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+from werkzeug.routing import Map, Rule, WebsocketMismatch
+
+import app
+from tests.conftest import ROOT
+from tests.twilio_sim import Call
+
+TWIML = sorted((ROOT / "twiml").glob("*.xml"))
+
+
+def test_there_are_the_three_twiml_templates():
+    assert [path.name for path in TWIML] == ["stream.xml", "stream_both_tracks.xml", "stream_with_parameters.xml"]
+
+
+@pytest.mark.parametrize("path", TWIML, ids=lambda p: p.name)
+def test_twiml_is_well_formed_and_streams_to_wss_media(path):
+    text = path.read_text()
+    root = ElementTree.fromstring(text.encode())
+    assert root.tag == "Response"
+    stream = root.find("./Start/Stream")
+    assert stream is not None, "<Start><Stream> as in the tutorial"
+    assert re.fullmatch(r"wss://[^/?]+/media", stream.get("url")), "wss:// and /media, no query string"
+    assert root.find("./Dial") is not None
+    assert "<!--" in text and "Replace" in text, "each template says what to replace"
+
+
+def test_both_tracks_and_parameters_templates():
+    both = ElementTree.parse(ROOT / "twiml/stream_both_tracks.xml").getroot()
+    assert both.find("./Start/Stream").get("track") == "both_tracks"
+    params = ElementTree.parse(ROOT / "twiml/stream_with_parameters.xml").getroot()
+    assert len(params.findall("./Start/Stream/Parameter")) >= 1
+
+
+def test_flask_sockets_still_needs_our_websocket_rule_fix():
+    """If flask-sockets or Werkzeug change so that a plain Rule matches WebSocket requests,
+    this fails and the adapter in app.py can go."""
+    plain = Map([Rule("/media", endpoint="media")]).bind("localhost", url_scheme="ws")
+    with pytest.raises(WebsocketMismatch):
+        plain.match("/media")
+    ours = app.sockets.url_map.bind("localhost", url_scheme="ws")
+    assert ours.match("/media")[0] is app.media
+
+
+def test_without_the_rule_fix_every_stream_is_lost(start_server, tmp_path):
+    """The tutorial's failure, reproduced: flask-sockets' own add_url_rule on today's Werkzeug."""
+    broken = tmp_path / "broken_app.py"
+    broken.write_text("import flask_sockets, app\n"
+                      "app.Sockets.add_url_rule = flask_sockets.Sockets.add_url_rule\n"
+                      "app.sockets.url_map = flask_sockets.Map()\n"
+                      "app.sockets.route('/media')(app.media)\n"
+                      "app.main()\n")
+    server = start_server(command=[sys.executable, str(broken), "--host", "127.0.0.1", "--port", "0"],
+                          env={"PYTHONPATH": str(ROOT)})
+    call = Call()
+    try:
+        client = server.connect()
+        client.send(call.connected())
+        client.send(call.start())
+        client.send(call.stop())
+        client.wait_closed()
+    except Exception:
+        pass
+    assert f"stream={call.stream_sid}" not in server.log()
+
+
+def test_flags_default_to_environment_variables(start_server):
+    server = start_server(env={"LOG_LEVEL": "debug", "PORT": "1"})  # --port 0 wins over PORT
+    assert server.port != 1
+    call = Call(params={"tenant": "acme"})
+    client = server.connect()
+    client.send(call.connected())
+    client.send(call.start())
+    client.send(call.stop())
+    client.wait_closed()
+    server.wait_for(r"customParameters=\{'tenant': 'acme'\}")
+
+
+def test_help_lists_every_option():
+    out = subprocess.run([sys.executable, "app.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    for option in ("--host", "--port", "--log-level", "--record", "--quiet-levels", "--public-url",
+                   "--max-message-bytes", "--max-streams", "--idle-timeout"):
+        assert option in out
+
+
+def test_startup_prints_where_it_listens(start_server):
+    server = start_server()
+    assert re.search(rf"Listening on http://localhost:{server.port} .*WebSocket at ws://localhost:{server.port}/media",
+                     server.log())
+
+
+def test_default_port_is_5000_on_all_interfaces():
+    settings = app.read_settings([])
+    assert (settings.host, settings.port) == ("0.0.0.0", 5000)
+
+
+def test_the_simulator_plays_a_paced_call(start_server):
+    server = start_server()
+    started = Path(".")  # noqa: F841
+    out = subprocess.run([sys.executable, "-m", "tests.twilio_sim", server.url, "--seconds", "1",
+                          "--tracks", "both", "--param", "tenant=demo"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    sid = re.search(r"sent stream=(\S+) media=100", out.stdout).group(1)
+    summary = server.summary(sid)
+    assert summary["media"] == "100" and summary["ended"] == "stop"
+    assert float(summary["duration"].rstrip("s")) >= 0.9, "paced at 20 ms per message"
+
+
+def test_ci_runs_the_readme_test_command_word_for_word():
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"```sh\n(.*pytest.*)\n```", readme).group(1)
+    assert command in (ROOT / ".ci/run").read_text().splitlines()
