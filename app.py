@@ -293,18 +293,18 @@ class MediaStream:
         track.chunk = chunk
         if track.end_ms is None or timestamp + len(audio) // 8 > track.end_ms:
             track.end_ms = timestamp + len(audio) // 8
-        self.on_audio(track, timestamp, audio)
-
-    def on_audio(self, track: Track, timestamp: int, ulaw: bytes) -> None:
-        """Every chunk of audio, in order, as it arrives: the place to plug in processing.
-
-        `ulaw` is raw 8 kHz mu-law; `ulaw_to_pcm16(ulaw)` gives 16-bit little-endian PCM.
-        Keep this fast: hand slow work (a transcription API) to a queue and a greenlet.
-        """
+        pcm = ulaw_to_pcm16(audio)
         if not settings.quiet_levels:
-            self.meter(track, ulaw)
-        if settings.record:
-            self.record(track, timestamp, ulaw)
+            self.meter(track, audio)
+        if settings.record and track.recording is not False:
+            self.record(track, timestamp, pcm)
+        self.on_audio(track.name, timestamp, pcm)
+
+    def on_audio(self, track: str, timestamp: int, pcm: bytes) -> None:
+        """The place to plug in real-time processing (transcription, analysis): every chunk
+        of every track, in order, as 16-bit little-endian PCM, 8000 Hz, mono; `timestamp` in
+        ms on the stream's clock. It runs inside the receive loop, so hand anything slow to
+        a bounded queue and a greenlet (README, "Process the audio")."""
 
     def meter(self, track: Track, ulaw: bytes) -> None:
         track.energy += sum(map(ULAW_SQUARES.__getitem__, ulaw[::4]))
@@ -317,15 +317,13 @@ class MediaStream:
             track.energy = track.energy_samples = 0
             track.next_level_at = now + 1.0
 
-    def record(self, track: Track, timestamp: int, ulaw: bytes) -> None:
-        if track.recording is False:  # failed once: the stream goes on unrecorded
-            return
+    def record(self, track: Track, timestamp: int, pcm: bytes) -> None:
         try:
             if track.recording is None:
                 track.recording = WavTrack.create(settings.record, f"{safe_name(self.stream_sid)}_{track.name}")
             lead_ms = (time.monotonic() - self.started_at) * 1000 + MAX_SILENCE_LEAD_MS
-            track.recording.write(ulaw_to_pcm16(ulaw), at_sample=int(min(timestamp - self.origin_ms, lead_ms) * 8))
-        except OSError as exc:
+            track.recording.write(pcm, at_sample=int(min(timestamp - self.origin_ms, lead_ms) * 8))
+        except OSError as exc:  # disk full, file size limit: the stream goes on unrecorded
             self.warn(f"recording stopped track={track.name}: {exc}")
             self.stop_recording(track)
             track.recording = False

@@ -1,0 +1,232 @@
+"""Hearing the call: mu-law decoding, the level meter, WAV recordings, the audio hook."""
+import math
+import re
+import resource
+import signal
+import struct
+import subprocess
+import sys
+import wave
+
+import pytest
+
+import app
+from tests.conftest import ROOT
+from tests.twilio_sim import CHUNK, Call, encode_ulaw, read_wav, tone, write_wav
+
+
+def g711_ulaw(code):
+    """G.711 mu-law decoding written from the standard's segment table, with no bit tricks:
+    the complemented code holds a sign, a 3-bit segment and a 4-bit step; segment s starts
+    at 33 * 2**(s+2) - 132 and its steps are 2**(s+3) wide."""
+    complemented = 255 - code
+    negative = complemented >= 128
+    segment = (complemented % 128) // 16
+    step = complemented % 16
+    magnitude = (33 + 2 * step) * 2 ** (segment + 2) - 132
+    return -magnitude if negative else magnitude
+
+
+def test_mulaw_table_standard_values():
+    assert app.ULAW_TO_LINEAR[0xFF] == 0
+    assert app.ULAW_TO_LINEAR[0x7F] == 0
+    assert app.ULAW_TO_LINEAR[0x00] == -32124
+    assert app.ULAW_TO_LINEAR[0x80] == 32124
+    assert len(app.ULAW_TO_LINEAR) == 256
+
+
+def test_mulaw_table_matches_the_g711_formula_for_every_code():
+    assert app.ULAW_TO_LINEAR == [g711_ulaw(code) for code in range(256)]
+
+
+def test_pcm16_is_little_endian_samples_of_the_table():
+    ulaw = bytes(range(256)) * 2
+    assert app.ulaw_to_pcm16(ulaw) == struct.pack("<512h", *[g711_ulaw(c) for c in ulaw])
+
+
+def test_the_simulators_encoder_round_trips_through_the_decoder():
+    """The simulator's encoder (tests) against the server's decoder, at every code."""
+    for code in range(256):
+        if code != 0x7F:  # -0 and +0 both decode to 0; the encoder picks 0xFF
+            assert encode_ulaw([app.ULAW_TO_LINEAR[code]])[0] == code
+
+
+def test_level_meter_reads_dbfs():
+    full_scale_sine = 32768 ** 2 / 2
+    assert "rms=  -3.0dBFS" in app.level_meter(full_scale_sine)
+    assert "rms= -99.0dBFS" in app.level_meter(0)
+    assert app.level_meter(full_scale_sine).endswith("|" + "#" * 19 + " |")
+
+
+def paced_call(server, *args):
+    out = subprocess.run([sys.executable, "-m", "tests.twilio_sim", server.url, *args],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return re.search(r"sent stream=(\S+)", out.stdout).group(1)
+
+
+def test_level_meter_lines_at_most_once_a_second_per_track(start_server):
+    server = start_server()
+    sid = paced_call(server, "--seconds", "3.1", "--tracks", "both")
+    summary = server.summary(sid)
+    levels = re.findall(rf"stream={sid} level track=(\w+) rms=\s*(-?[\d.]+)dBFS \|[# ]{{20}}\|", server.log())
+    for track in ("inbound", "outbound"):
+        values = [float(db) for name, db in levels if name == track]
+        assert 2 <= len(values) <= 3, levels
+        assert all(-60 < db < -5 for db in values)
+    inbound = [float(db) for name, db in levels if name == "inbound"]
+    outbound = [float(db) for name, db in levels if name == "outbound"]
+    assert inbound[0] - outbound[0] == pytest.approx(12, abs=1), "outbound is sent 1/4 as loud"
+    assert summary["media"] == "310"
+
+
+def test_quiet_levels_turns_the_meter_off(start_server):
+    server = start_server(env={"QUIET_LEVELS": "1"})
+    sid = paced_call(server, "--seconds", "1.5")
+    assert server.summary(sid)["media"] == "75"
+    assert " level " not in server.log()
+
+
+def samples(path):
+    with wave.open(str(path), "rb") as wav:
+        assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (1, 2, 8000)
+        data = wav.readframes(wav.getnframes())
+        assert len(data) == 2 * wav.getnframes()
+    assert path.stat().st_size == 44 + len(data), "header sizes match the file"
+    return list(struct.unpack(f"<{len(data) // 2}h", data))
+
+
+def decoded(ulaw):
+    return [app.ULAW_TO_LINEAR[b] for b in ulaw]
+
+
+def test_both_tracks_recorded_aligned_with_silence_for_a_gap(start_server, tmp_path):
+    record = tmp_path / "recordings"
+    server = start_server("--record", str(record), "--quiet-levels")
+    call = Call(tracks=["inbound", "outbound"])
+    inbound = encode_ulaw(tone(1.0, 440))
+    outbound = encode_ulaw(tone(1.0, 300, amplitude=0.1))
+    messages = list(call.play({"inbound": inbound, "outbound": outbound}))
+    # drop inbound chunks 20..24 (5 chunks, 100 ms): Twilio discarded them
+    lost = {m for m in messages if '"track": "inbound"' in m and
+            20 <= int(re.search(r'"chunk": "(\d+)"', m).group(1)) // 2 < 25}
+    assert len(lost) == 5
+    client = server.connect()
+    for message in [call.connected(), call.start(), *[m for m in messages if m not in lost], call.stop()]:
+        client.send(message)
+    client.wait_closed()
+    summary = server.summary(call.stream_sid)
+    assert summary["gaps"] == "1" and summary["inbound"] == "45/0.90s" and summary["outbound"] == "50/1.00s"
+    inbound_wav = record / f"{call.stream_sid}_inbound.wav"
+    outbound_wav = record / f"{call.stream_sid}_outbound.wav"
+    assert summary["recordings"] == f"{inbound_wav}:1.00s,{outbound_wav}:1.00s"
+    expected = decoded(inbound[:20 * CHUNK]) + [0] * 800 + decoded(inbound[25 * CHUNK:])
+    assert samples(inbound_wav) == expected
+    assert samples(outbound_wav) == decoded(outbound)
+
+
+def test_sigterm_mid_call_leaves_a_readable_wav(start_server, tmp_path):
+    server = start_server("--record", str(tmp_path))
+    call = Call()
+    audio = encode_ulaw(tone(0.6))
+    client = server.connect()
+    client.send(call.connected())
+    client.send(call.start())
+    for message in call.play({"inbound": audio}):
+        client.send(message)
+    server.wait_for(rf"stream={call.stream_sid} first media")
+    client.send(call.dtmf("1"))  # sent after the media: once logged, all audio has arrived
+    server.wait_for(rf"stream={call.stream_sid} dtmf digit=1")
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(5)
+    summary = server.summary(call.stream_sid, timeout=0)
+    assert summary["ended"] == "shutdown"
+    assert samples(tmp_path / f"{call.stream_sid}_inbound.wav") == decoded(audio)
+
+
+def test_dropped_socket_and_handler_crash_leave_valid_wavs(start_server, tmp_path):
+    server = start_server("--record", str(tmp_path), "--quiet-levels")
+    call = Call()
+    audio = encode_ulaw(tone(0.2))
+    client = server.connect()
+    for message in [call.connected(), call.start(), *call.play({"inbound": audio})]:
+        client.send(message)
+    client.sock.close()
+    assert server.summary(call.stream_sid)["ended"] == "disconnect"
+    assert samples(tmp_path / f"{call.stream_sid}_inbound.wav") == decoded(audio)
+
+
+def test_recorded_wav_input_comes_back_within_mulaw_quantisation(start_server, tmp_path):
+    source = tmp_path / "speech.wav"
+    original = [int(s * (0.2 + 0.8 * i / 8000)) for i, s in enumerate(tone(1.0, 523, amplitude=0.9))]
+    write_wav(str(source), original)
+    server = start_server("--record", str(tmp_path / "out"))
+    sid = paced_call(server, "--wav", str(source))
+    assert server.summary(sid)["media"] == "50"
+    back = read_wav(str(tmp_path / "out" / f"{sid}_inbound.wav"))
+    assert len(back) == len(original)
+    assert all(abs(a - b) <= abs(a) / 16 + 8 for a, b in zip(original, back))
+
+
+def test_unwritable_record_dir_fails_fast_with_a_clear_message(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = subprocess.run([sys.executable, "app.py", "--port", "0", "--record", str(blocker / "recordings")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=20)
+    assert out.returncode != 0
+    assert "cannot write recordings" in out.stderr and "Traceback" not in out.stderr
+
+
+def limit_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
+
+
+def test_a_write_error_stops_the_recording_not_the_stream(tmp_path):
+    record = tmp_path / "rec"
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", "0",
+                                    "--record", str(record), "--quiet-levels"], cwd=ROOT,
+                                   stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit_file_size)
+    try:
+        port = None
+        for _ in range(500):
+            match = re.search(r"Listening on http://localhost:(\d+)", log_path.read_text())
+            if match:
+                port = int(match.group(1))
+                break
+            subprocess.run(["sleep", "0.02"])
+        from tests.twilio_sim import WSClient
+        call = Call()
+        client = WSClient(f"ws://127.0.0.1:{port}/media")
+        audio = encode_ulaw(tone(6.0))  # 96 kB of PCM, past the 64 kB limit
+        for message in [call.connected(), call.start(), *call.play({"inbound": audio}), call.stop()]:
+            client.send(message)
+        client.wait_closed()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(10)
+    text = log_path.read_text()
+    assert re.search(rf"stream={call.stream_sid} recording stopped track=inbound: .*File too large", text)
+    assert re.search(rf"summary stream={call.stream_sid} .*ended=stop .*media=300 ", text)
+
+
+AUDIO_HOOK_EXAMPLE = re.compile(r"```python\n(# process_audio\.py.*?)```", re.S)
+
+
+def test_the_readme_audio_hook_example_runs(start_server, tmp_path):
+    """The README's example of real-time processing, as written there, gets every chunk."""
+    example = AUDIO_HOOK_EXAMPLE.search((ROOT / "README.md").read_text()).group(1)
+    script = tmp_path / "process_audio.py"
+    script.write_text(example)
+    server = start_server(command=[sys.executable, str(script), "--host", "127.0.0.1", "--port", "0",
+                                   "--quiet-levels"], env={"PYTHONPATH": str(ROOT)})
+    call = Call(tracks=["inbound", "outbound"])
+    audio = encode_ulaw(tone(0.5))
+    client = server.connect()
+    for message in [call.connected(), call.start(), *call.play({"inbound": audio, "outbound": audio}), call.stop()]:
+        client.send(message)
+    client.wait_closed()
+    server.wait_for(rf"stream={call.stream_sid} processed chunks=50 seconds=1.00 peak=\d+")
+    assert server.summary(call.stream_sid)["media"] == "50"
