@@ -675,6 +675,15 @@ class MediaStreamHandler(WebSocketHandler):
         self.socket.settimeout(settings.idle_timeout or None)  # also drops half-sent requests
         super().handle()
 
+    def _handle_client_error(self, ex):
+        # pywsgi's hook for a bad request prints a traceback for anything but a ValueError,
+        # such as the timeout of a client that never finishes its request.
+        if isinstance(ex, TimeoutError):
+            log.warning("dropped connection remote=%s reason=no complete HTTP request within %g s",
+                        self.client_address[0], settings.idle_timeout)
+            return None
+        return super()._handle_client_error(ex)
+
     def upgrade_websocket(self):
         if self.environ.get("HTTP_UPGRADE", "").lower() != "websocket":
             return super().upgrade_websocket()
