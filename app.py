@@ -7,7 +7,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import json
 import logging
 import math
 import os
@@ -29,6 +28,11 @@ from geventwebsocket.exceptions import FrameTooLargeException, ProtocolError, We
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import WebSocket
 from werkzeug.routing import Rule
+
+try:
+    from orjson import loads as json_loads  # 3x faster than the stdlib on Twilio's messages
+except ImportError:
+    from json import loads as json_loads
 
 log = logging.getLogger("mediastreams")
 
@@ -57,6 +61,10 @@ def read_settings(argv: list[str] | None = None) -> argparse.Namespace:
                         help="open streams beyond which new ones get 503 (MAX_STREAMS)")
     parser.add_argument("--idle-timeout", type=float, default=float(env("IDLE_TIMEOUT", "30")),
                         help="seconds of silence from a client before it is dropped (IDLE_TIMEOUT)")
+    parser.add_argument("--read-interval-ms", type=float, default=float(env("READ_INTERVAL_MS", "0")),
+                        help="read each stream at most every N ms, handling what gathered in one go: "
+                             "about half the CPU per message at 100, audio up to N ms later "
+                             "(READ_INTERVAL_MS; 0: every message as it lands)")
     settings = parser.parse_args(argv)
     settings.auth_token = env("TWILIO_AUTH_TOKEN") or None
     return settings
@@ -176,7 +184,7 @@ class MediaStream:
     warnings: int = 0
     unknown_events: set = field(default_factory=set)
     ended: str = "disconnect"
-    greenlet: object = field(default_factory=gevent.getcurrent)
+    wants_pcm: bool = False         # decode only for a recording or an on_audio of your own
 
     @property
     def label(self) -> str:
@@ -201,7 +209,7 @@ class MediaStream:
         if not message:
             raise BadMessage("empty", "empty text frame")
         try:
-            data = json.loads(message)
+            data = json_loads(message)
         except (ValueError, RecursionError) as exc:
             raise BadMessage("invalid_json", f"invalid JSON ({str(exc)[:80]})") from None
         if not isinstance(data, dict):
@@ -246,6 +254,7 @@ class MediaStream:
             raise BadMessage("bad_start", "start.tracks, customParameters or mediaFormat has the wrong type")
         self.check_sequence(data)
         self.stream_sid = stream_sid[:64]
+        self.wants_pcm = bool(settings.record) or type(self).on_audio is not DEFAULT_ON_AUDIO
         self.call_sid = text(start, "callSid", "?")[:64]
         encoding = media_format.get("encoding")
         rate, channels = media_format.get("sampleRate"), media_format.get("channels")
@@ -293,12 +302,13 @@ class MediaStream:
         track.chunk = chunk
         if track.end_ms is None or timestamp + len(audio) // 8 > track.end_ms:
             track.end_ms = timestamp + len(audio) // 8
-        pcm = ulaw_to_pcm16(audio)
         if not settings.quiet_levels:
             self.meter(track, audio)
-        if settings.record and track.recording is not False:
-            self.record(track, timestamp, pcm)
-        self.on_audio(track.name, timestamp, pcm)
+        if self.wants_pcm:
+            pcm = ulaw_to_pcm16(audio)
+            if settings.record and track.recording is not False:
+                self.record(track, timestamp, pcm)
+            self.on_audio(track.name, timestamp, pcm)
 
     def on_audio(self, track: str, timestamp: int, pcm: bytes) -> None:
         """The place to plug in real-time processing (transcription, analysis): every chunk
@@ -307,8 +317,9 @@ class MediaStream:
         a bounded queue and a greenlet (README, "Process the audio")."""
 
     def meter(self, track: Track, ulaw: bytes) -> None:
-        track.energy += sum(map(ULAW_SQUARES.__getitem__, ulaw[::4]))
-        track.energy_samples += (len(ulaw) + 3) // 4
+        # every 8th sample: a steady estimate of the level at an eighth of the cost
+        track.energy += sum(map(ULAW_SQUARES.__getitem__, ulaw[::8]))
+        track.energy_samples += (len(ulaw) + 7) // 8
         now = time.monotonic()
         if now >= track.next_level_at:
             if track.next_level_at:
@@ -383,17 +394,18 @@ class MediaStream:
         return " ".join(parts)
 
 
+DEFAULT_ON_AUDIO = MediaStream.on_audio
+
+
 def number(obj: dict, name: str) -> int | None:
     """Twilio's numbers come as strings ("42"); accept real numbers too."""
     value = obj.get(name)
-    if value is None or type(value) is int:
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            pass
-    raise BadMessage(f"bad_{name}", f"{name} is not a whole number")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise BadMessage(f"bad_{name}", f"{name} is not a whole number") from None
 
 
 def text(obj: dict, name: str, default: str | None = None) -> str | None:
@@ -407,13 +419,9 @@ def safe_name(stream_sid: str) -> str:
 
 # --- The /media route: the tutorial's loop ------------------------------------------------
 
-open_streams: set[MediaStream] = set()
-
-
 @sockets.route("/media")
 def media(ws):
     stream = MediaStream(remote=request.remote_addr or "?")
-    open_streams.add(stream)
     log.info("Connection accepted %s", stream.label)
     try:
         while not ws.closed:
@@ -443,13 +451,15 @@ def media(ws):
                     stream.on_unknown(event)
             except BadMessage as bad:
                 stream.skip(bad)
+    except IdleTimeout as idle:
+        stream.ended = "idle"
+        stream.warn(str(idle))
     except gevent.GreenletExit:
         stream.ended = "shutdown"
     except Exception as exc:  # one broken stream must not take the server's log with it
         stream.ended = "error"
         log.warning("%s handler error: %s: %s", stream.label, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
     finally:
-        open_streams.discard(stream)
         stream.finish()
         if not ws.closed:
             ws.close()
@@ -573,15 +583,26 @@ def unmask(payload: bytes, mask: bytes) -> bytes:
 
 
 class MediaWebSocket(WebSocket):
-    """gevent-websocket's WebSocket with a size cap read from the frame header, a fast
-    unmask, one UTF-8 check per message instead of two in pure Python, and a reason for
-    every end of the stream (`end_reason`)."""
+    """gevent-websocket's WebSocket, read faster and safer: frames are parsed from our own
+    buffer filled by one recv() per network read (instead of three buffered reads per
+    frame), the size limit is checked from the frame header before any payload is read,
+    unmasking is one big-integer XOR instead of a per-byte loop, UTF-8 is checked once by
+    decoding (instead of twice in pure Python), and every end has a reason (`end_reason`)."""
 
-    __slots__ = ("end_reason",)
+    __slots__ = ("end_reason", "buffer", "last_received", "greenlet", "fill")
 
     def __init__(self, environ, stream, handler):
         super().__init__(environ, stream, handler)
         self.end_reason = None
+        self.buffer = bytearray()
+        self.last_received = time.monotonic()
+        self.greenlet = gevent.getcurrent()
+        self.fill = self.first_fill
+
+    def first_fill(self, size: int) -> bytes:
+        # What the HTTP parser may have buffered past the request; then straight from the socket.
+        self.fill = self.handler.socket.recv
+        return self.handler.rfile.read1(size)
 
     def receive(self):
         if self.closed:
@@ -594,8 +615,6 @@ class MediaWebSocket(WebSocket):
             self.end_reason = ("error", "invalid UTF-8 in a text message")
         except ProtocolError as exc:
             self.end_reason = ("error", f"WebSocket protocol error: {exc or type(exc).__name__}")
-        except TimeoutError:
-            self.end_reason = ("idle", f"nothing received for {self.handler.socket.gettimeout():g} s")
         except OSError:
             pass  # the peer went away: ended=disconnect
         self.close()
@@ -631,48 +650,75 @@ class MediaWebSocket(WebSocket):
             if fin:
                 return message.decode("utf-8") if opcode == self.OPCODE_TEXT else message
 
-    def read_frame(self):
-        read = self.raw_read
-        head = read(2)
-        if len(head) != 2:
-            raise WebSocketError("Unexpected EOF while decoding header")
-        first, second = head
-        fin, opcode, length = first & 0x80, first & 0x0F, second & 0x7F
-        if opcode > 0x07:
-            if not fin:
-                raise ProtocolError("fragmented control frame")
-            if length > 125:
-                raise FrameTooLargeException("control frame over 125 bytes")
-        if length >= 126:
-            size = 2 if length == 126 else 8
-            extended = read(size)
-            if len(extended) != size:
-                raise WebSocketError("Unexpected EOF while decoding header")
-            length = int.from_bytes(extended, "big")
-        if length > settings.max_message_bytes:
-            raise MessageTooLarge(f"frame of {length} bytes over the {settings.max_message_bytes}-byte limit")
-        mask = read(4) if second & 0x80 else None
-        if mask is not None and len(mask) != 4:
-            raise WebSocketError("Unexpected EOF while decoding header")
-        if first & 0x70:
-            raise ProtocolError("reserved bits set")
-        payload = read(length) if length else b""
-        if len(payload) != length:
-            raise WebSocketError("Unexpected EOF reading frame payload")
-        return fin, opcode, unmask(payload, mask) if mask else payload
+    def read_frame(self) -> tuple[int, int, bytes]:
+        """(fin, opcode, unmasked payload) of the next frame (RFC 6455 section 5.2)."""
+        buffer = self.buffer
+        while True:
+            if len(buffer) >= 2:
+                first, second = buffer[0], buffer[1]
+                opcode, length, start = first & 0x0F, second & 0x7F, 2
+                if opcode > 0x07 and (not first & 0x80 or length > 125):
+                    raise ProtocolError("control frame fragmented or over 125 bytes")
+                if length > 125:
+                    start = 4 if length == 126 else 10
+                if len(buffer) >= start:
+                    if start > 2:
+                        length = int.from_bytes(buffer[2:start], "big")
+                    if length > settings.max_message_bytes:
+                        raise MessageTooLarge(f"frame of {length} bytes over the "
+                                              f"{settings.max_message_bytes}-byte limit")
+                    if first & 0x70:
+                        raise ProtocolError("reserved bits set without an extension")
+                    if second & 0x80:
+                        end = start + 4 + length
+                        if len(buffer) >= end:
+                            payload = unmask(buffer[start + 4:end], buffer[start:start + 4])
+                            del buffer[:end]
+                            return first & 0x80, opcode, payload
+                    elif len(buffer) >= start + length:
+                        payload = bytes(buffer[start:start + length])
+                        del buffer[:start + length]
+                        return first & 0x80, opcode, payload
+            if settings.read_interval_ms and not buffer:  # let messages gather: one wake-up for several
+                gevent.sleep(settings.read_interval_ms / 1000)
+            data = self.fill(RECV_BYTES)
+            if not data:
+                raise WebSocketError("Unexpected EOF")
+            self.last_received = time.monotonic()
+            buffer += data
+
+
+RECV_BYTES = 65536
 
 
 # handler.upgrade_connection() builds each connection's socket from this module-level name.
 geventwebsocket.handler.WebSocket = MediaWebSocket
 
 
+open_websockets: set[MediaWebSocket] = set()
+idle_sweeper = None
+
+
+class IdleTimeout(Exception):
+    """Thrown into a stream's greenlet when its client has sent nothing for --idle-timeout."""
+
+
+def sweep_idle_websockets() -> None:
+    # One greenlet for all streams: a timeout on every socket read would cost a timer per message.
+    while True:
+        gevent.sleep(min(1.0, settings.idle_timeout / 4))
+        silent_since = time.monotonic() - settings.idle_timeout
+        for ws in list(open_websockets):
+            if ws.last_received < silent_since:
+                ws.last_received = math.inf  # thrown once
+                gevent.kill(ws.greenlet, IdleTimeout(f"nothing received for {settings.idle_timeout:g} s"))
+
+
 class MediaStreamHandler(WebSocketHandler):
     """gevent-websocket answers 101 before Flask runs, so refusals happen here, before it."""
 
-    open_websockets = 0
-
     def handle(self):
-        self.socket.settimeout(settings.idle_timeout or None)  # also drops half-sent requests
+        self.socket.settimeout(settings.idle_timeout or None)  # drops half-sent requests
         super().handle()
 
     def _handle_client_error(self, ex):
@@ -696,18 +742,20 @@ class MediaStreamHandler(WebSocketHandler):
             self.start_response(status, [("Content-Type", "text/plain"), ("Connection", "close")])
             return [f"{status}: {reason}\n".encode()]
         result = super().upgrade_websocket()
-        if hasattr(self, "websocket"):
-            MediaStreamHandler.open_websockets += 1
-            self.counted = True
+        self.registered = getattr(self, "websocket", None)  # set only when upgraded
+        if self.registered:
+            global idle_sweeper
+            self.socket.settimeout(None)  # idle streams are found by sweep_idle_websockets
+            open_websockets.add(self.registered)
+            if idle_sweeper is None and settings.idle_timeout > 0:
+                idle_sweeper = gevent.spawn(sweep_idle_websockets)
         return result
 
     def run_application(self):
         try:
             super().run_application()
         finally:
-            if getattr(self, "counted", False):
-                MediaStreamHandler.open_websockets -= 1
-                self.counted = False
+            open_websockets.discard(self.__dict__.pop("registered", None))
 
     def refusal(self) -> tuple[str, str] | None:
         path = self.environ.get("PATH_INFO", "")
@@ -721,7 +769,7 @@ class MediaStreamHandler(WebSocketHandler):
             query = self.environ.get("QUERY_STRING")
             if not signature_is_valid(settings.auth_token, host, path + ("?" + query if query else ""), signature):
                 return "403 Forbidden", f"X-Twilio-Signature does not match wss://{host}{path}"
-        if MediaStreamHandler.open_websockets >= settings.max_streams:
+        if len(open_websockets) >= settings.max_streams:
             return "503 Service Unavailable", f"{settings.max_streams} streams open already (--max-streams)"
         return None
 
@@ -756,9 +804,9 @@ def main(argv: list[str] | None = None) -> None:
         log.info("Recording every stream to %s", os.path.abspath(settings.record))
 
     def shutdown(signum: int) -> None:
-        log.info("%s: shutting down, %d open stream(s)", signal.Signals(signum).name, len(open_streams))
+        log.info("%s: shutting down, %d open stream(s)", signal.Signals(signum).name, len(open_websockets))
         server.close()
-        greenlets = [stream.greenlet for stream in open_streams]
+        greenlets = [ws.greenlet for ws in open_websockets]
         gevent.killall(greenlets, block=True, timeout=3)
         server.stop(timeout=1)
 

@@ -1,0 +1,314 @@
+"""Load benchmark: N simulated calls at 50 media messages a second, against our server and peers.
+
+    python -m tests.bench_load --calls 300 --seconds 20 --ours="" --ours="--read-interval-ms 100" --vs node,asyncio,tutorial
+
+Run by hand (pytest does not collect it). For each server it starts the server, opens N
+calls, sends `connected`, `start`, one 160-byte media message per call every 20 ms for S
+seconds, then `stop`, and reports:
+  - server CPU microseconds per message, from /proc/PID/stat (children included), over the
+    streaming phase;
+  - the worst and 99th-percentile delay between a call's `stop` and the server closing it;
+  - handshake failures and streams cut before their `stop`;
+  - for our server, whether every stream's summary line shows the exact count sent;
+  - resident memory: idle, with all calls open, after they end (per round, --rounds).
+The load client is one thread with pre-framed messages (the payload is masked with a zero
+key, legal and free), so it leaves the server most of the second core; its own CPU is shown.
+
+Peers come from ../shared/peers/ and get their dependencies in a scratch folder outside the
+repository (npm's `ws`, a venv with `websockets`, a venv with the tutorial's stack), made on
+first use under $BENCH_PEERS_DIR (default /tmp/mediastreams-bench-peers).
+"""
+import argparse
+import base64
+import json
+import os
+import re
+import selectors
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.twilio_sim import WSClient
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = Path(os.environ.get("PEERS_SRC", ROOT.parent / "shared" / "peers"))
+PEERS_DIR = Path(os.environ.get("BENCH_PEERS_DIR", "/tmp/mediastreams-bench-peers"))
+TICK = os.sysconf("SC_CLK_TCK")
+PAYLOAD = base64.b64encode(bytes(range(0, 160))).decode()  # varied bytes: a level meter has work to do
+ZERO_MASK = b"\0\0\0\0"
+
+
+def frame(text: str) -> bytes:
+    return WSClient.frame(0x1, text.encode(), mask=ZERO_MASK)
+
+
+MEDIA = ('{"event":"media","sequenceNumber":"%d","streamSid":"%s","media":{"track":"inbound",'
+         '"chunk":"%d","timestamp":"%d","payload":"' + PAYLOAD + '"}}')
+
+
+# --- servers --------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(command, **kwargs):
+    print("  $", " ".join(map(str, command)), file=sys.stderr)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, **kwargs)
+
+
+def peer_command(name: str, port: int) -> list[str]:
+    """The command line of a peer server, installing its dependencies on first use."""
+    PEERS_DIR.mkdir(parents=True, exist_ok=True)
+    if name == "node":
+        folder = PEERS_DIR / "node"
+        if not (folder / "node_modules" / "ws").exists():
+            folder.mkdir(exist_ok=True)
+            run(["npm", "install", "--silent", "--no-audit", "--no-fund", "ws@8"], cwd=folder)
+        return ["node", str(PEERS / "ws_node_server.js"), str(port)]
+    packages = {"asyncio": ["websockets"],
+                "tutorial": ["flask", "flask-sockets", "gevent", "gevent-websocket"]}[name]
+    venv = PEERS_DIR / f"venv-{name}"
+    if not (venv / "bin" / "python").exists():
+        run([sys.executable, "-m", "venv", str(venv)])
+        run([str(venv / "bin" / "pip"), "install", "-q", *packages])
+    script = {"asyncio": "ws_asyncio_server.py", "tutorial": "tutorial_like_server.py"}[name]
+    return [str(venv / "bin" / "python"), str(PEERS / script), str(port)]
+
+
+def start_server(name: str, log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    if name == "ours":
+        command = [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port), *extra]
+    else:
+        command = peer_command(name, port)
+    env = {k: v for k, v in os.environ.items() if k != "TWILIO_AUTH_TOKEN"}
+    env["NODE_PATH"] = str(PEERS_DIR / "node" / "node_modules")  # the peer script lives elsewhere
+    process = subprocess.Popen(command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process, port
+        except OSError:
+            if process.poll() is not None:
+                raise SystemExit(f"{name} exited at start-up:\n{log_path.read_text()[-2000:]}")
+            time.sleep(0.05)
+    raise SystemExit(f"{name} did not listen on port {port} within 30 s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime + cutime + cstime of a process, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(fields[i]) for i in (11, 12, 13, 14)) / TICK
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+# --- the load -------------------------------------------------------------------------------
+
+class Stream:
+    def __init__(self, n: int, port: int):
+        self.sid = f"MZ{os.getpid():08x}{n:024x}"
+        self.client = WSClient(f"ws://127.0.0.1:{port}/media", timeout=30)
+        self.sock = self.client.sock
+        self.sent = 0
+        self.sequence = 0
+        self.stopped_at = None
+        self.closed_at = None
+        self.cut = False
+
+    def send(self, text: str) -> None:
+        self.sequence += 1
+        self.sock.sendall(frame(text))
+
+
+def one_round(port: int, pid: int, calls: int, seconds: float) -> dict:
+    streams, failures = [], 0
+    for n in range(calls):
+        try:
+            streams.append(Stream(n, port))
+        except Exception as exc:  # counted, and the first ones are shown
+            failures += 1
+            if failures <= 3:
+                print(f"  handshake failed: {exc}", file=sys.stderr)
+    for s in streams:
+        s.send('{"event":"connected","protocol":"Call","version":"1.0.0"}')
+        s.send(json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": s.sid, "start": {
+            "streamSid": s.sid, "accountSid": "AC" + "0" * 32, "callSid": "CA" + s.sid[2:],
+            "tracks": ["inbound"], "customParameters": {},
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}))
+        s.sequence = 1
+    selector = selectors.DefaultSelector()
+    for s in streams:
+        s.sock.setblocking(False)
+        selector.register(s.sock, selectors.EVENT_READ, s)
+
+    per_call = int(seconds * 50)
+    count = len(streams)
+    cpu_start, wall_start = cpu_seconds(pid), time.monotonic()
+    client_cpu_start = time.process_time()
+    start = time.monotonic() + 0.1
+    # call i sends its k-th media at start + k*20ms + i*(20ms/count): spread evenly in time
+    offsets = [i * 0.020 / max(count, 1) for i in range(count)]
+    peak_rss = 0.0
+    next_k = [0] * count
+    open_count = count
+    done = False
+    while not done:
+        now = time.monotonic()
+        done = True
+        for i, s in enumerate(streams):
+            k = next_k[i]
+            if k > per_call:
+                continue
+            done = False
+            while k <= per_call and start + k * 0.020 + offsets[i] <= now:
+                try:
+                    if k < per_call:
+                        s.send(MEDIA % (s.sequence + 1, s.sid, k + 1, 20 * (k + 1)))
+                        s.sent += 1
+                    else:
+                        s.send(json.dumps({"event": "stop", "sequenceNumber": str(s.sequence + 1),
+                                           "streamSid": s.sid, "stop": {}}))
+                        s.stopped_at = time.monotonic()
+                except OSError:
+                    s.cut = True
+                    k = per_call
+                k += 1
+            next_k[i] = k
+        for key, _ in selector.select(timeout=0.002):
+            s = key.data
+            try:
+                data = s.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if not data or b"\x88" in data[:2]:
+                s.closed_at = time.monotonic()
+                if s.stopped_at is None:
+                    s.cut = True
+                selector.unregister(s.sock)
+                open_count -= 1
+        if int(now * 2) != int((now - 0.002) * 2):
+            peak_rss = max(peak_rss, rss_mib(pid))
+    deadline = time.monotonic() + 10
+    while open_count and time.monotonic() < deadline:
+        for key, _ in selector.select(timeout=0.05):
+            s = key.data
+            try:
+                data = s.sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data or b"\x88" in data[:2]:
+                s.closed_at = time.monotonic()
+                selector.unregister(s.sock)
+                open_count -= 1
+    cpu = cpu_seconds(pid) - cpu_start
+    wall = time.monotonic() - wall_start
+    client_cpu = time.process_time() - client_cpu_start
+    for s in streams:
+        s.sock.close()
+    messages = sum(s.sent + 1 for s in streams)  # media + stop
+    delays = sorted((s.closed_at - s.stopped_at) * 1000 for s in streams
+                    if s.closed_at is not None and s.stopped_at is not None)
+    never_closed = sum(1 for s in streams if s.closed_at is None)
+    return {"streams": streams, "failures": failures, "messages": messages, "cpu": cpu, "wall": wall,
+            "client_cpu": client_cpu, "us_per_message": cpu / max(messages, 1) * 1e6,
+            "worst_ms": delays[-1] if delays else float("nan"),
+            "p99_ms": delays[int(0.99 * (len(delays) - 1))] if delays else float("nan"),
+            "cut": sum(s.cut for s in streams) + never_closed, "peak_rss": peak_rss}
+
+
+def check_summaries(log_path: Path, streams: list[Stream]) -> tuple[int, int]:
+    """(exact, wrong) summary counts for our server's log."""
+    time.sleep(0.5)
+    text = log_path.read_text()
+    found = dict(re.findall(r"summary stream=(\S+) .*? media=(\d+)", text))
+    exact = sum(1 for s in streams if found.get(s.sid) == str(s.sent))
+    return exact, len(streams) - exact
+
+
+def bench(name: str, args, ours_args: list[str] = ()) -> dict:
+    log_path = Path(tempfile.mkdtemp(prefix="bench-")) / "server.log"
+    process, port = start_server(name, log_path, list(ours_args))
+    name = " ".join(["ours", *ours_args]) if name == "ours" else name
+    try:
+        time.sleep(0.5)
+        idle = rss_mib(process.pid)
+        rounds = []
+        for r in range(args.rounds):
+            result = one_round(port, process.pid, args.calls, args.seconds)
+            if name.startswith("ours"):
+                result["exact"], result["wrong"] = check_summaries(log_path, result["streams"])
+            time.sleep(1.0)
+            result["after_rss"] = rss_mib(process.pid)
+            rounds.append(result)
+            print(f"  {name} round {r + 1}: {result['us_per_message']:.1f} us/msg, "
+                  f"worst stop-to-close {result['worst_ms']:.0f} ms, RSS {result['peak_rss']:.0f} MiB peak, "
+                  f"{result['after_rss']:.0f} MiB after", file=sys.stderr)
+        return {"name": name, "idle_rss": idle, "rounds": rounds, "log": log_path}
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def report(results: list[dict], args) -> None:
+    print(f"{args.calls} calls x {args.seconds:g} s at 50 media messages/s each "
+          f"({args.calls * 50} msg/s), {os.cpu_count()} cores, rounds={args.rounds}")
+    header = ("server", "us CPU/msg", "worst stop->close", "p99 stop->close", "handshake fails", "cut",
+              "exact summaries", "RSS idle/peak/after MiB", "client CPU %")
+    rows = []
+    for result in results:
+        for i, r in enumerate(result["rounds"]):
+            exact = f"{r['exact']}/{len(r['streams'])}" if "exact" in r else "n/a"
+            rows.append((f"{result['name']}" + (f" #{i + 1}" if args.rounds > 1 else ""),
+                         f"{r['us_per_message']:.1f}", f"{r['worst_ms']:.0f} ms", f"{r['p99_ms']:.0f} ms",
+                         str(r["failures"]), str(r["cut"]), exact,
+                         f"{result['idle_rss']:.0f}/{r['peak_rss']:.0f}/{r['after_rss']:.0f}",
+                         f"{100 * r['client_cpu'] / r['wall']:.0f}"))
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+    node = [r for r in results if r["name"] == "node"]
+    for ours in [r for r in results if r["name"].startswith("ours")]:
+        if node:
+            mine = statistics.median(r["us_per_message"] for r in ours["rounds"])
+            theirs = statistics.median(r["us_per_message"] for r in node[0]["rounds"])
+            print(f"{ours['name']} / node CPU per message: {mine / theirs:.2f}x (target <= 1.5x)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--rounds", type=int, default=1, help="rounds against the same server process")
+    parser.add_argument("--vs", default="", help="peers to run in the same session: node,asyncio,tutorial")
+    parser.add_argument("--ours", action="append", metavar="FLAGS",
+                        help='flags for one run of our app.py; repeat for several, e.g. --ours="" '
+                             '--ours="--read-interval-ms 100" (default: one run, no flags); "none": skip')
+    args = parser.parse_args(argv)
+    variants = [flags.split() for flags in (args.ours or [""]) if flags != "none"]
+    results = [bench("ours", args, flags) for flags in variants]
+    results += [bench(name, args) for name in args.vs.split(",") if name]
+    print()
+    report(results, args)
+
+
+if __name__ == "__main__":
+    main()
