@@ -12,6 +12,7 @@ import math
 import os
 import re
 import signal
+import struct
 import sys
 import tempfile
 import time
@@ -100,8 +101,9 @@ check_record_dir(settings.record)
 
 # --- The Flask app, as in the tutorial ----------------------------------------------------
 
+# Library adapter (flask-sockets); the gevent-websocket ones are further down.
 class Sockets(flask_sockets.Sockets):
-    """flask-sockets with its two edges on today's Werkzeug filed off (see "Library adapters")."""
+    """flask-sockets 0.2.1 with its two edges on today's Werkzeug filed off."""
 
     def init_app(self, app):
         app.wsgi_app = SocketMiddleware(app.wsgi_app, app, self)
@@ -361,7 +363,6 @@ class MediaStream:
             log.info("%s mark name=%r", self.label, mark["name"][:100])
 
     def on_stop(self, data: dict) -> None:
-        self.check_sequence(data)
         self.ended = "stop"
         log.info("%s stop", self.label)
 
@@ -456,13 +457,13 @@ def media(ws):
         stream.warn(str(idle))
     except gevent.GreenletExit:
         stream.ended = "shutdown"
-    except Exception as exc:  # one broken stream must not take the server's log with it
+    except Exception as exc:  # a bug in one stream's handling ends that stream, not the server
         stream.ended = "error"
-        log.warning("%s handler error: %s: %s", stream.label, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        log.warning("%s handler error: %s: %s (traceback at --log-level debug)", stream.label,
+                    type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
     finally:
         stream.finish()
-        if not ws.closed:
-            ws.close()
+        ws.close(1001 if stream.ended == "shutdown" else 1000)  # 1001: going away
 
 
 # --- Audio helpers ------------------------------------------------------------------------
@@ -607,18 +608,33 @@ class MediaWebSocket(WebSocket):
     def receive(self):
         if self.closed:
             raise WebSocketError("Connection is already closed")
+        code = 1000
         try:
             return self.read_message()
         except MessageTooLarge as exc:
-            self.end_reason = ("error", str(exc))
+            self.end_reason, code = ("error", str(exc)), 1009
         except UnicodeError:
-            self.end_reason = ("error", "invalid UTF-8 in a text message")
+            self.end_reason, code = ("error", "invalid UTF-8 in a text message"), 1007
         except ProtocolError as exc:
-            self.end_reason = ("error", f"WebSocket protocol error: {exc or type(exc).__name__}")
+            self.end_reason, code = ("error", f"WebSocket protocol error: {exc or type(exc).__name__}"), 1002
         except OSError:
             pass  # the peer went away: ended=disconnect
-        self.close()
+        self.close(code)
         return None
+
+    def close(self, code: int = 1000, message: bytes = b"") -> None:
+        # gevent-websocket 0.10.1 sends the reason where the status code belongs (peers read
+        # b"bye" as code 25193) and no code at all without a reason.
+        if self.closed:
+            return
+        try:
+            reason = message if isinstance(message, (bytes, bytearray)) else str(message or "").encode()
+            self.send_frame(struct.pack("!H", code) + reason[:123], self.OPCODE_CLOSE)
+        except WebSocketError:
+            pass  # the peer is gone: nothing to tell it
+        finally:
+            self.closed = True
+            self.stream = self.raw_write = self.raw_read = self.environ = None
 
     def read_message(self):
         opcode = None
@@ -688,7 +704,7 @@ class MediaWebSocket(WebSocket):
             buffer += data
 
 
-RECV_BYTES = 65536
+RECV_BYTES = 4096  # ten Twilio messages; 64 KiB reads fragmented the heap: RSS grew by the round
 
 
 # handler.upgrade_connection() builds each connection's socket from this module-level name.
@@ -783,8 +799,20 @@ else:
         """gevent-websocket's gunicorn worker with our handler (signatures, limits)."""
         wsgi_handler = MediaStreamHandler
 
+        def init_process(self):
+            log_startup_notes()
+            super().init_process()
+
 
 # --- main ---------------------------------------------------------------------------------
+
+def log_startup_notes() -> None:
+    if not settings.auth_token:
+        log.warning("TWILIO_AUTH_TOKEN is not set: anyone who knows this URL can stream to it. "
+                    "Set it to your Auth Token to accept only handshakes signed by Twilio.")
+    if settings.record:
+        log.info("Recording every stream to %s", os.path.abspath(settings.record))
+
 
 def main(argv: list[str] | None = None) -> None:
     global settings
@@ -797,11 +825,7 @@ def main(argv: list[str] | None = None) -> None:
     port = server.server_port
     log.info("Listening on http://localhost:%d (all interfaces: %s), WebSocket at ws://localhost:%d/media",
              port, settings.host, port)
-    if not settings.auth_token:
-        log.warning("TWILIO_AUTH_TOKEN is not set: anyone who knows this URL can stream to it. "
-                    "Set it to your Auth Token to accept only handshakes signed by Twilio.")
-    if settings.record:
-        log.info("Recording every stream to %s", os.path.abspath(settings.record))
+    log_startup_notes()
 
     def shutdown(signum: int) -> None:
         log.info("%s: shutting down, %d open stream(s)", signal.Signals(signum).name, len(open_websockets))

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 class Server:
     """One `python app.py` process on 127.0.0.1 and a free port."""
 
-    def __init__(self, tmp_path, *args, env=None, command=None):
+    def __init__(self, tmp_path, *args, env=None, command=None,
+                 ready=r"Listening on http://localhost:(\d+)"):
         self.log_path = tmp_path / f"server-{time.monotonic_ns()}.log"
         environment = {k: v for k, v in os.environ.items()
                        if k not in ("HOST", "PORT", "LOG_LEVEL", "RECORD_DIR", "QUIET_LEVELS", "PUBLIC_URL",
@@ -28,7 +29,7 @@ class Server:
         command = command or [sys.executable, "app.py", "--host", "127.0.0.1", "--port", "0", *args]
         self.process = subprocess.Popen(command, cwd=ROOT, env=environment,
                                         stdout=self.log_file, stderr=subprocess.STDOUT)
-        match = self.wait_for(r"Listening on http://localhost:(\d+)")
+        match = self.wait_for(ready)
         self.port = int(match.group(1))
         self.http_url = f"http://127.0.0.1:{self.port}"
         self.url = f"ws://127.0.0.1:{self.port}/media"

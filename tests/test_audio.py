@@ -230,3 +230,44 @@ def test_the_readme_audio_hook_example_runs(start_server, tmp_path):
     client.wait_closed()
     server.wait_for(rf"stream={call.stream_sid} processed chunks=50 seconds=1.00 peak=\d+")
     assert server.summary(call.stream_sid)["media"] == "50"
+
+
+CRASHING_SERVER = """
+import app
+
+class CrashingStream(app.MediaStream):
+    chunks = 0
+
+    def on_audio(self, track, timestamp, pcm):
+        self.chunks += 1
+        if self.chunks == 10:
+            raise RuntimeError("bug in on_audio")
+
+app.MediaStream = CrashingStream
+app.main()
+"""
+
+
+def test_a_crash_in_the_handler_leaves_a_valid_wav_and_a_summary(start_server, tmp_path):
+    script = tmp_path / "crashing.py"
+    script.write_text(CRASHING_SERVER)
+    server = start_server(command=[sys.executable, str(script), "--host", "127.0.0.1", "--port", "0",
+                                   "--record", str(tmp_path / "rec")], env={"PYTHONPATH": str(ROOT)})
+    call = Call()
+    audio = encode_ulaw(tone(0.4))
+    client = server.connect()
+    for message in [call.connected(), call.start(), *call.play({"inbound": audio})]:
+        client.send(message)
+    assert client.wait_closed()
+    summary = server.summary(call.stream_sid)
+    assert summary["ended"] == "error" and summary["media"] == "10"
+    assert f"stream={call.stream_sid} handler error: RuntimeError: bug in on_audio" in server.log()
+    assert "Traceback" not in server.log()
+    assert samples(tmp_path / "rec" / f"{call.stream_sid}_inbound.wav") == decoded(audio[:10 * CHUNK])
+    stream_one = Call()  # the server goes on serving other calls
+    client = server.connect()
+    client.send(stream_one.connected())
+    client.send(stream_one.start())
+    client.send(stream_one.stop())
+    client.wait_closed()
+    assert server.summary(stream_one.stream_sid)["ended"] == "stop"

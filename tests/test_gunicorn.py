@@ -1,0 +1,75 @@
+"""Scaling out: the same app under gunicorn with our worker, two processes."""
+import re
+import subprocess
+import sys
+import threading
+
+from twilio.request_validator import RequestValidator
+
+import pytest
+
+from tests.conftest import ROOT, Server
+from tests.twilio_sim import CHUNK, Call, HandshakeRefused, WSClient
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+
+@pytest.fixture
+def gunicorn(tmp_path):
+    command = [sys.executable, "-m", "gunicorn", "-k", "app.GunicornWorker", "-w", "2",
+               "-b", "127.0.0.1:0", "--no-control-socket", "--graceful-timeout", "3", "app:app"]
+    server = Server(tmp_path, command=command, ready=r"Listening at: http://127.0.0.1:(\d+)",
+                    env={"TWILIO_AUTH_TOKEN": TOKEN, "MAX_MESSAGE_BYTES": "2000"})
+    server.wait_for(r"Booting worker", count=2)
+    yield server
+    server.stop()
+
+
+def signed(server):
+    url = f"wss://127.0.0.1:{server.port}/media"
+    return {"X-Twilio-Signature": RequestValidator(TOKEN).compute_signature(url, {})}
+
+
+def test_concurrent_calls_through_two_gunicorn_workers(gunicorn):
+    calls = [Call() for _ in range(12)]
+    errors = []
+
+    def run(i, call):
+        try:
+            client = WSClient(gunicorn.url, headers=signed(gunicorn))
+            client.send(call.connected())
+            client.send(call.start())
+            for n in range(30 + i):
+                client.send(call.media("inbound", b"\xff" * CHUNK, 20 * (n + 1)))
+            client.send(call.stop())
+            client.wait_closed()
+        except Exception as exc:  # reported below
+            errors.append((i, exc))
+
+    threads = [threading.Thread(target=run, args=(i, call)) for i, call in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    for i, call in enumerate(calls):
+        summary = gunicorn.summary(call.stream_sid)
+        assert summary["ended"] == "stop" and summary["media"] == str(30 + i)
+    workers = set(re.findall(r"\[(\d+)\] \[INFO\] Booting worker", gunicorn.log()))
+    assert len(workers) == 2
+
+
+def test_signatures_and_limits_apply_under_gunicorn(gunicorn):
+    with pytest.raises(HandshakeRefused) as refused:
+        WSClient(gunicorn.url)
+    assert refused.value.status == 403
+    assert "refused WebSocket remote=127.0.0.1 path=/media status=403 reason=missing X-Twilio-Signature" in gunicorn.log()
+    call = Call()
+    client = WSClient(gunicorn.url, headers=signed(gunicorn))
+    client.send(call.connected())
+    client.send(call.start())
+    client.send("x" * 3000)  # over MAX_MESSAGE_BYTES=2000 from the environment
+    assert client.wait_closed()
+    assert gunicorn.summary(call.stream_sid)["ended"] == "error"
+    assert "TWILIO_AUTH_TOKEN is not set" not in gunicorn.log()
