@@ -28,6 +28,7 @@ from gevent import pywsgi
 from geventwebsocket.exceptions import FrameTooLargeException, ProtocolError, WebSocketError
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import WebSocket
+from werkzeug.exceptions import NotFound
 from werkzeug.routing import Rule
 
 try:
@@ -120,7 +121,18 @@ class SocketMiddleware(flask_sockets.SocketMiddleware):
         # 500 through flask-sockets); send it to Flask's own routes instead.
         if environ.get("wsgi.websocket") is None:
             return self.wsgi_app(environ, start_response)
-        return super().__call__(environ, start_response)
+        try:
+            handler, values = self.ws.url_map.bind_to_environ(environ).match()
+        except NotFound:
+            return self.wsgi_app(environ, start_response)
+        # flask-sockets' own __call__, without its `except KeyError` (which hands a handler's
+        # KeyError on to Flask) and without keeping the WebsocketMismatch that Flask's HTTP
+        # routes raise for this request: its traceback made a reference cycle per call,
+        # garbage that RSS carried until the next full collection.
+        with self.app.app_context(), self.app.request_context(environ) as context:
+            context.request.routing_exception = None
+            handler(environ["wsgi.websocket"], **values)
+        return []
 
 
 app = Flask(__name__)
