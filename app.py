@@ -37,6 +37,7 @@ except ImportError:
     from json import loads as json_loads
 
 log = logging.getLogger("mediastreams")
+BATCH_ABOVE_STREAMS = 50  # below this, each message is read as it lands (no added latency)
 
 
 # --- Configuration ------------------------------------------------------------------------
@@ -63,10 +64,10 @@ def read_settings(argv: list[str] | None = None) -> argparse.Namespace:
                         help="open streams beyond which new ones get 503 (MAX_STREAMS)")
     parser.add_argument("--idle-timeout", type=float, default=float(env("IDLE_TIMEOUT", "30")),
                         help="seconds of silence from a client before it is dropped (IDLE_TIMEOUT)")
-    parser.add_argument("--read-interval-ms", type=float, default=float(env("READ_INTERVAL_MS", "0")),
-                        help="read each stream at most every N ms, handling what gathered in one go: "
-                             "about half the CPU per message at 100, audio up to N ms later "
-                             "(READ_INTERVAL_MS; 0: every message as it lands)")
+    parser.add_argument("--read-interval-ms", type=float, default=float(env("READ_INTERVAL_MS", "100")),
+                        help=f"once over {BATCH_ABOVE_STREAMS} streams are open, read each at most every "
+                             "N ms and handle what gathered in one go: about half the CPU per message, "
+                             "audio up to N ms later (READ_INTERVAL_MS; 0: always read as messages land)")
     settings = parser.parse_args(argv)
     settings.auth_token = env("TWILIO_AUTH_TOKEN") or None
     return settings
@@ -707,8 +708,8 @@ class MediaWebSocket(WebSocket):
                         payload = bytes(buffer[start:start + length])
                         del buffer[:start + length]
                         return first & 0x80, opcode, payload
-            if settings.read_interval_ms and not buffer:  # let messages gather: one wake-up for several
-                gevent.sleep(settings.read_interval_ms / 1000)
+            if not buffer and settings.read_interval_ms and len(open_websockets) > BATCH_ABOVE_STREAMS:
+                gevent.sleep(settings.read_interval_ms / 1000)  # under load: one wake-up for several messages
             data = self.fill(RECV_BYTES)
             if not data:
                 raise WebSocketError("Unexpected EOF")

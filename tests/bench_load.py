@@ -1,6 +1,6 @@
 """Load benchmark: N simulated calls at 50 media messages a second, against our server and peers.
 
-    python -m tests.bench_load --calls 300 --seconds 20 --ours="" --ours="--read-interval-ms 100" --vs node,asyncio,tutorial
+    python -m tests.bench_load --calls 300 --seconds 20 --ours="" --ours="--read-interval-ms 0" --vs node,asyncio,tutorial
 
 Run by hand (pytest does not collect it). For each server it starts the server, opens N
 calls, sends `connected`, `start`, one 160-byte media message per call every 20 ms for S
@@ -301,7 +301,7 @@ def main(argv=None):
     parser.add_argument("--vs", default="", help="peers to run in the same session: node,asyncio,tutorial")
     parser.add_argument("--ours", action="append", metavar="FLAGS",
                         help='flags for one run of our app.py; repeat for several, e.g. --ours="" '
-                             '--ours="--read-interval-ms 100" (default: one run, no flags); "none": skip')
+                             '--ours="--read-interval-ms 0" (default: one run, no flags); "none": skip')
     args = parser.parse_args(argv)
     variants = [flags.split() for flags in (args.ours or [""]) if flags != "none"]
     results = [bench("ours", args, flags) for flags in variants]

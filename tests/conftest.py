@@ -22,7 +22,8 @@ class Server:
         self.log_path = tmp_path / f"server-{time.monotonic_ns()}.log"
         environment = {k: v for k, v in os.environ.items()
                        if k not in ("HOST", "PORT", "LOG_LEVEL", "RECORD_DIR", "QUIET_LEVELS", "PUBLIC_URL",
-                                    "TWILIO_AUTH_TOKEN", "MAX_MESSAGE_BYTES", "MAX_STREAMS", "IDLE_TIMEOUT")}
+                                    "TWILIO_AUTH_TOKEN", "MAX_MESSAGE_BYTES", "MAX_STREAMS", "IDLE_TIMEOUT",
+                                    "READ_INTERVAL_MS")}
         environment.update(env or {})
         environment["PYTHONUNBUFFERED"] = "1"
         self.log_file = open(self.log_path, "w")

@@ -282,6 +282,37 @@ def test_twenty_concurrent_calls_each_get_their_own_exact_counts(server):
         assert summary["bad"] == ("1" if i % 3 == 0 else "0")
 
 
+def test_over_fifty_streams_are_read_in_batches_and_still_counted_exactly(start_server):
+    # Above 50 open streams each is read every --read-interval-ms: frames split across
+    # reads, bad input and stops must come through that path as they do one by one.
+    server = start_server("--read-interval-ms", "150")
+    calls = [Call() for _ in range(60)]
+    clients = [server.connect() for _ in calls]
+    for call, client in zip(calls, clients):
+        client.send(call.connected())
+        client.send(call.start())
+    frame_held = {}
+    for n in range(25):
+        for i, (call, client) in enumerate(zip(calls, clients)):
+            frame = WSClient.frame(0x1, call.media("inbound", SILENCE, 20 * (n + 1)).encode())
+            if i % 4 == 0 and n == 5:
+                client.send_raw(frame[:7])  # the rest comes with the next message
+                frame_held[i] = frame[7:]
+            elif i % 4 == 0 and n == 6:
+                client.send_raw(frame_held.pop(i) + WSClient.frame(0x1, b"not json") + frame)
+            else:
+                client.send_raw(frame)
+        time.sleep(0.02)
+    for call, client in zip(calls, clients):
+        client.send(call.stop())
+    for client in clients:
+        assert client.wait_closed(), "every stream is closed after its stop"
+    for i, call in enumerate(calls):
+        summary = server.summary(call.stream_sid)
+        assert (summary["ended"], summary["media"], summary["bad"]) == ("stop", "25", "1" if i % 4 == 0 else "0")
+    assert "error" not in server.log() and "Traceback" not in server.log()
+
+
 def test_sigterm_summarizes_open_streams_and_exits_quickly(start_server):
     server = start_server()
     calls = [Call() for _ in range(3)]
