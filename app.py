@@ -809,15 +809,33 @@ except ImportError:  # gunicorn is optional: only `gunicorn -k app.GunicornWorke
     GeventWebSocketWorker = None
 else:
     class GunicornWorker(GeventWebSocketWorker):
-        """gevent-websocket's gunicorn worker with our handler (signatures, limits)."""
+        """gevent-websocket's gunicorn worker with our handler (signatures, limits), ending
+        open calls with a summary when gunicorn stops it."""
         wsgi_handler = MediaStreamHandler
 
         def init_process(self):
             log_startup_notes()
             super().init_process()
 
+        def handle_exit(self, sig, frame):
+            # SIGTERM: gunicorn lets calls go on for --graceful-timeout, then kills the worker
+            # outright, and calls still open would end with no summary: end them a second before.
+            super().handle_exit(sig, frame)
+            gevent.spawn_later(max(0.0, self.cfg.graceful_timeout - 1), end_open_streams, "SIGTERM")
+
+        def handle_quit(self, sig, frame):
+            # SIGINT, SIGQUIT (Ctrl-C on gunicorn): a quick exit, after the summaries.
+            quit_now = super().handle_quit
+            gevent.spawn(lambda: (end_open_streams(signal.Signals(sig).name), quit_now(sig, frame)))
+
 
 # --- main ---------------------------------------------------------------------------------
+
+def end_open_streams(why: str) -> None:
+    """Each open stream logs its summary (ended=shutdown) and is closed with 1001."""
+    log.info("%s: shutting down, %d open stream(s)", why, len(open_websockets))
+    gevent.killall([ws.greenlet for ws in open_websockets], block=True, timeout=3)
+
 
 def log_startup_notes() -> None:
     if not settings.auth_token:
@@ -841,10 +859,8 @@ def main(argv: list[str] | None = None) -> None:
     log_startup_notes()
 
     def shutdown(signum: int) -> None:
-        log.info("%s: shutting down, %d open stream(s)", signal.Signals(signum).name, len(open_websockets))
         server.close()
-        greenlets = [ws.greenlet for ws in open_websockets]
-        gevent.killall(greenlets, block=True, timeout=3)
+        end_open_streams(signal.Signals(signum).name)
         server.stop(timeout=1)
 
     gevent.signal_handler(signal.SIGTERM, shutdown, signal.SIGTERM)

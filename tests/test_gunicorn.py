@@ -2,7 +2,10 @@
 import re
 import subprocess
 import sys
+import signal
 import threading
+import time
+import wave
 
 from twilio.request_validator import RequestValidator
 
@@ -14,13 +17,13 @@ from tests.twilio_sim import CHUNK, Call, HandshakeRefused, WSClient
 TOKEN = "0123456789abcdef0123456789abcdef"
 
 
-
 @pytest.fixture
 def gunicorn(tmp_path):
     command = [sys.executable, "-m", "gunicorn", "-k", "app.GunicornWorker", "-w", "2",
                "-b", "127.0.0.1:0", "--no-control-socket", "--graceful-timeout", "3", "app:app"]
     server = Server(tmp_path, command=command, ready=r"Listening at: http://127.0.0.1:(\d+)",
-                    env={"TWILIO_AUTH_TOKEN": TOKEN, "MAX_MESSAGE_BYTES": "2000"})
+                    env={"TWILIO_AUTH_TOKEN": TOKEN, "MAX_MESSAGE_BYTES": "2000",
+                         "RECORD_DIR": str(tmp_path / "recordings")})
     server.wait_for(r"Booting worker", count=2)
     yield server
     server.stop()
@@ -56,6 +59,8 @@ def test_concurrent_calls_through_two_gunicorn_workers(gunicorn):
     for i, call in enumerate(calls):
         summary = gunicorn.summary(call.stream_sid)
         assert summary["ended"] == "stop" and summary["media"] == str(30 + i)
+        with wave.open(summary["recordings"].rsplit(":", 1)[0], "rb") as recording:
+            assert recording.getnframes() == (30 + i) * CHUNK
     workers = set(re.findall(r"\[(\d+)\] \[INFO\] Booting worker", gunicorn.log()))
     assert len(workers) == 2
 
@@ -73,3 +78,21 @@ def test_signatures_and_limits_apply_under_gunicorn(gunicorn):
     assert client.wait_closed()
     assert gunicorn.summary(call.stream_sid)["ended"] == "error"
     assert "TWILIO_AUTH_TOKEN is not set" not in gunicorn.log()
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_stopping_gunicorn_summarizes_open_calls_and_keeps_their_recordings(gunicorn, stop_signal):
+    call = Call()
+    client = WSClient(gunicorn.url, headers=signed(gunicorn))
+    client.send(call.connected())
+    client.send(call.start())
+    for n in range(25):
+        client.send(call.media("inbound", b"\x00" * CHUNK, 20 * (n + 1)))
+    gunicorn.wait_for(rf"stream={call.stream_sid} first media")
+    time.sleep(0.2)
+    gunicorn.process.send_signal(stop_signal)  # SIGINT is Ctrl-C: gunicorn's quick stop
+    gunicorn.process.wait(15)  # on SIGTERM calls go on for --graceful-timeout 3, then end
+    summary = gunicorn.summary(call.stream_sid, timeout=0)
+    assert (summary["ended"], summary["media"]) == ("shutdown", "25")
+    with wave.open(summary["recordings"].rsplit(":", 1)[0], "rb") as recording:
+        assert recording.getnframes() == 25 * CHUNK
