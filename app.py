@@ -332,9 +332,11 @@ class MediaStream:
         a bounded queue and a greenlet (README, "Process the audio")."""
 
     def meter(self, track: Track, ulaw: bytes) -> None:
-        # every 8th sample: a steady estimate of the level at an eighth of the cost
-        track.energy += sum(map(ULAW_SQUARES.__getitem__, ulaw[::8]))
-        track.energy_samples += (len(ulaw) + 7) // 8
+        # Every 8th sample, from another first one each message: an eighth of the cost, and a
+        # tone whose period divides 8 samples (1 kHz) is not read at one point of its wave.
+        offset = track.messages & 7
+        track.energy += sum(map(ULAW_SQUARES.__getitem__, ulaw[offset::8]))
+        track.energy_samples += (len(ulaw) - offset + 7) // 8
         now = time.monotonic()
         if now >= track.next_level_at:
             if track.next_level_at:

@@ -58,6 +58,22 @@ def test_level_meter_reads_dbfs():
     assert app.level_meter(full_scale_sine).endswith("|" + "#" * 19 + " |")
 
 
+@pytest.mark.parametrize("frequency", [1000.0, 500.0, 2000.0, 440.0, 333.0])
+def test_level_meter_reads_pure_tones_right(frequency):
+    """The meter samples part of each chunk to stay cheap; a tone whose period divides its
+    stride (1 kHz is 8 samples) must not fool it into reading one point of the wave."""
+    chunks = encode_ulaw(tone(1.0, frequency, amplitude=0.25))
+    decoded = [app.ULAW_TO_LINEAR[code] for code in chunks]
+    expected = 10 * math.log10(sum(x * x for x in decoded) / len(decoded) / 32768 ** 2)
+    stream, track = app.MediaStream(remote="test"), app.Track("inbound")
+    track.next_level_at = math.inf  # no line, no reset: read what it gathered
+    for start in range(0, len(chunks), CHUNK):
+        track.messages += 1  # as on_media counts each message before metering it
+        stream.meter(track, chunks[start:start + CHUNK])
+    measured = 10 * math.log10(track.energy / track.energy_samples / 32768 ** 2)
+    assert measured == pytest.approx(expected, abs=0.5)
+
+
 def paced_call(server, *args):
     out = subprocess.run([sys.executable, "-m", "tests.twilio_sim", server.url, *args],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
