@@ -4,6 +4,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,6 +67,25 @@ class Server:
                 self.process.kill()
                 self.process.wait()
         self.log_file.close()
+
+
+def run_at_once(play, calls, timeout=60.0):
+    """play(i, call) for every call, each in its own thread, all at once; the errors raised,
+    with the index of the call that raised them."""
+    errors = []
+
+    def run(i, call):
+        try:
+            play(i, call)
+        except Exception as exc:  # returned to the test, which names the call
+            errors.append((i, exc))
+
+    threads = [threading.Thread(target=run, args=(i, call)) for i, call in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return errors
 
 
 @pytest.fixture

@@ -1,17 +1,14 @@
 """Scaling out: the same app under gunicorn with our worker, two processes."""
 import re
-import subprocess
-import sys
 import signal
-import threading
+import sys
 import time
 import wave
 
+import pytest
 from twilio.request_validator import RequestValidator
 
-import pytest
-
-from tests.conftest import ROOT, Server
+from tests.conftest import Server, run_at_once
 from tests.twilio_sim import CHUNK, Call, HandshakeRefused, WSClient
 
 TOKEN = "0123456789abcdef0123456789abcdef"
@@ -36,26 +33,17 @@ def signed(server):
 
 def test_concurrent_calls_through_two_gunicorn_workers(gunicorn):
     calls = [Call() for _ in range(12)]
-    errors = []
 
-    def run(i, call):
-        try:
-            client = WSClient(gunicorn.url, headers=signed(gunicorn))
-            client.send(call.connected())
-            client.send(call.start())
-            for n in range(30 + i):
-                client.send(call.media("inbound", b"\xff" * CHUNK, 20 * (n + 1)))
-            client.send(call.stop())
-            client.wait_closed()
-        except Exception as exc:  # reported below
-            errors.append((i, exc))
+    def play(i, call):
+        client = WSClient(gunicorn.url, headers=signed(gunicorn))
+        client.send(call.connected())
+        client.send(call.start())
+        for n in range(30 + i):
+            client.send(call.media("inbound", b"\xff" * CHUNK, 20 * (n + 1)))
+        client.send(call.stop())
+        client.wait_closed()
 
-    threads = [threading.Thread(target=run, args=(i, call)) for i, call in enumerate(calls)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors
+    assert not run_at_once(play, calls)
     for i, call in enumerate(calls):
         summary = gunicorn.summary(call.stream_sid)
         assert summary["ended"] == "stop" and summary["media"] == str(30 + i)

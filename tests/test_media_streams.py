@@ -3,7 +3,6 @@ import json
 import re
 import signal
 import struct
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -11,6 +10,7 @@ import urllib.request
 import pytest
 import websocket  # websocket-client: an independent client implementation
 
+from tests.conftest import run_at_once
 from tests.twilio_sim import CHUNK, Call, WSClient, encode_ulaw, tone
 
 SILENCE = b"\xff" * CHUNK
@@ -249,31 +249,22 @@ def test_fragmented_messages_and_pings_are_handled(server):
 
 def test_twenty_concurrent_calls_each_get_their_own_exact_counts(server):
     calls = [Call(tracks=["inbound", "outbound"] if i % 2 else ["inbound"]) for i in range(20)]
-    errors = []
 
-    def run(i, call):
-        try:
-            client = server.connect()
-            client.send(call.connected())
-            client.send(call.start())
-            for n in range(40 + i):
-                if i % 3 == 0 and n == 10:
-                    client.send("not json")  # bad input on some calls must not touch the others
-                for track in call.tracks:
-                    client.send(call.media(track, SILENCE, 20 * (n + 1)))
-                if n % 10 == 0:
-                    time.sleep(0.01)
-            client.send(call.stop())
-            client.wait_closed()
-        except Exception as exc:  # reported below, with the call that failed
-            errors.append((i, exc))
+    def play(i, call):
+        client = server.connect()
+        client.send(call.connected())
+        client.send(call.start())
+        for n in range(40 + i):
+            if i % 3 == 0 and n == 10:
+                client.send("not json")  # bad input on some calls must not touch the others
+            for track in call.tracks:
+                client.send(call.media(track, SILENCE, 20 * (n + 1)))
+            if n % 10 == 0:
+                time.sleep(0.01)
+        client.send(call.stop())
+        client.wait_closed()
 
-    threads = [threading.Thread(target=run, args=(i, call)) for i, call in enumerate(calls)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors
+    assert not run_at_once(play, calls)
     for i, call in enumerate(calls):
         summary = server.summary(call.stream_sid)
         assert summary["ended"] == "stop"
