@@ -28,7 +28,7 @@ from gevent import pywsgi
 from geventwebsocket.exceptions import FrameTooLargeException, ProtocolError, WebSocketError
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import WebSocket
-from werkzeug.exceptions import NotFound
+from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Rule
 
 try:
@@ -123,8 +123,10 @@ class SocketMiddleware(flask_sockets.SocketMiddleware):
         if environ.get("wsgi.websocket") is None:
             return self.wsgi_app(environ, start_response)
         try:
-            handler, values = self.ws.url_map.bind_to_environ(environ).match()
-        except NotFound:
+            # websocket=True: gevent-websocket upgrades on any Connection header holding
+            # "upgrade", Werkzeug only on an exact token, and the 101 has gone out already.
+            handler, values = self.ws.url_map.bind_to_environ(environ).match(websocket=True)
+        except HTTPException:
             return self.wsgi_app(environ, start_response)
         # flask-sockets' own __call__, without its `except KeyError` (which hands a handler's
         # KeyError on to Flask) and without keeping the WebsocketMismatch that Flask's HTTP
@@ -198,6 +200,7 @@ class MediaStream:
     bad: dict = field(default_factory=dict)
     warnings: int = 0
     unknown_events: set = field(default_factory=set)
+    connected: bool = False
     ended: str = "disconnect"
     wants_pcm: bool = False         # decode only for a recording or an on_audio of your own
 
@@ -250,6 +253,9 @@ class MediaStream:
         return True
 
     def on_connected(self, data: dict) -> None:
+        if self.connected:
+            raise BadMessage("second_connected", "second 'connected' on this stream: ignored")
+        self.connected = True
         log.info("%s connected protocol=%s version=%s", self.label,
                  text(data, "protocol", "?"), text(data, "version", "?"))
 
@@ -268,14 +274,14 @@ class MediaStream:
         if not (isinstance(tracks, list) and isinstance(params, dict) and isinstance(media_format, dict)):
             raise BadMessage("bad_start", "start.tracks, customParameters or mediaFormat has the wrong type")
         self.check_sequence(data)
-        self.stream_sid = stream_sid[:64]
+        self.stream_sid = stream_sid
         self.wants_pcm = bool(settings.record) or type(self).on_audio is not DEFAULT_ON_AUDIO
-        self.call_sid = text(start, "callSid", "?")[:64]
+        self.call_sid = text(start, "callSid", "?")
         encoding = media_format.get("encoding")
         rate, channels = media_format.get("sampleRate"), media_format.get("channels")
         log.info("%s start call=%s tracks=%s format=%s/%s/%s params=%s", self.label, self.call_sid,
-                 ",".join(map(str, tracks))[:100], encoding, rate, channels,
-                 ",".join(map(str, params))[:300] or "-")
+                 printable(",".join(map(str, tracks)), 100), printable(str(encoding), 40), rate, channels,
+                 printable(",".join(map(str, params)), 300) or "-")
         log.debug("%s customParameters=%r", self.label, params)
         if (encoding, rate, channels) != ("audio/x-mulaw", 8000, 1):
             self.warn(f"unexpected media format {encoding}/{rate}/{channels}: "
@@ -339,7 +345,7 @@ class MediaStream:
         track.energy_samples += (len(ulaw) - offset + 7) // 8
         now = time.monotonic()
         if now >= track.next_level_at:
-            if track.next_level_at:
+            if track.next_level_at and track.energy_samples:
                 log.info("%s level track=%s %s", self.label, track.name,
                          level_meter(track.energy / track.energy_samples))
             track.energy = track.energy_samples = 0
@@ -368,7 +374,7 @@ class MediaStream:
         if not isinstance(dtmf, dict) or not isinstance(dtmf.get("digit"), (str, int)):
             raise BadMessage("bad_dtmf", "dtmf.digit missing")
         if self.check_sequence(data):
-            log.info("%s dtmf digit=%s", self.label, str(dtmf["digit"])[:8])
+            log.info("%s dtmf digit=%s", self.label, printable(str(dtmf["digit"]), 8))
 
     def on_mark(self, data: dict) -> None:
         mark = data.get("mark")
@@ -419,14 +425,22 @@ def number(obj: dict, name: str) -> int | None:
     if value is None:
         return None
     try:
-        return int(value)
+        result = int(value)
     except (TypeError, ValueError, OverflowError):
         raise BadMessage(f"bad_{name}", f"{name} is not a whole number") from None
+    if abs(result) > 2**53:  # far beyond any call; a 4000-digit number would only cost us
+        raise BadMessage(f"bad_{name}", f"{name} is out of range")
+    return result
 
 
 def text(obj: dict, name: str, default: str | None = None) -> str | None:
     value = obj.get(name)
-    return value if isinstance(value, str) else default
+    return printable(value, 64) if isinstance(value, str) else default
+
+
+def printable(value: str, limit: int) -> str:
+    """At most `limit` characters, none that could break a log line or forge another."""
+    return "".join(c if c.isprintable() else "?" for c in value[:limit])
 
 
 def safe_name(stream_sid: str) -> str:
@@ -616,9 +630,11 @@ class MediaWebSocket(WebSocket):
         self.fill = self.first_fill
 
     def first_fill(self, size: int) -> bytes:
-        # What the HTTP parser may have buffered past the request; then straight from the socket.
-        self.fill = self.handler.socket.recv
-        return self.handler.rfile.read1(size)
+        # What the HTTP parser buffered past the request, to its end; then straight from the socket.
+        data = self.handler.rfile.read1(size)
+        if len(data) < size:
+            self.fill = self.handler.socket.recv
+        return data
 
     def receive(self):
         if self.closed:

@@ -218,3 +218,15 @@ def test_a_finished_call_leaves_no_call_state_in_reference_cycles():
         gc.garbage.clear()
         gc.enable()
     assert not kept
+
+
+@pytest.mark.parametrize("open_streams, batched", [(50, False), (51, True)])
+def test_streams_are_read_in_batches_only_above_fifty_open(monkeypatch, open_streams, batched):
+    naps = []
+    real_sleep = gevent.sleep
+    monkeypatch.setattr(app.settings, "read_interval_ms", 100)
+    monkeypatch.setattr(app, "open_websockets", {object() for _ in range(open_streams)})
+    monkeypatch.setattr(gevent, "sleep", lambda seconds=0, *args: (naps.append(seconds), real_sleep(0))[1])
+    received, _ = run(app.MediaWebSocket, b"".join(frame(0x1, b"message %d" % i) for i in range(3)))
+    assert received == ["message 0", "message 1", "message 2", None]
+    assert (0.1 in naps) == batched

@@ -2,6 +2,7 @@
 import json
 import re
 import signal
+import socket
 import struct
 import time
 import urllib.error
@@ -147,10 +148,13 @@ BAD_INPUTS = {
     "empty": lambda call: "",
     "binary": lambda call: b"\x00\x01binary",
     "deep_json": lambda call: "[" * 30000 + "]" * 30000,
+    "second_connected": lambda call: call.connected(),
+    "huge_timestamp": lambda call: json.dumps({"event": "media", "media": {
+        "track": "inbound", "payload": "//8=", "timestamp": "9" * 4300}}),
 }
 EXPECTED_KIND = {"no_event_type": "no_event", "bad_track": "bad_media", "missing_payload": "bad_payload",
                  "payload_type": "bad_payload", "bad_base64": "bad_payload", "bad_sequence": "bad_sequenceNumber",
-                 "deep_json": "invalid_json"}
+                 "deep_json": "invalid_json", "huge_timestamp": "bad_timestamp"}
 
 
 @pytest.mark.parametrize("name", BAD_INPUTS)
@@ -168,6 +172,46 @@ def test_bad_input_is_named_counted_and_survived(server, name):
     warnings = [line for line in server.log().splitlines()
                 if f"stream={call.stream_sid} skipped message" in line]
     assert len(warnings) == 1 and len(warnings[0]) < 300, warnings
+
+
+def test_what_a_client_names_cannot_forge_log_lines(server):
+    call = Call(stream_sid="MZforged\n2026-01-01 00:00:00,000 INFO    summary stream=MZfake ended=stop",
+                params={"name\rsummary stream=MZfake2": "x"})
+    play(server, session(call, media=2), call)
+    server.wait_for(r"summary stream=MZforged\?2026")
+    log = server.log()
+    assert not re.search(r"^\S+ \S+ INFO\s+summary stream=MZfake", log, re.MULTILINE)
+    assert "params=name?summary stream=MZfake2" in log
+    assert "\r" not in log
+
+
+def test_frames_sent_with_the_handshake_are_all_read(server):
+    """A client may send frames before it reads the 101: they sit in the HTTP parser's
+    buffer, past the request, and must be read from there before the socket."""
+    call = Call()
+    frames = b"".join(WSClient.frame(0x1, m.encode()) for m in [*session(call, media=60), call.stop()])
+    request = (f"GET /media HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+    assert len(frames) > 4 * 4096
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request + frames)
+        while sock.recv(65536):
+            pass
+    summary = server.summary(call.stream_sid)
+    assert (summary["ended"], summary["media"], summary["bad"]) == ("stop", "60", "0")
+
+
+def test_a_loose_connection_header_still_streams(server):
+    # gevent-websocket upgrades on any Connection header that mentions "upgrade"; once it
+    # has answered 101 the stream must be handled, not dropped.
+    call = Call()
+    client = server.connect(Connection="keep-alive Upgrade")
+    for message in session(call, media=3):
+        client.send(message)
+    client.send(call.stop())
+    assert client.wait_closed()
+    assert server.summary(call.stream_sid)["media"] == "3"
 
 
 def test_media_before_start_is_dropped_with_a_warning(server):

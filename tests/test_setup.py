@@ -85,7 +85,7 @@ def test_flags_default_to_environment_variables(start_server):
 def test_help_lists_every_option():
     out = subprocess.run([sys.executable, "app.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
     for option in ("--host", "--port", "--log-level", "--record", "--quiet-levels", "--public-url",
-                   "--max-message-bytes", "--max-streams", "--idle-timeout"):
+                   "--max-message-bytes", "--max-streams", "--idle-timeout", "--read-interval-ms"):
         assert option in out
 
 
@@ -93,6 +93,14 @@ def test_startup_prints_where_it_listens(start_server):
     server = start_server()
     assert re.search(rf"Listening on http://localhost:{server.port} .*WebSocket at ws://localhost:{server.port}/media",
                      server.log())
+
+
+def test_read_interval_defaults_to_100_ms_and_reads_its_environment_variable(monkeypatch):
+    monkeypatch.delenv("READ_INTERVAL_MS", raising=False)
+    assert app.read_settings([]).read_interval_ms == 100
+    monkeypatch.setenv("READ_INTERVAL_MS", "0")
+    assert app.read_settings([]).read_interval_ms == 0
+    assert app.read_settings(["--read-interval-ms", "40"]).read_interval_ms == 40
 
 
 def test_default_port_is_5000_on_all_interfaces():
