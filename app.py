@@ -744,6 +744,8 @@ geventwebsocket.handler.WebSocket = MediaWebSocket
 
 open_websockets: set[MediaWebSocket] = set()
 idle_sweeper = None
+shutting_down = False
+STREAM_END_SECONDS = 3  # what open streams get at shutdown to end and log their summaries
 
 
 class IdleTimeout(Exception):
@@ -816,6 +818,8 @@ class MediaStreamHandler(WebSocketHandler):
             query = self.environ.get("QUERY_STRING")
             if not signature_is_valid(settings.auth_token, host, path + ("?" + query if query else ""), signature):
                 return "403 Forbidden", f"X-Twilio-Signature does not match wss://{host}{path}"
+        if shutting_down:
+            return "503 Service Unavailable", "the server is shutting down"
         if len(open_websockets) >= settings.max_streams:
             return "503 Service Unavailable", f"{settings.max_streams} streams open already (--max-streams)"
         return None
@@ -837,9 +841,10 @@ else:
 
         def handle_exit(self, sig, frame):
             # SIGTERM: gunicorn lets calls go on for --graceful-timeout, then kills the worker
-            # outright, and calls still open would end with no summary: end them a second before.
+            # outright, and calls still open would end with no summary: end them before that.
             super().handle_exit(sig, frame)
-            gevent.spawn_later(max(0.0, self.cfg.graceful_timeout - 1), end_open_streams, "SIGTERM")
+            ending_at = self.cfg.graceful_timeout - STREAM_END_SECONDS - 1
+            gevent.spawn_later(max(0.0, ending_at), end_open_streams, "SIGTERM")
 
         def handle_quit(self, sig, frame):
             # SIGINT, SIGQUIT (Ctrl-C on gunicorn): a quick exit, after the summaries.
@@ -850,9 +855,15 @@ else:
 # --- main ---------------------------------------------------------------------------------
 
 def end_open_streams(why: str) -> None:
-    """Each open stream logs its summary (ended=shutdown) and is closed with 1001."""
+    """New streams are refused; each open one logs its summary (ended=shutdown), closed with 1001."""
+    global shutting_down
+    shutting_down = True
     log.info("%s: shutting down, %d open stream(s)", why, len(open_websockets))
-    gevent.killall([ws.greenlet for ws in open_websockets], block=True, timeout=3)
+    try:
+        gevent.killall([ws.greenlet for ws in open_websockets], block=True, timeout=STREAM_END_SECONDS)
+    except gevent.Timeout:  # a slow finish() of your own: stop anyway
+        log.warning("%d stream(s) still ending after %d s: stopping without waiting for them",
+                    len(open_websockets), STREAM_END_SECONDS)
 
 
 def log_startup_notes() -> None:
@@ -877,7 +888,7 @@ def main(argv: list[str] | None = None) -> None:
     log_startup_notes()
 
     def shutdown(signum: int) -> None:
-        server.close()
+        server.stop_accepting()  # not close(): serve_forever() would return before the summaries
         end_open_streams(signal.Signals(signum).name)
         server.stop(timeout=1)
 

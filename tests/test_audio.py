@@ -6,6 +6,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import wave
 
 import pytest
@@ -72,6 +73,15 @@ def test_level_meter_reads_pure_tones_right(frequency):
         stream.meter(track, chunks[start:start + CHUNK])
     measured = 10 * math.log10(track.energy / track.energy_samples / 32768 ** 2)
     assert measured == pytest.approx(expected, abs=0.5)
+
+
+def test_level_meter_survives_a_chunk_shorter_than_its_offset():
+    """A 1-byte payload at a message whose sampling offset is past it samples nothing; if a
+    level line is due then, there is nothing to divide by."""
+    stream, track = app.MediaStream(remote="test"), app.Track("inbound")
+    track.messages, track.next_level_at = 2, 1.0  # a line is due, nothing sampled since the last
+    stream.meter(track, b"\xff")
+    assert track.next_level_at > 1.0
 
 
 def paced_call(server, *args):
@@ -246,6 +256,26 @@ def test_the_readme_audio_hook_example_runs(start_server, tmp_path):
     client.wait_closed()
     server.wait_for(rf"stream={call.stream_sid} processed chunks=50 seconds=1.00 peak=\d+")
     assert server.summary(call.stream_sid)["media"] == "50"
+
+
+def test_the_readme_audio_hook_example_ends_open_calls_on_sigterm(start_server, tmp_path):
+    """Its finish() waits for the worker: the server must wait for finish() in turn."""
+    example = AUDIO_HOOK_EXAMPLE.search((ROOT / "README.md").read_text()).group(1)
+    script = tmp_path / "process_audio.py"
+    script.write_text(example)
+    server = start_server(command=[sys.executable, str(script), "--host", "127.0.0.1", "--port", "0",
+                                   "--quiet-levels"], env={"PYTHONPATH": str(ROOT)})
+    call = Call()
+    client = server.connect()
+    for message in [call.connected(), call.start(), *call.play({"inbound": encode_ulaw(tone(0.5))})]:
+        client.send(message)
+    server.wait_for(rf"stream={call.stream_sid} first media")
+    time.sleep(0.3)
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(10)
+    summary = server.summary(call.stream_sid, timeout=0)
+    assert summary["ended"] == "shutdown"
+    assert f"stream={call.stream_sid} processed chunks={summary['media']} " in server.log()
 
 
 CRASHING_SERVER = """

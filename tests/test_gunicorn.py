@@ -8,7 +8,7 @@ import wave
 import pytest
 from twilio.request_validator import RequestValidator
 
-from tests.conftest import Server, run_at_once
+from tests.conftest import ROOT, Server, run_at_once
 from tests.twilio_sim import CHUNK, Call, HandshakeRefused, WSClient
 
 TOKEN = "0123456789abcdef0123456789abcdef"
@@ -84,3 +84,39 @@ def test_stopping_gunicorn_summarizes_open_calls_and_keeps_their_recordings(guni
     assert (summary["ended"], summary["media"]) == ("shutdown", "25")
     with wave.open(summary["recordings"].rsplit(":", 1)[0], "rb") as recording:
         assert recording.getnframes() == 25 * CHUNK
+
+
+SLOW_FINISH = """
+import gevent
+
+import app
+
+
+class SlowStream(app.MediaStream):
+    def finish(self):
+        gevent.sleep(30)  # a finish() of your own that never ends in time
+        super().finish()
+
+
+app.MediaStream = SlowStream
+from app import app  # noqa: E402  (what gunicorn serves)
+"""
+
+
+def test_a_stream_that_will_not_end_does_not_hold_up_ctrl_c(tmp_path):
+    (tmp_path / "slow_app.py").write_text(SLOW_FINISH)
+    command = [sys.executable, "-m", "gunicorn", "-k", "app.GunicornWorker", "-w", "1", "-b", "127.0.0.1:0",
+               "--no-control-socket", "--graceful-timeout", "20", "slow_app:app"]
+    server = Server(tmp_path, command=command, ready=r"Listening at: http://127.0.0.1:(\d+)",
+                    env={"PYTHONPATH": f"{tmp_path}:{ROOT}"})
+    server.wait_for(r"Booting worker")
+    call = Call()
+    client = WSClient(server.url)
+    client.send(call.connected())
+    client.send(call.start())
+    server.wait_for(rf"stream={call.stream_sid} start")
+    server.process.send_signal(signal.SIGINT)
+    server.process.wait(15)  # gunicorn's own kill would come at --graceful-timeout 20
+    server.stop()
+    assert "1 stream(s) still ending after 3 s: stopping without waiting for them" in server.log()
+    assert "SIGKILL" not in server.log()
