@@ -241,13 +241,20 @@ def test_a_write_error_stops_the_recording_not_the_stream(tmp_path):
 AUDIO_HOOK_EXAMPLE = re.compile(r"```python\n(# process_audio\.py.*?)```", re.S)
 
 
-def test_the_readme_audio_hook_example_runs(start_server, tmp_path):
+@pytest.fixture
+def readme_example_server(start_server, tmp_path):
+    """Starts the README's process_audio.py, as written there."""
+    def start():
+        script = tmp_path / "process_audio.py"
+        script.write_text(AUDIO_HOOK_EXAMPLE.search((ROOT / "README.md").read_text()).group(1))
+        return start_server(command=[sys.executable, str(script), "--host", "127.0.0.1", "--port", "0",
+                                     "--quiet-levels"], env={"PYTHONPATH": str(ROOT)})
+    return start
+
+
+def test_the_readme_audio_hook_example_runs(readme_example_server):
     """The README's example of real-time processing, as written there, gets every chunk."""
-    example = AUDIO_HOOK_EXAMPLE.search((ROOT / "README.md").read_text()).group(1)
-    script = tmp_path / "process_audio.py"
-    script.write_text(example)
-    server = start_server(command=[sys.executable, str(script), "--host", "127.0.0.1", "--port", "0",
-                                   "--quiet-levels"], env={"PYTHONPATH": str(ROOT)})
+    server = readme_example_server()
     call = Call(tracks=["inbound", "outbound"])
     audio = encode_ulaw(tone(0.5))
     client = server.connect()
@@ -258,13 +265,9 @@ def test_the_readme_audio_hook_example_runs(start_server, tmp_path):
     assert server.summary(call.stream_sid)["media"] == "50"
 
 
-def test_the_readme_audio_hook_example_ends_open_calls_on_sigterm(start_server, tmp_path):
+def test_the_readme_audio_hook_example_ends_open_calls_on_sigterm(readme_example_server):
     """Its finish() waits for the worker: the server must wait for finish() in turn."""
-    example = AUDIO_HOOK_EXAMPLE.search((ROOT / "README.md").read_text()).group(1)
-    script = tmp_path / "process_audio.py"
-    script.write_text(example)
-    server = start_server(command=[sys.executable, str(script), "--host", "127.0.0.1", "--port", "0",
-                                   "--quiet-levels"], env={"PYTHONPATH": str(ROOT)})
+    server = readme_example_server()
     call = Call()
     client = server.connect()
     for message in [call.connected(), call.start(), *call.play({"inbound": encode_ulaw(tone(0.5))})]:
