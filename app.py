@@ -279,13 +279,13 @@ class MediaStream:
         self.call_sid = text(start, "callSid", "?")
         encoding = media_format.get("encoding")
         rate, channels = media_format.get("sampleRate"), media_format.get("channels")
-        log.info("%s start call=%s tracks=%s format=%s/%s/%s params=%s", self.label, self.call_sid,
-                 printable(",".join(map(str, tracks)), 100), printable(str(encoding), 40), rate, channels,
+        format_name = printable(f"{encoding}/{rate}/{channels}", 80)
+        log.info("%s start call=%s tracks=%s format=%s params=%s", self.label, self.call_sid,
+                 printable(",".join(map(str, tracks)), 100), format_name,
                  printable(",".join(map(str, params)), 300) or "-")
         log.debug("%s customParameters=%r", self.label, params)
         if (encoding, rate, channels) != ("audio/x-mulaw", 8000, 1):
-            self.warn(f"unexpected media format {encoding}/{rate}/{channels}: "
-                      "this server expects audio/x-mulaw 8000 Hz mono")
+            self.warn(f"unexpected media format {format_name}: this server expects audio/x-mulaw 8000 Hz mono")
 
     def on_media(self, data: dict) -> None:
         media = data.get("media")

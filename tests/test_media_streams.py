@@ -177,7 +177,9 @@ def test_bad_input_is_named_counted_and_survived(server, name):
 def test_what_a_client_names_cannot_forge_log_lines(server):
     call = Call(stream_sid="MZforged\n2026-01-01 00:00:00,000 INFO    summary stream=MZfake ended=stop",
                 params={"name\rsummary stream=MZfake2": "x"})
-    play(server, session(call, media=2), call)
+    start = json.loads(call.start())
+    start["start"]["mediaFormat"]["sampleRate"] = "8000\n2026-01-01 00:00:00,000 INFO    summary stream=MZfake3"
+    play(server, [call.connected(), json.dumps(start), call.media("inbound", SILENCE, 20)], call)
     server.wait_for(r"summary stream=MZforged\?2026")
     log = server.log()
     assert not re.search(r"^\S+ \S+ INFO\s+summary stream=MZfake", log, re.MULTILINE)
