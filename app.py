@@ -848,8 +848,11 @@ else:
 
         def handle_quit(self, sig, frame):
             # SIGINT, SIGQUIT (Ctrl-C on gunicorn): a quick exit, after the summaries.
-            quit_now = super().handle_quit
-            gevent.spawn(lambda: (end_open_streams(signal.Signals(sig).name), quit_now(sig, frame)))
+            def quit_after_summaries():
+                end_open_streams(signal.Signals(sig).name)
+                GeventWebSocketWorker.handle_quit(self, sig, frame)
+
+            gevent.spawn(quit_after_summaries)
 
 
 # --- main ---------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def test_stopping_gunicorn_summarizes_open_calls_and_keeps_their_recordings(guni
     gunicorn.wait_for(rf"stream={call.stream_sid} first media")
     time.sleep(0.2)
     gunicorn.process.send_signal(stop_signal)  # SIGINT is Ctrl-C: gunicorn's quick stop
-    gunicorn.process.wait(15)  # on SIGTERM calls go on for --graceful-timeout 3, then end
+    gunicorn.process.wait(15)  # on SIGTERM calls end 4 s before --graceful-timeout: here at once
     summary = gunicorn.summary(call.stream_sid, timeout=0)
     assert (summary["ended"], summary["media"]) == ("shutdown", "25")
     with wave.open(summary["recordings"].rsplit(":", 1)[0], "rb") as recording:
