@@ -1,23 +1,39 @@
 """Receive the live audio of Twilio phone calls (Media Streams) on a WebSocket at /media.
 
 Run: python app.py  (then `ngrok http 5000` and point a TwiML <Stream url="wss://<ngrok host>/media"/> here)
+
+The file, top to bottom:
+  Configuration      every flag and its environment variable, read and checked by configure()
+  The Flask app      the tutorial's app and Sockets (flask-sockets, fixed for today's Werkzeug)
+  The /media route   the tutorial's loop: receive a message, handle it, until `stop` or the socket closes
+  MediaStream        one call: what we know of it, one method per event, the summary line
+  Audio              mu-law to PCM, the level meter, WAV recordings
+  Who may stream     the handshake checks: Twilio's signature, the limits
+  WebSocket frames   RFC 6455 without I/O: bytes in, messages and replies out
+  Library adapters   gevent-websocket and gunicorn, made to use all of the above
+  Module state, main()
+Your own processing: subclass MediaStream, then app.main(stream_class=YourStream) (README).
 """
 import argparse
 import base64
 import binascii
 import hashlib
 import hmac
+import importlib
+import importlib.util
 import logging
 import math
 import os
 import re
 import signal
+import socket
 import struct
 import sys
 import tempfile
 import time
 import wave
 from dataclasses import dataclass, field
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 import flask_sockets
@@ -25,7 +41,7 @@ import gevent
 import geventwebsocket.handler
 from flask import Flask, request
 from gevent import pywsgi
-from geventwebsocket.exceptions import FrameTooLargeException, ProtocolError, WebSocketError
+from geventwebsocket.exceptions import WebSocketError
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import WebSocket
 from werkzeug.exceptions import HTTPException
@@ -37,50 +53,147 @@ except ImportError:
     from json import loads as json_loads
 
 log = logging.getLogger("mediastreams")
-BATCH_ABOVE_STREAMS = 50  # below this, each message is read as it lands (no added latency)
+startup_log = logging.getLogger("mediastreams.startup")  # where it listens: printed at every --log-level
 
 
 # --- Configuration ------------------------------------------------------------------------
 
-def read_settings(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line flags, each defaulting to an environment variable."""
-    env = os.environ.get
-    parser = argparse.ArgumentParser(description="Receive Twilio Media Streams on /media.")
-    parser.add_argument("--host", default=env("HOST", "0.0.0.0"), help="interface to listen on (HOST)")
-    parser.add_argument("--port", type=int, default=int(env("PORT", "5000")), help="port, 0 for any free one (PORT)")
-    parser.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), type=str.upper,
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="console detail (LOG_LEVEL)")
-    parser.add_argument("--record", metavar="DIR", default=env("RECORD_DIR"),
-                        help="write DIR/<streamSid>_<track>.wav for every stream (RECORD_DIR)")
-    parser.add_argument("--quiet-levels", action="store_true",
-                        default=env("QUIET_LEVELS", "").lower() in ("1", "true", "yes", "on"),
-                        help="no live level meter lines (QUIET_LEVELS=1)")
-    parser.add_argument("--public-url", default=env("PUBLIC_URL"),
-                        help="public base URL Twilio connects to, e.g. https://abc.ngrok.app, "
-                             "for the signature check (PUBLIC_URL; default: the request's Host)")
-    parser.add_argument("--max-message-bytes", type=int, default=int(env("MAX_MESSAGE_BYTES", str(64 * 1024))),
-                        help="largest WebSocket message accepted (MAX_MESSAGE_BYTES)")
-    parser.add_argument("--max-streams", type=int, default=int(env("MAX_STREAMS", "1000")),
-                        help="open streams beyond which new ones get 503 (MAX_STREAMS)")
-    parser.add_argument("--idle-timeout", type=float, default=float(env("IDLE_TIMEOUT", "30")),
-                        help="seconds of silence from a client before it is dropped (IDLE_TIMEOUT)")
-    parser.add_argument("--read-interval-ms", type=float, default=float(env("READ_INTERVAL_MS", "100")),
-                        help=f"once over {BATCH_ABOVE_STREAMS} streams are open, read each at most every "
-                             "N ms and handle what gathered in one go: about half the CPU per message, "
-                             "audio up to N ms later (READ_INTERVAL_MS; 0: always read as messages land)")
-    settings = parser.parse_args(argv)
-    settings.auth_token = env("TWILIO_AUTH_TOKEN") or None
+class SettingsError(Exception):
+    """A setting the server cannot work with: one line for the user, exit status 2."""
+
+
+def number_from(kind: type, low: float, high: float):
+    """A reader of whole (int) or decimal (float) numbers from low to high."""
+    def read(raw: str):
+        try:
+            value = kind(raw)
+        except ValueError:
+            value = math.nan
+        if not low <= value <= high:  # NaN fails too
+            raise ValueError(f"a {'whole ' if kind is int else ''}number from {low} to {high}")
+        return value
+    return read
+
+
+def one_of(*choices: str):
+    def read(raw: str) -> str:
+        if raw.upper() not in choices:
+            raise ValueError("one of " + ", ".join(choices))
+        return raw.upper()
+    return read
+
+
+def yes_or_no(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError("1, true, yes, on, or 0, false, no, off")
+
+
+def a_name(raw: str) -> str:
+    if not raw or not raw.isprintable():
+        raise ValueError("a name")
+    return raw
+
+
+def a_path_or_none(raw: str) -> str | None:
+    return a_name(raw) if raw else None
+
+
+def a_url_or_none(raw: str) -> str | None:
+    if raw and not public_host(raw):
+        raise ValueError("a URL with a host, such as https://abc.ngrok.app")
+    return raw or None
+
+
+OPTIONS = (  # flag, environment variable, default, reader (its ValueError says what it wants), help
+    ("--host", "HOST", "0.0.0.0", a_name, "interface to listen on"),
+    ("--port", "PORT", "5000", number_from(int, 0, 65535), "port; 0: any free one (the log says which)"),
+    ("--log-level", "LOG_LEVEL", "INFO", one_of("DEBUG", "INFO", "WARNING", "ERROR"), "console detail"),
+    ("--record", "RECORD_DIR", "", a_path_or_none, "write RECORD_DIR/<streamSid>_<track>.wav for every stream"),
+    ("--quiet-levels", "QUIET_LEVELS", "0", yes_or_no, "no live level meter lines"),
+    ("--public-url", "PUBLIC_URL", "", a_url_or_none,
+     "public URL Twilio connects to, e.g. https://abc.ngrok.app, for the signature check; default: "
+     "the request's Host"),
+    ("--max-message-bytes", "MAX_MESSAGE_BYTES", "65536", number_from(int, 1024, 16 << 20),
+     "largest WebSocket message accepted"),
+    ("--max-streams", "MAX_STREAMS", "1000", number_from(int, 1, 100_000),
+     "open streams beyond which new ones get 503"),
+    ("--idle-timeout", "IDLE_TIMEOUT", "30", number_from(float, 0, 86_400),
+     "seconds a client may send nothing before it is dropped; 0: never"),
+    ("--read-interval-ms", "READ_INTERVAL_MS", "100", number_from(float, 0, 1000),
+     "once over 50 streams are open, read each at most every N ms and handle what gathered in one go: "
+     "about half the CPU per message, audio up to N ms later; 0: always read messages as they land"),
+)
+BATCH_ABOVE_STREAMS = 50  # below this, each message is read as it lands (no added latency)
+
+
+def read_settings(argv: list[str] | None = None, environ=os.environ) -> argparse.Namespace:
+    """Every setting from its flag, else its environment variable, else its default, each
+    checked; SettingsError names the flag and the variable of a value that cannot work.
+    Reads nothing else and changes nothing."""
+    parser = argparse.ArgumentParser(
+        prog="app.py", description="Receive Twilio Media Streams on /media. Each flag defaults to the "
+        "environment variable it names (--port PORT: PORT).",
+        epilog="Also from the environment: TWILIO_AUTH_TOKEN, to accept only handshakes Twilio signed with it; "
+               "STREAM_CLASS=module:Class, your MediaStream subclass.")
+    for flag, variable, default, _, help_text in OPTIONS:
+        if flag == "--quiet-levels":
+            parser.add_argument(flag, action="store_const", const="1", help=f"{help_text} ({variable}=1)")
+        else:
+            help_text += f" (default {default})" if default else ""
+            parser.add_argument(flag, metavar=variable, help=help_text)
+    given = vars(parser.parse_args(argv))
+    settings = argparse.Namespace()
+    for flag, variable, default, read, _ in OPTIONS:
+        name = flag[2:].replace("-", "_")
+        raw = given[name] if given[name] is not None else environ.get(variable, default)
+        try:
+            setattr(settings, name, read(raw))
+        except ValueError as wanted:
+            raise SettingsError(f"{flag} ({variable}): {raw!r} is not {wanted}") from None
+    settings.auth_token = environ.get("TWILIO_AUTH_TOKEN") or None
     return settings
 
 
-def setup_logging(level: str) -> None:
-    """One console handler on our logger, whoever imports us (python app.py or gunicorn)."""
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
-        log.addHandler(handler)
-        log.propagate = False
-    log.setLevel(level)
+def configure(argv: list[str] | None = None, environ=os.environ, stream_class=None) -> argparse.Namespace:
+    """Read and check the settings, then make this process serve with them: the one place
+    start-up happens, for main() and for each gunicorn worker. Raises SettingsError."""
+    global settings
+    new = read_settings(argv, environ)
+    new.stream_class = stream_class or load_stream_class(environ.get("STREAM_CLASS"))
+    check_record_dir(new.record)
+    settings = new
+    setup_logging(settings.log_level)
+    # gevent-websocket builds each connection's socket from this module-level name.
+    geventwebsocket.handler.WebSocket = MediaWebSocket
+    return settings
+
+
+def load_stream_class(name: str | None) -> type:
+    """STREAM_CLASS, `module:Class`: the MediaStream subclass gunicorn's workers use."""
+    if not name:
+        return MediaStream
+    module_name, _, class_name = name.partition(":")
+    try:
+        stream_class = getattr(importlib.import_module(module_name), class_name)
+    except Exception as exc:  # whatever the user's module raises: one line, no traceback
+        raise SettingsError(f"STREAM_CLASS: cannot load {name!r}: {type(exc).__name__}: {exc}") from None
+    if not (isinstance(stream_class, type) and issubclass(stream_class, MediaStream)):
+        raise SettingsError(f"STREAM_CLASS: {name!r} is not a subclass of app.MediaStream")
+    return stream_class
+
+
+def find_stream_class_module(name: str | None) -> None:
+    """STREAM_CLASS's module exists: checked where your code must not be imported (gunicorn's master)."""
+    module_name = (name or "").partition(":")[0]
+    try:
+        found = not module_name or importlib.util.find_spec(module_name) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise SettingsError(f"STREAM_CLASS: cannot load {name!r}: no module named {module_name!r}")
 
 
 def check_record_dir(path: str | None) -> None:
@@ -92,18 +205,23 @@ def check_record_dir(path: str | None) -> None:
         with tempfile.TemporaryFile(dir=path) as probe:
             probe.write(b"probe")
     except OSError as exc:
-        sys.exit(f"error: cannot write recordings to {path!r}: {exc.strerror or exc}. "
-                 "Pick another --record DIR (RECORD_DIR) or fix its permissions.")
+        raise SettingsError(f"--record (RECORD_DIR): cannot write recordings to {path!r}: "
+                            f"{exc.strerror or exc}. Pick another directory or fix its permissions.") from None
 
 
-settings = read_settings([])  # the environment alone when imported (gunicorn app:app)
-setup_logging(settings.log_level)
-check_record_dir(settings.record)
+def setup_logging(level: str) -> None:
+    """One console handler on our logger, whoever runs us (python app.py or gunicorn)."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(level)
+    startup_log.setLevel(logging.INFO)
 
 
 # --- The Flask app, as in the tutorial ----------------------------------------------------
 
-# Library adapter (flask-sockets); the gevent-websocket ones are further down.
 class Sockets(flask_sockets.Sockets):
     """flask-sockets 0.2.1 with its two edges on today's Werkzeug filed off."""
 
@@ -130,8 +248,7 @@ class SocketMiddleware(flask_sockets.SocketMiddleware):
             return self.wsgi_app(environ, start_response)
         # flask-sockets' own __call__, without its `except KeyError` (which hands a handler's
         # KeyError on to Flask) and without keeping the WebsocketMismatch that Flask's HTTP
-        # routes raise for this request: its traceback made a reference cycle per call,
-        # garbage that RSS carried until the next full collection.
+        # routes raise for this request: its traceback made a reference cycle per call.
         with self.app.app_context(), self.app.request_context(environ) as context:
             context.request.routing_exception = None
             handler(environ["wsgi.websocket"], **values)
@@ -152,6 +269,36 @@ def index():
 def media_without_upgrade():
     return (f"/media is a WebSocket endpoint: use <Stream url=\"wss://{request.host}/media\"/> "
             "in TwiML, not a browser.\n", 426, {"Content-Type": "text/plain", "Upgrade": "websocket"})
+
+
+# --- The /media route: the tutorial's loop ------------------------------------------------
+
+CLOSE_CODES = {"stop": 1000, "idle": 1000, "disconnect": 1000, "shutdown": 1001, "error": 1011}
+
+
+@sockets.route("/media")
+def media(ws):
+    stream = settings.stream_class(remote=request.remote_addr or "?")
+    log.info("Connection accepted %s", stream.label)
+    try:
+        while not ws.closed:
+            message = ws.receive()
+            if message is None:  # the socket closed, or broke the WebSocket protocol: no `stop`
+                stream.end("error" if ws.error else "disconnect", ws.error)
+                break
+            if stream.handle(message) == "stop":
+                break
+    except IdleTimeout as idle:
+        stream.end("idle", str(idle))
+    except gevent.GreenletExit:
+        stream.end("shutdown")
+    except Exception as exc:  # a bug in one stream's handling ends that stream, not the server
+        stream.end("error")
+        log.warning("%s handler error: %s: %s (traceback at --log-level debug)", stream.label,
+                    type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+    finally:
+        stream.finish()
+        ws.close(CLOSE_CODES.get(stream.ended, 1000))
 
 
 # --- Per-call state -----------------------------------------------------------------------
@@ -186,7 +333,16 @@ class Track:
 
 @dataclass(eq=False)
 class MediaStream:
-    """One WebSocket connection from Twilio: what we know of the call, one method per event."""
+    """One WebSocket connection from Twilio: what we know of the call, one method per event.
+
+    To process the audio, subclass it, set `wants_pcm = True`, override on_audio() and run
+    app.main(stream_class=YourStream). To handle an event of your own, add it to EVENTS:
+    `EVENTS = {**MediaStream.EVENTS, "custom": "on_custom"}`."""
+
+    EVENTS: ClassVar[dict[str, str]] = {"media": "on_media", "connected": "on_connected", "start": "on_start",
+                                        "dtmf": "on_dtmf", "mark": "on_mark", "stop": "on_stop"}
+    handlers: ClassVar[dict]            # EVENTS' methods, looked up once per class (handlers_of)
+    wants_pcm: ClassVar[bool] = False   # True: every chunk decoded to PCM and handed to on_audio()
 
     remote: str
     stream_sid: str | None = None
@@ -201,26 +357,35 @@ class MediaStream:
     warnings: int = 0
     unknown_events: set = field(default_factory=set)
     connected: bool = False
+    decoding: bool = False          # a recording or wants_pcm: each chunk is decoded to PCM
     ended: str = "disconnect"
-    wants_pcm: bool = False         # decode only for a recording or an on_audio of your own
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.handlers = handlers_of(cls)
 
     @property
     def label(self) -> str:
         return f"stream={self.stream_sid}" if self.stream_sid else f"remote={self.remote}"
 
-    def warn(self, message: str) -> None:
-        self.warnings += 1
-        if self.warnings <= MAX_WARNINGS:
-            log.warning("%s %s", self.label, message)
-        elif self.warnings == MAX_WARNINGS + 1:
-            log.warning("%s more than %d warnings: the rest are only counted in the summary",
-                        self.label, MAX_WARNINGS)
+    def handle(self, message: str | bytes) -> str | None:
+        """One message from the socket: parsed, then handed to the method EVENTS names for its
+        event. A bad message is counted and warned about, never raised. Returns the event."""
+        try:
+            data = self.parse(message)
+            event = data["event"]
+            handler = self.handlers.get(event)
+            if handler is None:
+                self.on_unknown(event)
+            else:
+                handler(self, data)
+            return event
+        except BadMessage as bad:
+            self.bad[bad.kind] = self.bad.get(bad.kind, 0) + 1
+            self.warn(f"skipped message: {bad}")
+            return None
 
-    def skip(self, bad: BadMessage) -> None:
-        self.bad[bad.kind] = self.bad.get(bad.kind, 0) + 1
-        self.warn(f"skipped message: {bad}")
-
-    def parse(self, message) -> dict:
+    def parse(self, message: str | bytes) -> dict:
         """The JSON object of one frame, with a string `event`; BadMessage otherwise."""
         if not isinstance(message, str):
             raise BadMessage("binary", f"binary frame of {len(message)} bytes (Twilio sends JSON text)")
@@ -236,9 +401,17 @@ class MediaStream:
             raise BadMessage("no_event", "no string 'event' field")
         return data
 
+    def warn(self, message: str) -> None:
+        self.warnings += 1
+        if self.warnings <= MAX_WARNINGS:
+            log.warning("%s %s", self.label, message)
+        elif self.warnings == MAX_WARNINGS + 1:
+            log.warning("%s more than %d warnings: the rest are only counted in the summary",
+                        self.label, MAX_WARNINGS)
+
     def check_sequence(self, data: dict) -> bool:
         """False for a message seen already; counts what arrives out of order."""
-        sequence = number(data, "sequenceNumber")
+        sequence = whole_number(data, "sequenceNumber")
         if sequence is None:
             return True
         if sequence == self.last_sequence:
@@ -257,7 +430,7 @@ class MediaStream:
             raise BadMessage("second_connected", "second 'connected' on this stream: ignored")
         self.connected = True
         log.info("%s connected protocol=%s version=%s", self.label,
-                 text(data, "protocol", "?"), text(data, "version", "?"))
+                 field_text(data, "protocol", "?"), field_text(data, "version", "?"))
 
     def on_start(self, data: dict) -> None:
         if self.stream_sid:
@@ -265,7 +438,7 @@ class MediaStream:
         start = data.get("start")
         if not isinstance(start, dict):
             raise BadMessage("bad_start", "'start' field is not an object")
-        stream_sid = text(start, "streamSid") or text(data, "streamSid")
+        stream_sid = field_text(start, "streamSid") or field_text(data, "streamSid")
         if not stream_sid:
             raise BadMessage("bad_start", "start without a streamSid")
         tracks = start.get("tracks", ["inbound"])
@@ -275,8 +448,8 @@ class MediaStream:
             raise BadMessage("bad_start", "start.tracks, customParameters or mediaFormat has the wrong type")
         self.check_sequence(data)
         self.stream_sid = stream_sid
-        self.wants_pcm = bool(settings.record) or type(self).on_audio is not DEFAULT_ON_AUDIO
-        self.call_sid = text(start, "callSid", "?")
+        self.decoding = self.wants_pcm or bool(settings.record)
+        self.call_sid = field_text(start, "callSid", "?")
         encoding = media_format.get("encoding")
         rate, channels = media_format.get("sampleRate"), media_format.get("channels")
         format_name = printable(f"{encoding}/{rate}/{channels}", 80)
@@ -291,7 +464,8 @@ class MediaStream:
         media = data.get("media")
         if not isinstance(media, dict):
             raise BadMessage("bad_media", "'media' field is not an object")
-        track = self.tracks.get(media.get("track"))
+        track_name = media.get("track")
+        track = self.tracks.get(track_name) if isinstance(track_name, str) else None
         if track is None:
             raise BadMessage("bad_media", f"media.track is not one of {TRACK_NAMES}")
         payload = media.get("payload")
@@ -301,8 +475,8 @@ class MediaStream:
             audio = binascii.a2b_base64(payload, strict_mode=True)
         except (binascii.Error, ValueError):
             raise BadMessage("bad_payload", "media.payload is not valid base64") from None
-        timestamp = number(media, "timestamp")
-        chunk = number(media, "chunk")
+        timestamp = whole_number(media, "timestamp")
+        chunk = whole_number(media, "chunk")
         if self.stream_sid is None:
             raise BadMessage("media_before_start", "media before 'start': dropped")
         if not self.check_sequence(data):
@@ -325,17 +499,19 @@ class MediaStream:
             track.end_ms = timestamp + len(audio) // 8
         if not settings.quiet_levels:
             self.meter(track, audio)
-        if self.wants_pcm:
+        if self.decoding:
             pcm = ulaw_to_pcm16(audio)
             if settings.record and track.recording is not False:
                 self.record(track, timestamp, pcm)
-            self.on_audio(track.name, timestamp, pcm)
+            if self.wants_pcm:
+                self.on_audio(track.name, timestamp, pcm)
 
     def on_audio(self, track: str, timestamp: int, pcm: bytes) -> None:
-        """The place to plug in real-time processing (transcription, analysis): every chunk
-        of every track, in order, as 16-bit little-endian PCM, 8000 Hz, mono; `timestamp` in
-        ms on the stream's clock. It runs inside the receive loop, so hand anything slow to
-        a bounded queue and a greenlet (README, "Process the audio")."""
+        """The place to plug in real-time processing (transcription, analysis), called when
+        the class sets `wants_pcm = True`: every chunk of every track, in order, as 16-bit
+        little-endian PCM, 8000 Hz, mono; `timestamp` in ms on the stream's clock. It runs
+        inside the receive loop, so hand anything slow to a bounded queue and a greenlet
+        (README, "Process the audio")."""
 
     def meter(self, track: Track, ulaw: bytes) -> None:
         # Every 8th sample, from another first one each message: an eighth of the cost, and a
@@ -393,6 +569,12 @@ class MediaStream:
             self.unknown_events.add(event)
             log.info("%s unknown event %r: ignored", self.label, event[:40])
 
+    def end(self, how: str, why: str | None = None) -> None:
+        """How the stream ended, for the summary: stop, disconnect, idle, shutdown or error."""
+        self.ended = how
+        if why:
+            self.warn(why)
+
     def finish(self) -> None:
         """Close the recordings and log the summary line."""
         for track in self.tracks.values():
@@ -416,10 +598,15 @@ class MediaStream:
         return " ".join(parts)
 
 
-DEFAULT_ON_AUDIO = MediaStream.on_audio
+def handlers_of(stream_class: type) -> dict:
+    """EVENTS with each method looked up: once per class instead of once per message."""
+    return {event: getattr(stream_class, name) for event, name in stream_class.EVENTS.items()}
 
 
-def number(obj: dict, name: str) -> int | None:
+MediaStream.handlers = handlers_of(MediaStream)
+
+
+def whole_number(obj: dict, name: str) -> int | None:
     """Twilio's numbers come as strings ("42"); accept real numbers too."""
     value = obj.get(name)
     if value is None:
@@ -427,13 +614,15 @@ def number(obj: dict, name: str) -> int | None:
     try:
         result = int(value)
     except (TypeError, ValueError, OverflowError):
-        raise BadMessage(f"bad_{name}", f"{name} is not a whole number") from None
+        result = None
+    if result is None or value is True or value is False:  # JSON true is not 1
+        raise BadMessage(f"bad_{name}", f"{name} is not a whole number")
     if abs(result) > 2**53:  # far beyond any call; a 4000-digit number would only cost us
         raise BadMessage(f"bad_{name}", f"{name} is out of range")
     return result
 
 
-def text(obj: dict, name: str, default: str | None = None) -> str | None:
+def field_text(obj: dict, name: str, default: str | None = None) -> str | None:
     value = obj.get(name)
     return printable(value, 64) if isinstance(value, str) else default
 
@@ -445,54 +634,6 @@ def printable(value: str, limit: int) -> str:
 
 def safe_name(stream_sid: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", stream_sid)[:64]
-
-
-# --- The /media route: the tutorial's loop ------------------------------------------------
-
-@sockets.route("/media")
-def media(ws):
-    stream = MediaStream(remote=request.remote_addr or "?")
-    log.info("Connection accepted %s", stream.label)
-    try:
-        while not ws.closed:
-            message = ws.receive()
-            if message is None:
-                stream.ended, why = ws.end_reason or ("disconnect", None)
-                if why:
-                    stream.warn(why)
-                break
-            try:
-                data = stream.parse(message)
-                event = data["event"]
-                if event == "media":
-                    stream.on_media(data)
-                elif event == "connected":
-                    stream.on_connected(data)
-                elif event == "start":
-                    stream.on_start(data)
-                elif event == "dtmf":
-                    stream.on_dtmf(data)
-                elif event == "mark":
-                    stream.on_mark(data)
-                elif event == "stop":
-                    stream.on_stop(data)
-                    break
-                else:
-                    stream.on_unknown(event)
-            except BadMessage as bad:
-                stream.skip(bad)
-    except IdleTimeout as idle:
-        stream.ended = "idle"
-        stream.warn(str(idle))
-    except gevent.GreenletExit:
-        stream.ended = "shutdown"
-    except Exception as exc:  # a bug in one stream's handling ends that stream, not the server
-        stream.ended = "error"
-        log.warning("%s handler error: %s: %s (traceback at --log-level debug)", stream.label,
-                    type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
-    finally:
-        stream.finish()
-        ws.close(1001 if stream.ended == "shutdown" else 1000)  # 1001: going away
 
 
 # --- Audio helpers ------------------------------------------------------------------------
@@ -573,7 +714,27 @@ class WavTrack:
             file.close()
 
 
-# --- Library adapters: gevent-websocket ---------------------------------------------------
+# --- Who may stream: the handshake checks -------------------------------------------------
+
+def refusal(environ: dict) -> tuple[str, str] | None:
+    """(HTTP status, reason) for a WebSocket handshake we refuse before the 101, else None."""
+    path = environ.get("PATH_INFO", "")
+    if not sockets.url_map.bind("localhost", url_scheme="ws").test(path):
+        return "404 Not Found", "no WebSocket route here (Twilio's <Stream> URL must end in /media)"
+    if settings.auth_token:
+        signature = environ.get("HTTP_X_TWILIO_SIGNATURE")
+        if not signature:
+            return "403 Forbidden", "missing X-Twilio-Signature"
+        host = public_host(settings.public_url) or environ.get("HTTP_HOST", "")
+        query = environ.get("QUERY_STRING")
+        if not signature_is_valid(settings.auth_token, host, path + ("?" + query if query else ""), signature):
+            return "403 Forbidden", f"X-Twilio-Signature does not match wss://{host}{path}"
+    if shutting_down:
+        return "503 Service Unavailable", "the server is shutting down"
+    if len(open_websockets) >= settings.max_streams:
+        return "503 Service Unavailable", f"{settings.max_streams} streams open already (--max-streams)"
+    return None
+
 
 def twilio_signature(auth_token: str, url: str) -> str:
     """X-Twilio-Signature of a WebSocket handshake: HMAC-SHA1 of the URL alone, base64."""
@@ -601,30 +762,166 @@ def public_host(public_url: str | None) -> str | None:
     return urlsplit(public_url if "//" in public_url else "//" + public_url).netloc
 
 
-class MessageTooLarge(FrameTooLargeException):
-    pass
+# --- WebSocket frames, without I/O (RFC 6455) ---------------------------------------------
+
+OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+OPEN, CLOSING, CLOSED = "open", "closing", "closed"
+CLOSE_CODES_A_PEER_MAY_SEND = {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}  # 7.4.1
+
+
+def server_frame(opcode: int, payload: bytes = b"") -> bytes:
+    """A whole, unmasked frame (5.1: a server never masks)."""
+    length = len(payload)
+    if length < 126:
+        return struct.pack("!BB", 0x80 | opcode, length) + payload
+    if length < 65536:
+        return struct.pack("!BBH", 0x80 | opcode, 126, length) + payload
+    return struct.pack("!BBQ", 0x80 | opcode, 127, length) + payload
 
 
 def unmask(payload: bytes, mask: bytes) -> bytes:
-    """RFC 6455 5.3 unmasking with one big-integer XOR instead of gevent-websocket's byte loop."""
+    """5.3 unmasking with one big-integer XOR instead of a loop over the bytes."""
     n = len(payload)
     key = (mask * (n // 4 + 1))[:n]
     return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
 
 
-class MediaWebSocket(WebSocket):
-    """gevent-websocket's WebSocket, read faster and safer: frames are parsed from our own
-    buffer filled by one recv() per network read (instead of three buffered reads per
-    frame), the size limit is checked from the frame header before any payload is read,
-    unmasking is one big-integer XOR instead of a per-byte loop, UTF-8 is checked once by
-    decoding (instead of twice in pure Python), and every end has a reason (`end_reason`)."""
+class FrameParser:
+    """The server's side of a WebSocket after the handshake, in the sans-I/O shape of
+    python-websockets' frames.py and protocol.py: feed() takes the bytes read from the
+    client, next_message() hands back each whole message (text as str, binary as bytes) or
+    None until more bytes are needed, and `outgoing` gathers what to send back (pongs, close
+    frames). Once `state` is not OPEN the connection is ending: `close_code` is the code sent
+    or received, and `error` the reason when we failed the connection (1002 protocol error,
+    1007 invalid UTF-8, 1009 message over the size limit)."""
 
-    __slots__ = ("end_reason", "buffer", "last_received", "greenlet", "fill")
+    def __init__(self, max_message_bytes: int):
+        self.max_message_bytes = max_message_bytes
+        self.buffer = bytearray()
+        self.outgoing = bytearray()
+        self.fragments: bytearray | None = None  # a fragmented message so far (5.4)
+        self.fragments_opcode = OP_TEXT
+        self.state = OPEN
+        self.close_code: int | None = None
+        self.error: str | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self.state is not CLOSED:  # after the close handshake or a failure, data is discarded
+            self.buffer += data
+
+    def next_message(self) -> str | bytes | None:
+        buffer = self.buffer
+        while len(buffer) >= 2:  # once the connection is closed, the buffer stays empty
+            first, second = buffer[0], buffer[1]
+            fin, opcode, length = first & 0x80, first & 0x0F, second & 0x7F
+            if first & 0x70:
+                return self.fail(1002, "reserved bits set without an extension")
+            if not second & 0x80:
+                return self.fail(1002, "client frame not masked")
+            if opcode >= OP_CLOSE and (not fin or length > 125):
+                return self.fail(1002, "control frame fragmented or over 125 bytes")
+            start = 6  # 2 bytes of header, 4 of mask
+            if length > 125:
+                start = 8 if length == 126 else 14
+                if len(buffer) < start:
+                    return None
+                length = int.from_bytes(buffer[2:start - 4], "big")
+            if length > self.max_message_bytes:  # refused from the header, before the payload
+                return self.fail(1009, f"frame of {length} bytes over the {self.max_message_bytes}-byte limit")
+            end = start + length
+            if len(buffer) < end:
+                return None
+            payload = unmask(buffer[start:end], buffer[start - 4:start])
+            del buffer[:end]
+            if opcode == OP_TEXT or opcode == OP_BINARY:
+                if self.fragments is not None:
+                    return self.fail(1002, f"new message (opcode {opcode}) inside a fragmented one")
+                if not fin:
+                    self.fragments, self.fragments_opcode = bytearray(payload), opcode
+                    continue
+            elif opcode == OP_CONTINUATION:
+                if self.fragments is None:
+                    return self.fail(1002, "continuation frame without a message")
+                self.fragments += payload
+                if len(self.fragments) > self.max_message_bytes:
+                    return self.fail(1009, f"message over the {self.max_message_bytes}-byte limit")
+                if not fin:
+                    continue
+                payload, opcode, self.fragments = bytes(self.fragments), self.fragments_opcode, None
+            elif opcode == OP_PING:
+                if self.state is OPEN:
+                    self.outgoing += server_frame(OP_PONG, payload)
+                continue
+            elif opcode == OP_CLOSE:
+                self.receive_close(payload)
+                continue
+            elif opcode == OP_PONG:
+                continue
+            else:
+                return self.fail(1002, f"unknown opcode {opcode}")
+            if self.state is CLOSING:  # we have sent our close frame: data is no longer handled
+                continue
+            if opcode == OP_BINARY:
+                return payload
+            try:
+                return payload.decode()
+            except UnicodeDecodeError:
+                return self.fail(1007, "invalid UTF-8 in a text message")
+        return None
+
+    def receive_close(self, payload: bytes) -> None:
+        """5.5.1: answer a close frame with one of our own, echoing its code (7.4)."""
+        code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005  # 1005: no code
+        if len(payload) == 1 or len(payload) >= 2 and not (code in CLOSE_CODES_A_PEER_MAY_SEND
+                                                           or 3000 <= code <= 4999):
+            return self.fail(1002, f"invalid close frame (code {code})")
+        try:
+            payload[2:].decode()
+        except UnicodeDecodeError:
+            return self.fail(1007, "invalid UTF-8 in a close frame's reason")
+        if self.state is OPEN:
+            self.outgoing += server_frame(OP_CLOSE, payload[:2])
+            self.close_code = code
+        self.state = CLOSED
+        self.buffer.clear()
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake: our close frame, then wait for the client's."""
+        if self.state is OPEN:
+            self.outgoing += server_frame(OP_CLOSE, struct.pack("!H", code) + reason.encode()[:123])
+            self.close_code, self.state = code, CLOSING
+
+    def fail(self, code: int, reason: str) -> None:
+        """7.1.7: fail the connection: a close frame with the code and reason (while open),
+        and nothing the client sends is read again."""
+        if self.state is OPEN:
+            self.close(code, reason)
+            self.error = reason
+        self.state = CLOSED
+        self.buffer.clear()
+        self.fragments = None
+        return None
+
+
+# --- Library adapters: gevent-websocket and gunicorn --------------------------------------
+
+RECV_BYTES = 4096   # ten Twilio messages; 64 KiB reads fragmented the heap: RSS grew by the round
+CLOSE_TIMEOUT = 2   # seconds we wait for the client's side of the closing handshake
+
+
+class MediaWebSocket(WebSocket):
+    """gevent-websocket's WebSocket, reading through FrameParser with one recv() per
+    network read (instead of three buffered reads per frame), and closing as RFC 6455 asks:
+    after our close frame it waits, a bounded moment, for the client's, so a client still
+    sending reads our close code instead of a TCP reset. `error` says why a connection was
+    failed (None when the client closed or went away)."""
+
+    __slots__ = ("parser", "error", "last_received", "greenlet", "fill")
 
     def __init__(self, environ, stream, handler):
         super().__init__(environ, stream, handler)
-        self.end_reason = None
-        self.buffer = bytearray()
+        self.parser = FrameParser(settings.max_message_bytes)
+        self.error = None
         self.last_received = time.monotonic()
         self.greenlet = gevent.getcurrent()
         self.fill = self.first_fill
@@ -639,113 +936,57 @@ class MediaWebSocket(WebSocket):
     def receive(self):
         if self.closed:
             raise WebSocketError("Connection is already closed")
-        code = 1000
-        try:
-            return self.read_message()
-        except MessageTooLarge as exc:
-            self.end_reason, code = ("error", str(exc)), 1009
-        except UnicodeError:
-            self.end_reason, code = ("error", "invalid UTF-8 in a text message"), 1007
-        except ProtocolError as exc:
-            self.end_reason, code = ("error", f"WebSocket protocol error: {exc or type(exc).__name__}"), 1002
-        except OSError:
-            pass  # the peer went away: ended=disconnect
-        self.close(code)
-        return None
+        parser = self.parser
+        while True:
+            if parser.buffer:  # what the last read brought: a message, the start of one, or more
+                message = parser.next_message()
+                if message is not None:
+                    return message
+            try:
+                if parser.outgoing:
+                    self.flush()
+                if parser.state is not OPEN:  # the client closed, or we failed the connection: close() ends it
+                    if parser.error:
+                        self.error = f"WebSocket error, closed with {parser.close_code}: {parser.error}"
+                    return None
+                if not parser.buffer and settings.read_interval_ms and len(open_websockets) > BATCH_ABOVE_STREAMS:
+                    gevent.sleep(settings.read_interval_ms / 1000)  # under load: one wake-up for several messages
+                data = self.fill(RECV_BYTES)
+            except OSError:
+                data = b""
+            if not data:  # the client went away without a close frame
+                self.closed = True
+                return None
+            self.last_received = time.monotonic()
+            parser.feed(data)
 
-    def close(self, code: int = 1000, message: bytes = b"") -> None:
+    def flush(self) -> None:
+        data, self.parser.outgoing = self.parser.outgoing, bytearray()
+        self.handler.socket.sendall(data)
+
+    def close(self, code: int = 1000, message: bytes | str = b"") -> None:
         # gevent-websocket 0.10.1 sends the reason where the status code belongs (peers read
-        # b"bye" as code 25193) and no code at all without a reason.
+        # b"bye" as code 25193), no code at all without a reason, and never waits for the reply.
         if self.closed:
             return
+        self.closed = True
+        parser = self.parser
+        parser.close(code, message.decode() if isinstance(message, bytes) else message)
         try:
-            reason = message if isinstance(message, (bytes, bytearray)) else str(message or "").encode()
-            self.send_frame(struct.pack("!H", code) + reason[:123], self.OPCODE_CLOSE)
-        except WebSocketError:
-            pass  # the peer is gone: nothing to tell it
+            self.flush()
+            if parser.error:  # failed: our EOF tells the client we will read nothing more
+                self.handler.socket.shutdown(socket.SHUT_WR)
+            with gevent.Timeout(CLOSE_TIMEOUT, False):
+                while parser.state is CLOSING or parser.error:
+                    data = self.fill(RECV_BYTES)
+                    if not data:
+                        break
+                    parser.feed(data)
+                    parser.next_message()
+        except OSError:
+            pass  # the client is gone: nothing more to tell it
         finally:
-            self.closed = True
             self.stream = self.raw_write = self.raw_read = self.environ = None
-
-    def read_message(self):
-        opcode = None
-        message = bytearray()
-        while True:
-            fin, f_opcode, payload = self.read_frame()
-            if f_opcode in (self.OPCODE_TEXT, self.OPCODE_BINARY):
-                if opcode:
-                    raise ProtocolError(f"new message (opcode {f_opcode}) inside a fragmented one")
-                if fin:  # the usual case: a whole message in one frame
-                    return payload.decode("utf-8") if f_opcode == self.OPCODE_TEXT else bytearray(payload)
-                opcode = f_opcode
-            elif f_opcode == self.OPCODE_CONTINUATION:
-                if not opcode:
-                    raise ProtocolError("continuation frame without a message")
-            elif f_opcode == self.OPCODE_PING:
-                self.handle_ping(None, payload)
-                continue
-            elif f_opcode == self.OPCODE_PONG:
-                continue
-            elif f_opcode == self.OPCODE_CLOSE:
-                self.handle_close(None, payload)
-                return None
-            else:
-                raise ProtocolError(f"unexpected opcode {f_opcode}")
-            message += payload
-            if len(message) > settings.max_message_bytes:
-                raise MessageTooLarge(f"message over the {settings.max_message_bytes}-byte limit")
-            if fin:
-                return message.decode("utf-8") if opcode == self.OPCODE_TEXT else message
-
-    def read_frame(self) -> tuple[int, int, bytes]:
-        """(fin, opcode, unmasked payload) of the next frame (RFC 6455 section 5.2)."""
-        buffer = self.buffer
-        while True:
-            if len(buffer) >= 2:
-                first, second = buffer[0], buffer[1]
-                opcode, length, start = first & 0x0F, second & 0x7F, 2
-                if opcode > 0x07 and (not first & 0x80 or length > 125):
-                    raise ProtocolError("control frame fragmented or over 125 bytes")
-                if length > 125:
-                    start = 4 if length == 126 else 10
-                if len(buffer) >= start:
-                    if start > 2:
-                        length = int.from_bytes(buffer[2:start], "big")
-                    if length > settings.max_message_bytes:
-                        raise MessageTooLarge(f"frame of {length} bytes over the "
-                                              f"{settings.max_message_bytes}-byte limit")
-                    if first & 0x70:
-                        raise ProtocolError("reserved bits set without an extension")
-                    if second & 0x80:
-                        end = start + 4 + length
-                        if len(buffer) >= end:
-                            payload = unmask(buffer[start + 4:end], buffer[start:start + 4])
-                            del buffer[:end]
-                            return first & 0x80, opcode, payload
-                    elif len(buffer) >= start + length:
-                        payload = bytes(buffer[start:start + length])
-                        del buffer[:start + length]
-                        return first & 0x80, opcode, payload
-            if not buffer and settings.read_interval_ms and len(open_websockets) > BATCH_ABOVE_STREAMS:
-                gevent.sleep(settings.read_interval_ms / 1000)  # under load: one wake-up for several messages
-            data = self.fill(RECV_BYTES)
-            if not data:
-                raise WebSocketError("Unexpected EOF")
-            self.last_received = time.monotonic()
-            buffer += data
-
-
-RECV_BYTES = 4096  # ten Twilio messages; 64 KiB reads fragmented the heap: RSS grew by the round
-
-
-# handler.upgrade_connection() builds each connection's socket from this module-level name.
-geventwebsocket.handler.WebSocket = MediaWebSocket
-
-
-open_websockets: set[MediaWebSocket] = set()
-idle_sweeper = None
-shutting_down = False
-STREAM_END_SECONDS = 3  # what open streams get at shutdown to end and log their summaries
 
 
 class IdleTimeout(Exception):
@@ -780,11 +1021,12 @@ class MediaStreamHandler(WebSocketHandler):
         return super()._handle_client_error(ex)
 
     def upgrade_websocket(self):
+        global idle_sweeper
         if self.environ.get("HTTP_UPGRADE", "").lower() != "websocket":
             return super().upgrade_websocket()
-        refusal = self.refusal()
-        if refusal:
-            status, reason = refusal
+        refused = refusal(self.environ)
+        if refused:
+            status, reason = refused
             log.warning("refused WebSocket remote=%s path=%s status=%s reason=%s",
                         self.environ.get("REMOTE_ADDR"), self.environ.get("PATH_INFO", "")[:100],
                         status.split()[0], reason)
@@ -793,7 +1035,6 @@ class MediaStreamHandler(WebSocketHandler):
         result = super().upgrade_websocket()
         self.registered = getattr(self, "websocket", None)  # set only when upgraded
         if self.registered:
-            global idle_sweeper
             self.socket.settimeout(None)  # idle streams are found by sweep_idle_websockets
             open_websockets.add(self.registered)
             if idle_sweeper is None and settings.idle_timeout > 0:
@@ -806,24 +1047,6 @@ class MediaStreamHandler(WebSocketHandler):
         finally:
             open_websockets.discard(self.__dict__.pop("registered", None))
 
-    def refusal(self) -> tuple[str, str] | None:
-        path = self.environ.get("PATH_INFO", "")
-        if not sockets.url_map.bind("localhost", url_scheme="ws").test(path):
-            return "404 Not Found", "no WebSocket route here (Twilio's <Stream> URL must end in /media)"
-        if settings.auth_token:
-            signature = self.environ.get("HTTP_X_TWILIO_SIGNATURE")
-            if not signature:
-                return "403 Forbidden", "missing X-Twilio-Signature"
-            host = public_host(settings.public_url) or self.environ.get("HTTP_HOST", "")
-            query = self.environ.get("QUERY_STRING")
-            if not signature_is_valid(settings.auth_token, host, path + ("?" + query if query else ""), signature):
-                return "403 Forbidden", f"X-Twilio-Signature does not match wss://{host}{path}"
-        if shutting_down:
-            return "503 Service Unavailable", "the server is shutting down"
-        if len(open_websockets) >= settings.max_streams:
-            return "503 Service Unavailable", f"{settings.max_streams} streams open already (--max-streams)"
-        return None
-
 
 try:
     from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
@@ -831,13 +1054,30 @@ except ImportError:  # gunicorn is optional: only `gunicorn -k app.GunicornWorke
     GeventWebSocketWorker = None
 else:
     class GunicornWorker(GeventWebSocketWorker):
-        """gevent-websocket's gunicorn worker with our handler (signatures, limits), ending
-        open calls with a summary when gunicorn stops it."""
+        """gevent-websocket's gunicorn worker with our handler (signatures, limits), configured
+        from the environment, ending open calls with a summary when gunicorn stops it."""
         wsgi_handler = MediaStreamHandler
 
-        def init_process(self):
+        @classmethod
+        def check_config(cls, cfg, _log):
+            # In gunicorn's master, once: a setting that cannot work stops gunicorn at start-up.
+            environ = {**os.environ, **cfg.env}
+            try:
+                check_record_dir(read_settings([], environ).record)
+                find_stream_class_module(environ.get("STREAM_CLASS"))
+            except SettingsError as error:
+                print(f"app.py: error: {error}", file=sys.stderr, flush=True)
+                sys.exit(2)
+
+        def load_wsgi(self):
+            # In each worker, after gevent's patching and gunicorn's --env, before serving.
+            try:
+                configure([])
+            except SettingsError as error:  # STREAM_CLASS: only a worker imports your module
+                print(f"app.py: error: {error}", file=sys.stderr, flush=True)
+                sys.exit(3)  # gunicorn's "worker failed to boot": it stops instead of retrying
             log_startup_notes()
-            super().init_process()
+            super().load_wsgi()
 
         def handle_exit(self, sig, frame):
             # SIGTERM: gunicorn lets calls go on for --graceful-timeout, then kills the worker
@@ -853,6 +1093,16 @@ else:
                 GeventWebSocketWorker.handle_quit(self, sig, frame)
 
             gevent.spawn(quit_after_summaries)
+
+
+# --- Module state: what every stream of this process shares -------------------------------
+
+settings = read_settings([], environ={})  # the defaults until configure() runs
+settings.stream_class = MediaStream
+open_websockets: set[MediaWebSocket] = set()
+idle_sweeper: gevent.Greenlet | None = None
+shutting_down = False
+STREAM_END_SECONDS = 3  # what open streams get at shutdown to end and log their summaries
 
 
 # --- main ---------------------------------------------------------------------------------
@@ -877,17 +1127,23 @@ def log_startup_notes() -> None:
         log.info("Recording every stream to %s", os.path.abspath(settings.record))
 
 
-def main(argv: list[str] | None = None) -> None:
-    global settings
-    settings = read_settings(argv)
-    setup_logging(settings.log_level)
-    check_record_dir(settings.record)
-    server = pywsgi.WSGIServer((settings.host, settings.port), app, handler_class=MediaStreamHandler,
-                               log=None, error_log=log)
-    server.start()
+def main(argv: list[str] | None = None, stream_class: type | None = None) -> None:
+    """Serve until SIGINT or SIGTERM; `stream_class`: your MediaStream subclass."""
+    try:
+        configure(argv, stream_class=stream_class)
+        server = pywsgi.WSGIServer((settings.host, settings.port), app, handler_class=MediaStreamHandler,
+                                   log=None, error_log=log)
+        try:
+            server.start()
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise SettingsError(f"--port (PORT): cannot listen on {settings.host}:{settings.port}: {reason}") from None
+    except SettingsError as error:
+        print(f"app.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
     port = server.server_port
-    log.info("Listening on http://localhost:%d (all interfaces: %s), WebSocket at ws://localhost:%d/media",
-             port, settings.host, port)
+    startup_log.info("Listening on http://localhost:%d (all interfaces: %s), WebSocket at ws://localhost:%d/media",
+                     port, settings.host, port)
     log_startup_notes()
 
     def shutdown(signum: int) -> None:
@@ -902,4 +1158,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("app", sys.modules[__name__])  # `import app` in your code: this module, not a copy
     main()

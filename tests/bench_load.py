@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.twilio_sim import WSClient
+from tests.twilio_sim import WSClient, frame
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = Path(os.environ.get("PEERS_SRC", ROOT.parent / "shared" / "peers"))
@@ -42,8 +42,11 @@ PAYLOAD = base64.b64encode(bytes(range(0, 160))).decode()  # varied bytes: a lev
 ZERO_MASK = b"\0\0\0\0"
 
 
-def frame(text: str) -> bytes:
-    return WSClient.frame(0x1, text.encode(), mask=ZERO_MASK)
+def text_frame(text: str) -> bytes:
+    return frame(0x1, text.encode(), mask=ZERO_MASK)
+
+
+CLOSE_REPLY = frame(0x8, b"\x03\xe8", mask=ZERO_MASK)  # 1000
 
 
 MEDIA = ('{"event":"media","sequenceNumber":"%d","streamSid":"%s","media":{"track":"inbound",'
@@ -131,7 +134,32 @@ class Stream:
 
     def send(self, text: str) -> None:
         self.sequence += 1
-        self.sock.sendall(frame(text))
+        self.sock.sendall(text_frame(text))
+
+
+def read_closes(selector, timeout: float) -> int:
+    """How many streams the server closed (a close frame, or EOF) among those it has written
+    to; each is answered with a close frame and closed, as Twilio closes after `stop`."""
+    closed = 0
+    for key, _ in selector.select(timeout=timeout):
+        s = key.data
+        try:
+            data = s.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            continue
+        except OSError:
+            data = b""
+        if not data or b"\x88" in data[:2]:
+            s.closed_at = time.monotonic()
+            s.cut |= s.stopped_at is None
+            selector.unregister(s.sock)
+            try:
+                s.sock.send(CLOSE_REPLY)
+            except OSError:
+                pass
+            s.sock.close()
+            closed += 1
+    return closed
 
 
 def one_round(port: int, pid: int, calls: int, seconds: float) -> dict:
@@ -188,34 +216,12 @@ def one_round(port: int, pid: int, calls: int, seconds: float) -> dict:
                     k = per_call
                 k += 1
             next_k[i] = k
-        for key, _ in selector.select(timeout=0.002):
-            s = key.data
-            try:
-                data = s.sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                data = b""
-            if not data or b"\x88" in data[:2]:
-                s.closed_at = time.monotonic()
-                if s.stopped_at is None:
-                    s.cut = True
-                selector.unregister(s.sock)
-                open_count -= 1
+        open_count -= read_closes(selector, 0.002)
         if int(now * 2) != int((now - 0.002) * 2):
             peak_rss = max(peak_rss, rss_mib(pid))
     deadline = time.monotonic() + 10
     while open_count and time.monotonic() < deadline:
-        for key, _ in selector.select(timeout=0.05):
-            s = key.data
-            try:
-                data = s.sock.recv(65536)
-            except OSError:
-                data = b""
-            if not data or b"\x88" in data[:2]:
-                s.closed_at = time.monotonic()
-                selector.unregister(s.sock)
-                open_count -= 1
+        open_count -= read_closes(selector, 0.05)
     cpu = cpu_seconds(pid) - cpu_start
     wall = time.monotonic() - wall_start
     client_cpu = time.process_time() - client_cpu_start
@@ -233,12 +239,27 @@ def one_round(port: int, pid: int, calls: int, seconds: float) -> dict:
 
 
 def check_summaries(log_path: Path, streams: list[Stream]) -> tuple[int, int]:
-    """(exact, wrong) summary counts for our server's log."""
-    time.sleep(0.5)
-    text = log_path.read_text()
-    found = dict(re.findall(r"summary stream=(\S+) .*? media=(\d+)", text))
+    """(exact, wrong) summary counts for our server's log, once every stream has its
+    summary line (or 10 s have passed)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = dict(re.findall(r"summary stream=(\S+) .*? media=(\d+)", log_path.read_text()))
+        if all(s.sid in found for s in streams) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     exact = sum(1 for s in streams if found.get(s.sid) == str(s.sent))
     return exact, len(streams) - exact
+
+
+def open_sockets(pid: int) -> int:
+    return sum(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:") for fd in os.listdir(f"/proc/{pid}/fd"))
+
+
+def wait_for_sockets(pid: int, count: int, timeout: float = 10.0) -> None:
+    """Until the server holds no more than `count` sockets: every connection it had is gone."""
+    deadline = time.monotonic() + timeout
+    while open_sockets(pid) > count and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def bench(name: str, args, ours_args: list[str] = ()) -> dict:
@@ -246,14 +267,14 @@ def bench(name: str, args, ours_args: list[str] = ()) -> dict:
     process, port = start_server(name, log_path, list(ours_args))
     name = " ".join(["ours", *ours_args]) if name == "ours" else name
     try:
-        time.sleep(0.5)
         idle = rss_mib(process.pid)
+        idle_sockets = open_sockets(process.pid)
         rounds = []
         for r in range(args.rounds):
             result = one_round(port, process.pid, args.calls, args.seconds)
             if name.startswith("ours"):
                 result["exact"], result["wrong"] = check_summaries(log_path, result["streams"])
-            time.sleep(1.0)
+            wait_for_sockets(process.pid, idle_sockets)
             result["after_rss"] = rss_mib(process.pid)
             rounds.append(result)
             print(f"  {name} round {r + 1}: {result['us_per_message']:.1f} us/msg, "

@@ -1,4 +1,4 @@
-"""Real servers for the tests: `python app.py` on a free port, its console in a file."""
+"""Real servers for the tests: `python app.py` (or gunicorn) on a free port, its console in a file."""
 import os
 import re
 import signal
@@ -10,27 +10,32 @@ from pathlib import Path
 
 import pytest
 
-from tests.twilio_sim import WSClient
+from tests.twilio_sim import Call, WSClient
 
 ROOT = Path(__file__).resolve().parent.parent
+SETTINGS_VARIABLES = ("HOST", "PORT", "LOG_LEVEL", "RECORD_DIR", "QUIET_LEVELS", "PUBLIC_URL", "TWILIO_AUTH_TOKEN",
+                      "MAX_MESSAGE_BYTES", "MAX_STREAMS", "IDLE_TIMEOUT", "READ_INTERVAL_MS", "STREAM_CLASS")
+LISTENING = r"Listening on http://localhost:(\d+)"
+
+
+def clean_environment(env=None):
+    """The test process's environment without any of the server's settings, plus `env`."""
+    environment = {k: v for k, v in os.environ.items() if k not in SETTINGS_VARIABLES}
+    environment.update(env or {})
+    environment["PYTHONUNBUFFERED"] = "1"
+    return environment
 
 
 class Server:
-    """One `python app.py` process on 127.0.0.1 and a free port."""
+    """One server process on 127.0.0.1 and a free port: `python app.py` unless `command`
+    says otherwise (gunicorn, a script of the test's); `ready` finds its port in the log."""
 
-    def __init__(self, tmp_path, *args, env=None, command=None,
-                 ready=r"Listening on http://localhost:(\d+)"):
+    def __init__(self, tmp_path, *args, env=None, command=None, ready=LISTENING, preexec_fn=None):
         self.log_path = tmp_path / f"server-{time.monotonic_ns()}.log"
-        environment = {k: v for k, v in os.environ.items()
-                       if k not in ("HOST", "PORT", "LOG_LEVEL", "RECORD_DIR", "QUIET_LEVELS", "PUBLIC_URL",
-                                    "TWILIO_AUTH_TOKEN", "MAX_MESSAGE_BYTES", "MAX_STREAMS", "IDLE_TIMEOUT",
-                                    "READ_INTERVAL_MS")}
-        environment.update(env or {})
-        environment["PYTHONUNBUFFERED"] = "1"
         self.log_file = open(self.log_path, "w")
         command = command or [sys.executable, "app.py", "--host", "127.0.0.1", "--port", "0", *args]
-        self.process = subprocess.Popen(command, cwd=ROOT, env=environment,
-                                        stdout=self.log_file, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(command, cwd=ROOT, env=clean_environment(env), stdout=self.log_file,
+                                        stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
         match = self.wait_for(ready)
         self.port = int(match.group(1))
         self.http_url = f"http://127.0.0.1:{self.port}"
@@ -58,6 +63,34 @@ class Server:
     def connect(self, **headers) -> WSClient:
         return WSClient(self.url, headers=headers)
 
+    def open_call(self, call=None, **session):
+        """A client with a call under way (`session` as in Call.session), and the call."""
+        call = call or Call()
+        client = self.connect()
+        client.send_all(call.session(**session))
+        return client, call
+
+    def ending(self, client, call) -> tuple:
+        """(close code the client read, `ended`, `media`) once the server has ended the call."""
+        code = client.wait_closed()
+        summary = self.summary(call.stream_sid)
+        return code, summary["ended"], summary["media"]
+
+    def stream(self, messages, **headers) -> int | None:
+        """Send `messages` on a new connection, then wait for the server to close it: its close code."""
+        client = self.connect(**headers)
+        client.send_all(messages)
+        code = client.wait_closed()
+        client.sock.close()
+        return code
+
+    def stop_with(self, stop_signal, *clients):
+        """Send `stop_signal` and wait for the server to exit: the close code each client got."""
+        self.process.send_signal(stop_signal)
+        codes = [client.wait_closed(10) for client in clients]
+        self.process.wait(15)
+        return codes
+
     def stop(self):
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -67,6 +100,14 @@ class Server:
                 self.process.kill()
                 self.process.wait()
         self.log_file.close()
+
+
+def gunicorn_command(*args, app="app:app"):
+    return [sys.executable, "-m", "gunicorn", "-k", "app.GunicornWorker", "-b", "127.0.0.1:0",
+            "--no-control-socket", *args, app]
+
+
+GUNICORN_READY = r"Listening at: http://127.0.0.1:(\d+)"
 
 
 def run_at_once(play, calls, timeout=60.0):
@@ -90,17 +131,31 @@ def run_at_once(play, calls, timeout=60.0):
 
 @pytest.fixture
 def start_server(tmp_path):
-    """Start servers with extra flags or environment; all are stopped after the test."""
+    """Start servers with extra flags, environment, a command or a script of the test's
+    (`script=` Python source run with the flags); all are stopped after the test."""
     servers = []
 
-    def start(*args, env=None, command=None):
-        server = Server(tmp_path, *args, env=env, command=command)
+    def start(*args, script=None, **options):
+        if script:  # a program of the test's own that imports app: `python script.py ARGS`
+            path = tmp_path / f"script_{len(servers)}.py"
+            path.write_text(script)
+            options["command"] = [sys.executable, str(path), "--host", "127.0.0.1", "--port", "0", *args]
+            options["env"] = {"PYTHONPATH": str(ROOT), **options.get("env", {})}
+        server = Server(tmp_path, *args, **options)
         servers.append(server)
         return server
 
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def gunicorn(start_server):
+    """gunicorn serving app:app with our worker: 2 workers, a short --graceful-timeout."""
+    server = start_server(command=gunicorn_command("-w", "2", "--graceful-timeout", "3"), ready=GUNICORN_READY)
+    server.wait_for(r"Booting worker", count=2)
+    return server
 
 
 @pytest.fixture(scope="module")

@@ -1,29 +1,26 @@
 """Scaling out: the same app under gunicorn with our worker, two processes."""
 import re
 import signal
-import sys
-import time
+import subprocess
 import wave
 
 import pytest
 from twilio.request_validator import RequestValidator
 
-from tests.conftest import ROOT, Server, run_at_once
-from tests.twilio_sim import CHUNK, Call, HandshakeRefused, WSClient
+from tests.conftest import GUNICORN_READY, ROOT, clean_environment, gunicorn_command, run_at_once
+from tests.test_audio import readme_example
+from tests.twilio_sim import CHUNK, Call, HandshakeRefused, WSClient, encode_ulaw, tone
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 
 
 @pytest.fixture
-def gunicorn(tmp_path):
-    command = [sys.executable, "-m", "gunicorn", "-k", "app.GunicornWorker", "-w", "2",
-               "-b", "127.0.0.1:0", "--no-control-socket", "--graceful-timeout", "3", "app:app"]
-    server = Server(tmp_path, command=command, ready=r"Listening at: http://127.0.0.1:(\d+)",
-                    env={"TWILIO_AUTH_TOKEN": TOKEN, "MAX_MESSAGE_BYTES": "2000",
-                         "RECORD_DIR": str(tmp_path / "recordings")})
+def signed_gunicorn(start_server, tmp_path):
+    server = start_server(command=gunicorn_command("-w", "2", "--graceful-timeout", "3"), ready=GUNICORN_READY,
+                          env={"TWILIO_AUTH_TOKEN": TOKEN, "MAX_MESSAGE_BYTES": "2000",
+                               "RECORD_DIR": str(tmp_path / "recordings")})
     server.wait_for(r"Booting worker", count=2)
-    yield server
-    server.stop()
+    return server
 
 
 def signed(server):
@@ -31,59 +28,69 @@ def signed(server):
     return {"X-Twilio-Signature": RequestValidator(TOKEN).compute_signature(url, {})}
 
 
-def test_concurrent_calls_through_two_gunicorn_workers(gunicorn):
+def test_concurrent_calls_through_two_gunicorn_workers(signed_gunicorn):
     calls = [Call() for _ in range(12)]
 
     def play(i, call):
-        client = WSClient(gunicorn.url, headers=signed(gunicorn))
-        client.send(call.connected())
-        client.send(call.start())
-        for n in range(30 + i):
-            client.send(call.media("inbound", b"\xff" * CHUNK, 20 * (n + 1)))
-        client.send(call.stop())
-        client.wait_closed()
+        assert signed_gunicorn.stream(call.session(media=30 + i, stop=True), **signed(signed_gunicorn)) == 1000
 
     assert not run_at_once(play, calls)
     for i, call in enumerate(calls):
-        summary = gunicorn.summary(call.stream_sid)
+        summary = signed_gunicorn.summary(call.stream_sid)
         assert summary["ended"] == "stop" and summary["media"] == str(30 + i)
         with wave.open(summary["recordings"].rsplit(":", 1)[0], "rb") as recording:
             assert recording.getnframes() == (30 + i) * CHUNK
-    workers = set(re.findall(r"\[(\d+)\] \[INFO\] Booting worker", gunicorn.log()))
+    workers = set(re.findall(r"\[(\d+)\] \[INFO\] Booting worker", signed_gunicorn.log()))
     assert len(workers) == 2
 
 
-def test_signatures_and_limits_apply_under_gunicorn(gunicorn):
+def test_signatures_and_limits_apply_under_gunicorn(signed_gunicorn):
     with pytest.raises(HandshakeRefused) as refused:
-        WSClient(gunicorn.url)
+        WSClient(signed_gunicorn.url)
     assert refused.value.status == 403
-    assert "refused WebSocket remote=127.0.0.1 path=/media status=403 reason=missing X-Twilio-Signature" in gunicorn.log()
+    assert ("refused WebSocket remote=127.0.0.1 path=/media status=403 reason=missing X-Twilio-Signature"
+            in signed_gunicorn.log())
     call = Call()
-    client = WSClient(gunicorn.url, headers=signed(gunicorn))
-    client.send(call.connected())
-    client.send(call.start())
-    client.send("x" * 3000)  # over MAX_MESSAGE_BYTES=2000 from the environment
-    assert client.wait_closed()
-    assert gunicorn.summary(call.stream_sid)["ended"] == "error"
-    assert "TWILIO_AUTH_TOKEN is not set" not in gunicorn.log()
+    assert signed_gunicorn.stream([*call.session(), "x" * 3000], **signed(signed_gunicorn)) == 1009  # over 2000
+    assert signed_gunicorn.summary(call.stream_sid)["ended"] == "error"
+    assert "TWILIO_AUTH_TOKEN is not set" not in signed_gunicorn.log()
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
-def test_stopping_gunicorn_summarizes_open_calls_and_keeps_their_recordings(gunicorn, stop_signal):
+def test_stopping_gunicorn_summarizes_open_calls_and_keeps_their_recordings(signed_gunicorn, stop_signal):
     call = Call()
-    client = WSClient(gunicorn.url, headers=signed(gunicorn))
-    client.send(call.connected())
-    client.send(call.start())
-    for n in range(25):
-        client.send(call.media("inbound", b"\x00" * CHUNK, 20 * (n + 1)))
-    gunicorn.wait_for(rf"stream={call.stream_sid} first media")
-    time.sleep(0.2)
-    gunicorn.process.send_signal(stop_signal)  # SIGINT is Ctrl-C: gunicorn's quick stop
-    gunicorn.process.wait(15)  # on SIGTERM calls end 4 s before --graceful-timeout: here at once
-    summary = gunicorn.summary(call.stream_sid, timeout=0)
+    client = WSClient(signed_gunicorn.url, headers=signed(signed_gunicorn))
+    client.send_all([*call.session(media=25, chunk=b"\x00" * CHUNK), call.dtmf("1")])
+    signed_gunicorn.wait_for(rf"stream={call.stream_sid} dtmf digit=1")  # sent last: all media handled
+    assert signed_gunicorn.stop_with(stop_signal, client) == [1001]  # SIGINT is Ctrl-C: gunicorn's quick stop
+    summary = signed_gunicorn.summary(call.stream_sid, timeout=0)
     assert (summary["ended"], summary["media"]) == ("shutdown", "25")
     with wave.open(summary["recordings"].rsplit(":", 1)[0], "rb") as recording:
         assert recording.getnframes() == 25 * CHUNK
+
+
+def test_stream_class_names_your_subclass_under_gunicorn(start_server, tmp_path):
+    """The README's process_audio.py, served by gunicorn as the README says: STREAM_CLASS."""
+    (tmp_path / "process_audio.py").write_text(readme_example())
+    server = start_server(command=gunicorn_command("-w", "1"), ready=GUNICORN_READY,
+                          env={"STREAM_CLASS": "process_audio:ProcessedStream", "PYTHONPATH": str(tmp_path)})
+    call = Call()
+    audio = encode_ulaw(tone(0.3))
+    assert server.stream([call.connected(), call.start(), *call.play({"inbound": audio}), call.stop()]) == 1000
+    server.wait_for(rf"stream={call.stream_sid} processed chunks=15 seconds=0.30 peak=\d+")
+
+
+@pytest.mark.parametrize("env, error", [
+    ({"MAX_STREAMS": "ten"},
+     "app.py: error: --max-streams (MAX_STREAMS): 'ten' is not a whole number from 1 to 100000"),
+    ({"STREAM_CLASS": "no_such_module:Stream"},
+     "app.py: error: STREAM_CLASS: cannot load 'no_such_module:Stream': no module named 'no_such_module'"),
+])
+def test_a_setting_that_cannot_work_stops_gunicorn_with_one_line(env, error):
+    out = subprocess.run(gunicorn_command("-w", "2"), cwd=ROOT, env=clean_environment(env),
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert out.stderr.count(error) == 1 and "Traceback" not in out.stderr
 
 
 SLOW_FINISH = """
@@ -96,27 +103,17 @@ class SlowStream(app.MediaStream):
     def finish(self):
         gevent.sleep(30)  # a finish() of your own that never ends in time
         super().finish()
-
-
-app.MediaStream = SlowStream
-from app import app  # noqa: E402  (what gunicorn serves)
 """
 
 
-def test_a_stream_that_will_not_end_does_not_hold_up_ctrl_c(tmp_path):
-    (tmp_path / "slow_app.py").write_text(SLOW_FINISH)
-    command = [sys.executable, "-m", "gunicorn", "-k", "app.GunicornWorker", "-w", "1", "-b", "127.0.0.1:0",
-               "--no-control-socket", "--graceful-timeout", "20", "slow_app:app"]
-    server = Server(tmp_path, command=command, ready=r"Listening at: http://127.0.0.1:(\d+)",
-                    env={"PYTHONPATH": f"{tmp_path}:{ROOT}"})
+def test_a_stream_that_will_not_end_does_not_hold_up_ctrl_c(start_server, tmp_path):
+    (tmp_path / "slow_stream.py").write_text(SLOW_FINISH)
+    server = start_server(command=gunicorn_command("-w", "1", "--graceful-timeout", "20"), ready=GUNICORN_READY,
+                          env={"STREAM_CLASS": "slow_stream:SlowStream", "PYTHONPATH": str(tmp_path)})
     server.wait_for(r"Booting worker")
-    call = Call()
-    client = WSClient(server.url)
-    client.send(call.connected())
-    client.send(call.start())
+    client, call = server.open_call()
     server.wait_for(rf"stream={call.stream_sid} start")
     server.process.send_signal(signal.SIGINT)
     server.process.wait(15)  # gunicorn's own kill would come at --graceful-timeout 20
-    server.stop()
     assert "1 stream(s) still ending after 3 s: stopping without waiting for them" in server.log()
     assert "SIGKILL" not in server.log()

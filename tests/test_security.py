@@ -1,16 +1,14 @@
 """Only Twilio gets in, and no client can exhaust the server."""
 import socket
-import time
 
 import pytest
 from twilio.request_validator import RequestValidator
 
 import app
-from tests.twilio_sim import CHUNK, Call, HandshakeRefused, WSClient
+from tests.twilio_sim import Call, HandshakeRefused, WSClient, frame
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 OTHER_TOKEN = "fedcba9876543210fedcba9876543210"
-SILENCE = b"\xff" * CHUNK
 
 
 @pytest.mark.parametrize("token, url, signature", [  # reference section 5.4
@@ -43,10 +41,7 @@ def test_signature_check_rejects_the_https_form_and_garbage():
 
 def stream_one_call(server, **headers):
     call = Call()
-    client = WSClient(server.url, headers=headers)
-    for message in [call.connected(), call.start(), call.media("inbound", SILENCE, 20), call.stop()]:
-        client.send(message)
-    client.wait_closed()
+    assert server.stream(call.session(media=1, stop=True), **headers) == 1000
     return server.summary(call.stream_sid)
 
 
@@ -102,48 +97,15 @@ def rss_kib(server):
     return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1])
 
 
-def test_a_frame_announcing_a_gibibyte_is_refused_from_its_header(start_server):
+@pytest.mark.parametrize("big", [frame(0x1, b"x" * 1000, length=2 ** 30), frame(0x1, b"a" * (4 << 20))],
+                         ids=["announcing-a-gibibyte", "a-real-4-mib"])
+def test_a_frame_over_the_limit_costs_no_memory(start_server, big):
     server = start_server()
-    call = Call()
-    client = server.connect()
-    for message in [call.connected(), call.start(), call.media("inbound", SILENCE, 20)]:
-        client.send(message)
+    client, call = server.open_call(media=1)
     before = rss_kib(server)
-    client.send_raw(WSClient.frame(0x1, b"x" * 1000, length=2 ** 30))
-    assert client.wait_closed()
-    summary = server.summary(call.stream_sid)
-    assert summary["ended"] == "error" and summary["media"] == "1"
-    assert f"stream={call.stream_sid} frame of {2 ** 30} bytes over the 65536-byte limit" in server.log()
+    client.send_raw(big)  # the 4 MiB are read and dropped after the refusal: no reset
+    assert server.ending(client, call) == (1009, "error", "1")
     assert rss_kib(server) - before < 5_000
-
-
-def test_a_real_4_mib_frame_is_refused_without_memory_growth(start_server):
-    server = start_server()
-    call = Call()
-    client = server.connect()
-    client.send(call.connected())
-    client.send(call.start())
-    before = rss_kib(server)
-    try:
-        client.send_raw(WSClient.frame(0x1, b"a" * (4 << 20)))
-    except OSError:
-        pass  # the server may close while we are still sending: that is the point
-    assert client.wait_closed()
-    assert server.summary(call.stream_sid)["ended"] == "error"
-    assert rss_kib(server) - before < 5_000
-
-
-def test_a_fragmented_message_over_the_limit_is_refused(start_server):
-    server = start_server("--max-message-bytes", "1000")
-    call = Call()
-    client = server.connect()
-    client.send(call.connected())
-    client.send(call.start())
-    for _ in range(3):
-        client.send_raw(WSClient.frame(0x1 if _ == 0 else 0x0, b"y" * 400, fin=False))
-    assert client.wait_closed()
-    assert server.summary(call.stream_sid)["ended"] == "error"
-    assert "message over the 1000-byte limit" in server.log()
 
 
 def test_max_streams_refuses_with_503_before_the_upgrade(start_server):
@@ -161,32 +123,16 @@ def test_max_streams_refuses_with_503_before_the_upgrade(start_server):
     server.wait_for("summary", count=3)
 
 
-def test_idle_stream_is_closed_and_summarized(start_server):
-    server = start_server("--idle-timeout", "0.5")
-    call = Call()
-    client = server.connect()
-    client.send(call.connected())
-    client.send(call.start())
-    started = time.monotonic()
-    assert client.wait_closed(5)
-    assert time.monotonic() - started < 3
-    summary = server.summary(call.stream_sid)
-    assert summary["ended"] == "idle"
-    assert f"stream={call.stream_sid} nothing received for 0.5 s" in server.log()
-
-
 def test_a_connection_that_never_sends_a_request_is_dropped(start_server):
     server = start_server("--idle-timeout", "0.5")
     silent = socket.create_connection(("127.0.0.1", server.port))
     half = socket.create_connection(("127.0.0.1", server.port))
     half.sendall(b"GET /media HTTP/1.1\r\nHost: x\r\n")  # never finished
     for sock in (silent, half):
-        sock.settimeout(5)
-        started = time.monotonic()
+        sock.settimeout(5)  # dropped long before: else recv() raises a timeout
         answer = b""
         while chunk := sock.recv(1024):
             answer += chunk
         assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer
-        assert time.monotonic() - started < 3
     assert stream_one_call(server)["media"] == "1", "the server still serves"
     assert "Traceback" not in server.log()

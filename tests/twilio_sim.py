@@ -71,6 +71,14 @@ class Call:
     def stop(self):
         return self._envelope("stop", stop={"accountSid": self.account_sid, "callSid": self.call_sid})
 
+    def session(self, media=0, track="inbound", stop=False, chunk=b"\xff" * CHUNK, audio=None):
+        """connected, start, `media` media messages of one track (timestamps 20, 40, ... ms),
+        or all of `audio` ({track: mu-law bytes}, see play()), then stop if asked: a whole
+        call, or the opening of one."""
+        media = self.play(audio) if audio else (self.media(track, chunk, 20 * (n + 1)) for n in range(media))
+        messages = [self.connected(), self.start(), *media]
+        return messages + [self.stop()] if stop else messages
+
     def play(self, audio_by_track):
         """Media messages for whole tracks ({track: mu-law bytes}), interleaved chunk by chunk
         as Twilio sends both_tracks; timestamps start at 20 ms as in Twilio's example."""
@@ -125,7 +133,51 @@ def write_wav(path, samples):
         wav.writeframes(struct.pack(f"<{len(samples)}h", *samples))
 
 
-# --- A small WebSocket client ----------------------------------------------------------------
+# --- WebSocket frames and a small client ----------------------------------------------------
+
+CLIENT_MASK = b"\x37\xfa\x21\x3d"
+
+
+def frame(opcode, payload, fin=True, mask=CLIENT_MASK, rsv=0, length=None, length_form=None):
+    """One client frame (RFC 6455 5.2). `mask=None` sends it unmasked, as no client may;
+    `length` announces another size than the payload's; `length_form` (7, 16 or 64) picks
+    the length encoding, which is otherwise the shortest."""
+    length = len(payload) if length is None else length
+    form = length_form or (7 if length < 126 else 16 if length < 65536 else 64)
+    mask_bit = 0 if mask is None else 0x80
+    head = bytes([(0x80 if fin else 0) | rsv | opcode])
+    if form == 7:
+        head += bytes([mask_bit | length])
+    elif form == 16:
+        head += bytes([mask_bit | 126]) + struct.pack("!H", length)
+    else:
+        head += bytes([mask_bit | 127]) + struct.pack("!Q", length)
+    if mask is None:
+        return head + payload
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload)) if any(mask) else payload
+    return head + mask + masked
+
+
+def read_frames(data):
+    """(opcode, payload) of each whole frame in bytes a server sent (unmasked)."""
+    frames = []
+    while len(data) >= 2:
+        length, start = data[1] & 0x7F, 2
+        if length == 126:
+            length, start = struct.unpack("!H", data[2:4])[0], 4
+        elif length == 127:
+            length, start = struct.unpack("!Q", data[2:10])[0], 10
+        if len(data) < start + length:
+            break
+        frames.append((data[0] & 0x0F, data[start:start + length]))
+        data = data[start + length:]
+    return frames
+
+
+def close_code(payload):
+    """The status code of a close frame's payload; 1005 (RFC 6455 7.1.5) when it has none."""
+    return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
+
 
 class HandshakeRefused(Exception):
     def __init__(self, status, body):
@@ -150,6 +202,7 @@ class WSClient:
             lines.append(f"{name}: {value}")
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         self.buffer = b""
+        self.close_reason = None
         head = self._read_until(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])
         if status != 101:
@@ -165,44 +218,34 @@ class WSClient:
             self.sock.close()
             raise HandshakeRefused(status, body)
 
+    def _read_more(self):
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("connection closed")
+        self.buffer += data
+
     def _read_until(self, marker):
         while marker not in self.buffer:
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("connection closed during the handshake")
-            self.buffer += data
+            self._read_more()
         head, self.buffer = self.buffer.split(marker, 1)
         return head
 
     def _read_exactly(self, n):
         while len(self.buffer) < n:
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("connection closed")
-            self.buffer += data
+            self._read_more()
         out, self.buffer = self.buffer[:n], self.buffer[n:]
         return out
-
-    @staticmethod
-    def frame(opcode, payload, fin=True, mask=b"\x37\xfa\x21\x3d", length=None, rsv=0):
-        """One client frame; `length` may announce another size than the payload's."""
-        length = len(payload) if length is None else length
-        head = bytes([(0x80 if fin else 0) | rsv | opcode])
-        if length < 126:
-            head += bytes([0x80 | length])
-        elif length < 65536:
-            head += bytes([0x80 | 126]) + struct.pack("!H", length)
-        else:
-            head += bytes([0x80 | 127]) + struct.pack("!Q", length)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload)) if any(mask) else payload
-        return head + mask + masked
 
     def send(self, message):
         """A text frame for str, a binary frame for bytes."""
         if isinstance(message, str):
-            self.sock.sendall(self.frame(0x1, message.encode()))
+            self.sock.sendall(frame(0x1, message.encode()))
         else:
-            self.sock.sendall(self.frame(0x2, message))
+            self.sock.sendall(frame(0x2, message))
+
+    def send_all(self, messages):
+        for message in messages:
+            self.send(message)
 
     def send_raw(self, data):
         self.sock.sendall(data)
@@ -218,19 +261,30 @@ class WSClient:
         return first & 0x0F, self._read_exactly(length)
 
     def wait_closed(self, timeout=5.0):
-        """True once the server has sent a close frame or dropped the connection."""
+        """The status code of the server's close frame (1005 if it had none), or None if the
+        connection ended, or `timeout` passed, without one. As RFC 6455 asks, the close frame
+        is answered with ours, and the socket closed once the server has closed its side."""
         self.sock.settimeout(timeout)
         try:
             while True:
-                opcode, _ = self.recv_frame()
+                opcode, payload = self.recv_frame()
                 if opcode == 0x8:
-                    return True
-        except (ConnectionError, OSError):
-            return True
+                    break
+        except OSError:  # ConnectionError (EOF, reset) or a timeout
+            return None
+        self.close_reason = payload[2:].decode(errors="replace")
+        try:
+            self.sock.sendall(frame(0x8, payload[:2]))
+            while self.sock.recv(65536):
+                pass
+        except OSError:
+            pass  # the server closed first, or took longer than `timeout`: either way we are done
+        self.sock.close()
+        return close_code(payload)
 
     def close(self):
         try:
-            self.sock.sendall(self.frame(0x8, struct.pack("!H", 1000)))
+            self.sock.sendall(frame(0x8, struct.pack("!H", 1000)))
             self.wait_closed(2.0)
         except OSError:
             pass
@@ -271,10 +325,10 @@ def main(argv=None):
             next_at += 0.020
             time.sleep(max(0.0, next_at - time.monotonic()))
     client.send(call.stop())
-    client.wait_closed()
+    code = client.wait_closed()
     client.sock.close()
     print(f"sent stream={call.stream_sid} media={sent} ({len(ulaw) / 8000:.2f} s per track, "
-          f"tracks={','.join(tracks)})")
+          f"tracks={','.join(tracks)}) closed={code or 'without a close frame'}")
 
 
 if __name__ == "__main__":

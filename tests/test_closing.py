@@ -1,0 +1,122 @@
+"""How streams end, end to end: the exact close code the README promises for each ending,
+the summary that goes with it, and a closing handshake the client can read to the end."""
+import signal
+import struct
+
+import pytest
+
+from tests.test_audio import decoded, samples
+from tests.twilio_sim import CHUNK, Call, encode_ulaw, frame, tone
+
+SILENCE = b"\xff" * CHUNK
+
+
+def test_1000_after_stop(server):
+    call = Call()
+    assert server.stream(call.session(media=3, stop=True)) == 1000
+    assert server.summary(call.stream_sid)["ended"] == "stop"
+
+
+def test_1000_after_idle(start_server):
+    server = start_server("--idle-timeout", "0.5")
+    client, call = server.open_call(media=2)
+    assert server.ending(client, call) == (1000, "idle", "2")
+    assert f"stream={call.stream_sid} nothing received for 0.5 s" in server.log()
+
+
+def test_the_clients_close_is_answered_with_its_code_and_is_a_disconnect(server):
+    client, call = server.open_call(media=2)
+    client.send_raw(frame(0x8, struct.pack("!H", 1001)))
+    assert client.wait_closed() == 1001
+    assert server.summary(call.stream_sid)["ended"] == "disconnect"
+
+
+@pytest.mark.parametrize("bad, code, reason", [
+    (frame(0x1, b"{}", mask=None), 1002, "client frame not masked"),
+    (frame(0x1, b"{}", rsv=0x40), 1002, "reserved bits set without an extension"),
+    (frame(0x8, struct.pack("!H", 5000)), 1002, "invalid close frame (code 5000)"),
+    (frame(0x1, b'{"event": "\xff\xfe"}'), 1007, "invalid UTF-8 in a text message"),
+    (frame(0x1, b"x" * 1000, length=2 ** 30), 1009, f"frame of {2 ** 30} bytes over the 65536-byte limit"),
+], ids=["unmasked", "reserved-bits", "close-code-5000", "invalid-utf8", "gibibyte-frame"])
+def test_a_client_breaking_the_protocol_gets_its_code_and_the_call_its_summary(server, bad, code, reason):
+    client, call = server.open_call(media=4)
+    client.send_raw(bad)
+    assert server.ending(client, call) == (code, "error", "4")
+    assert client.close_reason == reason
+    assert f"stream={call.stream_sid} WebSocket error, closed with {code}: {reason}" in server.log()
+
+
+def test_a_client_still_sending_after_its_error_reads_the_code_not_a_reset(server):
+    """We close the connection only after the client's EOF (or a bounded wait): closing with
+    its data unread would reset the connection, and a reset can lose our close frame."""
+    client, call = server.open_call(media=2)
+    flood = b"".join(frame(0x1, call.media("inbound", SILENCE, 20 * n).encode()) for n in range(3, 3000))
+    client.send_raw(frame(0x1, b"{}", mask=None) + flood)  # 1.1 MB after the bad frame: no BrokenPipe
+    assert client.wait_closed() == 1002
+    assert server.summary(call.stream_sid)["media"] == "2", "nothing after the bad frame is handled"
+
+
+def test_a_message_over_the_limit_in_fragments_gets_1009(start_server):
+    server = start_server("--max-message-bytes", "1024")
+    client, call = server.open_call(media=2)
+    for n in range(3):
+        client.send_raw(frame(0x1 if n == 0 else 0x0, b"y" * 400, fin=False))
+    assert client.wait_closed() == 1009
+    assert server.summary(call.stream_sid)["ended"] == "error"
+    assert "message over the 1024-byte limit" in server.log()
+
+
+CRASHING_SERVER = """
+import sys
+
+import app
+
+
+class CrashingStream(app.MediaStream):
+    wants_pcm = True
+    chunks = 0
+
+    def on_audio(self, track, timestamp, pcm):
+        self.chunks += 1
+        if self.chunks == 10:
+            raise RuntimeError("bug in on_audio")
+
+
+app.main(sys.argv[1:], stream_class=CrashingStream)
+"""
+
+
+def test_1011_when_a_bug_ends_the_stream_with_a_valid_wav_and_a_summary(start_server, tmp_path):
+    server = start_server("--record", str(tmp_path / "rec"), script=CRASHING_SERVER)
+    call = Call()
+    audio = encode_ulaw(tone(0.4))
+    assert server.stream([call.connected(), call.start(), *call.play({"inbound": audio})]) == 1011
+    summary = server.summary(call.stream_sid)
+    assert summary["ended"] == "error" and summary["media"] == "10"
+    assert f"stream={call.stream_sid} handler error: RuntimeError: bug in on_audio" in server.log()
+    assert "Traceback" not in server.log()
+    assert samples(tmp_path / "rec" / f"{call.stream_sid}_inbound.wav") == decoded(audio[:10 * CHUNK])
+    next_call = Call()  # the server goes on serving other calls
+    assert server.stream(next_call.session(stop=True)) == 1000
+    assert server.summary(next_call.stream_sid)["ended"] == "stop"
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_1001_and_a_summary_for_every_open_stream_on_shutdown(start_server, stop_signal):
+    server = start_server()
+    opened_calls = [server.open_call(media=5) for _ in range(3)]
+    server.wait_for(r"first media", count=3)
+    assert server.stop_with(stop_signal, *(client for client, _ in opened_calls)) == [1001] * 3
+    for _, call in opened_calls:
+        summary = server.summary(call.stream_sid, timeout=0)
+        assert summary["ended"] == "shutdown" and summary["media"] == "5"
+    assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_1001_on_shutdown_under_gunicorn(gunicorn, stop_signal):
+    client, call = gunicorn.open_call(media=3)
+    gunicorn.wait_for(rf"stream={call.stream_sid} first media")
+    # SIGTERM ends calls 4 s before --graceful-timeout, here at once; SIGINT is Ctrl-C
+    assert gunicorn.stop_with(stop_signal, client) == [1001]
+    assert gunicorn.summary(call.stream_sid, timeout=0)["ended"] == "shutdown"

@@ -1,0 +1,172 @@
+"""Configuration: every setting from a flag or its environment variable, checked at start-up;
+a value that cannot work is one line naming both, exit status 2; importing app does nothing."""
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import app
+from tests.conftest import LISTENING, ROOT, clean_environment
+from tests.test_audio import readme_example
+from tests.twilio_sim import Call
+
+
+def run_app(*args, env=None, code=None, cwd=ROOT):
+    """`python app.py ARGS` (or `python -c CODE`) to its end: (exit status, stdout, stderr)."""
+    command = [sys.executable, "-c", code] if code else [sys.executable, str(ROOT / "app.py"), *args]
+    out = subprocess.run(command, cwd=cwd, env=clean_environment(env), capture_output=True, text=True, timeout=30)
+    return out.returncode, out.stdout, out.stderr
+
+
+def test_defaults():
+    settings = app.read_settings([], environ={})
+    assert (settings.host, settings.port, settings.log_level, settings.record) == ("0.0.0.0", 5000, "INFO", None)
+    assert (settings.max_message_bytes, settings.max_streams, settings.idle_timeout) == (65536, 1000, 30)
+    assert (settings.read_interval_ms, settings.quiet_levels, settings.public_url) == (100, False, None)
+    assert settings.auth_token is None
+
+
+@pytest.mark.parametrize("flag, variable, raw, value", [
+    ("--port", "PORT", "0", 0), ("--log-level", "LOG_LEVEL", "debug", "DEBUG"),
+    ("--record", "RECORD_DIR", "rec", "rec"), ("--quiet-levels", "QUIET_LEVELS", "yes", True),
+    ("--public-url", "PUBLIC_URL", "abc.ngrok.app", "abc.ngrok.app"),
+    ("--max-message-bytes", "MAX_MESSAGE_BYTES", "1024", 1024), ("--max-streams", "MAX_STREAMS", "1", 1),
+    ("--idle-timeout", "IDLE_TIMEOUT", "0", 0), ("--read-interval-ms", "READ_INTERVAL_MS", "40", 40),
+    ("--host", "HOST", "127.0.0.1", "127.0.0.1"),
+])
+def test_each_flag_reads_its_variable_and_the_flag_wins(flag, variable, raw, value):
+    name = flag[2:].replace("-", "_")
+    assert getattr(app.read_settings([], environ={variable: raw}), name) == value
+    if flag == "--quiet-levels":
+        assert app.read_settings([flag], environ={variable: "0"}).quiet_levels is True
+    else:
+        assert getattr(app.read_settings([flag, raw], environ={variable: "bogus!"}), name) == value
+
+
+BAD_VALUES = [  # (flag or None, variable, value, what the message says it should be)
+    ("--port", "PORT", "abc", "a whole number from 0 to 65535"),
+    ("--port", "PORT", "70000", "a whole number from 0 to 65535"),
+    ("--max-streams", "MAX_STREAMS", "ten", "a whole number from 1 to 100000"),
+    ("--max-streams", "MAX_STREAMS", "-1", "a whole number from 1 to 100000"),
+    ("--max-streams", "MAX_STREAMS", "0", "a whole number from 1 to 100000"),
+    ("--max-message-bytes", "MAX_MESSAGE_BYTES", "0", "a whole number from 1024 to 16777216"),
+    ("--log-level", "LOG_LEVEL", "verbose", "one of DEBUG, INFO, WARNING, ERROR"),
+    ("--idle-timeout", "IDLE_TIMEOUT", "30s", "a number from 0 to 86400"),
+    ("--idle-timeout", "IDLE_TIMEOUT", "-5", "a number from 0 to 86400"),
+    ("--idle-timeout", "IDLE_TIMEOUT", "nan", "a number from 0 to 86400"),
+    ("--idle-timeout", "IDLE_TIMEOUT", "inf", "a number from 0 to 86400"),
+    ("--read-interval-ms", "READ_INTERVAL_MS", "fast", "a number from 0 to 1000"),
+    ("--quiet-levels", "QUIET_LEVELS", "maybe", "1, true, yes, on, or 0, false, no, off"),
+    ("--public-url", "PUBLIC_URL", "https://", "a URL with a host, such as https://abc.ngrok.app"),
+    ("--host", "HOST", "", "a name"),
+]
+
+
+@pytest.mark.parametrize("flag, variable, raw, wanted", BAD_VALUES)
+def test_a_value_that_cannot_work_is_refused_naming_the_flag_and_its_variable(flag, variable, raw, wanted):
+    message = f"{flag} ({variable}): {raw!r} is not {wanted}"
+    with pytest.raises(app.SettingsError) as from_environment:
+        app.read_settings([], environ={variable: raw})
+    assert str(from_environment.value) == message
+    if flag != "--quiet-levels":
+        with pytest.raises(app.SettingsError) as from_flag:
+            app.read_settings([flag, raw], environ={})
+        assert str(from_flag.value) == message
+
+
+@pytest.mark.parametrize("args, env, line", [
+    ([], {"PORT": "abc"}, "--port (PORT): 'abc' is not a whole number from 0 to 65535"),
+    ([], {"MAX_STREAMS": "ten"}, "--max-streams (MAX_STREAMS): 'ten' is not a whole number from 1 to 100000"),
+    ([], {"LOG_LEVEL": "verbose"}, "--log-level (LOG_LEVEL): 'verbose' is not one of DEBUG, INFO, WARNING, ERROR"),
+    ([], {"IDLE_TIMEOUT": "30s"}, "--idle-timeout (IDLE_TIMEOUT): '30s' is not a number from 0 to 86400"),
+    ([], {"READ_INTERVAL_MS": "fast"}, "--read-interval-ms (READ_INTERVAL_MS): 'fast' is not a number from 0 to 1000"),
+    (["--idle-timeout", "-5"], {}, "--idle-timeout (IDLE_TIMEOUT): '-5' is not a number from 0 to 86400"),
+    (["--max-streams", "-1"], {}, "--max-streams (MAX_STREAMS): '-1' is not a whole number from 1 to 100000"),
+    (["--max-message-bytes", "0"], {},
+     "--max-message-bytes (MAX_MESSAGE_BYTES): '0' is not a whole number from 1024 to 16777216"),
+    ([], {"STREAM_CLASS": "json:JSONDecoder"}, "STREAM_CLASS: 'json:JSONDecoder' is not a subclass of app.MediaStream"),
+])
+def test_the_server_refuses_to_start_with_one_line_and_status_2(args, env, line):
+    status, stdout, stderr = run_app(*args, env={"PORT": "0", **env})
+    assert (status, stdout, stderr) == (2, "", f"app.py: error: {line}\n")
+
+
+def test_an_unwritable_record_dir_stops_the_start_with_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    status, _, stderr = run_app("--port", "0", "--record", str(blocker / "recordings"))
+    assert status == 2
+    assert stderr == (f"app.py: error: --record (RECORD_DIR): cannot write recordings to "
+                      f"'{blocker / 'recordings'}': Not a directory. Pick another directory or fix its permissions.\n")
+
+
+def test_a_port_in_use_is_one_line(server):
+    status, _, stderr = run_app("--host", "127.0.0.1", "--port", str(server.port))
+    assert status == 2
+    assert stderr == f"app.py: error: --port (PORT): cannot listen on 127.0.0.1:{server.port}: Address already in use\n"
+
+
+IMPORT_CHECK = """
+import logging, os
+import geventwebsocket.handler
+import app
+assert not os.path.exists("should-not-exist"), "a directory was created"
+assert not logging.getLogger("mediastreams").handlers, "logging was configured"
+assert geventwebsocket.handler.WebSocket is not app.MediaWebSocket, "the library was changed"
+del os.environ["PORT"]  # configure() would refuse it: import did not look
+app.configure([])
+assert os.path.isdir("should-not-exist") and geventwebsocket.handler.WebSocket is app.MediaWebSocket
+print("configured")
+"""
+
+
+def test_importing_app_has_no_side_effects(tmp_path):
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r})\n" + IMPORT_CHECK
+    env = {"RECORD_DIR": "should-not-exist", "PORT": "abc", "LOG_LEVEL": "verbose"}
+    status, stdout, stderr = run_app(code=code, env=env, cwd=tmp_path)
+    assert (status, stdout, stderr) == (1, "", stderr) and "--log-level (LOG_LEVEL): 'verbose'" in stderr
+    status, stdout, stderr = run_app(code=code, env={**env, "LOG_LEVEL": "info"}, cwd=tmp_path)
+    assert (status, stdout) == (0, "configured\n"), stderr
+
+
+def test_a_flag_wins_over_a_bad_variable_for_the_same_setting(start_server, tmp_path):
+    server = start_server("--record", str(tmp_path / "ok"), env={"RECORD_DIR": "/proc/cannot-write-here"})
+    call = Call()
+    assert server.stream(call.session(media=2, stop=True)) == 1000
+    assert (tmp_path / "ok" / f"{call.stream_sid}_inbound.wav").exists()
+
+
+@pytest.mark.parametrize("level", ["DEBUG", "INFO", "WARNING", "ERROR"])
+def test_where_it_listens_is_printed_at_every_log_level(start_server, level):
+    server = start_server("--log-level", level)  # --port 0: the line has the real port
+    line = server.wait_for(LISTENING + ".*").group(0)
+    assert line.endswith(f"WebSocket at ws://localhost:{server.port}/media")
+    with socket.create_connection(("127.0.0.1", server.port)):
+        pass
+
+
+def test_debug_logs_parameter_values(start_server):
+    server = start_server(env={"LOG_LEVEL": "debug"})
+    call = Call(params={"tenant": "acme"})
+    server.stream(call.session(stop=True))
+    server.wait_for(r"customParameters=\{'tenant': 'acme'\}")
+
+
+def test_help_lists_every_option_and_what_0_means():
+    status, out, _ = run_app("--help")
+    assert status == 0
+    for flag, variable, *_ in app.OPTIONS:
+        assert flag in out and variable in out
+    text = " ".join(out.split())
+    for meaning in ("0: any free one", "0: never", "0: always read messages as they land"):
+        assert meaning in text
+
+
+def test_stream_class_works_under_python_app_py_too(start_server, tmp_path):
+    """STREAM_CLASS's module does `import app`: it must get the running module, not a copy."""
+    (tmp_path / "process_audio.py").write_text(readme_example())
+    server = start_server(env={"STREAM_CLASS": "process_audio:ProcessedStream", "PYTHONPATH": str(tmp_path)})
+    call = Call()
+    assert server.stream(call.session(media=5, stop=True)) == 1000
+    server.wait_for(rf"stream={call.stream_sid} processed chunks=5 seconds=0.10 peak=\d+")

@@ -1,0 +1,187 @@
+"""MediaStream in process, without a socket: every event through handle(), every kind of
+bad message, the event table a subclass extends, the audio hook."""
+import json
+import logging
+
+import pytest
+
+import app
+from tests.twilio_sim import CHUNK, Call, encode_ulaw, tone
+
+SILENCE = b"\xff" * CHUNK
+
+
+def handled(messages, stream_class=app.MediaStream):
+    stream = stream_class(remote="test")
+    for message in messages:
+        stream.handle(message)
+    return stream
+
+
+def summary(stream):
+    return dict(part.split("=", 1) for part in stream.summary().split()[1:])
+
+
+@pytest.fixture
+def warnings(caplog):
+    """The warning lines logged so far."""
+    caplog.set_level(logging.INFO, logger="mediastreams")
+    return lambda: [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_handle_returns_each_event_and_counts_the_call():
+    call = Call()
+    stream = app.MediaStream(remote="test")
+    events = [stream.handle(m) for m in [*call.session(media=3), call.dtmf("5"), call.mark("m"), call.stop()]]
+    assert events == ["connected", "start", "media", "media", "media", "dtmf", "mark", "stop"]
+    fields = summary(stream)
+    assert (fields["stream"], fields["call"], fields["ended"]) == (call.stream_sid, call.call_sid, "stop")
+    assert (fields["media"], fields["inbound"], fields["bytes"], fields["bad"]) == ("3", "3/0.06s", "480", "0")
+
+
+BAD_INPUTS = {
+    "invalid_json": lambda call: '{"event": "media", ',
+    "not_object": lambda call: "[1, 2, 3]",
+    "no_event": lambda call: json.dumps({"streamSid": call.stream_sid}),
+    "no_event_type": lambda call: json.dumps({"event": 42}),
+    "bad_media": lambda call: json.dumps({"event": "media", "media": "not an object"}),
+    "bad_track": lambda call: json.dumps({"event": "media", "media": {"track": 1, "payload": "//8="}}),
+    "object_track": lambda call: json.dumps({"event": "media", "media": {"track": {}, "payload": "//8="}}),
+    "list_track": lambda call: json.dumps({"event": "media", "media": {"track": [], "payload": "//8="}}),
+    "missing_payload": lambda call: json.dumps({"event": "media", "media": {"track": "inbound"}}),
+    "payload_type": lambda call: json.dumps({"event": "media", "media": {"track": "inbound", "payload": 5}}),
+    "bad_base64": lambda call: json.dumps({"event": "media", "media": {"track": "inbound", "payload": "!!notb64"}}),
+    "bad_timestamp": lambda call: json.dumps({"event": "media", "media": {
+        "track": "inbound", "payload": "//8=", "timestamp": "soon"}}),
+    "bad_sequence": lambda call: json.dumps({"event": "dtmf", "sequenceNumber": [1], "dtmf": {"digit": "1"}}),
+    "boolean_sequence": lambda call: json.dumps({"event": "dtmf", "sequenceNumber": True, "dtmf": {"digit": "1"}}),
+    "bad_dtmf": lambda call: json.dumps({"event": "dtmf", "dtmf": None}),
+    "bad_mark": lambda call: json.dumps({"event": "mark", "mark": {"name": 3}}),
+    "empty": lambda call: "",
+    "binary": lambda call: b"\x00\x01binary",
+    "deep_json": lambda call: "[" * 30000 + "]" * 30000,
+    "second_connected": lambda call: call.connected(),
+    "second_start": lambda call: call.start(),
+    "huge_timestamp": lambda call: json.dumps({"event": "media", "media": {
+        "track": "inbound", "payload": "//8=", "timestamp": "9" * 4300}}),
+}
+EXPECTED_KIND = {"no_event_type": "no_event", "bad_track": "bad_media", "object_track": "bad_media",
+                 "list_track": "bad_media", "missing_payload": "bad_payload", "payload_type": "bad_payload",
+                 "bad_base64": "bad_payload", "bad_sequence": "bad_sequenceNumber",
+                 "boolean_sequence": "bad_sequenceNumber", "deep_json": "invalid_json",
+                 "huge_timestamp": "bad_timestamp"}
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_is_named_counted_and_survived(name, warnings):
+    call = Call()
+    opening = call.session(media=1)
+    bad = BAD_INPUTS[name](call)
+    stream = handled([*opening, bad, *(call.media("inbound", SILENCE, 20 * (i + 2)) for i in range(5)), call.stop()])
+    fields = summary(stream)
+    kind = EXPECTED_KIND.get(name, name)
+    assert fields["ended"] == "stop"
+    assert fields["media"] == "6", "every good message around the bad one is counted"
+    assert fields["bad"] == "1" and fields[f"bad_{kind}"] == "1"
+    skipped = [line for line in warnings() if f"stream={call.stream_sid} skipped message" in line]
+    assert len(skipped) == 1 and len(skipped[0]) < 300, skipped
+
+
+@pytest.mark.parametrize("start", [{"start": []}, {"start": {"tracks": ["inbound"]}},
+                                   {"start": {"streamSid": "MZ1", "customParameters": "x"}}])
+def test_a_bad_start_is_skipped_and_a_good_one_after_it_still_starts_the_stream(start):
+    call = Call()
+    stream = handled([call.connected(), json.dumps({"event": "start", **start}), *call.session(media=2)[1:]])
+    assert summary(stream)["stream"] == call.stream_sid
+    assert (summary(stream)["bad_bad_start"], summary(stream)["media"]) == ("1", "2")
+
+
+def test_media_before_start_is_dropped_with_a_warning(warnings):
+    call = Call()
+    stream = handled([call.connected(), call.media("inbound", SILENCE, 0), *call.session(media=4)[1:]])
+    assert summary(stream)["media"] == "4" and summary(stream)["bad_media_before_start"] == "1"
+    assert "remote=test skipped message: media before 'start': dropped" in warnings()
+
+
+def test_gaps_duplicates_and_out_of_order_are_counted(warnings):
+    call = Call()
+    first = call.session(media=3)  # sequence 1..4 (start is 1), timestamps 20, 40, 60
+    skipped = call.media("inbound", SILENCE, 80)  # held back: a 20 ms gap, then out of order
+    late = [call.media("inbound", SILENCE, 100 + 20 * i) for i in range(3)]
+    fields = summary(handled([*first, first[-1], late[0], late[1], skipped, late[2]]))
+    assert fields["media"] == "7", "3 + 3 + the late one, not the duplicate"
+    assert (fields["duplicates"], fields["out_of_order"], fields["gaps"]) == ("1", "1", "1")
+    assert f"stream={call.stream_sid} gap track=inbound: 20 ms of audio missing before timestamp=100 chunk=5" \
+        in warnings()
+
+
+def test_warnings_are_capped_per_stream_but_all_counted(warnings):
+    call = Call()
+    fields = summary(handled([*call.session(), *["nope"] * 150, call.media("inbound", SILENCE, 20)]))
+    assert fields["bad_invalid_json"] == "150" and fields["media"] == "1"
+    assert len(warnings()) == 101 and "more than 100 warnings" in warnings()[-1]
+
+
+def test_unknown_events_are_counted_and_named_once_each(caplog):
+    caplog.set_level(logging.INFO, logger="mediastreams")
+    call = Call()
+    stream = handled([*call.session(), *[json.dumps({"event": name}) for name in ["closed", "closed", "x-new"]]])
+    assert summary(stream)["bad_unknown_event"] == "3"
+    assert [r.getMessage() for r in caplog.records if "unknown event" in r.getMessage()] == [
+        f"stream={call.stream_sid} unknown event 'closed': ignored",
+        f"stream={call.stream_sid} unknown event 'x-new': ignored"]
+
+
+@pytest.mark.parametrize("event", ["audio", "unknown", "finish", "summary", "end", "handle", "parse"])
+def test_a_client_can_call_only_the_methods_the_event_table_names(event):
+    class Watched(app.MediaStream):
+        called = []
+
+        def on_audio(self, *args):
+            self.called.append("on_audio")
+
+        def finish(self):
+            self.called.append("finish")
+
+    stream = handled([*Call().session(), json.dumps({"event": event, "track": "x"})], Watched)
+    assert Watched.called == [] and summary(stream)["bad_unknown_event"] == "1"
+
+
+def test_a_subclass_adds_an_event_to_the_table():
+    class WithCustom(app.MediaStream):
+        EVENTS = {**app.MediaStream.EVENTS, "custom": "on_custom"}
+        customs = 0
+
+        def on_custom(self, data):
+            self.customs += data["custom"]["n"]
+
+    call = Call()
+    stream = handled([*call.session(media=1), json.dumps({"event": "custom", "custom": {"n": 2}})] * 1, WithCustom)
+    assert stream.handle(json.dumps({"event": "custom", "custom": {"n": 3}})) == "custom"
+    assert stream.customs == 5 and summary(stream)["bad"] == "0" and summary(stream)["media"] == "1"
+
+
+def test_a_subclass_overrides_an_events_method():
+    class Digits(app.MediaStream):
+        def on_dtmf(self, data):
+            self.digits = getattr(self, "digits", "") + data["dtmf"]["digit"]
+
+    call = Call()
+    assert handled([*call.session(), call.dtmf("4"), call.dtmf("2")], Digits).digits == "42"
+
+
+def test_pcm_reaches_on_audio_only_when_the_class_asks_for_it():
+    class Listener(app.MediaStream):
+        def on_audio(self, track, timestamp, pcm):
+            self.heard = getattr(self, "heard", []) + [(track, timestamp, pcm)]
+
+    class Hearing(Listener):
+        wants_pcm = True
+
+    audio = encode_ulaw(tone(0.04))
+    call = Call()
+    messages = [call.connected(), call.start(), *call.play({"inbound": audio})]
+    assert not hasattr(handled(messages, Listener), "heard")
+    call = Call()
+    heard = handled([call.connected(), call.start(), *call.play({"inbound": audio})], Hearing).heard
+    assert heard == [("inbound", 20 * (n + 1), app.ulaw_to_pcm16(audio[n * CHUNK:(n + 1) * CHUNK])) for n in range(2)]
