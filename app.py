@@ -17,6 +17,7 @@ Your own processing: subclass MediaStream, then app.main(stream_class=YourStream
 import argparse
 import base64
 import binascii
+import errno
 import hashlib
 import hmac
 import importlib
@@ -75,6 +76,17 @@ def number_from(kind: type, low: float, high: float):
     return read
 
 
+def seconds_or_zero(raw: str) -> float:
+    """0 (never), or 1 to 86400 seconds: less would drop a handshake still on its way."""
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (value == 0 or 1 <= value <= 86_400):
+        raise ValueError("0 (never) or a number of seconds from 1 to 86400")
+    return value
+
+
 def one_of(*choices: str):
     def read(raw: str) -> str:
         if raw.upper() not in choices:
@@ -102,7 +114,11 @@ def a_path_or_none(raw: str) -> str | None:
 
 
 def a_url_or_none(raw: str) -> str | None:
-    if raw and not public_host(raw):
+    try:
+        host = public_host(raw)
+    except ValueError:  # urlsplit's: an unclosed [IPv6 address
+        host = None
+    if raw and not host:
         raise ValueError("a URL with a host, such as https://abc.ngrok.app")
     return raw or None
 
@@ -120,7 +136,7 @@ OPTIONS = (  # flag, environment variable, default, reader (its ValueError says 
      "largest WebSocket message accepted"),
     ("--max-streams", "MAX_STREAMS", "1000", number_from(int, 1, 100_000),
      "open streams beyond which new ones get 503"),
-    ("--idle-timeout", "IDLE_TIMEOUT", "30", number_from(float, 0, 86_400),
+    ("--idle-timeout", "IDLE_TIMEOUT", "30", seconds_or_zero,
      "seconds a client may send nothing before it is dropped; 0: never"),
     ("--read-interval-ms", "READ_INTERVAL_MS", "100", number_from(float, 0, 1000),
      "once over 50 streams are open, read each at most every N ms and handle what gathered in one go: "
@@ -138,8 +154,8 @@ def read_settings(argv: list[str] | None = None, environ=os.environ) -> argparse
         "environment variable it names (--port PORT: PORT).",
         epilog="Also from the environment: TWILIO_AUTH_TOKEN, to accept only handshakes Twilio signed with it; "
                "STREAM_CLASS=module:Class, your MediaStream subclass.")
-    for flag, variable, default, _, help_text in OPTIONS:
-        if flag == "--quiet-levels":
+    for flag, variable, default, read, help_text in OPTIONS:
+        if read is yes_or_no:  # a switch: the flag alone turns it on
             parser.add_argument(flag, action="store_const", const="1", help=f"{help_text} ({variable}=1)")
         else:
             help_text += f" (default {default})" if default else ""
@@ -153,7 +169,9 @@ def read_settings(argv: list[str] | None = None, environ=os.environ) -> argparse
             setattr(settings, name, read(raw))
         except ValueError as wanted:
             raise SettingsError(f"{flag} ({variable}): {raw!r} is not {wanted}") from None
-    settings.auth_token = environ.get("TWILIO_AUTH_TOKEN") or None
+    token = settings.auth_token = environ.get("TWILIO_AUTH_TOKEN") or None
+    if token and not (token.isprintable() and token.strip() == token):
+        raise SettingsError("TWILIO_AUTH_TOKEN: has spaces or control characters: no signature would match")
     return settings
 
 
@@ -162,7 +180,8 @@ def configure(argv: list[str] | None = None, environ=os.environ, stream_class=No
     start-up happens, for main() and for each gunicorn worker. Raises SettingsError."""
     global settings
     new = read_settings(argv, environ)
-    new.stream_class = stream_class or load_stream_class(environ.get("STREAM_CLASS"))
+    new.stream_class = checked_stream_class(stream_class, "stream_class") if stream_class else \
+        load_stream_class(environ.get("STREAM_CLASS"))
     check_record_dir(new.record)
     settings = new
     setup_logging(settings.log_level)
@@ -180,13 +199,18 @@ def load_stream_class(name: str | None) -> type:
         stream_class = getattr(importlib.import_module(module_name), class_name)
     except Exception as exc:  # whatever the user's module raises: one line, no traceback
         raise SettingsError(f"STREAM_CLASS: cannot load {name!r}: {type(exc).__name__}: {exc}") from None
+    return checked_stream_class(stream_class, f"STREAM_CLASS: {name!r}")
+
+
+def checked_stream_class(stream_class, name: str) -> type:
     if not (isinstance(stream_class, type) and issubclass(stream_class, MediaStream)):
-        raise SettingsError(f"STREAM_CLASS: {name!r} is not a subclass of app.MediaStream")
+        raise SettingsError(f"{name} is not a subclass of app.MediaStream")
     return stream_class
 
 
 def find_stream_class_module(name: str | None) -> None:
-    """STREAM_CLASS's module exists: checked where your code must not be imported (gunicorn's master)."""
+    """STREAM_CLASS's module exists, checked where your code should not run (gunicorn's
+    master): only its parent package, if it has one, is imported."""
     module_name = (name or "").partition(":")[0]
     try:
         found = not module_name or importlib.util.find_spec(module_name) is not None
@@ -273,7 +297,7 @@ def media_without_upgrade():
 
 # --- The /media route: the tutorial's loop ------------------------------------------------
 
-CLOSE_CODES = {"stop": 1000, "idle": 1000, "disconnect": 1000, "shutdown": 1001, "error": 1011}
+CLOSE_CODE_WHEN_ENDED = {"stop": 1000, "idle": 1000, "disconnect": 1000, "shutdown": 1001, "error": 1011}
 
 
 @sockets.route("/media")
@@ -298,7 +322,7 @@ def media(ws):
                     type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
     finally:
         stream.finish()
-        ws.close(CLOSE_CODES.get(stream.ended, 1000))
+        ws.close(CLOSE_CODE_WHEN_ENDED.get(stream.ended, 1000))
 
 
 # --- Per-call state -----------------------------------------------------------------------
@@ -341,7 +365,7 @@ class MediaStream:
 
     EVENTS: ClassVar[dict[str, str]] = {"media": "on_media", "connected": "on_connected", "start": "on_start",
                                         "dtmf": "on_dtmf", "mark": "on_mark", "stop": "on_stop"}
-    handlers: ClassVar[dict]            # EVENTS' methods, looked up once per class (handlers_of)
+    handlers: ClassVar[dict]            # EVENTS' methods, looked up when the class is made (handlers_of)
     wants_pcm: ClassVar[bool] = False   # True: every chunk decoded to PCM and handed to on_audio()
 
     remote: str
@@ -888,7 +912,8 @@ class FrameParser:
     def close(self, code: int, reason: str = "") -> None:
         """Start the closing handshake: our close frame, then wait for the client's."""
         if self.state is OPEN:
-            self.outgoing += server_frame(OP_CLOSE, struct.pack("!H", code) + reason.encode()[:123])
+            reason_bytes = reason.encode()[:123].decode(errors="ignore").encode()  # 5.5: 125 bytes, whole characters
+            self.outgoing += server_frame(OP_CLOSE, struct.pack("!H", code) + reason_bytes)
             self.close_code, self.state = code, CLOSING
 
     def fail(self, code: int, reason: str) -> None:
@@ -960,6 +985,9 @@ class MediaWebSocket(WebSocket):
             self.last_received = time.monotonic()
             parser.feed(data)
 
+    def __del__(self):
+        pass  # the library's close() from the garbage collector: closing may wait on the network
+
     def flush(self) -> None:
         data, self.parser.outgoing = self.parser.outgoing, bytearray()
         self.handler.socket.sendall(data)
@@ -970,13 +998,14 @@ class MediaWebSocket(WebSocket):
         if self.closed:
             return
         self.closed = True
+        self.last_received = math.inf  # the closing wait is bounded here, not by the idle sweeper
         parser = self.parser
-        parser.close(code, message.decode() if isinstance(message, bytes) else message)
+        parser.close(code, message.decode(errors="replace") if isinstance(message, bytes) else message)
         try:
-            self.flush()
-            if parser.error:  # failed: our EOF tells the client we will read nothing more
-                self.handler.socket.shutdown(socket.SHUT_WR)
-            with gevent.Timeout(CLOSE_TIMEOUT, False):
+            with gevent.Timeout(CLOSE_TIMEOUT, False):  # a client that reads nothing cannot hold us either
+                self.flush()
+                if parser.error:  # failed: our EOF tells the client we will read nothing more
+                    self.handler.socket.shutdown(socket.SHUT_WR)
                 while parser.state is CLOSING or parser.error:
                     data = self.fill(RECV_BYTES)
                     if not data:
@@ -1136,8 +1165,10 @@ def main(argv: list[str] | None = None, stream_class: type | None = None) -> Non
         try:
             server.start()
         except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise SettingsError(f"--port (PORT): cannot listen on {settings.host}:{settings.port}: {reason}") from None
+            setting = "--host (HOST)" if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL \
+                else "--port (PORT)"
+            reason = exc.args[1] if len(exc.args) == 2 else str(exc)  # gevent adds the address to strerror
+            raise SettingsError(f"{setting}: cannot listen on {settings.host}:{settings.port}: {reason}") from None
     except SettingsError as error:
         print(f"app.py: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -13,6 +13,7 @@ from types import FrameType, SimpleNamespace, TracebackType
 
 import flask
 import gevent
+import gevent.event
 import pytest
 from gevent import socket as gsocket
 from gevent.pywsgi import WSGIHandler
@@ -144,7 +145,9 @@ def test_media_websocket_reads_like_gevent_websocket(seed):
                                        (frame(0x0, b"x"), 1002), (frame(0x1, b"{}", mask=None), 1002),
                                        (frame(0x1, b"a" * 70000), 1009),
                                        (frame(0x8, struct.pack("!H", 1001) + b"bye"), 1001),
-                                       (frame(0x8, b""), 1005)])
+                                       (frame(0x8, b""), 1005)],
+                         ids=["invalid-utf8", "reserved-bit", "orphan-continuation", "unmasked", "too-large",
+                              "client-close-1001", "client-close-without-code"])
 def test_the_close_frame_carries_the_code(bad, code):
     (message, *_), reply = run(app.MediaWebSocket, bad)
     assert message is None
@@ -177,15 +180,30 @@ def test_a_client_still_sending_after_an_error_reads_the_close_code_not_a_reset(
 def test_our_close_waits_for_the_clients_close_frame():
     server_side, client_side = tcp_pair()
     ws = websocket(app.MediaWebSocket, server_side)
+    fed = gevent.event.Event()
+    feed = ws.parser.feed
+    ws.parser.feed = lambda data: (feed(data), fed.set())
     closing = gevent.spawn(ws.close, 1000)
     opcode, payload = read_frames(client_side.recv(100))[0]
     assert (opcode, close_code(payload)) == (0x8, 1000)
     client_side.sendall(frame(0x1, b'{"late": 1}'))  # still in flight: read and dropped
-    gevent.sleep(0.05)
+    assert fed.wait(5), "the closing wait reads on"
     assert not closing.dead, "the closing handshake is not over before the client's close frame"
     client_side.sendall(frame(0x8, payload))
     closing.join(app.CLOSE_TIMEOUT / 2)
     assert closing.dead, "the client's close frame ends the wait"
+    server_side.close()
+    client_side.close()
+
+
+def test_the_clients_eof_ends_our_closing_wait():
+    server_side, client_side = tcp_pair()
+    ws = websocket(app.MediaWebSocket, server_side)
+    closing = gevent.spawn(ws.close, 1001)
+    assert close_code(read_frames(client_side.recv(100))[0][1]) == 1001
+    client_side.shutdown(gsocket.SHUT_WR)
+    closing.join(app.CLOSE_TIMEOUT / 2)
+    assert closing.dead
     server_side.close()
     client_side.close()
 

@@ -18,10 +18,24 @@ def test_1000_after_stop(server):
 
 
 def test_1000_after_idle(start_server):
-    server = start_server("--idle-timeout", "0.5")
+    server = start_server("--idle-timeout", "1")
     client, call = server.open_call(media=2)
     assert server.ending(client, call) == (1000, "idle", "2")
-    assert f"stream={call.stream_sid} nothing received for 0.5 s" in server.log()
+    assert f"stream={call.stream_sid} nothing received for 1 s" in server.log()
+
+
+def test_a_client_that_does_not_answer_our_close_is_not_also_idle(start_server):
+    """Our closing wait (2 s) outlasts --idle-timeout 1 here: the idle sweeper must leave
+    a stream that is closing alone, or its exception escapes the route as a traceback."""
+    server = start_server("--idle-timeout", "1")
+    client = server.connect()
+    call = Call()
+    client.send_all(call.session(media=1, stop=True))
+    assert client.recv_frame() == (0x8, struct.pack("!H", 1000))  # read, never answered
+    assert client.sock.recv(1) == b"", "the server closes after its bounded wait"
+    assert server.summary(call.stream_sid)["ended"] == "stop"
+    assert server.stream(Call().session(stop=True)) == 1000
+    assert "Traceback" not in server.log() and "IdleTimeout" not in server.log()
 
 
 def test_the_clients_close_is_answered_with_its_code_and_is_a_disconnect(server):
@@ -105,7 +119,9 @@ def test_1011_when_a_bug_ends_the_stream_with_a_valid_wav_and_a_summary(start_se
 def test_1001_and_a_summary_for_every_open_stream_on_shutdown(start_server, stop_signal):
     server = start_server()
     opened_calls = [server.open_call(media=5) for _ in range(3)]
-    server.wait_for(r"first media", count=3)
+    for client, call in opened_calls:
+        client.send(call.dtmf("1"))  # after the media: once logged, all five are counted
+        server.wait_for(rf"stream={call.stream_sid} dtmf digit=1")
     assert server.stop_with(stop_signal, *(client for client, _ in opened_calls)) == [1001] * 3
     for _, call in opened_calls:
         summary = server.summary(call.stream_sid, timeout=0)
@@ -116,7 +132,7 @@ def test_1001_and_a_summary_for_every_open_stream_on_shutdown(start_server, stop
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_1001_on_shutdown_under_gunicorn(gunicorn, stop_signal):
     client, call = gunicorn.open_call(media=3)
-    gunicorn.wait_for(rf"stream={call.stream_sid} first media")
+    gunicorn.wait_for(rf"stream={call.stream_sid} start")
     # SIGTERM ends calls 4 s before --graceful-timeout, here at once; SIGINT is Ctrl-C
     assert gunicorn.stop_with(stop_signal, client) == [1001]
     assert gunicorn.summary(call.stream_sid, timeout=0)["ended"] == "shutdown"

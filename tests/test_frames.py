@@ -230,6 +230,22 @@ def test_7_1_7_after_a_failure_nothing_more_is_read_or_sent():
     assert parser.next_message() is None and not parser.buffer and len(replies(parser)) == 1
 
 
+def test_5_5_1_a_bad_close_frame_while_we_close_ends_the_closing_quietly():
+    parser = app.FrameParser(LIMIT)
+    parser.close(1000)
+    parser.outgoing.clear()
+    parser.feed(frame(0x8, struct.pack("!H", 5000)))
+    assert parser.next_message() is None
+    assert parser.state == app.CLOSED and not parser.outgoing and parser.error is None
+
+
+def test_a_close_reason_is_cut_to_whole_characters():
+    parser = app.FrameParser(LIMIT)
+    parser.close(1000, "é" * 62)  # 124 bytes: one too many
+    (opcode, payload), = replies(parser)
+    assert len(payload) == 2 + 122 and payload[2:].decode() == "é" * 61
+
+
 def test_only_one_close_frame_is_ever_sent():
     parser = app.FrameParser(LIMIT)
     parser.close(1000)

@@ -124,7 +124,7 @@ def test_max_streams_refuses_with_503_before_the_upgrade(start_server):
 
 
 def test_a_connection_that_never_sends_a_request_is_dropped(start_server):
-    server = start_server("--idle-timeout", "0.5")
+    server = start_server("--idle-timeout", "1")
     silent = socket.create_connection(("127.0.0.1", server.port))
     half = socket.create_connection(("127.0.0.1", server.port))
     half.sendall(b"GET /media HTTP/1.1\r\nHost: x\r\n")  # never finished

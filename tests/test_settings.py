@@ -52,13 +52,15 @@ BAD_VALUES = [  # (flag or None, variable, value, what the message says it shoul
     ("--max-streams", "MAX_STREAMS", "0", "a whole number from 1 to 100000"),
     ("--max-message-bytes", "MAX_MESSAGE_BYTES", "0", "a whole number from 1024 to 16777216"),
     ("--log-level", "LOG_LEVEL", "verbose", "one of DEBUG, INFO, WARNING, ERROR"),
-    ("--idle-timeout", "IDLE_TIMEOUT", "30s", "a number from 0 to 86400"),
-    ("--idle-timeout", "IDLE_TIMEOUT", "-5", "a number from 0 to 86400"),
-    ("--idle-timeout", "IDLE_TIMEOUT", "nan", "a number from 0 to 86400"),
-    ("--idle-timeout", "IDLE_TIMEOUT", "inf", "a number from 0 to 86400"),
+    ("--idle-timeout", "IDLE_TIMEOUT", "30s", "0 (never) or a number of seconds from 1 to 86400"),
+    ("--idle-timeout", "IDLE_TIMEOUT", "-5", "0 (never) or a number of seconds from 1 to 86400"),
+    ("--idle-timeout", "IDLE_TIMEOUT", "1e-6", "0 (never) or a number of seconds from 1 to 86400"),
+    ("--idle-timeout", "IDLE_TIMEOUT", "nan", "0 (never) or a number of seconds from 1 to 86400"),
+    ("--idle-timeout", "IDLE_TIMEOUT", "inf", "0 (never) or a number of seconds from 1 to 86400"),
     ("--read-interval-ms", "READ_INTERVAL_MS", "fast", "a number from 0 to 1000"),
     ("--quiet-levels", "QUIET_LEVELS", "maybe", "1, true, yes, on, or 0, false, no, off"),
     ("--public-url", "PUBLIC_URL", "https://", "a URL with a host, such as https://abc.ngrok.app"),
+    ("--public-url", "PUBLIC_URL", "http://[::1", "a URL with a host, such as https://abc.ngrok.app"),
     ("--host", "HOST", "", "a name"),
 ]
 
@@ -79,17 +81,31 @@ def test_a_value_that_cannot_work_is_refused_naming_the_flag_and_its_variable(fl
     ([], {"PORT": "abc"}, "--port (PORT): 'abc' is not a whole number from 0 to 65535"),
     ([], {"MAX_STREAMS": "ten"}, "--max-streams (MAX_STREAMS): 'ten' is not a whole number from 1 to 100000"),
     ([], {"LOG_LEVEL": "verbose"}, "--log-level (LOG_LEVEL): 'verbose' is not one of DEBUG, INFO, WARNING, ERROR"),
-    ([], {"IDLE_TIMEOUT": "30s"}, "--idle-timeout (IDLE_TIMEOUT): '30s' is not a number from 0 to 86400"),
+    ([], {"IDLE_TIMEOUT": "30s"},
+     "--idle-timeout (IDLE_TIMEOUT): '30s' is not 0 (never) or a number of seconds from 1 to 86400"),
     ([], {"READ_INTERVAL_MS": "fast"}, "--read-interval-ms (READ_INTERVAL_MS): 'fast' is not a number from 0 to 1000"),
-    (["--idle-timeout", "-5"], {}, "--idle-timeout (IDLE_TIMEOUT): '-5' is not a number from 0 to 86400"),
+    (["--idle-timeout", "-5"], {},
+     "--idle-timeout (IDLE_TIMEOUT): '-5' is not 0 (never) or a number of seconds from 1 to 86400"),
     (["--max-streams", "-1"], {}, "--max-streams (MAX_STREAMS): '-1' is not a whole number from 1 to 100000"),
     (["--max-message-bytes", "0"], {},
      "--max-message-bytes (MAX_MESSAGE_BYTES): '0' is not a whole number from 1024 to 16777216"),
     ([], {"STREAM_CLASS": "json:JSONDecoder"}, "STREAM_CLASS: 'json:JSONDecoder' is not a subclass of app.MediaStream"),
+    ([], {"STREAM_CLASS": "json:NoSuchClass"},
+     "STREAM_CLASS: cannot load 'json:NoSuchClass': AttributeError: module 'json' has no attribute 'NoSuchClass'"),
+    ([], {"TWILIO_AUTH_TOKEN": " 0123456789abcdef\n"},
+     "TWILIO_AUTH_TOKEN: has spaces or control characters: no signature would match"),
+    (["--host", "nonexistent.invalid"], {},
+     "--host (HOST): cannot listen on nonexistent.invalid:0: Name or service not known"),
 ])
 def test_the_server_refuses_to_start_with_one_line_and_status_2(args, env, line):
     status, stdout, stderr = run_app(*args, env={"PORT": "0", **env})
     assert (status, stdout, stderr) == (2, "", f"app.py: error: {line}\n")
+
+
+def test_main_checks_the_stream_class_it_is_given():
+    status, _, stderr = run_app(code=f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); import app; "
+                                     "app.main(['--port', '0'], stream_class=json.JSONDecoder)")
+    assert (status, stderr) == (2, "app.py: error: stream_class is not a subclass of app.MediaStream\n")
 
 
 def test_an_unwritable_record_dir_stops_the_start_with_one_line(tmp_path):
