@@ -252,7 +252,13 @@ def check_summaries(log_path: Path, streams: list[Stream]) -> tuple[int, int]:
 
 
 def open_sockets(pid: int) -> int:
-    return sum(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:") for fd in os.listdir(f"/proc/{pid}/fd"))
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except FileNotFoundError:  # closed since the listing
+            pass
+    return count
 
 
 def wait_for_sockets(pid: int, count: int, timeout: float = 10.0) -> None:
