@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import re
+import resource
 import signal
 import socket
 import struct
@@ -138,11 +139,18 @@ OPTIONS = (  # flag, environment variable, default, reader (its ValueError says 
      "open streams beyond which new ones get 503"),
     ("--idle-timeout", "IDLE_TIMEOUT", "30", seconds_or_zero,
      "seconds a client may send nothing before it is dropped; 0: never"),
+    ("--handshake-timeout", "HANDSHAKE_TIMEOUT", "10", number_from(float, 1, 300),
+     "seconds a client has to send its whole HTTP request, however slowly it trickles"),
+    ("--max-recording-seconds", "MAX_RECORDING_SECONDS", "14400", number_from(float, 1, 86_400),
+     "length at which a track's recording stops, with a warning"),
     ("--read-interval-ms", "READ_INTERVAL_MS", "100", number_from(float, 0, 1000),
      "once over 50 streams are open, read each at most every N ms and handle what gathered in one go: "
      "about half the CPU per message, audio up to N ms later; 0: always read messages as they land"),
 )
 BATCH_ABOVE_STREAMS = 50  # below this, each message is read as it lands (no added latency)
+MAX_HANDSHAKES = 100      # connections still sending their request; beyond, the oldest is dropped
+UNFINISHED_BYTES_LIMIT = 32 << 20  # what all streams' half-received messages may hold together
+SPARE_FILES = 64          # descriptors beyond sockets and recordings: listener, logs, imports
 
 
 def read_settings(argv: list[str] | None = None, environ=os.environ) -> argparse.Namespace:
@@ -185,9 +193,32 @@ def configure(argv: list[str] | None = None, environ=os.environ, stream_class=No
     check_record_dir(new.record)
     settings = new
     setup_logging(settings.log_level)
+    reserve_file_descriptors(settings)
     # gevent-websocket builds each connection's socket from this module-level name.
     geventwebsocket.handler.WebSocket = MediaWebSocket
+    # Its logger would print client input, without a timestamp; MediaStreamHandler checks
+    # every handshake before the library sees it.
+    logging.getLogger("geventwebsocket.handler").propagate = False
     return settings
+
+
+def reserve_file_descriptors(settings: argparse.Namespace) -> None:
+    """Raise this process's limit on open files toward the hard one, so --max-streams can be
+    reached; when even the hard limit cannot carry it, lower --max-streams, with a warning."""
+    per_stream = 1 + (len(TRACK_NAMES) if settings.record else 0)  # the socket, a WAV file per track
+    needed = settings.max_streams * per_stream + MAX_HANDSHAKES + SPARE_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    can_carry = (soft - MAX_HANDSHAKES - SPARE_FILES) // per_stream
+    if soft != resource.RLIM_INFINITY and can_carry < settings.max_streams:
+        if can_carry < 1:
+            raise SettingsError(f"--max-streams (MAX_STREAMS): this process may open only {soft} files "
+                                f"(ulimit -n), not enough for one stream")
+        log.warning("--max-streams lowered from %d to %d: this process may open %d files (ulimit -n), and "
+                    "each stream takes %d", settings.max_streams, can_carry, soft, per_stream)
+        settings.max_streams = can_carry
 
 
 def load_stream_class(name: str | None) -> type:
@@ -319,7 +350,7 @@ def media(ws):
     except Exception as exc:  # a bug in one stream's handling ends that stream, not the server
         stream.end("error")
         log.warning("%s handler error: %s: %s (traceback at --log-level debug)", stream.label,
-                    type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+                    type(exc).__name__, printable(str(exc), 200), exc_info=log.isEnabledFor(logging.DEBUG))
     finally:
         stream.finish()
         ws.close(CLOSE_CODE_WHEN_ENDED.get(stream.ended, 1000))
@@ -352,7 +383,8 @@ class Track:
     energy: int = 0                 # level meter: sum of squares since the last line
     energy_samples: int = 0
     next_level_at: float = 0.0
-    recording: "WavTrack | None | bool" = None  # False once writing failed
+    recording: "WavTrack | None" = None
+    recording_stopped: bool = False  # by a write error or --max-recording-seconds: the file stays
 
 
 @dataclass(eq=False)
@@ -428,7 +460,7 @@ class MediaStream:
     def warn(self, message: str) -> None:
         self.warnings += 1
         if self.warnings <= MAX_WARNINGS:
-            log.warning("%s %s", self.label, message)
+            log.warning("%s %s", self.label, printable(message, 300))
         elif self.warnings == MAX_WARNINGS + 1:
             log.warning("%s more than %d warnings: the rest are only counted in the summary",
                         self.label, MAX_WARNINGS)
@@ -468,19 +500,19 @@ class MediaStream:
         tracks = start.get("tracks", ["inbound"])
         params = start.get("customParameters") or {}
         media_format = start.get("mediaFormat") or {}
-        if not (isinstance(tracks, list) and isinstance(params, dict) and isinstance(media_format, dict)):
+        if not (isinstance(tracks, list) and all(isinstance(t, str) for t in tracks)
+                and isinstance(params, dict) and isinstance(media_format, dict)):
             raise BadMessage("bad_start", "start.tracks, customParameters or mediaFormat has the wrong type")
         self.check_sequence(data)
         self.stream_sid = stream_sid
         self.decoding = self.wants_pcm or bool(settings.record)
         self.call_sid = field_text(start, "callSid", "?")
-        encoding = media_format.get("encoding")
-        rate, channels = media_format.get("sampleRate"), media_format.get("channels")
-        format_name = printable(f"{encoding}/{rate}/{channels}", 80)
+        encoding, rate, channels = (media_format.get(name) for name in ("encoding", "sampleRate", "channels"))
+        format_name = "/".join(scalar_text(value) for value in (encoding, rate, channels))
         log.info("%s start call=%s tracks=%s format=%s params=%s", self.label, self.call_sid,
-                 printable(",".join(map(str, tracks)), 100), format_name,
-                 printable(",".join(map(str, params)), 300) or "-")
-        log.debug("%s customParameters=%r", self.label, params)
+                 printable(",".join(tracks), 100), format_name, printable(",".join(params), 300) or "-")
+        log.debug("%s customParameters=%s", self.label,
+                  printable(repr({name: scalar_text(value) for name, value in params.items()}), 2000))
         if (encoding, rate, channels) != ("audio/x-mulaw", 8000, 1):
             self.warn(f"unexpected media format {format_name}: this server expects audio/x-mulaw 8000 Hz mono")
 
@@ -525,7 +557,7 @@ class MediaStream:
             self.meter(track, audio)
         if self.decoding:
             pcm = ulaw_to_pcm16(audio)
-            if settings.record and track.recording is not False:
+            if settings.record and not track.recording_stopped:
                 self.record(track, timestamp, pcm)
             if self.wants_pcm:
                 self.on_audio(track.name, timestamp, pcm)
@@ -552,18 +584,23 @@ class MediaStream:
             track.next_level_at = now + 1.0
 
     def record(self, track: Track, timestamp: int, pcm: bytes) -> None:
+        # Silence fills a jump in the timestamps only as far as the stream's age allows: no
+        # client makes us write more audio than a call of that length could carry.
+        age_ms = (time.monotonic() - self.started_at) * 1000 + MAX_SILENCE_LEAD_MS
+        at_sample = int(min(timestamp - self.origin_ms, age_ms) * 8)
         try:
             if track.recording is None:
                 track.recording = WavTrack.create(settings.record, f"{safe_name(self.stream_sid)}_{track.name}")
-            lead_ms = (time.monotonic() - self.started_at) * 1000 + MAX_SILENCE_LEAD_MS
-            track.recording.write(pcm, at_sample=int(min(timestamp - self.origin_ms, lead_ms) * 8))
-        except OSError as exc:  # disk full, file size limit: the stream goes on unrecorded
+            if max(at_sample, track.recording.samples) + len(pcm) // 2 > settings.max_recording_seconds * 8000:
+                raise OSError(f"--max-recording-seconds {settings.max_recording_seconds:g} reached")
+            track.recording.write(pcm, at_sample)
+        except OSError as exc:  # disk full, file size limit, our own cap: the stream goes on unrecorded
             self.warn(f"recording stopped track={track.name}: {exc}")
             self.stop_recording(track)
-            track.recording = False
+            track.recording_stopped = True
 
     def stop_recording(self, track: Track) -> None:
-        if track.recording:
+        if track.recording and not track.recording.closed:
             try:
                 track.recording.close()
             except OSError as exc:
@@ -581,7 +618,7 @@ class MediaStream:
         if not isinstance(mark, dict) or not isinstance(mark.get("name"), str):
             raise BadMessage("bad_mark", "mark.name missing")
         if self.check_sequence(data):
-            log.info("%s mark name=%r", self.label, mark["name"][:100])
+            log.info("%s mark name=%r", self.label, mark["name"][:100])  # repr: control characters escaped
 
     def on_stop(self, data: dict) -> None:
         self.ended = "stop"
@@ -646,6 +683,13 @@ def whole_number(obj: dict, name: str) -> int | None:
     return result
 
 
+def scalar_text(value) -> str:
+    """A value a client sent, for the log: strings and numbers, short; anything else by its type."""
+    if isinstance(value, (str, int, float)):
+        return printable(str(value), 40)
+    return type(value).__name__
+
+
 def field_text(obj: dict, name: str, default: str | None = None) -> str | None:
     value = obj.get(name)
     return printable(value, 64) if isinstance(value, str) else default
@@ -673,7 +717,7 @@ ULAW_TO_LINEAR = [ulaw_to_linear(byte) for byte in range(256)]
 ULAW_SQUARES = [sample * sample for sample in ULAW_TO_LINEAR]
 _PCM_LOW = bytes(sample & 0xFF for sample in ULAW_TO_LINEAR)
 _PCM_HIGH = bytes((sample >> 8) & 0xFF for sample in ULAW_TO_LINEAR)
-MAX_SILENCE_LEAD_MS = 60_000   # timestamps may not run further ahead of the wall clock
+MAX_SILENCE_LEAD_MS = 2_000    # how far a track's timestamps may run ahead of the stream's age
 
 
 def ulaw_to_pcm16(ulaw: bytes) -> bytes:
@@ -699,6 +743,7 @@ class WavTrack:
     def __init__(self, path: str, file):
         self.path = path
         self.samples = 0
+        self.closed = False
         self.wav = wave.open(file, "wb")
         self.wav.setnchannels(1)
         self.wav.setsampwidth(2)
@@ -731,6 +776,7 @@ class WavTrack:
         return self.samples / 8000
 
     def close(self) -> None:
+        self.closed = True
         file = self.wav._file
         try:
             self.wav.close()
@@ -741,7 +787,23 @@ class WavTrack:
 # --- Who may stream: the handshake checks -------------------------------------------------
 
 def refusal(environ: dict) -> tuple[str, str] | None:
-    """(HTTP status, reason) for a WebSocket handshake we refuse before the 101, else None."""
+    """(HTTP status, reason) for a WebSocket handshake we refuse before the 101, else None:
+    one that breaks RFC 6455 4.2.1 (gevent-websocket would answer it with a traceback or a
+    garbled status), or one that Twilio did not sign, or one over a limit."""
+    if environ.get("REQUEST_METHOD") != "GET":
+        return "405 Method Not Allowed", "a WebSocket handshake is a GET"
+    if environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
+        return "400 Bad Request", "a WebSocket handshake is an HTTP/1.1 request"
+    if "upgrade" not in environ.get("HTTP_CONNECTION", "").lower():
+        return "400 Bad Request", "Connection: Upgrade missing"
+    if environ.get("HTTP_SEC_WEBSOCKET_VERSION") != "13":
+        return "426 Upgrade Required", "Sec-WebSocket-Version must be 13"
+    try:
+        key_length = len(base64.b64decode(environ.get("HTTP_SEC_WEBSOCKET_KEY", ""), validate=True))
+    except binascii.Error:
+        key_length = 0
+    if key_length != 16:
+        return "400 Bad Request", "Sec-WebSocket-Key is not 16 bytes in base64"
     path = environ.get("PATH_INFO", "")
     if not sockets.url_map.bind("localhost", url_scheme="ws").test(path):
         return "404 Not Found", "no WebSocket route here (Twilio's <Stream> URL must end in /media)"
@@ -752,7 +814,7 @@ def refusal(environ: dict) -> tuple[str, str] | None:
         host = public_host(settings.public_url) or environ.get("HTTP_HOST", "")
         query = environ.get("QUERY_STRING")
         if not signature_is_valid(settings.auth_token, host, path + ("?" + query if query else ""), signature):
-            return "403 Forbidden", f"X-Twilio-Signature does not match wss://{host}{path}"
+            return "403 Forbidden", f"X-Twilio-Signature does not match wss://{printable(host + path, 200)}"
     if shutting_down:
         return "503 Service Unavailable", "the server is shutting down"
     if len(open_websockets) >= settings.max_streams:
@@ -939,9 +1001,10 @@ class MediaWebSocket(WebSocket):
     network read (instead of three buffered reads per frame), and closing as RFC 6455 asks:
     after our close frame it waits, a bounded moment, for the client's, so a client still
     sending reads our close code instead of a TCP reset. `error` says why a connection was
-    failed (None when the client closed or went away)."""
+    failed (None when the client closed or went away); `held` is what its half-received
+    message holds, counted in unfinished_bytes."""
 
-    __slots__ = ("parser", "error", "last_received", "greenlet", "fill")
+    __slots__ = ("parser", "error", "last_received", "greenlet", "fill", "held")
 
     def __init__(self, environ, stream, handler):
         super().__init__(environ, stream, handler)
@@ -950,6 +1013,7 @@ class MediaWebSocket(WebSocket):
         self.last_received = time.monotonic()
         self.greenlet = gevent.getcurrent()
         self.fill = self.first_fill
+        self.held = 0
 
     def first_fill(self, size: int) -> bytes:
         # What the HTTP parser buffered past the request, to its end; then straight from the socket.
@@ -967,6 +1031,8 @@ class MediaWebSocket(WebSocket):
                 message = parser.next_message()
                 if message is not None:
                     return message
+            if parser.buffer or parser.fragments is not None or self.held:
+                self.hold_unfinished()
             try:
                 if parser.outgoing:
                     self.flush()
@@ -981,9 +1047,27 @@ class MediaWebSocket(WebSocket):
                 data = b""
             if not data:  # the client went away without a close frame
                 self.closed = True
+                self.release_unfinished()
                 return None
             self.last_received = time.monotonic()
             parser.feed(data)
+
+    def hold_unfinished(self) -> None:
+        """Count what this stream's half-received message holds; when all streams together
+        hold more than UNFINISHED_BYTES_LIMIT, fail the connection that asks for more (1009)."""
+        global unfinished_bytes
+        held = len(self.parser.buffer) + len(self.parser.fragments or b"")
+        unfinished_bytes += held - self.held
+        self.held = held
+        if unfinished_bytes > UNFINISHED_BYTES_LIMIT and held:
+            self.parser.fail(1009, f"half-received messages of all streams over the "
+                                   f"{UNFINISHED_BYTES_LIMIT >> 20} MiB limit")
+            self.release_unfinished()
+
+    def release_unfinished(self) -> None:
+        global unfinished_bytes
+        unfinished_bytes -= self.held
+        self.held = 0
 
     def __del__(self):
         pass  # the library's close() from the garbage collector: closing may wait on the network
@@ -1015,6 +1099,7 @@ class MediaWebSocket(WebSocket):
         except OSError:
             pass  # the client is gone: nothing more to tell it
         finally:
+            self.release_unfinished()
             self.stream = self.raw_write = self.raw_read = self.environ = None
 
 
@@ -1033,21 +1118,84 @@ def sweep_idle_websockets() -> None:
                 gevent.kill(ws.greenlet, IdleTimeout(f"nothing received for {settings.idle_timeout:g} s"))
 
 
+class HandshakeTimeout(Exception):
+    """Thrown into a connection's greenlet when its HTTP request is not complete in time, or
+    when it is the oldest of more than MAX_HANDSHAKES incomplete ones."""
+
+
+class LogThrottle:
+    """Warnings about connections that are not streams (yet), which anyone can cause at will:
+    at most `per_second` lines a second. The others are counted, and the count is said with
+    the next warning after that second, or at shutdown."""
+
+    def __init__(self, per_second: int):
+        self.per_second = per_second
+        self.second = self.shown = self.hidden = 0
+
+    def warning(self, message: str, *args) -> None:
+        second = int(time.monotonic())
+        if second != self.second:
+            self.flush()
+            self.second, self.shown = second, 0
+        if self.shown < self.per_second:
+            self.shown += 1
+            log.warning(message, *args)
+        else:
+            self.hidden += 1
+
+    def flush(self) -> None:
+        if self.hidden:
+            log.warning("%d more warnings about connections not shown (at most %d a second)",
+                        self.hidden, self.per_second)
+            self.hidden = 0
+
+
+BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
 class MediaStreamHandler(WebSocketHandler):
-    """gevent-websocket answers 101 before Flask runs, so refusals happen here, before it."""
+    """gevent-websocket answers 101 before Flask runs, so refusals happen here, before it.
+    While it sends a request, a connection has --handshake-timeout, however slowly it
+    trickles, and is one of at most MAX_HANDSHAKES (the oldest is dropped for a new one)."""
 
     def handle(self):
-        self.socket.settimeout(settings.idle_timeout or None)  # drops half-sent requests
-        super().handle()
+        try:
+            super().handle()
+        finally:
+            handshaking.pop(self, None)
+
+    def handle_one_request(self):
+        handshaking[self] = gevent.getcurrent()
+        if len(handshaking) > MAX_HANDSHAKES:
+            oldest = next(iter(handshaking))
+            gevent.kill(handshaking.pop(oldest), HandshakeTimeout(  # does not wait for it
+                f"the oldest of more than {MAX_HANDSHAKES} connections still sending a request"))
+        self.deadline = gevent.Timeout.start_new(settings.handshake_timeout, HandshakeTimeout(
+            f"no complete HTTP request within {settings.handshake_timeout:g} s (--handshake-timeout)"))
+        try:
+            return super().handle_one_request()
+        except HandshakeTimeout as exc:  # while the request line was read: pywsgi passes on only the rest
+            return self._handle_client_error(exc)
+        finally:
+            self.deadline.close()
+            handshaking.pop(self, None)
+
+    def handle_one_response(self):
+        self.deadline.close()  # the request is in: from here on, a stream's own limits apply
+        handshaking.pop(self, None)
+        super().handle_one_response()
 
     def _handle_client_error(self, ex):
-        # pywsgi's hook for a bad request prints a traceback for anything but a ValueError,
-        # such as the timeout of a client that never finishes its request.
-        if isinstance(ex, TimeoutError):
-            log.warning("dropped connection remote=%s reason=no complete HTTP request within %g s",
-                        self.client_address[0], settings.idle_timeout)
+        # pywsgi's hook for a bad request prints a traceback for anything but a ValueError
+        # (an IndexError for "HTTP/1", an HTTPException for over 100 headers) and logs the
+        # request line, so a client could fill the log at will.
+        remote = self.client_address[0] if self.client_address else "?"
+        if isinstance(ex, HandshakeTimeout):
+            connection_warnings.warning("dropped connection remote=%s reason=%s", remote, ex)
             return None
-        return super()._handle_client_error(ex)
+        reason = str(ex) if isinstance(ex, ValueError) else f"malformed request ({type(ex).__name__})"
+        connection_warnings.warning("bad request remote=%s status=400 reason=%s", remote, printable(reason, 100))
+        return "400", BAD_REQUEST
 
     def upgrade_websocket(self):
         global idle_sweeper
@@ -1056,15 +1204,15 @@ class MediaStreamHandler(WebSocketHandler):
         refused = refusal(self.environ)
         if refused:
             status, reason = refused
-            log.warning("refused WebSocket remote=%s path=%s status=%s reason=%s",
-                        self.environ.get("REMOTE_ADDR"), self.environ.get("PATH_INFO", "")[:100],
-                        status.split()[0], reason)
-            self.start_response(status, [("Content-Type", "text/plain"), ("Connection", "close")])
+            connection_warnings.warning("refused WebSocket remote=%s path=%s status=%s reason=%s",
+                                        self.environ.get("REMOTE_ADDR"),
+                                        printable(self.environ.get("PATH_INFO", ""), 100), status.split()[0], reason)
+            self.start_response(status, [("Content-Type", "text/plain"), ("Connection", "close"),
+                                         ("Sec-WebSocket-Version", "13")])
             return [f"{status}: {reason}\n".encode()]
         result = super().upgrade_websocket()
         self.registered = getattr(self, "websocket", None)  # set only when upgraded
         if self.registered:
-            self.socket.settimeout(None)  # idle streams are found by sweep_idle_websockets
             open_websockets.add(self.registered)
             if idle_sweeper is None and settings.idle_timeout > 0:
                 idle_sweeper = gevent.spawn(sweep_idle_websockets)
@@ -1129,6 +1277,9 @@ else:
 settings = read_settings([], environ={})  # the defaults until configure() runs
 settings.stream_class = MediaStream
 open_websockets: set[MediaWebSocket] = set()
+handshaking: dict[MediaStreamHandler, gevent.Greenlet] = {}  # connections sending a request, oldest first
+unfinished_bytes = 0  # what half-received messages hold, all streams together (UNFINISHED_BYTES_LIMIT)
+connection_warnings = LogThrottle(per_second=10)
 idle_sweeper: gevent.Greenlet | None = None
 shutting_down = False
 STREAM_END_SECONDS = 3  # what open streams get at shutdown to end and log their summaries
@@ -1181,6 +1332,7 @@ def main(argv: list[str] | None = None, stream_class: type | None = None) -> Non
         server.stop_accepting()  # not close(): serve_forever() would return before the summaries
         end_open_streams(signal.Signals(signum).name)
         server.stop(timeout=1)
+        connection_warnings.flush()
 
     gevent.signal_handler(signal.SIGTERM, shutdown, signal.SIGTERM)
     gevent.signal_handler(signal.SIGINT, shutdown, signal.SIGINT)

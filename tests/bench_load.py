@@ -1,4 +1,4 @@
-"""Load benchmark: N simulated calls at 50 media messages a second, against our server and peers.
+"""Load benchmark: N simulated calls at 50 media messages a second, against our server and its peers.
 
     python -m tests.bench_load --calls 300 --seconds 20 --ours="" --ours="--read-interval-ms 0" --vs node,asyncio,tutorial
 

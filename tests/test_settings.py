@@ -33,6 +33,8 @@ def test_defaults():
     ("--public-url", "PUBLIC_URL", "abc.ngrok.app", "abc.ngrok.app"),
     ("--max-message-bytes", "MAX_MESSAGE_BYTES", "1024", 1024), ("--max-streams", "MAX_STREAMS", "1", 1),
     ("--idle-timeout", "IDLE_TIMEOUT", "0", 0), ("--read-interval-ms", "READ_INTERVAL_MS", "40", 40),
+    ("--handshake-timeout", "HANDSHAKE_TIMEOUT", "2.5", 2.5),
+    ("--max-recording-seconds", "MAX_RECORDING_SECONDS", "60", 60),
     ("--host", "HOST", "127.0.0.1", "127.0.0.1"),
 ])
 def test_each_flag_reads_its_variable_and_the_flag_wins(flag, variable, raw, value):
@@ -58,6 +60,8 @@ BAD_VALUES = [  # (flag or None, variable, value, what the message says it shoul
     ("--idle-timeout", "IDLE_TIMEOUT", "nan", "0 (never) or a number of seconds from 1 to 86400"),
     ("--idle-timeout", "IDLE_TIMEOUT", "inf", "0 (never) or a number of seconds from 1 to 86400"),
     ("--read-interval-ms", "READ_INTERVAL_MS", "fast", "a number from 0 to 1000"),
+    ("--handshake-timeout", "HANDSHAKE_TIMEOUT", "0", "a number from 1 to 300"),
+    ("--max-recording-seconds", "MAX_RECORDING_SECONDS", "-1", "a number from 1 to 86400"),
     ("--quiet-levels", "QUIET_LEVELS", "maybe", "1, true, yes, on, or 0, false, no, off"),
     ("--public-url", "PUBLIC_URL", "https://", "a URL with a host, such as https://abc.ngrok.app"),
     ("--public-url", "PUBLIC_URL", "http://[::1", "a URL with a host, such as https://abc.ngrok.app"),

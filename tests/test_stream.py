@@ -4,6 +4,8 @@ import json
 import logging
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import app
 from tests.twilio_sim import CHUNK, Call, encode_ulaw, tone
@@ -87,13 +89,34 @@ def test_bad_input_is_named_counted_and_survived(name, warnings):
     assert len(skipped) == 1 and len(skipped[0]) < 300, skipped
 
 
+DEEP = "[" * 1000 + "]" * 1000  # JSON that orjson reads, and whose str() goes past Python's recursion limit
+
+
+def with_deep(message: dict) -> str:
+    return json.dumps(message).replace('"DEEP"', DEEP)
+
+
 @pytest.mark.parametrize("start", [{"start": []}, {"start": {"tracks": ["inbound"]}},
-                                   {"start": {"streamSid": "MZ1", "customParameters": "x"}}])
+                                   {"start": {"streamSid": "MZ1", "customParameters": "x"}},
+                                   {"start": {"streamSid": "MZ1", "tracks": ["DEEP"]}}],
+                         ids=["start-a-list", "no-streamSid", "parameters-a-string", "tracks-nested-deep"])
 def test_a_bad_start_is_skipped_and_a_good_one_after_it_still_starts_the_stream(start):
     call = Call()
-    stream = handled([call.connected(), json.dumps({"event": "start", **start}), *call.session(media=2)[1:]])
+    stream = handled([call.connected(), with_deep({"event": "start", **start}), *call.session(media=2)[1:]])
     assert summary(stream)["stream"] == call.stream_sid
     assert (summary(stream)["bad_bad_start"], summary(stream)["media"]) == ("1", "2")
+
+
+def test_odd_values_in_start_are_logged_safely_at_debug_level(caplog):
+    caplog.set_level(logging.DEBUG, logger="mediastreams")
+    call = Call(params={"deep": "DEEP", "text": "a\nb"})
+    start = json.loads(call.start())
+    start["start"]["mediaFormat"] = {"encoding": "DEEP", "sampleRate": {"x": 1}, "channels": 1}
+    stream = handled([call.connected(), with_deep(start), call.media("inbound", SILENCE, 20)])
+    assert summary(stream)["media"] == "1" and summary(stream)["bad"] == "0"
+    lines = [r.getMessage() for r in caplog.records]
+    assert f"stream={call.stream_sid} customParameters={{'deep': 'list', 'text': 'a?b'}}" in lines
+    assert any("unexpected media format list/dict/1" in line for line in lines)
 
 
 def test_media_before_start_is_dropped_with_a_warning(warnings):
@@ -185,3 +208,53 @@ def test_pcm_reaches_on_audio_only_when_the_class_asks_for_it():
     call = Call()
     heard = handled([call.connected(), call.start(), *call.play({"inbound": audio})], Hearing).heard
     assert heard == [("inbound", 20 * (n + 1), app.ulaw_to_pcm16(audio[n * CHUNK:(n + 1) * CHUNK])) for n in range(2)]
+
+
+# Fuzzing: no message a client can send ends a call or breaks the next message's handling.
+
+SID = "MZ" + "0" * 32
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12)
+
+
+def either(valid):
+    """A field's valid value, or any JSON value in its place."""
+    return st.one_of(st.just(valid), JSON_VALUES)
+
+
+def shaped(event, body_name=None, **body):
+    fields = {"event": either(event), "sequenceNumber": either("3"), "streamSid": either(SID)}
+    if body_name:
+        fields[body_name] = st.one_of(JSON_VALUES, st.fixed_dictionaries({k: either(v) for k, v in body.items()}))
+    return st.fixed_dictionaries(fields).map(json.dumps)
+
+
+FUZZED_MESSAGES = st.one_of(
+    shaped("media", "media", track="inbound", chunk="2", timestamp="40", payload="/w=="),
+    shaped("start", "start", streamSid=SID, callSid="CA1", tracks=["inbound"], customParameters={"a": "b"},
+           mediaFormat={"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}),
+    shaped("dtmf", "dtmf", track="inbound_track", digit="5"),
+    shaped("mark", "mark", name="m"),
+    shaped("stop", "stop", accountSid="AC1", callSid="CA1"),
+    shaped("connected"),
+    JSON_VALUES.map(json.dumps),
+    st.text(max_size=50),
+    st.binary(max_size=50),
+)
+
+
+@settings(max_examples=1500, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(FUZZED_MESSAGES, min_size=1, max_size=4))
+def test_no_message_ends_a_call(fuzzed):
+    call = Call()
+    stream = handled(call.session(media=1))
+    for message in fuzzed:
+        stream.handle(message)  # raises nothing: every bad message is counted
+    counted = stream.tracks["inbound"].messages
+    stream.handle(json.dumps({"event": "media", "media": {"track": "inbound", "payload": "/w==", "timestamp": "9"}}))
+    assert stream.tracks["inbound"].messages == counted + 1
+    stream.finish()

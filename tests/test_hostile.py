@@ -1,0 +1,238 @@
+"""Hostile clients, each attack reproduced on a real server: no socket held, no log line
+forged, no traceback at will, no disk filled, no memory kept."""
+import re
+import resource
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.twilio_sim import CHUNK, Call, frame
+
+SILENCE = b"\xff" * CHUNK
+TOKEN = "0123456789abcdef0123456789abcdef"
+KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+STAMPED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR)\s")
+
+
+def upgrade(path=b"/media", host=b"x", version=b"HTTP/1.1", extra=b""):
+    return (b"GET " + path + b" " + version + b"\r\nHost: " + host + b"\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: " + KEY + b"\r\nSec-WebSocket-Version: 13\r\n"
+            + extra + b"\r\n")
+
+
+def ask(server, request):
+    """Send raw bytes, read to the end: the status line of the answer ('' for none)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+    return answer.split(b"\r\n", 1)[0].decode()
+
+
+def closed_by_server(sock, timeout=5.0):
+    """True once the server has closed the connection (EOF or reset) within `timeout`."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(1024):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def still_open(sock):
+    sock.settimeout(0)  # a socket with a timeout would wait for data before the peek
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+# 1. Slowloris: a request must be complete within --handshake-timeout, whatever it trickles
+
+def test_a_request_that_trickles_is_dropped_at_the_handshake_timeout(start_server):
+    server = start_server("--handshake-timeout", "1")
+    silent = socket.create_connection(("127.0.0.1", server.port))
+    trickling = socket.create_connection(("127.0.0.1", server.port))
+    trickling.sendall(b"GET /media HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    stop = threading.Event()
+
+    def trickle():  # one byte every 0.2 s: each read is quick, the request never ends
+        while not stop.wait(0.2):
+            try:
+                trickling.sendall(b"a")
+            except OSError:
+                return
+
+    threading.Thread(target=trickle, daemon=True).start()
+    try:
+        assert closed_by_server(silent) and closed_by_server(trickling)
+    finally:
+        stop.set()
+    log = server.wait_for(r"dropped connection .*", count=2).string
+    assert log.count("dropped connection remote=127.0.0.1 reason=no complete HTTP request within 1 s "
+                     "(--handshake-timeout)") == 2
+    assert server.stream(Call().session(stop=True)) == 1000, "the server still serves"
+
+
+def limit_files(soft, hard):
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_half_sent_requests_cannot_use_up_the_file_descriptors(start_server):
+    """With 256 files allowed, 300 connections that never finish their request took every
+    descriptor, and real calls failed. Only 100 may be pending: the oldest make room."""
+    server = start_server(preexec_fn=limit_files(256, 256))
+    assert "--max-streams lowered from 1000 to 92: this process may open 256 files (ulimit -n)" in server.log()
+    pending = []
+    for _ in range(300):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(b"GET /media HTTP/1.1\r\nHost: x\r\n")
+        pending.append(sock)
+    call = Call()
+    assert server.stream(call.session(media=3, stop=True)) == 1000
+    assert server.summary(call.stream_sid)["media"] == "3"
+    deadline = time.monotonic() + 5
+    while sum(map(still_open, pending)) > 100 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the dropped ones are closed as the server gets to them
+    assert sum(map(still_open, pending)) <= 100, "the oldest made room"
+    assert "reason=the oldest of more than 100 connections still sending a request" in server.log()
+    assert "Traceback" not in server.log()
+
+
+def test_the_limit_on_open_files_is_raised_for_max_streams(start_server):
+    server = start_server("--record", "rec-unused", "--max-streams", "300", preexec_fn=limit_files(64, 4096))
+    limits = open(f"/proc/{server.process.pid}/limits").read()
+    soft = int(re.search(r"Max open files\s+(\d+)", limits).group(1))
+    assert soft == 300 * 3 + 100 + 64, "a socket and two WAV files per stream, handshakes, spare"
+    assert "lowered" not in server.log()
+
+
+# 2. Log lines: every client-controlled value is bounded and shown without control characters
+
+FORGED = "2026-01-01 00:00:00,000 INFO    FORGED"
+
+
+def test_no_client_can_forge_or_flood_a_log_line(start_server):
+    server = start_server(env={"TWILIO_AUTH_TOKEN": TOKEN})
+    requests = [
+        upgrade(path=b"/x%0A" + FORGED.replace(" ", "%20").encode()),  # decoded into the path
+        upgrade(path=b"/x%1b[31mred%1b[0m"),
+        upgrade(host=b"x\r\n\t" + FORGED.encode()),  # a folded header
+        upgrade(host=b"\x1b[31mansi\x1b[0m"),
+        upgrade(host=b"h" * 60000),
+        upgrade(extra=b"X-Twilio-Signature: \x1b[2J" + b"s" * 5000 + b"\r\n"),
+        b"GET /\x1b[31m HTTP/1\r\n\r\n",
+        b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: \x1b%s\r\n" % (i, FORGED.encode()) for i in range(101)) + b"\r\n",
+    ]
+    for request in requests:
+        assert re.match(r"HTTP/1.1 4\d\d ", ask(server, request))
+    server.wait_for(r"status=400 .*", count=2)
+    server.stop()
+    lines = server.log().splitlines()
+    assert len(lines) >= len(requests)
+    assert all(STAMPED.match(line) for line in lines), [line for line in lines if not STAMPED.match(line)]
+    assert max(map(len, lines)) < 500 and "\x1b" not in server.log()
+
+
+# 3. Tracebacks at will: each bad request gets its 4xx and one short warning
+
+BAD_REQUESTS = {
+    "http-1-without-minor": (b"GET / HTTP/1\r\n\r\n", "HTTP/1.1 400 Bad Request"),
+    "over-100-headers": (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(101)) + b"\r\n",
+                         "HTTP/1.1 400 Bad Request"),
+    "no-websocket-version": (upgrade().replace(b"Sec-WebSocket-Version: 13\r\n", b""), "HTTP/1.1 426 Upgrade Required"),
+    "websocket-version-8": (upgrade().replace(b"Version: 13", b"Version: 8"), "HTTP/1.1 426 Upgrade Required"),
+    "invalid-key": (upgrade().replace(KEY, b"!!!"), "HTTP/1.1 400 Bad Request"),
+    "short-key": (upgrade().replace(KEY, b"c2hvcnQ="), "HTTP/1.1 400 Bad Request"),
+    "http-1.0-upgrade": (upgrade(version=b"HTTP/1.0"), "HTTP/1.1 400 Bad Request"),
+    "post-upgrade": (upgrade().replace(b"GET", b"POST"), "HTTP/1.1 405 Method Not Allowed"),
+    "upgrade-without-connection": (upgrade().replace(b"Connection: Upgrade\r\n", b""), "HTTP/1.1 400 Bad Request"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_REQUESTS)
+def test_a_bad_request_gets_its_4xx_and_one_short_line(start_server, name):
+    server = start_server()
+    request, status = BAD_REQUESTS[name]
+    assert ask(server, request) == status
+    line = server.wait_for(r"(bad request|refused WebSocket) remote=127.0.0.1 .*").group(0)
+    server.stop()
+    assert server.log().count("remote=127.0.0.1") == 1 and len(line) < 250
+    assert "Traceback" not in server.log()
+
+
+def test_a_flood_of_bad_requests_is_shown_at_ten_lines_a_second(start_server):
+    server = start_server()
+    for _ in range(300):
+        assert ask(server, b"GET / HTTP/1\r\n\r\n") == "HTTP/1.1 400 Bad Request"
+    server.stop()
+    log = server.log()
+    shown = log.count("bad request remote=127.0.0.1")
+    hidden = sum(map(int, re.findall(r"(\d+) more warnings about connections not shown", log)))
+    assert shown + hidden == 300 and shown < 300
+    assert "Traceback" not in log
+
+
+# 4. Disk: what a recording writes is bounded by the call's age and --max-recording-seconds
+
+def test_a_timestamp_jump_writes_no_more_silence_than_the_stream_is_old(start_server, tmp_path):
+    server = start_server("--record", str(tmp_path), "--quiet-levels")
+    call = Call()
+    media = [call.media("inbound", SILENCE, 20), call.media("inbound", SILENCE, 10**9)]
+    assert server.stream([call.connected(), call.start(), *media, call.stop()]) == 1000
+    summary = server.summary(call.stream_sid)
+    seconds = float(summary["recordings"].rsplit(":", 1)[1].rstrip("s"))
+    assert summary["media"] == "2" and seconds <= float(summary["duration"].rstrip("s")) + 2.1
+
+
+def test_a_recording_stops_at_max_recording_seconds(start_server, tmp_path):
+    server = start_server("--record", str(tmp_path), "--quiet-levels", "--max-recording-seconds", "1")
+    call = Call()
+    assert server.stream(call.session(media=100, stop=True)) == 1000  # 2 s of audio
+    summary = server.summary(call.stream_sid)
+    assert summary["media"] == "100" and summary["recordings"].endswith(":1.00s")
+    assert (f"stream={call.stream_sid} recording stopped track=inbound: --max-recording-seconds 1 reached"
+            in server.log())
+
+
+# 7. Memory: what half-received messages hold is bounded for all streams together
+
+def test_half_received_messages_are_bounded_for_all_streams_together(start_server):
+    """40 streams each leave a 1 MiB fragmented message unfinished: 40 MiB, over the 32 MiB
+    all streams may hold; the streams asking for more get 1009, the others go on."""
+    server = start_server("--max-message-bytes", str(2 << 20))
+    calls = [server.open_call(media=1) for _ in range(40)]
+    for client, call in calls:
+        client.send_raw(frame(0x1, b'{"event": "media", "x": "' + b"a" * (1 << 20), fin=False))
+    server.wait_for(r"over the 32 MiB limit", count=8)  # 8 MiB too many: at least 8 streams
+    for client, call in calls:
+        client.send_raw(frame(0x0, b'"}') + frame(0x1, call.stop().encode()))
+    codes = [client.wait_closed() for client, _ in calls]
+    assert 8 <= codes.count(1009) < 20 and codes.count(1000) == 40 - codes.count(1009)
+    for (client, call), code in zip(calls, codes):
+        ended = server.summary(call.stream_sid)["ended"]
+        assert ended == ("error" if code == 1009 else "stop")
+    assert server.stream(Call().session(media=1, stop=True)) == 1000, "all that was held is released"
+
+
+# 8. A close code no peer may send (5000 and above) is answered with 1002 (RFC 6455 7.4):
+#    test_closing.py, test_frames.py
+
+
+def test_the_handshake_timeout_does_not_touch_a_stream(start_server):
+    server = start_server("--handshake-timeout", "1")
+    client, call = server.open_call(media=1)
+    time.sleep(1.5)  # a stream outlives the handshake timeout: nothing to wait for but time itself
+    client.send_all([call.media("inbound", SILENCE, 40), call.stop()])
+    assert server.ending(client, call) == (1000, "stop", "2")
