@@ -43,6 +43,7 @@ import gevent
 import geventwebsocket.handler
 from flask import Flask, request
 from gevent import pywsgi
+from gevent.pool import Pool
 from geventwebsocket.exceptions import WebSocketError
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import WebSocket
@@ -1311,8 +1312,11 @@ def main(argv: list[str] | None = None, stream_class: type | None = None) -> Non
     """Serve until SIGINT or SIGTERM; `stream_class`: your MediaStream subclass."""
     try:
         configure(argv, stream_class=stream_class)
+        # A connection a greenlet, no more than the streams and the handshakes we allow: beyond,
+        # connections wait in the kernel's backlog and hold no file descriptor of ours.
+        connections = Pool(settings.max_streams + MAX_HANDSHAKES)
         server = pywsgi.WSGIServer((settings.host, settings.port), app, handler_class=MediaStreamHandler,
-                                   log=None, error_log=log)
+                                   spawn=connections, log=None, error_log=log)
         try:
             server.start()
         except OSError as exc:

@@ -246,7 +246,7 @@ FUZZED_MESSAGES = st.one_of(
 )
 
 
-@settings(max_examples=1500, deadline=None, database=None, derandomize=True,
+@settings(max_examples=1000, deadline=None, database=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(FUZZED_MESSAGES, min_size=1, max_size=4))
 def test_no_message_ends_a_call(fuzzed):
