@@ -1032,8 +1032,8 @@ class MediaWebSocket(WebSocket):
                 message = parser.next_message()
                 if message is not None:
                     return message
-            if parser.buffer or parser.fragments is not None or self.held:
-                self.hold_unfinished()
+            if len(parser.buffer) > RECV_BYTES or parser.fragments is not None or self.held:
+                self.hold_unfinished()  # a message longer than a read: counted (a shorter one is bounded by it)
             try:
                 if parser.outgoing:
                     self.flush()
