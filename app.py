@@ -210,8 +210,12 @@ def reserve_file_descriptors(settings: argparse.Namespace) -> None:
     needed = settings.max_streams * per_stream + MAX_HANDSHAKES + SPARE_FILES
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < needed:
-        soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):  # macOS refuses more than OPEN_MAX whatever the hard limit
+            pass
     can_carry = (soft - MAX_HANDSHAKES - SPARE_FILES) // per_stream
     if soft != resource.RLIM_INFINITY and can_carry < settings.max_streams:
         if can_carry < 1:
@@ -386,6 +390,7 @@ class Track:
     next_level_at: float = 0.0
     recording: "WavTrack | None" = None
     recording_stopped: bool = False  # by a write error or --max-recording-seconds: the file stays
+    ahead_of_time: int = 0           # chunks not recorded: their place is past the call's age
 
 
 @dataclass(eq=False)
@@ -461,10 +466,10 @@ class MediaStream:
     def warn(self, message: str) -> None:
         self.warnings += 1
         if self.warnings <= MAX_WARNINGS:
-            log.warning("%s %s", self.label, printable(message, 300))
+            stream_warnings.warning("%s %s", self.label, printable(message, 300))
         elif self.warnings == MAX_WARNINGS + 1:
-            log.warning("%s more than %d warnings: the rest are only counted in the summary",
-                        self.label, MAX_WARNINGS)
+            stream_warnings.warning("%s more than %d warnings: the rest are only counted in the summary",
+                                    self.label, MAX_WARNINGS)
 
     def check_sequence(self, data: dict) -> bool:
         """False for a message seen already; counts what arrives out of order."""
@@ -585,15 +590,21 @@ class MediaStream:
             track.next_level_at = now + 1.0
 
     def record(self, track: Track, timestamp: int, pcm: bytes) -> None:
-        # Silence fills a jump in the timestamps only as far as the stream's age allows: no
-        # client makes us write more audio than a call of that length could carry.
-        age_ms = (time.monotonic() - self.started_at) * 1000 + MAX_SILENCE_LEAD_MS
-        at_sample = int(min(timestamp - self.origin_ms, age_ms) * 8)
+        at_sample = (timestamp - self.origin_ms) * 8
         try:
             if track.recording is None:
                 track.recording = WavTrack.create(settings.record, f"{safe_name(self.stream_sid)}_{track.name}")
-            if max(at_sample, track.recording.samples) + len(pcm) // 2 > settings.max_recording_seconds * 8000:
+            end = max(at_sample, track.recording.samples) + len(pcm) // 2
+            if end > settings.max_recording_seconds * 8000:
                 raise OSError(f"--max-recording-seconds {settings.max_recording_seconds:g} reached")
+            # No client makes us write more than a call of this age could carry, audio or the
+            # silence that fills a jump in the timestamps: Twilio sends in real time.
+            if end > ((time.monotonic() - self.started_at) * 1000 + MAX_SILENCE_LEAD_MS) * 8:
+                if not track.ahead_of_time:
+                    self.warn(f"recording skips audio track={track.name}: it runs ahead of the call's age "
+                              "(sent faster than real time)")
+                track.ahead_of_time += 1
+                return
             track.recording.write(pcm, at_sample)
         except OSError as exc:  # disk full, file size limit, our own cap: the stream goes on unrecorded
             self.warn(f"recording stopped track={track.name}: {exc}")
@@ -619,7 +630,7 @@ class MediaStream:
         if not isinstance(mark, dict) or not isinstance(mark.get("name"), str):
             raise BadMessage("bad_mark", "mark.name missing")
         if self.check_sequence(data):
-            log.info("%s mark name=%r", self.label, mark["name"][:100])  # repr: control characters escaped
+            log.info("%s mark name='%s'", self.label, printable(mark["name"], 100))
 
     def on_stop(self, data: dict) -> None:
         self.ended = "stop"
@@ -629,7 +640,7 @@ class MediaStream:
         self.bad["unknown_event"] = self.bad.get("unknown_event", 0) + 1
         if event not in self.unknown_events and len(self.unknown_events) < MAX_UNKNOWN_EVENTS:
             self.unknown_events.add(event)
-            log.info("%s unknown event %r: ignored", self.label, event[:40])
+            log.info("%s unknown event '%s': ignored", self.label, printable(event, 40))
 
     def end(self, how: str, why: str | None = None) -> None:
         """How the stream ended, for the summary: stop, disconnect, idle, shutdown or error."""
@@ -1125,11 +1136,11 @@ class HandshakeTimeout(Exception):
 
 
 class LogThrottle:
-    """Warnings about connections that are not streams (yet), which anyone can cause at will:
-    at most `per_second` lines a second. The others are counted, and the count is said with
-    the next warning after that second, or at shutdown."""
+    """Warnings that any client can cause at will: at most `per_second` lines a second. The
+    others are counted, and the count is said in one line a second later."""
 
-    def __init__(self, per_second: int):
+    def __init__(self, what: str, per_second: int):
+        self.what = what
         self.per_second = per_second
         self.second = self.shown = self.hidden = 0
 
@@ -1143,11 +1154,12 @@ class LogThrottle:
             log.warning(message, *args)
         else:
             self.hidden += 1
+            if self.hidden == 1:
+                gevent.spawn_later(1, self.flush)
 
     def flush(self) -> None:
         if self.hidden:
-            log.warning("%d more warnings about connections not shown (at most %d a second)",
-                        self.hidden, self.per_second)
+            log.warning("%d more %s not shown (at most %d a second)", self.hidden, self.what, self.per_second)
             self.hidden = 0
 
 
@@ -1157,18 +1169,32 @@ BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length:
 class MediaStreamHandler(WebSocketHandler):
     """gevent-websocket answers 101 before Flask runs, so refusals happen here, before it.
     While it sends a request, a connection has --handshake-timeout, however slowly it
-    trickles, and is one of at most MAX_HANDSHAKES (the oldest is dropped for a new one)."""
+    trickles, and is one of at most MAX_HANDSHAKES (the oldest is dropped for a new one).
+    A connection carries one request, without a body: nothing holds it after its answer."""
+
+    evicted = False  # dropped as the oldest of too many: its HandshakeTimeout is on its way
 
     def handle(self):
         try:
             super().handle()
+        except HandshakeTimeout:
+            pass  # came too late to matter: the connection is over
         finally:
             handshaking.pop(self, None)
+
+    def read_request(self, raw_requestline):
+        super().read_request(raw_requestline)
+        if self.content_length or "transfer-encoding" in self.headers:
+            # a body never sent would hold the connection past its deadline: no route takes one
+            raise ValueError("a request body (no route here takes one)")
+        self.close_connection = True  # no keep-alive: a client cannot pipeline requests it never reads
+        return True
 
     def handle_one_request(self):
         handshaking[self] = gevent.getcurrent()
         if len(handshaking) > MAX_HANDSHAKES:
             oldest = next(iter(handshaking))
+            oldest.evicted = True
             gevent.kill(handshaking.pop(oldest), HandshakeTimeout(  # does not wait for it
                 f"the oldest of more than {MAX_HANDSHAKES} connections still sending a request"))
         self.deadline = gevent.Timeout.start_new(settings.handshake_timeout, HandshakeTimeout(
@@ -1184,6 +1210,13 @@ class MediaStreamHandler(WebSocketHandler):
     def handle_one_response(self):
         self.deadline.close()  # the request is in: from here on, a stream's own limits apply
         handshaking.pop(self, None)
+        if self.evicted:  # dropped just as its request came in: the exception must land here, not in a call
+            try:
+                gevent.sleep(0)
+            except HandshakeTimeout as dropped:
+                self._handle_client_error(dropped)
+            self.close_connection = True
+            return
         super().handle_one_response()
 
     def _handle_client_error(self, ex):
@@ -1280,7 +1313,8 @@ settings.stream_class = MediaStream
 open_websockets: set[MediaWebSocket] = set()
 handshaking: dict[MediaStreamHandler, gevent.Greenlet] = {}  # connections sending a request, oldest first
 unfinished_bytes = 0  # what half-received messages hold, all streams together (UNFINISHED_BYTES_LIMIT)
-connection_warnings = LogThrottle(per_second=10)
+connection_warnings = LogThrottle("warnings about connections", per_second=10)
+stream_warnings = LogThrottle("stream warnings", per_second=200)
 idle_sweeper: gevent.Greenlet | None = None
 shutting_down = False
 STREAM_END_SECONDS = 3  # what open streams get at shutdown to end and log their summaries
@@ -1337,6 +1371,7 @@ def main(argv: list[str] | None = None, stream_class: type | None = None) -> Non
         end_open_streams(signal.Signals(signum).name)
         server.stop(timeout=1)
         connection_warnings.flush()
+        stream_warnings.flush()
 
     gevent.signal_handler(signal.SIGTERM, shutdown, signal.SIGTERM)
     gevent.signal_handler(signal.SIGINT, shutdown, signal.SIGINT)

@@ -262,6 +262,26 @@ def test_a_finished_call_leaves_no_call_state_in_reference_cycles():
     assert not kept
 
 
+def test_a_connection_dropped_as_its_request_came_in_takes_the_exception_before_any_answer(caplog):
+    """The oldest pending connection is dropped by an exception thrown into its greenlet,
+    which lands at its next switch. If its last bytes came in the same turn of the event loop,
+    it has read them and would answer, or upgrade, and the exception land in the call (a
+    101, then 1011). It must land before anything is answered."""
+    handler = object.__new__(app.MediaStreamHandler)  # what handle_one_response needs of it
+    handler.deadline, handler.client_address, handler.evicted = gevent.Timeout(), ("192.0.2.1", 5), True
+    answered = []
+    handler.run_application = lambda: answered.append("answered")
+
+    def dropped_as_its_request_came_in():
+        gevent.kill(gevent.getcurrent(), app.HandshakeTimeout("the oldest of more than 100 connections"))
+        handler.handle_one_response()
+        return "ended quietly"
+
+    assert gevent.spawn(dropped_as_its_request_came_in).get(timeout=5) == "ended quietly"
+    assert answered == [] and handler.close_connection
+    assert "dropped connection remote=192.0.2.1 reason=the oldest of more than 100 connections" in caplog.text
+
+
 @pytest.mark.parametrize("open_streams, batched", [(50, False), (51, True)])
 def test_streams_are_read_in_batches_only_above_fifty_open(monkeypatch, open_streams, batched):
     naps = []

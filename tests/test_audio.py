@@ -182,16 +182,16 @@ def test_recorded_wav_input_comes_back_within_mulaw_quantisation(start_server, t
 
 def limit_file_size():
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16_000, 16_000))  # half a second of PCM
 
 
 def test_a_write_error_stops_the_recording_not_the_stream(start_server, tmp_path):
     server = start_server("--record", str(tmp_path / "rec"), "--quiet-levels", preexec_fn=limit_file_size)
     call = Call()
-    audio = encode_ulaw(tone(6.0))  # 96 kB of PCM, past the 64 kB limit
+    audio = encode_ulaw(tone(1.5))  # 24 kB of PCM, past the 16 kB limit (and within the 2 s ahead of time)
     assert server.stream([call.connected(), call.start(), *call.play({"inbound": audio}), call.stop()]) == 1000
     summary = server.summary(call.stream_sid)
-    assert (summary["ended"], summary["media"]) == ("stop", "300")
+    assert (summary["ended"], summary["media"]) == ("stop", "75")
     assert re.search(rf"stream={call.stream_sid} recording stopped track=inbound: .*File too large", server.log())
 
 

@@ -22,8 +22,8 @@ def upgrade(path=b"/media", host=b"x", version=b"HTTP/1.1", extra=b""):
             + extra + b"\r\n")
 
 
-def ask(server, request):
-    """Send raw bytes, read to the end: the status line of the answer ('' for none)."""
+def answer_to(server, request):
+    """Send raw bytes, read to the end: all the server answered."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(request)
         answer = b""
@@ -32,7 +32,12 @@ def ask(server, request):
                 answer += chunk
         except ConnectionResetError:
             pass
-    return answer.split(b"\r\n", 1)[0].decode()
+    return answer
+
+
+def ask(server, request):
+    """The status line of the answer to raw bytes ('' for none)."""
+    return answer_to(server, request).split(b"\r\n", 1)[0].decode()
 
 
 def closed_by_server(sock, timeout=5.0):
@@ -159,6 +164,10 @@ BAD_REQUESTS = {
     "http-1.0-upgrade": (upgrade(version=b"HTTP/1.0"), "HTTP/1.1 400 Bad Request"),
     "post-upgrade": (upgrade().replace(b"GET", b"POST"), "HTTP/1.1 405 Method Not Allowed"),
     "upgrade-without-connection": (upgrade().replace(b"Connection: Upgrade\r\n", b""), "HTTP/1.1 400 Bad Request"),
+    # a body that never comes held the connection for ever once the request was read
+    "body-never-sent": (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n", "HTTP/1.1 400 Bad Request"),
+    "chunked-body": (b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", "HTTP/1.1 400 Bad Request"),
+    "upgrade-with-body": (upgrade(extra=b"Content-Length: 1000\r\n"), "HTTP/1.1 400 Bad Request"),
 }
 
 
@@ -185,6 +194,47 @@ def test_a_flood_of_bad_requests_is_shown_at_ten_lines_a_second(start_server):
     assert "Traceback" not in log
 
 
+def test_one_request_a_connection_so_unread_answers_hold_nothing(server):
+    """Pipelined requests a client never reads filled the server's send buffer and blocked it."""
+    answer = answer_to(server, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
+    assert answer.count(b"HTTP/1.1 200 OK") == 1, "answered once, then closed"
+
+
+def test_connections_beyond_the_streams_and_handshakes_wait_in_the_backlog(start_server):
+    """--max-streams 1 and 100 handshakes: a pool of 101 connections. A 102nd is not
+    accepted (so holds no descriptor of ours) until one of them goes."""
+    server = start_server("--max-streams", "1")
+    client, call = server.open_call()
+    pending = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(100)]
+    for sock in pending:
+        sock.sendall(b"GET /media HTTP/1.1\r\nHost: x\r\n")
+    server.wait_for(r"Connection accepted")
+    waiting = socket.create_connection(("127.0.0.1", server.port), timeout=1)
+    waiting.sendall(upgrade())
+    with pytest.raises(TimeoutError):  # not accepted: nothing can answer it (a correct server never does)
+        waiting.recv(100)
+    pending[0].close()
+    waiting.settimeout(10)
+    assert waiting.recv(100).startswith(b"HTTP/1.1 503 Service Unavailable"), "accepted once a place is free"
+    client.send(call.stop())
+    assert server.ending(client, call) == (1000, "stop", "0"), "the stream was never disturbed"
+
+
+def test_stream_warnings_from_many_connections_are_shown_at_200_lines_a_second(start_server):
+    server = start_server()
+    calls = [server.open_call() for _ in range(8)]
+    for client, call in calls:
+        client.send_all(["not json"] * 150)  # 100 warnings and a "more than 100" line each
+    for client, call in calls:
+        client.send(call.stop())
+        client.wait_closed()
+    server.wait_for(r"more stream warnings not shown")
+    shown = len(re.findall(r"skipped message|more than 100 warnings", server.log()))
+    hidden = sum(map(int, re.findall(r"(\d+) more stream warnings not shown", server.log())))
+    assert shown + hidden == 8 * 101 and hidden > 0
+    assert all(server.summary(call.stream_sid)["bad_invalid_json"] == "150" for _, call in calls)
+
+
 # 4. Disk: what a recording writes is bounded by the call's age and --max-recording-seconds
 
 def test_a_timestamp_jump_writes_no_more_silence_than_the_stream_is_old(start_server, tmp_path):
@@ -195,6 +245,17 @@ def test_a_timestamp_jump_writes_no_more_silence_than_the_stream_is_old(start_se
     summary = server.summary(call.stream_sid)
     seconds = float(summary["recordings"].rsplit(":", 1)[1].rstrip("s"))
     assert summary["media"] == "2" and seconds <= float(summary["duration"].rstrip("s")) + 2.1
+
+
+def test_audio_sent_faster_than_real_time_is_recorded_only_as_far_as_the_call_is_old(start_server, tmp_path):
+    server = start_server("--record", str(tmp_path), "--quiet-levels")
+    call = Call()
+    assert server.stream(call.session(media=500, stop=True)) == 1000  # 10 s of audio, sent at once
+    summary = server.summary(call.stream_sid)
+    seconds = float(summary["recordings"].rsplit(":", 1)[1].rstrip("s"))
+    assert summary["media"] == "500", "all of it is counted"
+    assert 1.9 <= seconds <= float(summary["duration"].rstrip("s")) + 2.1
+    assert server.log().count(f"stream={call.stream_sid} recording skips audio track=inbound: it runs ahead") == 1
 
 
 def test_a_recording_stops_at_max_recording_seconds(start_server, tmp_path):

@@ -13,6 +13,12 @@ from tests.twilio_sim import CHUNK, Call, encode_ulaw, tone
 SILENCE = b"\xff" * CHUNK
 
 
+@pytest.fixture(autouse=True)
+def unthrottled(monkeypatch):
+    """Each test its own budget of warning lines: the fuzz test spends the process's."""
+    monkeypatch.setattr(app, "stream_warnings", app.LogThrottle("stream warnings", per_second=10_000))
+
+
 def handled(messages, stream_class=app.MediaStream):
     stream = stream_class(remote="test")
     for message in messages:
