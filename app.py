@@ -6,8 +6,9 @@ The file, top to bottom:
   Configuration      every flag and its environment variable, read and checked by configure()
   The Flask app      the tutorial's app and Sockets (flask-sockets, fixed for today's Werkzeug)
   The /media route   the tutorial's loop: receive a message, handle it, until `stop` or the socket closes
-  MediaStream        one call: what we know of it, one method per event, the summary line
-  Audio              mu-law to PCM, the level meter, WAV recordings
+  MediaStream        one call: what we know of it, one method per event, what it plays back, the summary
+  Audio              mu-law to PCM and back, the level meter, WAV recordings
+  Talking back       the ready modes of a <Connect><Stream>: --echo and --greet (with barge-in)
   Who may stream     the handshake checks: Twilio's signature, the limits
   WebSocket frames   RFC 6455 without I/O: bytes in, messages and replies out
   Library adapters   gevent-websocket and gunicorn, made to use all of the above
@@ -34,6 +35,8 @@ import sys
 import tempfile
 import time
 import wave
+from array import array
+from collections import deque
 from dataclasses import dataclass, field
 from typing import ClassVar
 from urllib.parse import urlsplit
@@ -51,9 +54,12 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Rule
 
 try:
-    from orjson import loads as json_loads  # 3x faster than the stdlib on Twilio's messages
+    from orjson import dumps as json_dumps, loads as json_loads  # 3x faster than the stdlib on Twilio's messages
 except ImportError:
-    from json import loads as json_loads
+    from json import dumps, loads as json_loads
+
+    def json_dumps(message: dict) -> bytes:
+        return dumps(message, separators=(",", ":")).encode()
 
 log = logging.getLogger("mediastreams")
 startup_log = logging.getLogger("mediastreams.startup")  # where it listens: printed at every --log-level
@@ -145,8 +151,14 @@ OPTIONS = (  # flag, environment variable, default, reader (its ValueError says 
     ("--max-recording-seconds", "MAX_RECORDING_SECONDS", "14400", number_from(float, 1, 86_400),
      "length at which a track's recording stops, with a warning"),
     ("--read-interval-ms", "READ_INTERVAL_MS", "100", number_from(float, 0, 1000),
-     "once over 50 streams are open, read each at most every N ms and handle what gathered in one go: "
-     "about half the CPU per message, audio up to N ms later; 0: always read messages as they land"),
+     "once over 50 streams are open, read each listen-only stream at most every N ms and handle what "
+     "gathered in one go: about half the CPU per message, audio up to N ms later; 0: always read messages "
+     "as they land (a stream that talks back always is)"),
+    ("--echo", "ECHO", "0", yes_or_no,
+     "play every chunk the caller sends straight back, with a mark every second (<Connect><Stream>)"),
+    ("--greet", "GREET", "", a_path_or_none,
+     "play this WAV file (8000 Hz mono 16-bit) when a stream starts; stop it when the caller talks over it "
+     "(<Connect><Stream>)"),
 )
 BATCH_ABOVE_STREAMS = 50  # below this, each message is read as it lands (no added latency)
 MAX_HANDSHAKES = 100      # connections still sending their request; beyond, the oldest is dropped
@@ -191,6 +203,8 @@ def configure(argv: list[str] | None = None, environ=os.environ, stream_class=No
     new = read_settings(argv, environ)
     new.stream_class = checked_stream_class(stream_class, "stream_class") if stream_class else \
         load_stream_class(environ.get("STREAM_CLASS"))
+    new.greeting = read_greeting(new.greet)
+    new.stream_class = talking_back_mode(new, environ.get("STREAM_CLASS") or stream_class)
     check_record_dir(new.record)
     settings = new
     setup_logging(settings.log_level)
@@ -254,6 +268,37 @@ def find_stream_class_module(name: str | None) -> None:
         found = False
     if not found:
         raise SettingsError(f"STREAM_CLASS: cannot load {name!r}: no module named {module_name!r}")
+
+
+def talking_back_mode(settings: argparse.Namespace, own_class) -> type:
+    """The stream class of --echo or --greet, which replace MediaStream, not your class."""
+    modes = [flag for flag, on in (("--echo", settings.echo), ("--greet", settings.greet)) if on]
+    if len(modes) + bool(own_class) > 1:
+        raise SettingsError(f"{', '.join(modes + ['your stream class'] * bool(own_class))}: choose one, "
+                            "each decides what the stream plays back")
+    if settings.echo:
+        return EchoStream
+    return GreetStream if settings.greet else settings.stream_class
+
+
+def read_greeting(path: str | None) -> bytes:
+    """--greet's WAV file as mu-law, read once at start-up: a file that is not there or not
+    8000 Hz mono 16-bit PCM stops the server with the command that converts it."""
+    if not path:
+        return b""
+    try:
+        with wave.open(path, "rb") as wav:
+            found = (wav.getframerate(), wav.getnchannels(), wav.getsampwidth())
+            pcm = wav.readframes(wav.getnframes())
+    except (OSError, EOFError, wave.Error) as exc:
+        raise SettingsError(f"--greet (GREET): cannot read {path!r}: {getattr(exc, 'strerror', None) or exc}") \
+            from None
+    if found != (8000, 1, 2):
+        raise SettingsError(f"--greet (GREET): {path!r} is {found[0]} Hz, {found[1]} channel(s), {8 * found[2]}-bit; "
+                            f"it must be 8000 Hz mono 16-bit PCM: sox {path} -r 8000 -c 1 -b 16 greeting.wav")
+    if not pcm:
+        raise SettingsError(f"--greet (GREET): {path!r} holds no audio")
+    return pcm16_to_ulaw(pcm)
 
 
 def check_record_dir(path: str | None) -> None:
@@ -338,7 +383,7 @@ CLOSE_CODE_WHEN_ENDED = {"stop": 1000, "idle": 1000, "disconnect": 1000, "shutdo
 
 @sockets.route("/media")
 def media(ws):
-    stream = settings.stream_class(remote=request.remote_addr or "?")
+    stream = settings.stream_class(remote=request.remote_addr or "?", ws=ws)
     log.info("Connection accepted %s", stream.label)
     try:
         while not ws.closed:
@@ -375,6 +420,7 @@ TRACK_NAMES = ("inbound", "outbound")
 GAP_MS = 10            # a timestamp further ahead than this (half a 20 ms frame) is lost audio
 MAX_WARNINGS = 100     # per stream; the rest are still counted
 MAX_UNKNOWN_EVENTS = 20
+CHUNK_BYTES = 160      # mu-law bytes a media message plays back: 20 ms, as Twilio sends them
 
 
 @dataclass
@@ -393,6 +439,28 @@ class Track:
     ahead_of_time: int = 0           # chunks not recorded: their place is past the call's age
 
 
+@dataclass
+class Mark:
+    name: str
+    after_bytes: int                # the audio sent before it: played when Twilio echoes it
+    sent_at: float
+    cancelled: bool = False         # a `clear` went out after it: its echo means cut off, not heard
+
+
+@dataclass
+class PlayedBack:
+    """What a stream sent into the call (<Connect><Stream> only)."""
+    messages: int = 0
+    bytes: int = 0
+    marks: deque = field(default_factory=deque)  # sent, not yet echoed, oldest first
+    marks_sent: int = 0
+    marks_played: int = 0
+    marks_cancelled: int = 0
+    clears: int = 0
+    unsent: int = 0                 # messages refused or lost: a <Start> stream, a closed socket
+    playing_until: float = 0.0      # when Twilio will have played what it was sent, as far as we know
+
+
 @dataclass(eq=False)
 class MediaStream:
     """One WebSocket connection from Twilio: what we know of the call, one method per event.
@@ -407,6 +475,7 @@ class MediaStream:
     wants_pcm: ClassVar[bool] = False   # True: every chunk decoded to PCM and handed to on_audio()
 
     remote: str
+    ws: "MediaWebSocket | None" = field(default=None, repr=False)  # where play(), mark() and clear() send
     stream_sid: str | None = None
     call_sid: str | None = None
     started_at: float = field(default_factory=time.monotonic)
@@ -421,6 +490,8 @@ class MediaStream:
     connected: bool = False
     decoding: bool = False          # a recording or wants_pcm: each chunk is decoded to PCM
     ended: str = "disconnect"
+    played_back: PlayedBack = field(default_factory=PlayedBack)
+    listen_only: str | None = None  # why nothing may be sent back: warned once, then only counted
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -511,6 +582,9 @@ class MediaStream:
             raise BadMessage("bad_start", "start.tracks, customParameters or mediaFormat has the wrong type")
         self.check_sequence(data)
         self.stream_sid = stream_sid
+        if "outbound" in tracks:
+            self.listen_only = ("its tracks include outbound, so it comes from <Start><Stream>, where Twilio "
+                                "accepts nothing back: use <Connect><Stream> (twiml/connect.xml)")
         self.decoding = self.wants_pcm or bool(settings.record)
         self.call_sid = field_text(start, "callSid", "?")
         encoding, rate, channels = (media_format.get(name) for name in ("encoding", "sampleRate", "channels"))
@@ -626,11 +700,80 @@ class MediaStream:
             log.info("%s dtmf digit=%s", self.label, printable(str(dtmf["digit"]), 8))
 
     def on_mark(self, data: dict) -> None:
+        """Twilio's echo of a mark we sent: the audio before it has been played, or cut off by a clear."""
         mark = data.get("mark")
         if not isinstance(mark, dict) or not isinstance(mark.get("name"), str):
             raise BadMessage("bad_mark", "mark.name missing")
-        if self.check_sequence(data):
-            log.info("%s mark name='%s'", self.label, printable(mark["name"], 100))
+        if not self.check_sequence(data):
+            return
+        name, played_back = mark["name"], self.played_back
+        sent = next((sent for sent in played_back.marks if sent.name == name), None)
+        if sent is None:
+            raise BadMessage("unknown_mark", f"mark name='{printable(name, 100)}' was never sent, or echoed already")
+        played_back.marks.remove(sent)
+        if sent.cancelled:
+            played_back.marks_cancelled += 1
+        else:
+            played_back.marks_played += 1
+            # Played up to the mark: what was sent after it is still to come, from now.
+            played_back.playing_until = time.monotonic() + (played_back.bytes - sent.after_bytes) / 8000
+        self.on_mark_echo(name, sent.cancelled, (time.monotonic() - sent.sent_at) * 1000)
+
+    def on_mark_echo(self, name: str, cancelled: bool, waited_ms: float) -> None:
+        """A mark of ours came back: the caller has heard the audio sent before it, or, when
+        `cancelled`, a clear() cut that audio off. `waited_ms`: since mark() sent it."""
+        log.info("%s mark name='%s' %s after=%.0fms", self.label, printable(name, 100),
+                 "cancelled" if cancelled else "played", waited_ms)
+
+    # --- Talking back: play(), mark(), clear() (<Connect><Stream> only) --------------------
+
+    def play(self, pcm: bytes) -> None:
+        """Play 16-bit little-endian PCM, 8000 Hz mono, into the call: mu-law, 20 ms a message.
+        It is queued, never waited for; Twilio plays what it gets in order."""
+        self.play_ulaw(pcm16_to_ulaw(pcm))
+
+    def play_ulaw(self, ulaw: bytes) -> None:
+        """play() for audio that is mu-law already (a TTS asked for ulaw_8000, an echo)."""
+        played_back = self.played_back
+        for offset in range(0, len(ulaw), CHUNK_BYTES):
+            chunk = ulaw[offset:offset + CHUNK_BYTES]
+            if not self.send({"event": "media", "streamSid": self.stream_sid,
+                              "media": {"payload": binascii.b2a_base64(chunk, newline=False).decode()}}):
+                return
+            played_back.messages += 1
+            played_back.bytes += len(chunk)
+            played_back.playing_until = max(played_back.playing_until, time.monotonic()) + len(chunk) / 8000
+
+    def mark(self, name: str) -> None:
+        """Ask Twilio to echo `name` once the audio sent so far has been played: on_mark_echo()."""
+        if self.send({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}}):
+            self.played_back.marks.append(Mark(name, self.played_back.bytes, time.monotonic()))
+            self.played_back.marks_sent += 1
+
+    def clear(self) -> None:
+        """Cut off the audio Twilio has not played yet (barge-in); the marks waiting come back cancelled."""
+        if self.send({"event": "clear", "streamSid": self.stream_sid}):
+            self.played_back.clears += 1
+            self.played_back.playing_until = 0.0
+            for sent in self.played_back.marks:
+                sent.cancelled = True
+
+    @property
+    def queued_seconds(self) -> float:
+        """Audio sent that Twilio has not played yet, as far as the marks and the clock tell."""
+        return max(0.0, self.played_back.playing_until - time.monotonic())
+
+    def send(self, message: dict) -> bool:
+        """One message to Twilio as a text frame; False (counted) when it cannot go: before
+        `start`, on a <Start> stream, once the connection is closing or gone."""
+        refused = self.listen_only or (None if self.stream_sid else "it has not started (no 'start' yet)")
+        if refused or self.ws is None or not self.ws.send_text(json_dumps(message)):
+            self.played_back.unsent += 1
+            if self.played_back.unsent == 1:
+                self.warn(f"not sent back: {refused or 'the connection is closed'}"
+                          f"{'' if refused else ' (the rest are counted in the summary)'}")
+            return False
+        return True
 
     def on_stop(self, data: dict) -> None:
         self.ended = "stop"
@@ -665,6 +808,12 @@ class MediaStream:
                   f"gaps={sum(t.gaps for t in tracks)} duplicates={self.duplicates}",
                   f"out_of_order={self.out_of_order} bad={sum(self.bad.values())}"]
         parts += [f"bad_{kind}={count}" for kind, count in sorted(self.bad.items())]
+        played_back = self.played_back
+        if played_back.messages or played_back.marks_sent or played_back.clears or played_back.unsent:
+            parts += [f"sent={played_back.messages}/{played_back.bytes / 8000:.2f}s",
+                      f"marks={played_back.marks_sent}/{played_back.marks_played}/{played_back.marks_cancelled}",
+                      f"clears={played_back.clears}"]
+            parts += [f"unsent={played_back.unsent}"] if played_back.unsent else []
         recordings = [t.recording for t in tracks if t.recording]
         if recordings:
             parts.append("recordings=" + ",".join(f"{r.path}:{r.seconds:.2f}s" for r in recordings))
@@ -740,6 +889,35 @@ def ulaw_to_pcm16(ulaw: bytes) -> bytes:
     return bytes(pcm)
 
 
+def linear_to_ulaw(sample: int) -> int:
+    """G.711 mu-law encoding of one 16-bit linear sample."""
+    sign = 0x80 if sample < 0 else 0
+    magnitude = min(abs(sample), 32635) + 0x84
+    exponent = magnitude.bit_length() - 8
+    return ~(sign | exponent << 4 | (magnitude >> (exponent + 3)) & 0x0F) & 0xFF
+
+
+# Indexed by a sample read as unsigned: 0..32767, then -32768..-1.
+_ULAW_OF_SAMPLE = bytes(linear_to_ulaw(sample - 65536 if sample > 32767 else sample) for sample in range(65536))
+
+
+def pcm16_to_ulaw(pcm: bytes) -> bytes:
+    """16-bit little-endian PCM to mu-law bytes, by table."""
+    samples = array("H", pcm[:len(pcm) & ~1])
+    if sys.byteorder == "big":
+        samples.byteswap()
+    return bytes(map(_ULAW_OF_SAMPLE.__getitem__, samples))
+
+
+def dbfs(pcm: bytes) -> float:
+    """The level of 16-bit little-endian PCM: RMS in dBFS, as the level meter shows it."""
+    samples = array("h", pcm[:len(pcm) & ~1])
+    if sys.byteorder == "big":
+        samples.byteswap()
+    mean_square = sum(map(int.__mul__, samples, samples)) / len(samples) if samples else 0
+    return 10 * math.log10(mean_square / 32768**2) if mean_square else -99.0
+
+
 def level_meter(mean_square: float, width: int = 20) -> str:
     """RMS in dBFS and a bar that fills from -60 dBFS to 0."""
     dbfs = 10 * math.log10(mean_square / 32768**2) if mean_square else -99.0
@@ -794,6 +972,56 @@ class WavTrack:
             self.wav.close()
         finally:
             file.close()
+
+
+# --- Talking back: the ready modes of a <Connect><Stream> ----------------------------------
+
+class EchoStream(MediaStream):
+    """--echo: the caller hears themselves, each chunk as it arrives, with a mark every
+    second that says when Twilio played it: the first test of a bidirectional stream."""
+
+    def on_media(self, data: dict) -> None:
+        inbound = self.tracks["inbound"]
+        received = inbound.messages
+        super().on_media(data)
+        if inbound.messages > received:  # a chunk of the caller's, taken (not bad, not a duplicate)
+            # Its own mu-law, checked already: encoding it from PCM again would cost 10 us a chunk.
+            self.play_ulaw(binascii.a2b_base64(data["media"]["payload"]))
+            if self.played_back.messages % 50 == 0:
+                self.mark(f"second-{self.played_back.messages // 50}")
+
+
+BARGE_IN_DBFS = -35.0  # inbound louder than this ... (speech on a phone line is about -30 to -15, a quiet line -60)
+BARGE_IN_MS = 200      # ... for this long while the greeting plays: the caller talks over it
+
+
+@dataclass(eq=False)
+class GreetStream(MediaStream):
+    """--greet FILE.wav: plays the greeting when the stream starts, with a mark at its end;
+    a caller who talks over it (barge-in) cuts it off with a clear."""
+    wants_pcm = True
+    loud_ms: int = 0
+    barge_ins: int = 0
+
+    def on_start(self, data: dict) -> None:
+        super().on_start(data)
+        self.play_ulaw(settings.greeting)
+        self.mark("greeting")
+
+    def on_audio(self, track: str, timestamp: int, pcm: bytes) -> None:
+        if track != "inbound" or not self.queued_seconds:
+            self.loud_ms = 0
+            return
+        self.loud_ms = self.loud_ms + len(pcm) // 16 if dbfs(pcm) > BARGE_IN_DBFS else 0
+        if self.loud_ms >= BARGE_IN_MS:
+            self.loud_ms = 0
+            self.barge_ins += 1
+            log.info("%s barge-in: the caller spoke over %.2f s of audio still to play: clear",
+                     self.label, self.queued_seconds)
+            self.clear()
+
+    def summary(self) -> str:
+        return f"{super().summary()} barge_ins={self.barge_ins}"
 
 
 # --- Who may stream: the handshake checks -------------------------------------------------
@@ -1006,6 +1234,7 @@ class FrameParser:
 
 RECV_BYTES = 4096   # ten Twilio messages; 64 KiB reads fragmented the heap: RSS grew by the round
 CLOSE_TIMEOUT = 2   # seconds we wait for the client's side of the closing handshake
+OUTBOX_BYTES = 1 << 20  # what may wait for a client that reads slower than we send: 90 s of played-back audio
 
 
 class MediaWebSocket(WebSocket):
@@ -1014,9 +1243,15 @@ class MediaWebSocket(WebSocket):
     after our close frame it waits, a bounded moment, for the client's, so a client still
     sending reads our close code instead of a TCP reset. `error` says why a connection was
     failed (None when the client closed or went away); `held` is what its half-received
-    message holds, counted in unfinished_bytes."""
+    message holds, counted in unfinished_bytes.
 
-    __slots__ = ("parser", "error", "last_received", "greenlet", "fill", "held")
+    Sending never waits: a frame goes to the socket at once if the kernel takes it, else to
+    `outbox`, which one writer greenlet drains while everything sent after waits behind it,
+    so frames from several greenlets never interleave. A stream that sends is read as each
+    message lands (`talks_back`: no --read-interval-ms batching)."""
+
+    __slots__ = ("parser", "error", "last_received", "greenlet", "fill", "held", "outbox", "writer",
+                 "broken", "talks_back")
 
     def __init__(self, environ, stream, handler):
         super().__init__(environ, stream, handler)
@@ -1026,6 +1261,10 @@ class MediaWebSocket(WebSocket):
         self.greenlet = gevent.getcurrent()
         self.fill = self.first_fill
         self.held = 0
+        self.outbox = bytearray()
+        self.writer: gevent.Greenlet | None = None
+        self.broken = False       # a send failed: the client is gone
+        self.talks_back = False
 
     def first_fill(self, size: int) -> bytes:
         # What the HTTP parser buffered past the request, to its end; then straight from the socket.
@@ -1052,7 +1291,8 @@ class MediaWebSocket(WebSocket):
                     if parser.error:
                         self.error = f"WebSocket error, closed with {parser.close_code}: {parser.error}"
                     return None
-                if not parser.buffer and settings.read_interval_ms and len(open_websockets) > BATCH_ABOVE_STREAMS:
+                if not parser.buffer and settings.read_interval_ms and len(open_websockets) > BATCH_ABOVE_STREAMS \
+                        and not self.talks_back:
                     gevent.sleep(settings.read_interval_ms / 1000)  # under load: one wake-up for several messages
                 data = self.fill(RECV_BYTES)
             except OSError:
@@ -1084,9 +1324,56 @@ class MediaWebSocket(WebSocket):
     def __del__(self):
         pass  # the library's close() from the garbage collector: closing may wait on the network
 
+    def send_text(self, text: bytes) -> bool:
+        """Queue one text message (UTF-8 bytes); False when the connection is closing or gone,
+        or its client has left OUTBOX_BYTES unread."""
+        if self.closed or self.broken or len(self.outbox) > OUTBOX_BYTES:
+            return False
+        self.talks_back = True
+        self.write(server_frame(OP_TEXT, text))
+        return True
+
     def flush(self) -> None:
+        """What the parser has to send (pongs, our close frame), behind anything queued."""
         data, self.parser.outgoing = self.parser.outgoing, bytearray()
-        self.handler.socket.sendall(data)
+        self.write(data)
+
+    def write(self, data: bytes) -> None:
+        if self.broken:
+            return
+        if self.writer is None:
+            try:
+                sent = self.handler.socket.send(data, 0, 0.0)  # timeout 0: gevent never waits
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.broken = True
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self.writer = gevent.spawn(self.drain)
+        self.outbox += data
+
+    def drain(self) -> None:
+        """The writer greenlet: sends the outbox until it is empty (or the client is gone)."""
+        try:
+            while self.outbox:
+                data, self.outbox = self.outbox, bytearray()
+                self.handler.socket.sendall(data)
+        except OSError:
+            self.broken = True
+            self.outbox = bytearray()
+        finally:
+            self.writer = None
+
+    def flushed(self) -> None:
+        """Wait until the writer has sent everything queued."""
+        writer = self.writer
+        if writer is not None:
+            writer.join()
+        if self.broken:
+            raise ConnectionError("the client is gone")
 
     def close(self, code: int = 1000, message: bytes | str = b"") -> None:
         # gevent-websocket 0.10.1 sends the reason where the status code belongs (peers read
@@ -1100,6 +1387,7 @@ class MediaWebSocket(WebSocket):
         try:
             with gevent.Timeout(CLOSE_TIMEOUT, False):  # a client that reads nothing cannot hold us either
                 self.flush()
+                self.flushed()
                 if parser.error:  # failed: our EOF tells the client we will read nothing more
                     self.handler.socket.shutdown(socket.SHUT_WR)
                 while parser.state is CLOSING or parser.error:
@@ -1111,6 +1399,8 @@ class MediaWebSocket(WebSocket):
         except OSError:
             pass  # the client is gone: nothing more to tell it
         finally:
+            if self.writer is not None:  # still waiting on a client that reads nothing
+                self.writer.kill(block=False)
             self.release_unfinished()
             self.stream = self.raw_write = self.raw_read = self.environ = None
 

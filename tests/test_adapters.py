@@ -282,13 +282,20 @@ def test_a_connection_dropped_as_its_request_came_in_takes_the_exception_before_
     assert "dropped connection remote=192.0.2.1 reason=the oldest of more than 100 connections" in caplog.text
 
 
-@pytest.mark.parametrize("open_streams, batched", [(50, False), (51, True)])
-def test_streams_are_read_in_batches_only_above_fifty_open(monkeypatch, open_streams, batched):
+class TalkingBack(app.MediaWebSocket):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.talks_back = True  # as after its stream's first play(), mark() or clear()
+
+
+@pytest.mark.parametrize("open_streams, cls, batched", [(50, app.MediaWebSocket, False),
+                                                         (51, app.MediaWebSocket, True), (51, TalkingBack, False)])
+def test_listen_only_streams_are_read_in_batches_only_above_fifty_open(monkeypatch, open_streams, cls, batched):
     naps = []
     real_sleep = gevent.sleep
     monkeypatch.setattr(app.settings, "read_interval_ms", 100)
     monkeypatch.setattr(app, "open_websockets", {object() for _ in range(open_streams)})
     monkeypatch.setattr(gevent, "sleep", lambda seconds=0, *args: (naps.append(seconds), real_sleep(0))[1])
-    received, _ = run(app.MediaWebSocket, b"".join(frame(0x1, b"message %d" % i) for i in range(3)))
+    received, _ = run(cls, b"".join(frame(0x1, b"message %d" % i) for i in range(3)))
     assert received == ["message 0", "message 1", "message 2", None]
     assert (0.1 in naps) == batched

@@ -36,12 +36,13 @@ def test_defaults():
     ("--handshake-timeout", "HANDSHAKE_TIMEOUT", "2.5", 2.5),
     ("--max-recording-seconds", "MAX_RECORDING_SECONDS", "60", 60),
     ("--host", "HOST", "127.0.0.1", "127.0.0.1"),
+    ("--echo", "ECHO", "1", True), ("--greet", "GREET", "hello.wav", "hello.wav"),
 ])
 def test_each_flag_reads_its_variable_and_the_flag_wins(flag, variable, raw, value):
     name = flag[2:].replace("-", "_")
     assert getattr(app.read_settings([], environ={variable: raw}), name) == value
-    if flag == "--quiet-levels":
-        assert app.read_settings([flag], environ={variable: "0"}).quiet_levels is True
+    if flag in ("--quiet-levels", "--echo"):  # switches
+        assert getattr(app.read_settings([flag], environ={variable: "0"}), name) is True
     else:
         assert getattr(app.read_settings([flag, raw], environ={variable: "bogus!"}), name) == value
 

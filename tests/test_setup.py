@@ -14,8 +14,9 @@ from tests.twilio_sim import Call, HandshakeRefused
 TWIML = sorted((ROOT / "twiml").glob("*.xml"))
 
 
-def test_there_are_the_three_twiml_templates():
-    assert [path.name for path in TWIML] == ["stream.xml", "stream_both_tracks.xml", "stream_with_parameters.xml"]
+def test_there_are_the_four_twiml_templates():
+    assert [path.name for path in TWIML] == ["connect.xml", "stream.xml", "stream_both_tracks.xml",
+                                             "stream_with_parameters.xml"]
 
 
 @pytest.mark.parametrize("path", TWIML, ids=lambda p: p.name)
@@ -23,10 +24,15 @@ def test_twiml_is_well_formed_and_streams_to_wss_media(path):
     text = path.read_text()
     root = ElementTree.fromstring(text.encode())
     assert root.tag == "Response"
-    stream = root.find("./Start/Stream")
-    assert stream is not None, "<Start><Stream> as in the tutorial"
+    if path.name == "connect.xml":  # bidirectional: <Connect> holds the call while the stream is open
+        stream = root.find("./Connect/Stream")
+        assert stream is not None and stream.get("track") in (None, "inbound_track"), "31941 otherwise"
+        assert list(root) == [root.find("./Connect")]
+    else:
+        stream = root.find("./Start/Stream")
+        assert stream is not None, "<Start><Stream> as in the tutorial"
+        assert root.find("./Dial") is not None
     assert re.fullmatch(r"wss://[^/?]+/media", stream.get("url")), "wss:// and /media, no query string"
-    assert root.find("./Dial") is not None
     assert "<!--" in text and "Replace" in text, "each template says what to replace"
 
 

@@ -37,10 +37,21 @@ def warnings(caplog):
     return lambda: [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
+class SentMessages(list):
+    """A stand-in for the stream's socket: the messages the stream sends, parsed."""
+    closed = False
+
+    def send_text(self, text: bytes) -> bool:
+        self.append(json.loads(text))
+        return not self.closed
+
+
 def test_handle_returns_each_event_and_counts_the_call():
     call = Call()
-    stream = app.MediaStream(remote="test")
-    events = [stream.handle(m) for m in [*call.session(media=3), call.dtmf("5"), call.mark("m"), call.stop()]]
+    stream = app.MediaStream(remote="test", ws=SentMessages())
+    events = [stream.handle(m) for m in call.session(media=3)]
+    stream.mark("m")
+    events += [stream.handle(m) for m in [call.dtmf("5"), call.mark("m"), call.stop()]]
     assert events == ["connected", "start", "media", "media", "media", "dtmf", "mark", "stop"]
     fields = summary(stream)
     assert (fields["stream"], fields["call"], fields["ended"]) == (call.stream_sid, call.call_sid, "stop")

@@ -2,6 +2,12 @@
 
     python -m tests.twilio_sim ws://localhost:5000/media --seconds 5
     python -m tests.twilio_sim ws://localhost:5000/media --wav hello.wav --tracks both
+    python -m tests.twilio_sim ws://localhost:5000/media --connect --wav hello.wav --heard out.wav
+
+With --connect it is a <Connect><Stream> (bidirectional, inbound track only) and plays what
+the server sends back as Twilio would: at real time, marks echoed once the audio before
+them has played, `clear` honoured; each message the server sends is checked against what
+Twilio accepts (section 3 of the reference).
 
 The messages follow ../shared/reference/twilio-media-streams.md section 2 (numbers as
 strings, `connected` without a streamSid, 160-byte mu-law chunks every 20 ms). The
@@ -10,6 +16,7 @@ would (binary frames, broken UTF-8, oversized length headers).
 """
 import argparse
 import base64
+import binascii
 import itertools
 import json
 import math
@@ -17,8 +24,10 @@ import os
 import socket
 import struct
 import sys
+import threading
 import time
 import wave
+from collections import deque
 from urllib.parse import urlsplit
 
 CHUNK = 160  # bytes of mu-law per message: 20 ms at 8000 Hz
@@ -107,6 +116,19 @@ def encode_ulaw(samples):
     return bytes(ENCODE[s + 32768] for s in samples)
 
 
+def decode_ulaw_byte(byte):
+    byte = ~byte & 0xFF
+    magnitude = ((((byte & 0x0F) << 3) + 0x84) << ((byte >> 4) & 0x07)) - 0x84
+    return -magnitude if byte & 0x80 else magnitude
+
+
+DECODE = [decode_ulaw_byte(byte) for byte in range(256)]
+
+
+def decode_ulaw(ulaw):
+    return [DECODE[byte] for byte in ulaw]
+
+
 def tone(seconds, frequency=440.0, amplitude=0.3, rate=8000):
     """Samples of a sine wave that swells and fades every few seconds, so a level meter moves."""
     return [int(32767 * amplitude * (0.55 + 0.45 * math.sin(2 * math.pi * 0.3 * i / rate))
@@ -116,7 +138,7 @@ def tone(seconds, frequency=440.0, amplitude=0.3, rate=8000):
 
 def read_wav(path):
     """Samples of an 8 kHz mono 16-bit WAV file."""
-    with wave.open(path, "rb") as wav:
+    with wave.open(str(path), "rb") as wav:
         if (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) != (8000, 1, 2):
             raise SystemExit(f"{path}: need 8000 Hz mono 16-bit PCM, got {wav.getframerate()} Hz, "
                              f"{wav.getnchannels()} channel(s), {8 * wav.getsampwidth()}-bit "
@@ -126,7 +148,7 @@ def read_wav(path):
 
 
 def write_wav(path, samples):
-    with wave.open(path, "wb") as wav:
+    with wave.open(str(path), "wb") as wav:
         wav.setnchannels(1)
         wav.setsampwidth(2)
         wav.setframerate(8000)
@@ -291,6 +313,196 @@ class WSClient:
         self.sock.close()
 
 
+# --- Twilio's side of a <Connect><Stream>: what the server sends, checked and played -------
+
+SILENT = 0xFF  # mu-law zero
+ACCEPTED_FIELDS = {"media": {"event", "streamSid", "media"}, "mark": {"event", "streamSid", "mark"},
+                   "clear": {"event", "streamSid"}}
+
+
+class Player:
+    """Plays what a server sends on a bidirectional stream the way Twilio does (reference
+    section 3): audio queued in order and played out at 8000 samples a second however fast
+    it arrives, a mark echoed once the audio queued before it has played, `clear` dropping
+    the unplayed audio and echoing the marks waiting at once. Every message is checked
+    first; one that Twilio would refuse (31950, 31951) is a line in `violations` and is
+    dropped. tick() is called every 20 ms and plays those 20 ms; `heard` is what the caller
+    heard, silence included. `jitter_ms`: how long audio that arrives after silence waits
+    before it plays, so audio that arrives a little late does not leave gaps."""
+
+    def __init__(self, stream_sid, echo_mark, jitter_ms=20):
+        self.stream_sid = stream_sid
+        self.echo_mark = echo_mark          # sends Twilio's echo of a mark: echo_mark(name)
+        self.jitter = jitter_ms / 1000
+        self.queue = deque()                # [arrival time, mu-law bytes] or ("mark", name, received at)
+        self.playing = False
+        self.heard = bytearray()
+        self.violations = []
+        self.marks = []                     # (name, "played" or "cancelled", ms from its arrival to its echo)
+        self.media = self.media_bytes = self.clears = 0
+        self.sent_at = []                   # when each of the caller's chunks went out
+        self.arrivals = []                  # when each media message from the server came in
+        self.chunks_sent_at_clear = []      # how many chunks the caller had sent when each clear came
+        self.last_message_at = time.monotonic()
+        self.lock = threading.Lock()
+
+    def receive(self, opcode, payload):
+        """One frame from the server (the reader thread)."""
+        with self.lock:
+            self.last_message_at = time.monotonic()
+            problem = self.check(opcode, payload)
+            if problem:
+                self.violations.append(problem)
+                return
+            message = json.loads(payload)
+            if message["event"] == "media":
+                self.media += 1
+                self.arrivals.append(self.last_message_at)
+                audio = base64.b64decode(message["media"]["payload"])
+                self.media_bytes += len(audio)
+                self.queue.append([time.monotonic(), audio])
+            elif message["event"] == "mark":
+                self.queue.append(("mark", message["mark"]["name"], time.monotonic()))
+            else:
+                self.clears += 1
+                self.chunks_sent_at_clear.append(len(self.sent_at))
+                marks = [item for item in self.queue if item[0] == "mark"]
+                self.queue.clear()
+                self.playing = False
+                for _, name, received_at in marks:
+                    self.echo(name, "cancelled", received_at)
+
+    def check(self, opcode, payload):
+        """Why Twilio would refuse this frame, or None."""
+        if opcode == 0x2:
+            return f"31950 binary frame of {len(payload)} bytes: Twilio accepts JSON text only"
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            return f"31951 not JSON: {payload[:60]!r}"
+        event = message.get("event") if isinstance(message, dict) else None
+        if event not in ACCEPTED_FIELDS:
+            return f"31951 event {event!r} is not one of media, mark, clear"
+        fields, accepted = set(message), ACCEPTED_FIELDS[event]
+        if fields != accepted:
+            extra, missing = sorted(fields - accepted), sorted(accepted - fields)
+            return f"31951 {event}: " + ", ".join([f"extra field {name!r}" for name in extra] +
+                                                  [f"missing field {name!r}" for name in missing])
+        if message["streamSid"] != self.stream_sid:
+            return f"31951 {event}: streamSid {message['streamSid']!r} is not this stream's {self.stream_sid!r}"
+        body = message.get(event)
+        if event == "media":
+            if not isinstance(body, dict) or set(body) != {"payload"}:
+                return f"31951 media: media must be exactly {{\"payload\": ...}}, got {body!r:.80}"
+            try:
+                if not base64.b64decode(body["payload"], validate=True):
+                    return "31951 media: empty payload"
+            except (binascii.Error, TypeError):
+                return "31951 media: payload is not base64"
+        if event == "mark" and not (isinstance(body, dict) and set(body) == {"name"}
+                                    and isinstance(body["name"], str)):
+            return f"31951 mark: mark must be exactly {{\"name\": \"...\"}}, got {body!r:.80}"
+        return None
+
+    def echo(self, name, how, received_at):
+        self.marks.append((name, how, (time.monotonic() - received_at) * 1000))
+        self.echo_mark(name)
+
+    def tick(self):
+        """Play the 20 ms that have just gone by."""
+        with self.lock:
+            now = time.monotonic()
+            played = bytearray()
+            first = self.queue[0] if self.queue else None
+            if not self.playing and first is not None and first[0] != "mark":
+                self.playing = first[0] <= now - 0.020 - self.jitter  # it was there when these 20 ms began
+            while self.queue and (self.playing or self.queue[0][0] == "mark") and len(played) < CHUNK:
+                item = self.queue[0]
+                if item[0] == "mark":  # everything queued before it has played
+                    self.queue.popleft()
+                    self.echo(item[1], "played", item[2])
+                    continue
+                take = item[1][:CHUNK - len(played)]
+                played += take
+                item[1] = item[1][len(take):]
+                if not item[1]:
+                    self.queue.popleft()
+            while self.queue and self.queue[0][0] == "mark" and len(played) == CHUNK:
+                item = self.queue.popleft()
+                self.echo(item[1], "played", item[2])
+            if not self.queue:
+                self.playing = False
+            self.heard += played + bytes([SILENT]) * (CHUNK - len(played))
+
+    @property
+    def idle(self):
+        """Nothing left to play, and nothing received for half a second."""
+        with self.lock:
+            return not self.queue and time.monotonic() - self.last_message_at > 0.5
+
+
+def play_connect_call(url, samples, headers=None, dtmf="", jitter_ms=20, params=None, out=print):
+    """A <Connect><Stream> call: the caller's audio (inbound) every 20 ms, `dtmf` a digit every
+    half second, and what the server sends back played as Twilio would. Returns the Player,
+    the close code the server sent and the call."""
+    call = Call(tracks=["inbound"], params=params)
+    client = WSClient(url, headers=headers)
+    send_lock = threading.Lock()  # two threads send: numbered and framed one at a time
+
+    def send(message, *args):
+        with send_lock:
+            client.send(message(*args))
+
+    player = Player(call.stream_sid, lambda name: send(call.mark, name), jitter_ms)
+    closed = {}
+
+    def read():
+        while True:
+            try:
+                opcode, payload = client.recv_frame()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if opcode == 0x8:
+                closed["code"] = close_code(payload)
+                with send_lock:
+                    client.send_raw(frame(0x8, payload[:2]))
+                return
+            if opcode in (0x1, 0x2):
+                player.receive(opcode, payload.decode(errors="replace") if opcode == 0x1 else payload)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    send(call.connected)
+    send(call.start)
+    audio = encode_ulaw(samples)
+    chunks = [audio[offset:offset + CHUNK] for offset in range(0, len(audio), CHUNK)]
+    digits = {25 * (n + 1): digit for n, digit in enumerate(dtmf)}  # a digit every 0.5 s
+    next_at, tick = time.monotonic(), 0
+    while tick < len(chunks) or tick <= max(digits, default=0) or not player.idle:
+        if not reader.is_alive():
+            break  # the server closed the stream
+        if tick < len(chunks):
+            send(call.media, "inbound", chunks[tick], 20 * (tick + 1))
+            player.sent_at.append(time.monotonic())
+        if tick in digits:
+            send(call.dtmf, digits[tick])
+        next_at += 0.020
+        time.sleep(max(0.0, next_at - time.monotonic()))
+        player.tick()
+        tick += 1
+    if reader.is_alive():
+        send(call.stop)
+        reader.join(5)
+    client.sock.close()
+    for problem in player.violations:
+        out(f"warning {problem}")
+    for name, how, after_ms in player.marks:
+        out(f"mark name={name} {how} after={after_ms:.0f}ms")
+    return player, closed.get("code"), call
+
+
 # --- The command --------------------------------------------------------------------------
 
 def main(argv=None):
@@ -303,17 +515,37 @@ def main(argv=None):
                         help="a <Parameter> for start.customParameters (repeatable)")
     parser.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
                         help="an extra handshake header, e.g. X-Twilio-Signature:...")
+    parser.add_argument("--connect", action="store_true",
+                        help="a <Connect><Stream>: inbound audio only, and play what the server sends back")
+    parser.add_argument("--heard", metavar="FILE.wav", help="with --connect: write what the caller heard")
+    parser.add_argument("--dtmf", default="", metavar="DIGITS", help="with --connect: press these, one every 0.5 s")
+    parser.add_argument("--jitter-ms", type=float, default=20.0,
+                        help="with --connect: how long audio after silence waits before it plays (default 20)")
     args = parser.parse_args(argv)
+    if (args.heard or args.dtmf) and not args.connect:
+        parser.error("--heard and --dtmf need --connect")
+    if args.connect and args.tracks != "inbound":
+        parser.error("--connect streams the inbound track only, as Twilio does (error 31941 otherwise)")
 
     samples = read_wav(args.wav) if args.wav else tone(args.seconds)
+    headers = dict(h.split(":", 1) for h in args.header)
+    headers = {k.strip(): v.strip() for k, v in headers.items()}
+    if args.connect:
+        player, code, call = play_connect_call(args.url, samples, headers, args.dtmf, args.jitter_ms,
+                                               dict(p.split("=", 1) for p in args.param))
+        if args.heard:
+            write_wav(args.heard, decode_ulaw(player.heard))
+        print(f"sent stream={call.stream_sid} media={len(samples) // CHUNK} ({len(samples) / 8000:.2f} s) "
+              f"received media={player.media} ({player.media_bytes / 8000:.2f} s) marks={len(player.marks)} "
+              f"clears={player.clears} refused={len(player.violations)} heard={len(player.heard) / 8000:.2f}s "
+              f"closed={code or 'without a close frame'}")
+        return 1 if player.violations else 0
     ulaw = encode_ulaw(samples)
     tracks = ["inbound", "outbound"] if args.tracks == "both" else [args.tracks]
     # the outbound track gets the same audio a little quieter, so the two are told apart
     audio = {track: ulaw if i == 0 else encode_ulaw([s // 4 for s in samples]) for i, track in enumerate(tracks)}
     call = Call(tracks=tracks, params=dict(p.split("=", 1) for p in args.param))
-    headers = dict(h.split(":", 1) for h in args.header)
-
-    client = WSClient(args.url, headers={k.strip(): v.strip() for k, v in headers.items()})
+    client = WSClient(args.url, headers=headers)
     client.send(call.connected())
     client.send(call.start())
     next_at = time.monotonic()
