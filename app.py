@@ -204,7 +204,7 @@ def configure(argv: list[str] | None = None, environ=os.environ, stream_class=No
     new.stream_class = checked_stream_class(stream_class, "stream_class") if stream_class else \
         load_stream_class(environ.get("STREAM_CLASS"))
     new.greeting = read_greeting(new.greet)
-    new.stream_class = talking_back_mode(new, environ.get("STREAM_CLASS") or stream_class)
+    new.stream_class = talking_back_mode(new, environ.get("STREAM_CLASS") or stream_class) or new.stream_class
     check_record_dir(new.record)
     settings = new
     setup_logging(settings.log_level)
@@ -270,15 +270,13 @@ def find_stream_class_module(name: str | None) -> None:
         raise SettingsError(f"STREAM_CLASS: cannot load {name!r}: no module named {module_name!r}")
 
 
-def talking_back_mode(settings: argparse.Namespace, own_class) -> type:
-    """The stream class of --echo or --greet, which replace MediaStream, not your class."""
+def talking_back_mode(settings: argparse.Namespace, own_class) -> type | None:
+    """The stream class of --echo or --greet, if one is on: they replace MediaStream, not your class."""
     modes = [flag for flag, on in (("--echo", settings.echo), ("--greet", settings.greet)) if on]
     if len(modes) + bool(own_class) > 1:
         raise SettingsError(f"{', '.join(modes + ['your stream class'] * bool(own_class))}: choose one, "
                             "each decides what the stream plays back")
-    if settings.echo:
-        return EchoStream
-    return GreetStream if settings.greet else settings.stream_class
+    return EchoStream if settings.echo else GreetStream if settings.greet else None
 
 
 def read_greeting(path: str | None) -> bytes:
@@ -770,8 +768,8 @@ class MediaStream:
         if refused or self.ws is None or not self.ws.send_text(json_dumps(message)):
             self.played_back.unsent += 1
             if self.played_back.unsent == 1:
-                self.warn(f"not sent back: {refused or 'the connection is closed'}"
-                          f"{'' if refused else ' (the rest are counted in the summary)'}")
+                self.warn(f"not sent back: {refused or 'the connection is closed, or its client reads nothing'} "
+                          "(from now on only counted: unsent=)")
             return False
         return True
 
@@ -987,8 +985,8 @@ class EchoStream(MediaStream):
         if inbound.messages > received:  # a chunk of the caller's, taken (not bad, not a duplicate)
             # Its own mu-law, checked already: encoding it from PCM again would cost 10 us a chunk.
             self.play_ulaw(binascii.a2b_base64(data["media"]["payload"]))
-            if self.played_back.messages % 50 == 0:
-                self.mark(f"second-{self.played_back.messages // 50}")
+            if inbound.messages % 50 == 0:
+                self.mark(f"second-{inbound.messages // 50}")
 
 
 BARGE_IN_DBFS = -35.0  # inbound louder than this ... (speech on a phone line is about -30 to -15, a quiet line -60)
@@ -1564,7 +1562,10 @@ else:
             # In gunicorn's master, once: a setting that cannot work stops gunicorn at start-up.
             environ = {**os.environ, **cfg.env}
             try:
-                check_record_dir(read_settings([], environ).record)
+                checked = read_settings([], environ)
+                check_record_dir(checked.record)
+                read_greeting(checked.greet)
+                talking_back_mode(checked, environ.get("STREAM_CLASS"))
                 find_stream_class_module(environ.get("STREAM_CLASS"))
             except SettingsError as error:
                 print(f"app.py: error: {error}", file=sys.stderr, flush=True)

@@ -9,7 +9,7 @@ from twilio.request_validator import RequestValidator
 
 from tests.conftest import GUNICORN_READY, ROOT, clean_environment, gunicorn_command, run_at_once
 from tests.test_audio import readme_example
-from tests.twilio_sim import CHUNK, Call, HandshakeRefused, WSClient, encode_ulaw, tone
+from tests.twilio_sim import CHUNK, Call, HandshakeRefused, WSClient, encode_ulaw, play_connect_call, tone
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 
@@ -85,6 +85,10 @@ def test_stream_class_names_your_subclass_under_gunicorn(start_server, tmp_path)
      "app.py: error: --max-streams (MAX_STREAMS): 'ten' is not a whole number from 1 to 100000"),
     ({"STREAM_CLASS": "no_such_module:Stream"},
      "app.py: error: STREAM_CLASS: cannot load 'no_such_module:Stream': no module named 'no_such_module'"),
+    ({"GREET": "/no/such/greeting.wav"},
+     "app.py: error: --greet (GREET): cannot read '/no/such/greeting.wav': No such file or directory"),
+    ({"ECHO": "1", "STREAM_CLASS": "json:JSONDecoder"},
+     "app.py: error: --echo, your stream class: choose one, each decides what the stream plays back"),
 ])
 def test_a_setting_that_cannot_work_stops_gunicorn_with_one_line(env, error):
     out = subprocess.run(gunicorn_command("-w", "2"), cwd=ROOT, env=clean_environment(env),
@@ -117,3 +121,11 @@ def test_a_stream_that_will_not_end_does_not_hold_up_ctrl_c(start_server, tmp_pa
     server.process.wait(15)  # gunicorn's own kill would come at --graceful-timeout 20
     assert "1 stream(s) still ending after 3 s: stopping without waiting for them" in server.log()
     assert "SIGKILL" not in server.log()
+
+
+def test_echo_under_gunicorn(start_server):
+    server = start_server(command=gunicorn_command("-w", "2"), ready=GUNICORN_READY, env={"ECHO": "1"})
+    server.wait_for(r"Booting worker", count=2)
+    player, code, call = play_connect_call(server.url, tone(0.4), jitter_ms=60, out=lambda line: None)
+    assert (code, player.media, player.violations) == (1000, 20, [])
+    assert server.summary(call.stream_sid)["sent"] == "20/0.40s"

@@ -351,3 +351,17 @@ def test_echo_from_the_environment(start_server):
     server = start_server(env={"ECHO": "1"})
     player, code, call = connect_call(server, QUIET[:CHUNK * 10], jitter_ms=60)
     assert player.media == 10 and server.summary(call.stream_sid)["sent"] == "10/0.20s"
+
+
+TONE_ON_1_EXAMPLE = re.compile(r"```python\n(# tone_on_1\.py.*?)```", re.S)
+
+
+def test_the_readme_beep_example_runs_as_written(start_server):
+    server = start_server(script=TONE_ON_1_EXAMPLE.search((ROOT / "README.md").read_text()).group(1))
+    player, code, call = connect_call(server, QUIET[:8000], dtmf="1")
+    assert [(name, how) for name, how, _ in player.marks] == [("beep", "played")]
+    heard = decode_ulaw(player.heard)
+    loud = [n for n, sample in enumerate(heard) if abs(sample) > 4000]
+    assert len(loud) > 1000 and loud[-1] - loud[0] < 2400, "0.3 s of beep"
+    assert 8 * 500 <= loud[0] <= 8 * 600, "the key is pressed half a second in; the beep follows"
+    assert server.summary(call.stream_sid)["marks"] == "1/1/0"
