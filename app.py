@@ -1327,7 +1327,12 @@ class MediaWebSocket(WebSocket):
         or its client has left OUTBOX_BYTES unread."""
         if self.closed or self.broken or len(self.outbox) > OUTBOX_BYTES:
             return False
-        self.talks_back = True
+        if not self.talks_back:
+            self.talks_back = True
+            try:  # Nagle's algorithm would hold a mark sent after audio until the client's next ACK: 20 ms
+                self.handler.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # not TCP (gunicorn on a unix socket): nothing to turn off
         self.write(server_frame(OP_TEXT, text))
         return True
 

@@ -14,12 +14,26 @@ seconds, then `stop`, and reports:
 The load client is one thread with pre-framed messages (the payload is masked with a zero
 key, legal and free), so it leaves the server most of the second core; its own CPU is shown.
 
+    python -m tests.bench_load --echo --calls 300 --seconds 10 --vs node
+
+--echo benchmarks a server that talks back (a <Connect><Stream>): our app.py gets --echo, the
+Node peer is ws_node_echo_server.js (the other peers have no echo variant). Chunk k of every
+call carries k in its first bytes, so each echo names the chunk it plays back, and it reports
+besides the above:
+  - the round trip of each chunk, from its send to its echo's arrival: p50, p99, max;
+  - chunks lost (never echoed), reordered (echoed after a later one, or twice), corrupt (not
+    a chunk of this call's);
+  - how late the client itself sent against its 20 ms schedule: a client behind it adds its
+    lateness to the round trips, and the round is flagged;
+  - for our server, summaries must show media=<sent> and sent=<sent>/<seconds>s.
+
 Peers come from ../shared/peers/ and get their dependencies in a scratch folder outside the
 repository (npm's `ws`, a venv with `websockets`, a venv with the tutorial's stack), made on
 first use under $BENCH_PEERS_DIR (default /tmp/mediastreams-bench-peers).
 """
 import argparse
 import base64
+import functools
 import json
 import os
 import re
@@ -51,6 +65,19 @@ CLOSE_REPLY = frame(0x8, b"\x03\xe8", mask=ZERO_MASK)  # 1000
 
 MEDIA = ('{"event":"media","sequenceNumber":"%d","streamSid":"%s","media":{"track":"inbound",'
          '"chunk":"%d","timestamp":"%d","payload":"' + PAYLOAD + '"}}')
+ECHO_MEDIA = ('{"event":"media","sequenceNumber":"%d","streamSid":"%s","media":{"track":"inbound",'
+              '"chunk":"%d","timestamp":"%d","payload":"%s"}}')
+ECHO_PEERS = {"node": "ws_node_echo_server.js"}  # the peers that can play the audio back
+LATE_MS = 10  # a client whose p99 lateness is beyond this skews the round trips it measures
+
+
+@functools.lru_cache(maxsize=None)
+def echo_payloads(count: int) -> tuple[list[str], dict[bytes, int]]:
+    """The base64 payload of chunk k (k in its first 4 bytes, so its echo says which chunk it
+    is) and the way back from a payload to k: made once and shared by every call, so the
+    client spends no CPU encoding or decoding audio."""
+    payloads = [base64.b64encode(k.to_bytes(4, "big") + bytes(range(4, 160))).decode() for k in range(count)]
+    return payloads, {payload.encode(): k for k, payload in enumerate(payloads)}
 
 
 # --- servers --------------------------------------------------------------------------------
@@ -66,15 +93,16 @@ def run(command, **kwargs):
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, **kwargs)
 
 
-def peer_command(name: str, port: int) -> list[str]:
-    """The command line of a peer server, installing its dependencies on first use."""
+def peer_command(name: str, port: int, echo: bool = False) -> list[str]:
+    """The command line of a peer server (its echo variant with `echo`), installing its
+    dependencies on first use."""
     PEERS_DIR.mkdir(parents=True, exist_ok=True)
     if name == "node":
         folder = PEERS_DIR / "node"
         if not (folder / "node_modules" / "ws").exists():
             folder.mkdir(exist_ok=True)
             run(["npm", "install", "--silent", "--no-audit", "--no-fund", "ws@8"], cwd=folder)
-        return ["node", str(PEERS / "ws_node_server.js"), str(port)]
+        return ["node", str(PEERS / (ECHO_PEERS["node"] if echo else "ws_node_server.js")), str(port)]
     packages = {"asyncio": ["websockets"],
                 "tutorial": ["flask", "flask-sockets", "gevent", "gevent-websocket"]}[name]
     venv = PEERS_DIR / f"venv-{name}"
@@ -85,12 +113,12 @@ def peer_command(name: str, port: int) -> list[str]:
     return [str(venv / "bin" / "python"), str(PEERS / script), str(port)]
 
 
-def start_server(name: str, log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, int]:
+def start_server(name: str, log_path: Path, extra: list[str], echo: bool = False) -> tuple[subprocess.Popen, int]:
     port = free_port()
     if name == "ours":
         command = [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port), *extra]
     else:
-        command = peer_command(name, port)
+        command = peer_command(name, port, echo)
     env = {k: v for k, v in os.environ.items() if k != "TWILIO_AUTH_TOKEN"}
     env["NODE_PATH"] = str(PEERS_DIR / "node" / "node_modules")  # the peer script lives elsewhere
     process = subprocess.Popen(command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
@@ -131,6 +159,14 @@ class Stream:
         self.stopped_at = None
         self.closed_at = None
         self.cut = False
+        self.sent_at = []  # monotonic time of each media sent, by chunk index
+        # --echo only: what the server sent back
+        self.sid_bytes = self.sid.encode()
+        self.buffer = b""  # the start of a frame still arriving
+        self.echoed = set()  # chunk indexes echoed
+        self.next_k = 0  # one past the highest chunk echoed so far
+        self.round_trips = []  # seconds
+        self.reordered = self.corrupt = self.marks = 0
 
     def send(self, text: str) -> None:
         self.sequence += 1
@@ -150,19 +186,133 @@ def read_closes(selector, timeout: float) -> int:
         except OSError:
             data = b""
         if not data or b"\x88" in data[:2]:
-            s.closed_at = time.monotonic()
-            s.cut |= s.stopped_at is None
-            selector.unregister(s.sock)
-            try:
-                s.sock.send(CLOSE_REPLY)
-            except OSError:
-                pass
-            s.sock.close()
+            close_stream(selector, s)
             closed += 1
     return closed
 
 
-def one_round(port: int, pid: int, calls: int, seconds: float) -> dict:
+def close_stream(selector, s: Stream) -> None:
+    """The server closed `s`: answered with a close frame and closed, as Twilio closes after `stop`."""
+    s.closed_at = time.monotonic()
+    s.cut |= s.stopped_at is None
+    selector.unregister(s.sock)
+    try:
+        s.sock.send(CLOSE_REPLY)
+    except OSError:
+        pass
+    s.sock.close()
+
+
+def read_echoes(selector, timeout: float, index_of: dict[bytes, int]) -> int:
+    """read_closes() for a server that talks back, where a close frame comes after the echoes:
+    each stream's bytes are split into frames (one may span reads), each text frame taken by
+    take_echo(), a close frame or EOF ends the stream. The arrival time is the read's: a
+    client slow to read adds to the round trips, as it adds to its own send lateness."""
+    closed = 0
+    for key, _ in selector.select(timeout=timeout):
+        s = key.data
+        try:
+            data = s.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            continue
+        except OSError:
+            data = b""
+        arrived = time.monotonic()
+        if data:
+            frames, used = parse_frames(s.buffer + data if s.buffer else data)
+            s.buffer = (s.buffer + data)[used:] if s.buffer else data[used:]
+        else:
+            frames = [(0x8, b"")]  # EOF: closed without a close frame
+        for opcode, payload in frames:
+            if opcode == 0x8:
+                close_stream(selector, s)
+                closed += 1
+                break
+            if opcode == 0x1:
+                take_echo(s, payload, arrived, index_of)
+            else:  # binary, fragments, pings: nothing a server of ours or Node's sends
+                s.corrupt += 1
+    return closed
+
+
+def parse_frames(buffer: bytes) -> tuple[list[tuple[int, bytes]], int]:
+    """(opcode, payload) of each whole frame at the start of `buffer` (a server's: unmasked)
+    and the bytes they take; the rest is a frame still arriving. twilio_sim.read_frames()
+    copies the rest after each frame: quadratic on a 64 KiB read of 300-byte frames."""
+    frames, position, size = [], 0, len(buffer)
+    while size - position >= 2:
+        length, start = buffer[position + 1] & 0x7F, position + 2
+        if length >= 126:
+            start += 2 if length == 126 else 8
+            if size < start:
+                break
+            length = int.from_bytes(buffer[position + 2:start], "big")
+        if size < start + length:
+            break
+        frames.append((buffer[position] & 0x0F, buffer[start:start + length]))
+        position = start + length
+    return frames, position
+
+
+def take_echo(s: Stream, text: bytes, arrived: float, index_of: dict[bytes, int]) -> None:
+    """One text message from the server: the echo of chunk k (its round trip, and whether it
+    came in order), a mark (counted, never sent back: this client plays no audio, so it has
+    no moment to echo it at), or anything else (corrupt)."""
+    event, payload = event_and_payload(text)
+    if event == "mark":
+        s.marks += 1
+        return
+    k = index_of.get(payload) if event == "media" else None
+    if k is None or k >= len(s.sent_at) or s.sid_bytes not in text:
+        s.corrupt += 1  # not a chunk this call sent, or not for this stream
+    elif k in s.echoed or k < s.next_k:
+        s.reordered += 1  # a second time, or after a later chunk: too late to be played in order
+        if k not in s.echoed:
+            s.echoed.add(k)
+            s.round_trips.append(arrived - s.sent_at[k])
+    else:
+        s.echoed.add(k)
+        s.next_k = k + 1
+        s.round_trips.append(arrived - s.sent_at[k])
+
+
+def event_and_payload(text: bytes) -> tuple[str | None, bytes | None]:
+    """The event of a server's message and its media payload: a substring search on the
+    compact JSON both servers write (json.loads on 15,000 echoes a second would cost the
+    client more than the server it measures), json.loads for anything else."""
+    if text.startswith(b'{"event":"media"'):
+        at = text.find(b'"payload":"')
+        if at >= 0:
+            return "media", text[at + 11:text.find(b'"', at + 11)]
+    try:
+        message = json.loads(text)
+        payload = message["media"]["payload"] if message.get("event") == "media" else None
+        return message.get("event"), payload.encode() if isinstance(payload, str) else None
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None, None
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile of sorted `values`, as the stop-to-close figures take it; nan if none."""
+    return values[int(q * (len(values) - 1))] if values else float("nan")
+
+
+def echo_figures(streams: list[Stream], start: float, offsets: list[float]) -> dict:
+    """Round trips (ms), chunks lost, reordered, corrupt, and how late the client sent against
+    its own schedule (ms). A round trip counts from the actual send, but a client behind its
+    schedule is also late reading the echoes: its lateness says how far to trust the figures."""
+    round_trips = sorted(rt * 1000 for s in streams for rt in s.round_trips)
+    lateness = sorted((sent_at - start - k * 0.020 - offset) * 1000
+                      for s, offset in zip(streams, offsets) for k, sent_at in enumerate(s.sent_at))
+    return {"rtt_p50": percentile(round_trips, 0.50), "rtt_p99": percentile(round_trips, 0.99),
+            "rtt_max": round_trips[-1] if round_trips else float("nan"),
+            "lost": sum(s.sent - len(s.echoed) for s in streams),
+            "reordered": sum(s.reordered for s in streams), "corrupt": sum(s.corrupt for s in streams),
+            "marks": sum(s.marks for s in streams),
+            "late_p99": percentile(lateness, 0.99), "late_max": lateness[-1] if lateness else float("nan")}
+
+
+def one_round(port: int, pid: int, calls: int, seconds: float, echo: bool = False) -> dict:
     streams, failures = [], 0
     for n in range(calls):
         try:
@@ -185,6 +335,8 @@ def one_round(port: int, pid: int, calls: int, seconds: float) -> dict:
 
     per_call = int(seconds * 50)
     count = len(streams)
+    payloads, index_of = echo_payloads(per_call)
+    read = functools.partial(read_echoes, index_of=index_of) if echo else read_closes
     cpu_start, wall_start = cpu_seconds(pid), time.monotonic()
     client_cpu_start = time.process_time()
     start = time.monotonic() + 0.1
@@ -205,7 +357,12 @@ def one_round(port: int, pid: int, calls: int, seconds: float) -> dict:
             while k <= per_call and start + k * 0.020 + offsets[i] <= now:
                 try:
                     if k < per_call:
-                        s.send(MEDIA % (s.sequence + 1, s.sid, k + 1, 20 * (k + 1)))
+                        sent_at = time.monotonic()
+                        if echo:
+                            s.send(ECHO_MEDIA % (s.sequence + 1, s.sid, k + 1, 20 * (k + 1), payloads[k]))
+                        else:
+                            s.send(MEDIA % (s.sequence + 1, s.sid, k + 1, 20 * (k + 1)))
+                        s.sent_at.append(sent_at)
                         s.sent += 1
                     else:
                         s.send(json.dumps({"event": "stop", "sequenceNumber": str(s.sequence + 1),
@@ -216,12 +373,12 @@ def one_round(port: int, pid: int, calls: int, seconds: float) -> dict:
                     k = per_call
                 k += 1
             next_k[i] = k
-        open_count -= read_closes(selector, 0.002)
+        open_count -= read(selector, 0.002)
         if int(now * 2) != int((now - 0.002) * 2):
             peak_rss = max(peak_rss, rss_mib(pid))
     deadline = time.monotonic() + 10
     while open_count and time.monotonic() < deadline:
-        open_count -= read_closes(selector, 0.05)
+        open_count -= read(selector, 0.05)
     cpu = cpu_seconds(pid) - cpu_start
     wall = time.monotonic() - wall_start
     client_cpu = time.process_time() - client_cpu_start
@@ -231,23 +388,27 @@ def one_round(port: int, pid: int, calls: int, seconds: float) -> dict:
     delays = sorted((s.closed_at - s.stopped_at) * 1000 for s in streams
                     if s.closed_at is not None and s.stopped_at is not None)
     never_closed = sum(1 for s in streams if s.closed_at is None)
-    return {"streams": streams, "failures": failures, "messages": messages, "cpu": cpu, "wall": wall,
-            "client_cpu": client_cpu, "us_per_message": cpu / max(messages, 1) * 1e6,
-            "worst_ms": delays[-1] if delays else float("nan"),
-            "p99_ms": delays[int(0.99 * (len(delays) - 1))] if delays else float("nan"),
-            "cut": sum(s.cut for s in streams) + never_closed, "peak_rss": peak_rss}
+    result = {"streams": streams, "failures": failures, "messages": messages, "cpu": cpu, "wall": wall,
+              "client_cpu": client_cpu, "us_per_message": cpu / max(messages, 1) * 1e6,
+              "worst_ms": delays[-1] if delays else float("nan"),
+              "p99_ms": delays[int(0.99 * (len(delays) - 1))] if delays else float("nan"),
+              "cut": sum(s.cut for s in streams) + never_closed, "peak_rss": peak_rss}
+    return {**result, **echo_figures(streams, start, offsets)} if echo else result
 
 
-def check_summaries(log_path: Path, streams: list[Stream]) -> tuple[int, int]:
+def check_summaries(log_path: Path, streams: list[Stream], echo: bool = False) -> tuple[int, int]:
     """(exact, wrong) summary counts for our server's log, once every stream has its
-    summary line (or 10 s have passed)."""
+    summary line (or 10 s have passed). With `echo`, a summary is exact when it counts every
+    chunk both ways: media=<sent> and sent=<sent>/<seconds>s."""
     deadline = time.monotonic() + 10
     while True:
-        found = dict(re.findall(r"summary stream=(\S+) .*? media=(\d+)", log_path.read_text()))
+        found = {sid: (media, played_back) for sid, media, played_back in re.findall(
+            r"summary stream=(\S+) .*? media=(\d+)(?:.*? sent=(\S+))?", log_path.read_text())}
         if all(s.sid in found for s in streams) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    exact = sum(1 for s in streams if found.get(s.sid) == str(s.sent))
+    exact = sum(1 for s in streams if found.get(s.sid, (None,))[0] == str(s.sent) and (
+        not echo or found[s.sid][1] == f"{s.sent}/{s.sent * 0.020:.2f}s"))
     return exact, len(streams) - exact
 
 
@@ -270,22 +431,28 @@ def wait_for_sockets(pid: int, count: int, timeout: float = 10.0) -> None:
 
 def bench(name: str, args, ours_args: list[str] = ()) -> dict:
     log_path = Path(tempfile.mkdtemp(prefix="bench-")) / "server.log"
-    process, port = start_server(name, log_path, list(ours_args))
+    process, port = start_server(name, log_path, list(ours_args), args.echo)
     name = " ".join(["ours", *ours_args]) if name == "ours" else name
     try:
         idle = rss_mib(process.pid)
         idle_sockets = open_sockets(process.pid)
         rounds = []
         for r in range(args.rounds):
-            result = one_round(port, process.pid, args.calls, args.seconds)
+            result = one_round(port, process.pid, args.calls, args.seconds, args.echo)
             if name.startswith("ours"):
-                result["exact"], result["wrong"] = check_summaries(log_path, result["streams"])
+                result["exact"], result["wrong"] = check_summaries(log_path, result["streams"], args.echo)
             wait_for_sockets(process.pid, idle_sockets)
             result["after_rss"] = rss_mib(process.pid)
             rounds.append(result)
             print(f"  {name} round {r + 1}: {result['us_per_message']:.1f} us/msg, "
                   f"worst stop-to-close {result['worst_ms']:.0f} ms, RSS {result['peak_rss']:.0f} MiB peak, "
                   f"{result['after_rss']:.0f} MiB after", file=sys.stderr)
+            if args.echo:
+                print(f"  {name} round {r + 1}: round trip p50/p99/max {result['rtt_p50']:.1f}/"
+                      f"{result['rtt_p99']:.1f}/{result['rtt_max']:.0f} ms, lost {result['lost']}, reordered "
+                      f"{result['reordered']}, corrupt {result['corrupt']}, marks {result['marks']}, "
+                      f"client late p99/max {result['late_p99']:.1f}/{result['late_max']:.0f} ms",
+                      file=sys.stderr)
         return {"name": name, "idle_rss": idle, "rounds": rounds, "log": log_path}
     finally:
         process.terminate()
@@ -298,6 +465,8 @@ def bench(name: str, args, ours_args: list[str] = ()) -> dict:
 def report(results: list[dict], args) -> None:
     print(f"{args.calls} calls x {args.seconds:g} s at 50 media messages/s each "
           f"({args.calls * 50} msg/s), {os.cpu_count()} cores, rounds={args.rounds}")
+    if args.echo:
+        return report_echo(results, args)
     header = ("server", "us CPU/msg", "worst stop->close", "p99 stop->close", "handshake fails", "cut",
               "exact summaries", "RSS idle/peak/after MiB", "client CPU %")
     rows = []
@@ -320,6 +489,48 @@ def report(results: list[dict], args) -> None:
             print(f"{ours['name']} / node CPU per message: {mine / theirs:.2f}x (target <= 1.5x)")
 
 
+def round_label(result: dict, i: int, args) -> str:
+    return result["name"] + (f" #{i + 1}" if args.rounds > 1 else "")
+
+
+def report_echo(results: list[dict], args) -> None:
+    """report() for --echo: round trips, losses and the client's own lateness first."""
+    header = ("server", "round trip p50/p99/max ms", "us CPU/msg", "lost", "reordered", "corrupt",
+              "handshake fails", "cut", "exact summaries", "RSS idle/peak/after MiB", "client CPU %",
+              "client late p99/max ms")
+    rows, late = [], []
+    for result in results:
+        for i, r in enumerate(result["rounds"]):
+            exact = f"{r['exact']}/{len(r['streams'])}" if "exact" in r else "n/a"
+            rows.append((round_label(result, i, args),
+                         f"{r['rtt_p50']:.1f}/{r['rtt_p99']:.1f}/{r['rtt_max']:.0f}",
+                         f"{r['us_per_message']:.1f}", str(r["lost"]), str(r["reordered"]), str(r["corrupt"]),
+                         str(r["failures"]), str(r["cut"]), exact,
+                         f"{result['idle_rss']:.0f}/{r['peak_rss']:.0f}/{r['after_rss']:.0f}",
+                         f"{100 * r['client_cpu'] / r['wall']:.0f}", f"{r['late_p99']:.1f}/{r['late_max']:.0f}"))
+            if not r["late_p99"] <= LATE_MS:
+                late.append(f"warning: {round_label(result, i, args)}: the client sent {r['late_p99']:.1f} ms late "
+                            f"at p99 ({r['late_max']:.0f} ms at worst) against its 20 ms schedule: this round's "
+                            f"round trips include the client's lateness")
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+    for line in late:
+        print(line)
+    node = [r for r in results if r["name"] == "node"]
+    for ours in [r for r in results if r["name"].startswith("ours")]:
+        if node:
+            mine = statistics.median(r["rtt_p99"] for r in ours["rounds"])
+            theirs = statistics.median(r["rtt_p99"] for r in node[0]["rounds"])
+            clean = all(r["lost"] == r["reordered"] == r["corrupt"] == 0 for r in ours["rounds"])
+            met = mine <= theirs + 20 and clean
+            print(f"{ours['name']} / node round trip p99: {mine / theirs:.2f}x ({mine:.1f} vs {theirs:.1f} ms; "
+                  f"target <= node + 20 ms, nothing lost or reordered: {'met' if met else 'MISSED'})")
+            mine = statistics.median(r["us_per_message"] for r in ours["rounds"])
+            theirs = statistics.median(r["us_per_message"] for r in node[0]["rounds"])
+            print(f"{ours['name']} / node CPU per message: {mine / theirs:.2f}x (target <= 1.5x)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=300)
@@ -329,10 +540,16 @@ def main(argv=None):
     parser.add_argument("--ours", action="append", metavar="FLAGS",
                         help='flags for one run of our app.py; repeat for several, e.g. --ours="" '
                              '--ours="--read-interval-ms 0" (default: one run, no flags); "none": skip')
+    parser.add_argument("--echo", action="store_true",
+                        help="servers that play each chunk back (our --echo, Node's echo peer): round trips")
     args = parser.parse_args(argv)
-    variants = [flags.split() for flags in (args.ours or [""]) if flags != "none"]
+    peers = [name for name in args.vs.split(",") if name]
+    if args.echo and any(name not in ECHO_PEERS for name in peers):
+        raise SystemExit(f"--echo: {', '.join(name for name in peers if name not in ECHO_PEERS)} has no echo "
+                         f"variant; only {', '.join(ECHO_PEERS)} can run with --echo (--vs node)")
+    variants = [flags.split() + (["--echo"] if args.echo else []) for flags in (args.ours or [""]) if flags != "none"]
     results = [bench("ours", args, flags) for flags in variants]
-    results += [bench(name, args) for name in args.vs.split(",") if name]
+    results += [bench(name, args) for name in peers]
     print()
     report(results, args)
 
