@@ -19,6 +19,7 @@ import argparse
 import base64
 import binascii
 import errno
+import functools
 import hashlib
 import hmac
 import importlib
@@ -28,6 +29,7 @@ import math
 import os
 import re
 import resource
+import shlex
 import signal
 import socket
 import struct
@@ -204,7 +206,7 @@ def configure(argv: list[str] | None = None, environ=os.environ, stream_class=No
     new.stream_class = checked_stream_class(stream_class, "stream_class") if stream_class else \
         load_stream_class(environ.get("STREAM_CLASS"))
     new.greeting = read_greeting(new.greet)
-    new.stream_class = talking_back_mode(new, environ.get("STREAM_CLASS") or stream_class) or new.stream_class
+    new.stream_class = talking_back_mode(new, new.stream_class)
     check_record_dir(new.record)
     settings = new
     setup_logging(settings.log_level)
@@ -270,30 +272,42 @@ def find_stream_class_module(name: str | None) -> None:
         raise SettingsError(f"STREAM_CLASS: cannot load {name!r}: no module named {module_name!r}")
 
 
-def talking_back_mode(settings: argparse.Namespace, own_class) -> type | None:
-    """The stream class of --echo or --greet, if one is on: they replace MediaStream, not your class."""
-    modes = [flag for flag, on in (("--echo", settings.echo), ("--greet", settings.greet)) if on]
-    if len(modes) + bool(own_class) > 1:
-        raise SettingsError(f"{', '.join(modes + ['your stream class'] * bool(own_class))}: choose one, "
-                            "each decides what the stream plays back")
-    return EchoStream if settings.echo else GreetStream if settings.greet else None
+def talking_back_mode(settings: argparse.Namespace, stream_class: type | None) -> type | None:
+    """The stream class to serve: --echo's or --greet's, or your class, which may subclass
+    the one its mode names; each decides what a stream plays back. None: not known yet."""
+    modes = [(flag, mode) for flag, mode, on in (("--echo", EchoStream, settings.echo),
+                                                  ("--greet", GreetStream, settings.greet)) if on]
+    if len(modes) > 1:
+        raise SettingsError("--echo and --greet: choose one, each decides what the stream plays back")
+    if stream_class and issubclass(stream_class, GreetStream) and not settings.greet:
+        raise SettingsError(f"{stream_class.__name__} plays a greeting: give it one with --greet (GREET)")
+    if not modes:
+        return stream_class
+    flag, mode = modes[0]
+    if stream_class and stream_class is not MediaStream and not issubclass(stream_class, mode):
+        raise SettingsError(f"{flag} and your stream class {stream_class.__name__}: choose one, or subclass "
+                            f"app.{mode.__name__}")
+    return stream_class if stream_class and issubclass(stream_class, mode) else mode
 
 
+@functools.lru_cache(maxsize=4)  # read once: gunicorn's workers, forked later, use the master's copy
 def read_greeting(path: str | None) -> bytes:
     """--greet's WAV file as mu-law, read once at start-up: a file that is not there or not
     8000 Hz mono 16-bit PCM stops the server with the command that converts it."""
     if not path:
         return b""
+    convert = f"it must be 8000 Hz mono 16-bit PCM: sox {shlex.quote(path)} -r 8000 -c 1 -b 16 greeting.wav"
     try:
         with wave.open(path, "rb") as wav:
             found = (wav.getframerate(), wav.getnchannels(), wav.getsampwidth())
             pcm = wav.readframes(wav.getnframes())
-    except (OSError, EOFError, wave.Error) as exc:
-        raise SettingsError(f"--greet (GREET): cannot read {path!r}: {getattr(exc, 'strerror', None) or exc}") \
-            from None
+    except OSError as exc:
+        raise SettingsError(f"--greet (GREET): cannot read {path!r}: {exc.strerror or exc}") from None
+    except (EOFError, wave.Error) as exc:  # not a WAV file, or mu-law, float, extensible...
+        raise SettingsError(f"--greet (GREET): {path!r} is not PCM audio ({exc or 'no data'}); {convert}") from None
     if found != (8000, 1, 2):
-        raise SettingsError(f"--greet (GREET): {path!r} is {found[0]} Hz, {found[1]} channel(s), {8 * found[2]}-bit; "
-                            f"it must be 8000 Hz mono 16-bit PCM: sox {path} -r 8000 -c 1 -b 16 greeting.wav")
+        raise SettingsError(f"--greet (GREET): {path!r} is {found[0]} Hz, {found[1]} channel(s), "
+                            f"{8 * found[2]}-bit; {convert}")
     if not pcm:
         raise SettingsError(f"--greet (GREET): {path!r} holds no audio")
     return pcm16_to_ulaw(pcm)
@@ -448,15 +462,41 @@ class Mark:
 @dataclass
 class PlayedBack:
     """What a stream sent into the call (<Connect><Stream> only)."""
-    messages: int = 0
+    messages: int = 0               # media messages framed for the socket (sent=)
     bytes: int = 0
+    queued_bytes: int = 0           # audio handed to play(), sent or still to frame: where marks fall
     marks: deque = field(default_factory=deque)  # sent, not yet echoed, oldest first
     marks_sent: int = 0
     marks_played: int = 0
     marks_cancelled: int = 0
     clears: int = 0
-    unsent: int = 0                 # messages refused or lost: a <Start> stream, a closed socket
+    unsent: int = 0                 # messages refused (before start, a <Start> stream, a closed socket) or
+                                    # still waiting to be sent when the stream ended
     playing_until: float = 0.0      # when Twilio will have played what it was sent, as far as we know
+
+
+class Playback:
+    """Audio from play(), framed into 20 ms media messages only as the socket takes them: a
+    long greeting costs no time in the receive loop and no memory per call beyond itself."""
+    __slots__ = ("stream", "ulaw", "offset")
+
+    def __init__(self, stream: "MediaStream", ulaw: bytes):
+        self.stream, self.ulaw, self.offset = stream, ulaw, 0
+
+    def frames(self, limit: int) -> bytes:
+        """The next media frames, about `limit` bytes of them; b"" once all have gone."""
+        frames, ulaw, played_back = bytearray(), self.ulaw, self.stream.played_back
+        while self.offset < len(ulaw) and len(frames) < limit:
+            chunk = ulaw[self.offset:self.offset + CHUNK_BYTES].ljust(CHUNK_BYTES, b"\xff")  # whole 20 ms: pad with silence
+            self.offset += CHUNK_BYTES
+            frames += server_frame(OP_TEXT, json_dumps({"event": "media", "streamSid": self.stream.stream_sid, "media": {
+                "payload": binascii.b2a_base64(chunk, newline=False).decode()}}))
+            played_back.messages += 1
+            played_back.bytes += CHUNK_BYTES
+        return bytes(frames)
+
+    def messages_left(self) -> int:
+        return -(-max(0, len(self.ulaw) - self.offset) // CHUNK_BYTES)
 
 
 @dataclass(eq=False)
@@ -471,6 +511,7 @@ class MediaStream:
                                         "dtmf": "on_dtmf", "mark": "on_mark", "stop": "on_stop"}
     handlers: ClassVar[dict]            # EVENTS' methods, looked up when the class is made (handlers_of)
     wants_pcm: ClassVar[bool] = False   # True: every chunk decoded to PCM and handed to on_audio()
+    talks_back: ClassVar[bool] = False  # True: read as each message lands from the first (else from the first send)
 
     remote: str
     ws: "MediaWebSocket | None" = field(default=None, repr=False)  # where play(), mark() and clear() send
@@ -494,6 +535,10 @@ class MediaStream:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls.handlers = handlers_of(cls)
+
+    def __post_init__(self):
+        if self.talks_back and self.ws is not None:
+            self.ws.talk_back()
 
     @property
     def label(self) -> str:
@@ -714,7 +759,7 @@ class MediaStream:
         else:
             played_back.marks_played += 1
             # Played up to the mark: what was sent after it is still to come, from now.
-            played_back.playing_until = time.monotonic() + (played_back.bytes - sent.after_bytes) / 8000
+            played_back.playing_until = time.monotonic() + (played_back.queued_bytes - sent.after_bytes) / 8000
         self.on_mark_echo(name, sent.cancelled, (time.monotonic() - sent.sent_at) * 1000)
 
     def on_mark_echo(self, name: str, cancelled: bool, waited_ms: float) -> None:
@@ -731,25 +776,25 @@ class MediaStream:
         self.play_ulaw(pcm16_to_ulaw(pcm))
 
     def play_ulaw(self, ulaw: bytes) -> None:
-        """play() for audio that is mu-law already (a TTS asked for ulaw_8000, an echo)."""
-        played_back = self.played_back
-        for offset in range(0, len(ulaw), CHUNK_BYTES):
-            chunk = ulaw[offset:offset + CHUNK_BYTES]
-            if not self.send({"event": "media", "streamSid": self.stream_sid,
-                              "media": {"payload": binascii.b2a_base64(chunk, newline=False).decode()}}):
-                return
-            played_back.messages += 1
-            played_back.bytes += len(chunk)
-            played_back.playing_until = max(played_back.playing_until, time.monotonic()) + len(chunk) / 8000
+        """play() for audio that is mu-law already (a TTS asked for ulaw_8000, an echo). The
+        last message is padded with silence to 20 ms."""
+        if ulaw and self.send(Playback(self, ulaw)):
+            played_back = self.played_back
+            length = -(-len(ulaw) // CHUNK_BYTES) * CHUNK_BYTES
+            played_back.queued_bytes += length
+            played_back.playing_until = max(played_back.playing_until, time.monotonic()) + length / 8000
 
     def mark(self, name: str) -> None:
         """Ask Twilio to echo `name` once the audio sent so far has been played: on_mark_echo()."""
         if self.send({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}}):
-            self.played_back.marks.append(Mark(name, self.played_back.bytes, time.monotonic()))
+            self.played_back.marks.append(Mark(name, self.played_back.queued_bytes, time.monotonic()))
             self.played_back.marks_sent += 1
 
     def clear(self) -> None:
-        """Cut off the audio Twilio has not played yet (barge-in); the marks waiting come back cancelled."""
+        """Cut off the audio Twilio has not played yet (barge-in), and ours not yet sent; the
+        marks waiting come back cancelled."""
+        if self.ws is not None and not self.listen_only:
+            self.ws.drop_audio()
         if self.send({"event": "clear", "streamSid": self.stream_sid}):
             self.played_back.clears += 1
             self.played_back.playing_until = 0.0
@@ -761,14 +806,17 @@ class MediaStream:
         """Audio sent that Twilio has not played yet, as far as the marks and the clock tell."""
         return max(0.0, self.played_back.playing_until - time.monotonic())
 
-    def send(self, message: dict) -> bool:
-        """One message to Twilio as a text frame; False (counted) when it cannot go: before
-        `start`, on a <Start> stream, once the connection is closing or gone."""
+    def send(self, message: dict | Playback) -> bool:
+        """One message to Twilio (or audio to frame as the socket takes it); False (counted)
+        when it cannot go: before `start`, on a <Start> stream, once the connection is closing
+        or gone."""
         refused = self.listen_only or (None if self.stream_sid else "it has not started (no 'start' yet)")
-        if refused or self.ws is None or not self.ws.send_text(json_dumps(message)):
+        ws = self.ws
+        if refused or ws is None or not (ws.send_audio(message) if isinstance(message, Playback)
+                                         else ws.send_text(json_dumps(message))):
             self.played_back.unsent += 1
             if self.played_back.unsent == 1:
-                self.warn(f"not sent back: {refused or 'the connection is closed, or its client reads nothing'} "
+                self.warn(f"not sent back: {refused or 'the connection is closing or gone'} "
                           "(from now on only counted: unsent=)")
             return False
         return True
@@ -790,7 +838,10 @@ class MediaStream:
             self.warn(why)
 
     def finish(self) -> None:
-        """Close the recordings and log the summary line."""
+        """Close the recordings and log the summary line. Audio still waiting to be sent
+        goes no further: the call is over (counted in unsent=)."""
+        if self.ws is not None:
+            self.played_back.unsent += self.ws.drop_audio()
         for track in self.tracks.values():
             self.stop_recording(track)
         log.info("%s", self.summary())
@@ -977,6 +1028,7 @@ class WavTrack:
 class EchoStream(MediaStream):
     """--echo: the caller hears themselves, each chunk as it arrives, with a mark every
     second that says when Twilio played it: the first test of a bidirectional stream."""
+    talks_back = True
 
     def on_media(self, data: dict) -> None:
         inbound = self.tracks["inbound"]
@@ -998,6 +1050,7 @@ class GreetStream(MediaStream):
     """--greet FILE.wav: plays the greeting when the stream starts, with a mark at its end;
     a caller who talks over it (barge-in) cuts it off with a clear."""
     wants_pcm = True
+    talks_back = True
     loud_ms: int = 0
     barge_ins: int = 0
 
@@ -1232,7 +1285,8 @@ class FrameParser:
 
 RECV_BYTES = 4096   # ten Twilio messages; 64 KiB reads fragmented the heap: RSS grew by the round
 CLOSE_TIMEOUT = 2   # seconds we wait for the client's side of the closing handshake
-OUTBOX_BYTES = 1 << 20  # what may wait for a client that reads slower than we send: 90 s of played-back audio
+SEND_BATCH = 16384   # bytes of frames the writer hands the socket at a time
+STALL_SECONDS = 10   # a client that takes none of what we send for this long is dropped
 
 
 class MediaWebSocket(WebSocket):
@@ -1243,10 +1297,11 @@ class MediaWebSocket(WebSocket):
     failed (None when the client closed or went away); `held` is what its half-received
     message holds, counted in unfinished_bytes.
 
-    Sending never waits: a frame goes to the socket at once if the kernel takes it, else to
-    `outbox`, which one writer greenlet drains while everything sent after waits behind it,
-    so frames from several greenlets never interleave. A stream that sends is read as each
-    message lands (`talks_back`: no --read-interval-ms batching)."""
+    Sending never waits: what is sent joins `outbox` (frames, and audio that is framed only
+    as the socket takes it), which goes to the socket at once as far as the kernel takes it;
+    the rest is left to one writer greenlet, and whatever is sent after waits behind it, so
+    frames from several greenlets never interleave. A stream that talks back is read as each
+    message lands (no --read-interval-ms batching) and sends without Nagle's delay."""
 
     __slots__ = ("parser", "error", "last_received", "greenlet", "fill", "held", "outbox", "writer",
                  "broken", "talks_back")
@@ -1259,9 +1314,9 @@ class MediaWebSocket(WebSocket):
         self.greenlet = gevent.getcurrent()
         self.fill = self.first_fill
         self.held = 0
-        self.outbox = bytearray()
+        self.outbox: deque = deque()  # frames (bytes) and audio still to be framed (Playback), in order
         self.writer: gevent.Greenlet | None = None
-        self.broken = False       # a send failed: the client is gone
+        self.broken = False       # a send failed, or the client took nothing for STALL_SECONDS
         self.talks_back = False
 
     def first_fill(self, size: int) -> bytes:
@@ -1298,6 +1353,7 @@ class MediaWebSocket(WebSocket):
             if not data:  # the client went away without a close frame
                 self.closed = True
                 self.release_unfinished()
+                self.abandon_sending()
                 return None
             self.last_received = time.monotonic()
             parser.feed(data)
@@ -1322,59 +1378,104 @@ class MediaWebSocket(WebSocket):
     def __del__(self):
         pass  # the library's close() from the garbage collector: closing may wait on the network
 
-    def send_text(self, text: bytes) -> bool:
-        """Queue one text message (UTF-8 bytes); False when the connection is closing or gone,
-        or its client has left OUTBOX_BYTES unread."""
-        if self.closed or self.broken or len(self.outbox) > OUTBOX_BYTES:
-            return False
+    def talk_back(self) -> None:
+        """From now on this stream is read as each message lands, and its frames go out at once."""
         if not self.talks_back:
             self.talks_back = True
             try:  # Nagle's algorithm would hold a mark sent after audio until the client's next ACK: 20 ms
                 self.handler.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass  # not TCP (gunicorn on a unix socket): nothing to turn off
-        self.write(server_frame(OP_TEXT, text))
+
+    def send_text(self, text: bytes) -> bool:
+        """Queue one text message (UTF-8 bytes); False once the connection is closing or gone."""
+        return self.queue(server_frame(OP_TEXT, text))
+
+    def send_audio(self, playback: "Playback") -> bool:
+        """Queue audio, framed only as the socket takes it; False once the connection is closing or gone."""
+        return self.queue(playback)
+
+    def queue(self, item) -> bool:
+        if self.closed or self.broken or self.parser.state is not OPEN:  # nothing may follow a close frame
+            return False
+        self.talk_back()
+        self.outbox.append(item)
+        if self.writer is None:
+            self.write_now()
         return True
 
     def flush(self) -> None:
         """What the parser has to send (pongs, our close frame), behind anything queued."""
-        data, self.parser.outgoing = self.parser.outgoing, bytearray()
-        self.write(data)
+        if self.parser.outgoing:
+            data, self.parser.outgoing = bytes(self.parser.outgoing), bytearray()
+            self.outbox.append(data)
+            if self.writer is None:
+                self.write_now()
 
-    def write(self, data: bytes) -> None:
-        if self.broken:
-            return
-        if self.writer is None:
+    def next_bytes(self) -> bytes:
+        """About SEND_BATCH bytes of what waits in the outbox, the audio framed as it comes."""
+        outbox, data = self.outbox, b""
+        while outbox and len(data) < SEND_BATCH:
+            if isinstance(outbox[0], bytes):
+                data += outbox.popleft()
+            else:
+                frames = outbox[0].frames(SEND_BATCH - len(data))
+                if not frames:
+                    outbox.popleft()
+                data += frames
+        return data
+
+    def write_now(self) -> None:
+        """Send what the kernel takes without waiting; leave the rest to a writer greenlet."""
+        sock = self.handler.socket
+        while self.outbox and not self.broken:
+            data = self.next_bytes()
             try:
-                sent = self.handler.socket.send(data, 0, 0.0)  # timeout 0: gevent never waits
+                sent = sock.send(data, 0, 0.0)  # timeout 0: gevent never waits
             except BlockingIOError:
                 sent = 0
             except OSError:
-                self.broken = True
+                return self.abandon_sending()
+            if sent < len(data):
+                self.outbox.appendleft(data[sent:])
+                self.writer = gevent.spawn(self.drain, sock)
                 return
-            if sent == len(data):
-                return
-            data = data[sent:]
-            self.writer = gevent.spawn(self.drain)
-        self.outbox += data
 
-    def drain(self) -> None:
-        """The writer greenlet: sends the outbox until it is empty (or the client is gone)."""
+    def drain(self, sock) -> None:
+        """The writer greenlet: the outbox, in order, as fast as the client takes it. A client
+        that takes nothing for STALL_SECONDS holds what we queue for it: it is dropped."""
         try:
-            while self.outbox:
-                data, self.outbox = self.outbox, bytearray()
-                self.handler.socket.sendall(data)
+            while self.outbox and not self.broken:
+                data = self.next_bytes()
+                with gevent.Timeout(STALL_SECONDS, False):
+                    sock.sendall(data)
+                    continue
+                self.abandon_sending()
+                if not self.closed:
+                    gevent.kill(self.greenlet, IdleTimeout(f"the client took nothing we sent for {STALL_SECONDS} s"))
         except OSError:
-            self.broken = True
-            self.outbox = bytearray()
+            self.abandon_sending()
         finally:
             self.writer = None
 
+    def drop_audio(self) -> int:
+        """Audio queued but not yet framed, gone (a clear cut it off, the call ended): how many
+        media messages it would have made. Frames already made still go, whole."""
+        dropped = sum(item.messages_left() for item in self.outbox if not isinstance(item, bytes))
+        self.outbox = deque(item for item in self.outbox if isinstance(item, bytes))
+        return dropped
+
+    def abandon_sending(self) -> None:
+        """The client is gone, or takes nothing: drop what waits for it and stop the writer."""
+        self.broken = True
+        self.outbox.clear()
+        if self.writer is not None and self.writer is not gevent.getcurrent():
+            self.writer.kill(block=False)  # one not yet started never starts
+
     def flushed(self) -> None:
         """Wait until the writer has sent everything queued."""
-        writer = self.writer
-        if writer is not None:
-            writer.join()
+        if self.writer is not None:
+            self.writer.join()
         if self.broken:
             raise ConnectionError("the client is gone")
 
@@ -1402,8 +1503,7 @@ class MediaWebSocket(WebSocket):
         except OSError:
             pass  # the client is gone: nothing more to tell it
         finally:
-            if self.writer is not None:  # still waiting on a client that reads nothing
-                self.writer.kill(block=False)
+            self.abandon_sending()  # whatever a client that reads nothing left unsent
             self.release_unfinished()
             self.stream = self.raw_write = self.raw_read = self.environ = None
 
@@ -1569,8 +1669,8 @@ else:
             try:
                 checked = read_settings([], environ)
                 check_record_dir(checked.record)
-                read_greeting(checked.greet)
-                talking_back_mode(checked, environ.get("STREAM_CLASS"))
+                read_greeting(checked.greet)  # and kept, for the workers: a file gone later stops no worker
+                talking_back_mode(checked, None)
                 find_stream_class_module(environ.get("STREAM_CLASS"))
             except SettingsError as error:
                 print(f"app.py: error: {error}", file=sys.stderr, flush=True)

@@ -244,6 +244,9 @@ def test_a_finished_call_leaves_no_call_state_in_reference_cycles():
         def close(self, code=1000):
             self.closed = True
 
+        def drop_audio(self):
+            return 0
+
     environ = EnvironBuilder(path="/media", headers={"Upgrade": "websocket", "Connection": "Upgrade"}).get_environ()
     environ["wsgi.websocket"] = GoneWebSocket()
     gc.collect()

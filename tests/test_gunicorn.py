@@ -87,8 +87,6 @@ def test_stream_class_names_your_subclass_under_gunicorn(start_server, tmp_path)
      "app.py: error: STREAM_CLASS: cannot load 'no_such_module:Stream': no module named 'no_such_module'"),
     ({"GREET": "/no/such/greeting.wav"},
      "app.py: error: --greet (GREET): cannot read '/no/such/greeting.wav': No such file or directory"),
-    ({"ECHO": "1", "STREAM_CLASS": "json:JSONDecoder"},
-     "app.py: error: --echo, your stream class: choose one, each decides what the stream plays back"),
 ])
 def test_a_setting_that_cannot_work_stops_gunicorn_with_one_line(env, error):
     out = subprocess.run(gunicorn_command("-w", "2"), cwd=ROOT, env=clean_environment(env),

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import app
-from tests.twilio_sim import CHUNK, Call, encode_ulaw, tone
+from tests.twilio_sim import CHUNK, Call, encode_ulaw, read_frames, tone
 
 SILENCE = b"\xff" * CHUNK
 
@@ -42,8 +42,20 @@ class SentMessages(list):
     closed = False
 
     def send_text(self, text: bytes) -> bool:
-        self.append(json.loads(text))
+        if not self.closed:
+            self.append(json.loads(text))
         return not self.closed
+
+    def send_audio(self, playback) -> bool:
+        while not self.closed and (frames := playback.frames(1 << 20)):
+            self.extend(json.loads(payload) for _, payload in read_frames(frames))
+        return not self.closed
+
+    def talk_back(self) -> None:
+        self.talking_back = True
+
+    def drop_audio(self) -> int:
+        return 0
 
 
 def test_handle_returns_each_event_and_counts_the_call():

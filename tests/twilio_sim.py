@@ -451,7 +451,10 @@ def play_connect_call(url, samples, headers=None, dtmf="", jitter_ms=20, params=
 
     def send(message, *args):
         with send_lock:
-            client.send(message(*args))
+            try:
+                client.send(message(*args))
+            except OSError:  # the server has closed the connection: a mark echo comes too late
+                pass
 
     player = Player(call.stream_sid, lambda name: send(call.mark, name), jitter_ms)
     closed = {}
@@ -469,8 +472,14 @@ def play_connect_call(url, samples, headers=None, dtmf="", jitter_ms=20, params=
                 with send_lock:
                     client.send_raw(frame(0x8, payload[:2]))
                 return
+            if opcode == 0x1:
+                try:
+                    payload = payload.decode()
+                except UnicodeDecodeError:
+                    player.violations.append("31924 a text frame that is not UTF-8: Twilio ends the stream")
+                    continue
             if opcode in (0x1, 0x2):
-                player.receive(opcode, payload.decode(errors="replace") if opcode == 0x1 else payload)
+                player.receive(opcode, payload)
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
