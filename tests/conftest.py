@@ -94,7 +94,7 @@ class Server:
 
     def stop(self):
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(signal.SIGINT)  # gunicorn's quick exit (SIGTERM waits --graceful-timeout)
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:

@@ -436,9 +436,9 @@ class Player:
 
     @property
     def idle(self):
-        """Nothing left to play, and nothing received for half a second."""
+        """Nothing left to play, and nothing received for 0.3 s."""
         with self.lock:
-            return not self.queue and time.monotonic() - self.last_message_at > 0.5
+            return not self.queue and time.monotonic() - self.last_message_at > 0.3
 
 
 def play_connect_call(url, samples, headers=None, dtmf="", jitter_ms=20, params=None, out=print):
