@@ -484,16 +484,23 @@ class Playback:
         self.stream, self.ulaw, self.offset = stream, ulaw, 0
 
     def frames(self, limit: int) -> bytes:
-        """The next media frames, about `limit` bytes of them; b"" once all have gone."""
-        frames, ulaw, played_back = bytearray(), self.ulaw, self.stream.played_back
-        while self.offset < len(ulaw) and len(frames) < limit:
+        """The next media frames, about `limit` bytes of them (at least one)."""
+        frames, ulaw, played_back = [], self.ulaw, self.stream.played_back
+        size = 0
+        while self.offset < len(ulaw) and size < limit:
             chunk = ulaw[self.offset:self.offset + CHUNK_BYTES].ljust(CHUNK_BYTES, b"\xff")  # whole 20 ms: pad with silence
             self.offset += CHUNK_BYTES
-            frames += server_frame(OP_TEXT, json_dumps({"event": "media", "streamSid": self.stream.stream_sid, "media": {
-                "payload": binascii.b2a_base64(chunk, newline=False).decode()}}))
+            frames.append(server_frame(OP_TEXT, json_dumps({"event": "media", "streamSid": self.stream.stream_sid,
+                                                            "media": {"payload": binascii.b2a_base64(
+                                                                chunk, newline=False).decode()}})))
+            size += len(frames[-1])
             played_back.messages += 1
             played_back.bytes += CHUNK_BYTES
-        return bytes(frames)
+        return frames[0] if len(frames) == 1 else b"".join(frames)
+
+    @property
+    def done(self) -> bool:
+        return self.offset >= len(self.ulaw)
 
     def messages_left(self) -> int:
         return -(-max(0, len(self.ulaw) - self.offset) // CHUNK_BYTES)
@@ -1419,10 +1426,9 @@ class MediaWebSocket(WebSocket):
             if isinstance(outbox[0], bytes):
                 data += outbox.popleft()
             else:
-                frames = outbox[0].frames(SEND_BATCH - len(data))
-                if not frames:
+                data += outbox[0].frames(SEND_BATCH - len(data))
+                if outbox[0].done:
                     outbox.popleft()
-                data += frames
         return data
 
     def write_now(self) -> None:
