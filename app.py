@@ -488,11 +488,11 @@ class Playback:
         frames, ulaw, played_back = [], self.ulaw, self.stream.played_back
         size = 0
         while self.offset < len(ulaw) and size < limit:
-            chunk = ulaw[self.offset:self.offset + CHUNK_BYTES].ljust(CHUNK_BYTES, b"\xff")  # whole 20 ms: pad with silence
+            chunk = ulaw[self.offset:self.offset + CHUNK_BYTES].ljust(CHUNK_BYTES, b"\xff")  # whole 20 ms
             self.offset += CHUNK_BYTES
-            frames.append(server_frame(OP_TEXT, json_dumps({"event": "media", "streamSid": self.stream.stream_sid,
-                                                            "media": {"payload": binascii.b2a_base64(
-                                                                chunk, newline=False).decode()}})))
+            payload = binascii.b2a_base64(chunk, newline=False).decode()
+            message = {"event": "media", "streamSid": self.stream.stream_sid, "media": {"payload": payload}}
+            frames.append(server_frame(OP_TEXT, json_dumps(message)))
             size += len(frames[-1])
             played_back.messages += 1
             played_back.bytes += CHUNK_BYTES
@@ -1472,11 +1472,10 @@ class MediaWebSocket(WebSocket):
         return dropped
 
     def abandon_sending(self) -> None:
-        """The client is gone, or takes nothing: drop what waits for it and stop the writer."""
+        """The client is gone, or takes nothing: drop what waits for it. A writer still in
+        sendall() ends when the socket closes (it was given the socket: the handler lets go of it)."""
         self.broken = True
         self.outbox.clear()
-        if self.writer is not None and self.writer is not gevent.getcurrent():
-            self.writer.kill(block=False)  # one not yet started never starts
 
     def flushed(self) -> None:
         """Wait until the writer has sent everything queued."""
