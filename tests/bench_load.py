@@ -173,18 +173,23 @@ class Stream:
         self.sock.sendall(text_frame(text))
 
 
-def read_closes(selector, timeout: float) -> int:
-    """How many streams the server closed (a close frame, or EOF) among those it has written
-    to; each is answered with a close frame and closed, as Twilio closes after `stop`."""
-    closed = 0
+def ready_reads(selector, timeout: float):
+    """(stream, what was read) for each stream with something to read; b"" for EOF or a reset."""
     for key, _ in selector.select(timeout=timeout):
-        s = key.data
         try:
-            data = s.sock.recv(65536)
+            data = key.data.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
             continue
         except OSError:
             data = b""
+        yield key.data, data
+
+
+def read_closes(selector, timeout: float) -> int:
+    """How many streams the server closed (a close frame, or EOF) among those it has written
+    to; each is answered with a close frame and closed, as Twilio closes after `stop`."""
+    closed = 0
+    for s, data in ready_reads(selector, timeout):
         if not data or b"\x88" in data[:2]:
             close_stream(selector, s)
             closed += 1
@@ -209,14 +214,7 @@ def read_echoes(selector, timeout: float, index_of: dict[bytes, int]) -> int:
     take_echo(), a close frame or EOF ends the stream. The arrival time is the read's: a
     client slow to read adds to the round trips, as it adds to its own send lateness."""
     closed = 0
-    for key, _ in selector.select(timeout=timeout):
-        s = key.data
-        try:
-            data = s.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            continue
-        except OSError:
-            data = b""
+    for s, data in ready_reads(selector, timeout):
         arrived = time.monotonic()
         if data:
             frames, used = parse_frames(s.buffer + data if s.buffer else data)
