@@ -512,7 +512,8 @@ class MediaStream:
 
     To process the audio, subclass it, set `wants_pcm = True`, override on_audio() and run
     app.main(stream_class=YourStream). To handle an event of your own, add it to EVENTS:
-    `EVENTS = {**MediaStream.EVENTS, "custom": "on_custom"}`."""
+    `EVENTS = {**MediaStream.EVENTS, "custom": "on_custom"}`. To talk back on a
+    <Connect><Stream>: play(), mark(), clear(), and on_mark_echo() when a mark comes back."""
 
     EVENTS: ClassVar[dict[str, str]] = {"media": "on_media", "connected": "on_connected", "start": "on_start",
                                         "dtmf": "on_dtmf", "mark": "on_mark", "stop": "on_stop"}
