@@ -476,15 +476,24 @@ def report(results: list[dict], args) -> None:
                          str(r["failures"]), str(r["cut"]), exact,
                          f"{result['idle_rss']:.0f}/{r['peak_rss']:.0f}/{r['after_rss']:.0f}",
                          f"{100 * r['client_cpu'] / r['wall']:.0f}"))
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+    print_table(header, rows)
+    for ours, mine, theirs in beside_node(results, "us_per_message"):
+        print(f"{ours['name']} / node CPU per message: {mine / theirs:.2f}x (target <= 1.5x)")
+
+
+def beside_node(results: list[dict], key: str):
+    """(a run of ours, its median of `key` over the rounds, Node's) for each run of ours, if Node ran."""
     node = [r for r in results if r["name"] == "node"]
     for ours in [r for r in results if r["name"].startswith("ours")]:
         if node:
-            mine = statistics.median(r["us_per_message"] for r in ours["rounds"])
-            theirs = statistics.median(r["us_per_message"] for r in node[0]["rounds"])
-            print(f"{ours['name']} / node CPU per message: {mine / theirs:.2f}x (target <= 1.5x)")
+            yield (ours, statistics.median(r[key] for r in ours["rounds"]),
+                   statistics.median(r[key] for r in node[0]["rounds"]))
+
+
+def print_table(header: tuple, rows: list[tuple]) -> None:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
 
 
 def round_label(result: dict, i: int, args) -> str:
@@ -510,23 +519,16 @@ def report_echo(results: list[dict], args) -> None:
                 late.append(f"warning: {round_label(result, i, args)}: the client sent {r['late_p99']:.1f} ms late "
                             f"at p99 ({r['late_max']:.0f} ms at worst) against its 20 ms schedule: this round's "
                             f"round trips include the client's lateness")
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+    print_table(header, rows)
     for line in late:
         print(line)
-    node = [r for r in results if r["name"] == "node"]
-    for ours in [r for r in results if r["name"].startswith("ours")]:
-        if node:
-            mine = statistics.median(r["rtt_p99"] for r in ours["rounds"])
-            theirs = statistics.median(r["rtt_p99"] for r in node[0]["rounds"])
-            clean = all(r["lost"] == r["reordered"] == r["corrupt"] == 0 for r in ours["rounds"])
-            met = mine <= theirs + 20 and clean
-            print(f"{ours['name']} / node round trip p99: {mine / theirs:.2f}x ({mine:.1f} vs {theirs:.1f} ms; "
-                  f"target <= node + 20 ms, nothing lost or reordered: {'met' if met else 'MISSED'})")
-            mine = statistics.median(r["us_per_message"] for r in ours["rounds"])
-            theirs = statistics.median(r["us_per_message"] for r in node[0]["rounds"])
-            print(f"{ours['name']} / node CPU per message: {mine / theirs:.2f}x (target <= 1.5x)")
+    for ours, mine, theirs in beside_node(results, "rtt_p99"):
+        clean = all(r["lost"] == r["reordered"] == r["corrupt"] == 0 for r in ours["rounds"])
+        met = mine <= theirs + 20 and clean
+        print(f"{ours['name']} / node round trip p99: {mine / theirs:.2f}x ({mine:.1f} vs {theirs:.1f} ms; "
+              f"target <= node + 20 ms, nothing lost or reordered: {'met' if met else 'MISSED'})")
+    for ours, mine, theirs in beside_node(results, "us_per_message"):
+        print(f"{ours['name']} / node CPU per message: {mine / theirs:.2f}x (target <= 1.5x)")
 
 
 def main(argv=None):

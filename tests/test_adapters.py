@@ -306,15 +306,11 @@ def test_listen_only_streams_are_read_in_batches_only_above_fifty_open(monkeypat
 
 def test_a_stream_that_talks_back_sends_without_waiting_for_acks():
     """TCP_NODELAY once it sends: Nagle's algorithm held every echo after a mark 20 ms (bench_load --echo)."""
-    listener = gsocket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    client = gsocket.create_connection(listener.getsockname())
-    ours, _ = listener.accept()
+    ours, client = tcp_pair()
     ws = websocket(app.MediaWebSocket, ours)
     assert ours.getsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY) == 0, "listen-only: the kernel may batch"
     assert ws.send_text(b'{"event":"clear","streamSid":"MZ1"}')
     assert ours.getsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY) != 0
     assert read_frames(client.recv(100)) == [(0x1, b'{"event":"clear","streamSid":"MZ1"}')]
-    for sock in (client, ours, listener):
+    for sock in (client, ours):
         sock.close()

@@ -9,6 +9,7 @@ import pytest
 
 import app
 from tests.conftest import ROOT, run_at_once
+from tests.test_adapters import tcp_pair, websocket
 from tests.test_settings import run_app
 from tests.test_stream import SentMessages
 from tests.twilio_sim import CHUNK, Call, Player, decode_ulaw, encode_ulaw, play_connect_call, tone, write_wav
@@ -387,19 +388,8 @@ def test_the_readme_beep_example_runs_as_written(start_server):
     assert server.summary(call.stream_sid)["marks"] == "1/1/0"
 
 
-def tcp_pair():
-    listener = app.gevent.socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    client = app.gevent.socket.create_connection(listener.getsockname())
-    ours, _ = listener.accept()
-    listener.close()
-    return ours, client
-
-
 def stream_on(sock):
     """A started MediaStream whose MediaWebSocket sends on `sock`, in this process."""
-    from tests.test_adapters import websocket
     ws = websocket(app.MediaWebSocket, sock)
     stream, call = started()
     stream.ws = ws
