@@ -1,4 +1,5 @@
 """Scaling out: the same app under gunicorn with our worker, two processes."""
+import os
 import re
 import signal
 import subprocess
@@ -9,7 +10,7 @@ from twilio.request_validator import RequestValidator
 
 from tests.conftest import GUNICORN_READY, ROOT, clean_environment, gunicorn_command, run_at_once
 from tests.test_audio import readme_example
-from tests.twilio_sim import CHUNK, Call, HandshakeRefused, WSClient, encode_ulaw, play_connect_call, tone
+from tests.twilio_sim import CHUNK, Call, HandshakeRefused, WSClient, encode_ulaw, play_connect_call, tone, write_wav
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 
@@ -127,3 +128,18 @@ def test_echo_under_gunicorn(start_server):
     player, code, call = play_connect_call(server.url, tone(0.4), jitter_ms=60, out=lambda line: None)
     assert (code, player.media, player.violations) == (1000, 20, [])
     assert server.summary(call.stream_sid)["sent"] == "20/0.40s"
+
+
+def test_a_greeting_file_gone_later_does_not_stop_a_restarted_worker(start_server, tmp_path):
+    """The master reads --greet once; a worker restarted after the file is gone uses that copy."""
+    path = tmp_path / "greeting.wav"
+    write_wav(path, tone(0.2))
+    server = start_server(command=gunicorn_command("-w", "1"), ready=GUNICORN_READY, env={"GREET": str(path)})
+    worker = int(server.wait_for(r"Booting worker with pid: (\d+)").group(1))
+    path.unlink()
+    os.kill(worker, signal.SIGKILL)  # gunicorn starts another: it must boot without the file
+    server.wait_for(r"Booting worker with pid: (\d+)", count=2)
+    quiet_caller = [sample // 300 for sample in tone(0.2)]
+    player, code, call = play_connect_call(server.url, quiet_caller, out=lambda line: None)
+    assert [(name, how) for name, how, _ in player.marks] == [("greeting", "played")]
+    assert "Worker failed to boot" not in server.log()
