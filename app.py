@@ -960,26 +960,33 @@ _ULAW_OF_SAMPLE = bytes(linear_to_ulaw(sample - 65536 if sample > 32767 else sam
 
 def pcm16_to_ulaw(pcm: bytes) -> bytes:
     """16-bit little-endian PCM to mu-law bytes, by table."""
-    samples = array("H", pcm[:len(pcm) & ~1])
-    if sys.byteorder == "big":
-        samples.byteswap()
-    return bytes(map(_ULAW_OF_SAMPLE.__getitem__, samples))
+    return bytes(map(_ULAW_OF_SAMPLE.__getitem__, pcm16_samples(pcm, "H")))
 
 
-def dbfs(pcm: bytes) -> float:
-    """The level of 16-bit little-endian PCM: RMS in dBFS, as the level meter shows it."""
-    samples = array("h", pcm[:len(pcm) & ~1])
+def pcm16_samples(pcm: bytes, typecode: str = "h") -> array:
+    """The samples of 16-bit little-endian PCM, signed ("h") or read as unsigned ("H")."""
+    samples = array(typecode, pcm[:len(pcm) & ~1])
     if sys.byteorder == "big":
         samples.byteswap()
-    mean_square = sum(map(int.__mul__, samples, samples)) / len(samples) if samples else 0
+    return samples
+
+
+def dbfs(mean_square: float) -> float:
+    """RMS in dBFS of samples whose mean square this is; -99 for digital silence."""
     return 10 * math.log10(mean_square / 32768**2) if mean_square else -99.0
+
+
+def pcm16_dbfs(pcm: bytes) -> float:
+    """The level of 16-bit little-endian PCM, as the level meter shows it."""
+    samples = pcm16_samples(pcm)
+    return dbfs(sum(map(int.__mul__, samples, samples)) / len(samples) if samples else 0)
 
 
 def level_meter(mean_square: float, width: int = 20) -> str:
     """RMS in dBFS and a bar that fills from -60 dBFS to 0."""
-    dbfs = 10 * math.log10(mean_square / 32768**2) if mean_square else -99.0
-    filled = max(0, min(width, round((dbfs + 60) / 60 * width)))
-    return f"rms={dbfs:6.1f}dBFS |{'#' * filled}{' ' * (width - filled)}|"
+    level = dbfs(mean_square)
+    filled = max(0, min(width, round((level + 60) / 60 * width)))
+    return f"rms={level:6.1f}dBFS |{'#' * filled}{' ' * (width - filled)}|"
 
 
 class WavTrack:
@@ -1071,7 +1078,7 @@ class GreetStream(MediaStream):
         if track != "inbound" or not self.queued_seconds:
             self.loud_ms = 0
             return
-        self.loud_ms = self.loud_ms + len(pcm) // 16 if dbfs(pcm) > BARGE_IN_DBFS else 0
+        self.loud_ms = self.loud_ms + len(pcm) // 16 if pcm16_dbfs(pcm) > BARGE_IN_DBFS else 0
         if self.loud_ms >= BARGE_IN_MS:
             self.loud_ms = 0
             self.barge_ins += 1
