@@ -462,17 +462,19 @@ class Mark:
 @dataclass
 class PlayedBack:
     """What a stream sent into the call (<Connect><Stream> only)."""
-    messages: int = 0               # media messages framed for the socket (sent=)
-    bytes: int = 0
+    messages: int = 0               # media messages framed for the socket, 20 ms each (sent=)
     queued_bytes: int = 0           # audio handed to play(), sent or still to frame: where marks fall
     marks: deque = field(default_factory=deque)  # sent, not yet echoed, oldest first
-    marks_sent: int = 0
     marks_played: int = 0
     marks_cancelled: int = 0
     clears: int = 0
     unsent: int = 0                 # messages refused (before start, a <Start> stream, a closed socket) or
                                     # still waiting to be sent when the stream ended
     playing_until: float = 0.0      # when Twilio will have played what it was sent, as far as we know
+
+    @property
+    def marks_sent(self) -> int:
+        return len(self.marks) + self.marks_played + self.marks_cancelled
 
 
 class Playback:
@@ -495,7 +497,6 @@ class Playback:
             frames.append(server_frame(OP_TEXT, json_dumps(message)))
             size += len(frames[-1])
             played_back.messages += 1
-            played_back.bytes += CHUNK_BYTES
         return frames[0] if len(frames) == 1 else b"".join(frames)
 
     @property
@@ -796,7 +797,6 @@ class MediaStream:
         """Ask Twilio to echo `name` once the audio sent so far has been played: on_mark_echo()."""
         if self.send({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}}):
             self.played_back.marks.append(Mark(name, self.played_back.queued_bytes, time.monotonic()))
-            self.played_back.marks_sent += 1
 
     def clear(self) -> None:
         """Cut off the audio Twilio has not played yet (barge-in), and ours not yet sent; the
@@ -867,7 +867,7 @@ class MediaStream:
         parts += [f"bad_{kind}={count}" for kind, count in sorted(self.bad.items())]
         played_back = self.played_back
         if played_back.messages or played_back.marks_sent or played_back.clears or played_back.unsent:
-            parts += [f"sent={played_back.messages}/{played_back.bytes / 8000:.2f}s",
+            parts += [f"sent={played_back.messages}/{played_back.messages * CHUNK_BYTES / 8000:.2f}s",
                       f"marks={played_back.marks_sent}/{played_back.marks_played}/{played_back.marks_cancelled}",
                       f"clears={played_back.clears}"]
             parts += [f"unsent={played_back.unsent}"] if played_back.unsent else []
