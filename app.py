@@ -153,16 +153,17 @@ OPTIONS = (  # flag, environment variable, default, reader (its ValueError says 
     ("--max-recording-seconds", "MAX_RECORDING_SECONDS", "14400", number_from(float, 1, 86_400),
      "length at which a track's recording stops, with a warning"),
     ("--read-interval-ms", "READ_INTERVAL_MS", "100", number_from(float, 0, 1000),
-     "once over 50 streams are open, read each listen-only stream at most every N ms and handle what "
-     "gathered in one go: about half the CPU per message, audio up to N ms later; 0: always read messages "
-     "as they land (a stream that talks back always is)"),
+     "only while this process cannot keep up (its event loop 50 ms late), read each listen-only stream "
+     "at most every N ms and handle what gathered in one go: fewer wake-ups, audio up to N ms later; "
+     "0: never (a stream that talks back never is)"),
     ("--echo", "ECHO", "0", yes_or_no,
      "play every chunk the caller sends straight back, with a mark every second (<Connect><Stream>)"),
     ("--greet", "GREET", "", a_path_or_none,
      "play this WAV file (8000 Hz mono 16-bit) when a stream starts; stop it when the caller talks over it "
      "(<Connect><Stream>)"),
 )
-BATCH_ABOVE_STREAMS = 50  # below this, each message is read as it lands (no added latency)
+BEHIND_MS = 50            # an event loop this late: the process cannot keep up, batch listen-only reads
+CAUGHT_UP_SECONDS = 5     # an event loop on time this long: every message read as it lands again
 MAX_HANDSHAKES = 100      # connections still sending their request; beyond, the oldest is dropped
 UNFINISHED_BYTES_LIMIT = 32 << 20  # what all streams' half-received messages may hold together
 SPARE_FILES = 64          # descriptors beyond sockets and recordings: listener, logs, imports
@@ -1316,10 +1317,10 @@ class MediaWebSocket(WebSocket):
     as the socket takes it), which goes to the socket at once as far as the kernel takes it;
     the rest is left to one writer greenlet, and whatever is sent after waits behind it, so
     frames from several greenlets never interleave. A stream that talks back is read as each
-    message lands (no --read-interval-ms batching) and sends without Nagle's delay."""
+    message lands (never batched by --read-interval-ms) and sends without Nagle's delay."""
 
     __slots__ = ("parser", "error", "last_received", "greenlet", "fill", "held", "outbox", "writer",
-                 "broken", "talks_back")
+                 "broken", "talks_back", "hub", "readable", "drained")
 
     def __init__(self, environ, stream, handler):
         super().__init__(environ, stream, handler)
@@ -1333,12 +1334,25 @@ class MediaWebSocket(WebSocket):
         self.writer: gevent.Greenlet | None = None
         self.broken = False       # a send failed, or the client took nothing for STALL_SECONDS
         self.talks_back = False
+        self.hub = gevent.get_hub()
+        self.readable = self.hub.loop.io(self.handler.socket.fileno(), 1)  # 1: readable
+        self.drained = True
 
     def first_fill(self, size: int) -> bytes:
         # What the HTTP parser buffered past the request, to its end; then straight from the socket.
         data = self.handler.rfile.read1(size)
         if len(data) < size:
-            self.fill = self.handler.socket.recv
+            self.fill = self.read_when_ready
+        return data
+
+    def read_when_ready(self, size: int) -> bytes:
+        # As libuv reads: a read that did not fill `size` emptied the kernel's buffer, so wait
+        # for the next bytes before reading again, rather than a recv() that fails first (a
+        # Twilio message comes every 20 ms: that failed call cost 4 µs a message).
+        if self.drained:
+            self.hub.wait(self.readable)
+        data = self.handler.socket.recv(size)
+        self.drained = len(data) < size
         return data
 
     def receive(self):
@@ -1359,9 +1373,9 @@ class MediaWebSocket(WebSocket):
                     if parser.error:
                         self.error = f"WebSocket error, closed with {parser.close_code}: {parser.error}"
                     return None
-                if not parser.buffer and settings.read_interval_ms and len(open_websockets) > BATCH_ABOVE_STREAMS \
-                        and not self.talks_back:
-                    gevent.sleep(settings.read_interval_ms / 1000)  # under load: one wake-up for several messages
+                if loop_behind and not parser.buffer and not self.talks_back:
+                    gevent.sleep(settings.read_interval_ms / 1000)  # one wake-up for what gathered meanwhile
+                    self.drained = False
                 data = self.fill(RECV_BYTES)
             except OSError:
                 data = b""
@@ -1518,6 +1532,7 @@ class MediaWebSocket(WebSocket):
         finally:
             self.abandon_sending()  # whatever a client that reads nothing left unsent
             self.release_unfinished()
+            self.readable.close()
             self.stream = self.raw_write = self.raw_read = self.environ = None
 
 
@@ -1534,6 +1549,31 @@ def sweep_idle_websockets() -> None:
             if ws.last_received < silent_since:
                 ws.last_received = math.inf  # thrown once
                 gevent.kill(ws.greenlet, IdleTimeout(f"nothing received for {settings.idle_timeout:g} s"))
+
+
+def watch_the_event_loop() -> None:
+    """Batching's trigger. While the event loop runs BEHIND_MS late, this process cannot
+    handle messages as fast as they come: listen-only streams are then read every
+    --read-interval-ms (one wake-up for several messages costs less), until the loop has
+    been on time for CAUGHT_UP_SECONDS. Otherwise no read waits."""
+    global loop_behind
+    on_time_since = time.monotonic()
+    while True:
+        asleep_at = time.monotonic()
+        gevent.sleep(0.05)
+        now = time.monotonic()
+        late_ms = (now - asleep_at - 0.05) * 1000
+        if late_ms >= 10:
+            on_time_since = now
+        if late_ms >= BEHIND_MS and not loop_behind:
+            loop_behind = True
+            log.warning("event loop %.0f ms late with %d streams open: this process cannot keep up; reading "
+                        "listen-only streams every %g ms (--read-interval-ms) until it can",
+                        late_ms, len(open_websockets), settings.read_interval_ms)
+        elif loop_behind and now - on_time_since >= CAUGHT_UP_SECONDS:
+            loop_behind = False
+            log.info("event loop on time for %d s with %d streams open: reading each message as it lands again",
+                     CAUGHT_UP_SECONDS, len(open_websockets))
 
 
 class HandshakeTimeout(Exception):
@@ -1638,7 +1678,7 @@ class MediaStreamHandler(WebSocketHandler):
         return "400", BAD_REQUEST
 
     def upgrade_websocket(self):
-        global idle_sweeper
+        global idle_sweeper, loop_watcher
         if self.environ.get("HTTP_UPGRADE", "").lower() != "websocket":
             return super().upgrade_websocket()
         refused = refusal(self.environ)
@@ -1656,6 +1696,8 @@ class MediaStreamHandler(WebSocketHandler):
             open_websockets.add(self.registered)
             if idle_sweeper is None and settings.idle_timeout > 0:
                 idle_sweeper = gevent.spawn(sweep_idle_websockets)
+            if loop_watcher is None and settings.read_interval_ms > 0:
+                loop_watcher = gevent.spawn(watch_the_event_loop)
         return result
 
     def run_application(self):
@@ -1725,6 +1767,8 @@ unfinished_bytes = 0  # what half-received messages hold, all streams together (
 connection_warnings = LogThrottle("warnings about connections", per_second=10)
 stream_warnings = LogThrottle("stream warnings", per_second=200)
 idle_sweeper: gevent.Greenlet | None = None
+loop_watcher: gevent.Greenlet | None = None
+loop_behind = False  # the event loop is late: listen-only streams are read every --read-interval-ms
 shutting_down = False
 STREAM_END_SECONDS = 3  # what open streams get at shutdown to end and log their summaries
 

@@ -180,7 +180,7 @@ def test_help_lists_every_option_and_what_0_means():
     for flag, variable, *_ in app.OPTIONS:
         assert flag in out and variable in out
     text = " ".join(out.split())
-    for meaning in ("0: any free one", "0: never", "0: always read messages as they land"):
+    for meaning in ("0: any free one", "0: never", "0: never (a stream that talks back never is)"):
         assert meaning in text
 
 
