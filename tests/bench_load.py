@@ -37,6 +37,7 @@ import functools
 import json
 import os
 import re
+import resource
 import selectors
 import socket
 import statistics
@@ -44,12 +45,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from array import array
 from pathlib import Path
 
 from tests.twilio_sim import WSClient, frame
 
 ROOT = Path(__file__).resolve().parent.parent
-PEERS = Path(os.environ.get("PEERS_SRC", ROOT.parent / "shared" / "peers"))
+PEERS = Path(os.environ.get("PEERS_SRC", ROOT / "tests" / "peers"))
 PEERS_DIR = Path(os.environ.get("BENCH_PEERS_DIR", "/tmp/mediastreams-bench-peers"))
 TICK = os.sysconf("SC_CLK_TCK")
 PAYLOAD = base64.b64encode(bytes(range(0, 160))).decode()  # varied bytes: a level meter has work to do
@@ -113,15 +115,23 @@ def peer_command(name: str, port: int, echo: bool = False) -> list[str]:
     return [str(venv / "bin" / "python"), str(PEERS / script), str(port)]
 
 
-def start_server(name: str, log_path: Path, extra: list[str], echo: bool = False) -> tuple[subprocess.Popen, int]:
+def start_server(name: str, log_path: Path, extra: list[str], echo: bool = False,
+                 server_cpu: int | None = None, arrivals_dir: Path | None = None) -> tuple[subprocess.Popen, int]:
+    """Start one server; with `arrivals_dir`, it writes each stream's arrival times there
+    (ours through tests/bench_stream.py, the peers by themselves)."""
     port = free_port()
     if name == "ours":
         command = [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port), *extra]
     else:
         command = peer_command(name, port, echo)
-    env = {k: v for k, v in os.environ.items() if k != "TWILIO_AUTH_TOKEN"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TWILIO_AUTH_TOKEN", "STREAM_CLASS")}
     env["NODE_PATH"] = str(PEERS_DIR / "node" / "node_modules")  # the peer script lives elsewhere
-    process = subprocess.Popen(command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
+    if arrivals_dir is not None:
+        env["ARRIVALS_DIR"] = str(arrivals_dir)
+        if name == "ours":
+            env["STREAM_CLASS"] = "tests.bench_stream:ArrivalTimes"
+    process = subprocess.Popen(command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env,
+                               preexec_fn=(lambda: os.sched_setaffinity(0, {server_cpu})) if server_cpu is not None else None)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -295,22 +305,47 @@ def percentile(values: list[float], q: float) -> float:
     return values[int(q * (len(values) - 1))] if values else float("nan")
 
 
-def echo_figures(streams: list[Stream], start: float, offsets: list[float]) -> dict:
-    """Round trips (ms), chunks lost, reordered, corrupt, and how late the client sent against
-    its own schedule (ms). A round trip counts from the actual send, but a client behind its
-    schedule is also late reading the echoes: its lateness says how far to trust the figures."""
-    round_trips = sorted(rt * 1000 for s in streams for rt in s.round_trips)
+def lateness_figures(streams: list[Stream], start: float, offsets: list[float]) -> dict:
+    """How late the client sent against its own 20 ms schedule (ms): a client behind it
+    measures its own lateness, not the server's."""
     lateness = sorted((sent_at - start - k * 0.020 - offset) * 1000
                       for s, offset in zip(streams, offsets) for k, sent_at in enumerate(s.sent_at))
+    return {"late_p99": percentile(lateness, 0.99), "late_max": lateness[-1] if lateness else float("nan")}
+
+
+def echo_figures(streams: list[Stream]) -> dict:
+    """Round trips (ms), chunks lost, reordered, corrupt. A round trip counts from the actual
+    send, but a client behind its schedule is also late reading the echoes: its lateness says
+    how far to trust the figures."""
+    round_trips = sorted(rt * 1000 for s in streams for rt in s.round_trips)
     return {"rtt_p50": percentile(round_trips, 0.50), "rtt_p99": percentile(round_trips, 0.99),
             "rtt_max": round_trips[-1] if round_trips else float("nan"),
             "lost": sum(s.sent - len(s.echoed) for s in streams),
             "reordered": sum(s.reordered for s in streams), "corrupt": sum(s.corrupt for s in streams),
-            "marks": sum(s.marks for s in streams),
-            "late_p99": percentile(lateness, 0.99), "late_max": lateness[-1] if lateness else float("nan")}
+            "marks": sum(s.marks for s in streams)}
 
 
-def one_round(port: int, pid: int, calls: int, seconds: float, echo: bool = False) -> dict:
+def delivery_figures(streams: list[Stream], arrivals_dir: Path) -> dict:
+    """Delivery latency (ms), from each chunk's send to the server handling it (our
+    on_audio(), a peer's message handler), from the arrival times the server wrote, and the
+    chunks that never arrived. Both sides read CLOCK_MONOTONIC."""
+    latencies, lost = [], 0
+    for s in streams:
+        path = arrivals_dir / f"{s.sid}.bin"
+        arrivals = array("d")
+        if path.exists():
+            arrivals.frombytes(path.read_bytes())
+            path.unlink()
+        arrived = {round(arrivals[i]) // 20 - 1: arrivals[i + 1] for i in range(0, len(arrivals), 2)}
+        lost += sum(1 for k in range(s.sent) if k not in arrived)
+        latencies += [(arrived[k] - sent_at) * 1000 for k, sent_at in enumerate(s.sent_at) if k in arrived]
+    latencies.sort()
+    return {"delivery_p50": percentile(latencies, 0.50), "delivery_p99": percentile(latencies, 0.99),
+            "delivery_max": latencies[-1] if latencies else float("nan"), "lost": lost}
+
+
+def one_round(port: int, pid: int, calls: int, seconds: float, echo: bool = False,
+              arrivals_dir: Path | None = None) -> dict:
     streams, failures = [], 0
     for n in range(calls):
         try:
@@ -389,9 +424,14 @@ def one_round(port: int, pid: int, calls: int, seconds: float, echo: bool = Fals
     result = {"streams": streams, "failures": failures, "messages": messages, "cpu": cpu, "wall": wall,
               "client_cpu": client_cpu, "us_per_message": cpu / max(messages, 1) * 1e6,
               "worst_ms": delays[-1] if delays else float("nan"),
-              "p99_ms": delays[int(0.99 * (len(delays) - 1))] if delays else float("nan"),
+              "p99_ms": percentile(delays, 0.99), "p50_ms": percentile(delays, 0.50),
               "cut": sum(s.cut for s in streams) + never_closed, "peak_rss": peak_rss}
-    return {**result, **echo_figures(streams, start, offsets)} if echo else result
+    result.update(lateness_figures(streams, start, offsets))
+    if echo:
+        result.update(echo_figures(streams))
+    if arrivals_dir is not None:
+        result.update(delivery_figures(streams, arrivals_dir))
+    return result
 
 
 def check_summaries(log_path: Path, streams: list[Stream], echo: bool = False) -> tuple[int, int]:
@@ -428,29 +468,37 @@ def wait_for_sockets(pid: int, count: int, timeout: float = 10.0) -> None:
 
 
 def bench(name: str, args, ours_args: list[str] = ()) -> dict:
-    log_path = Path(tempfile.mkdtemp(prefix="bench-")) / "server.log"
-    process, port = start_server(name, log_path, list(ours_args), args.echo)
+    """One server process through every count of --calls, --rounds rounds each."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-"))
+    log_path, arrivals_dir = folder / "server.log", None if args.echo else folder / "arrivals"
+    if arrivals_dir:
+        arrivals_dir.mkdir()
+    process, port = start_server(name, log_path, list(ours_args), args.echo, args.server_cpu, arrivals_dir)
     name = " ".join(["ours", *ours_args]) if name == "ours" else name
     try:
         idle = rss_mib(process.pid)
         idle_sockets = open_sockets(process.pid)
         rounds = []
-        for r in range(args.rounds):
-            result = one_round(port, process.pid, args.calls, args.seconds, args.echo)
-            if name.startswith("ours"):
-                result["exact"], result["wrong"] = check_summaries(log_path, result["streams"], args.echo)
-            wait_for_sockets(process.pid, idle_sockets)
-            result["after_rss"] = rss_mib(process.pid)
-            rounds.append(result)
-            print(f"  {name} round {r + 1}: {result['us_per_message']:.1f} us/msg, "
-                  f"worst stop-to-close {result['worst_ms']:.0f} ms, RSS {result['peak_rss']:.0f} MiB peak, "
-                  f"{result['after_rss']:.0f} MiB after", file=sys.stderr)
-            if args.echo:
-                print(f"  {name} round {r + 1}: round trip p50/p99/max {result['rtt_p50']:.1f}/"
-                      f"{result['rtt_p99']:.1f}/{result['rtt_max']:.0f} ms, lost {result['lost']}, reordered "
-                      f"{result['reordered']}, corrupt {result['corrupt']}, marks {result['marks']}, "
-                      f"client late p99/max {result['late_p99']:.1f}/{result['late_max']:.0f} ms",
-                      file=sys.stderr)
+        for calls in args.calls:
+            for r in range(args.rounds):
+                result = one_round(port, process.pid, calls, args.seconds, args.echo, arrivals_dir)
+                result["calls"], result["round"] = calls, r + 1
+                if name.startswith("ours"):
+                    result["exact"], result["wrong"] = check_summaries(log_path, result["streams"], args.echo)
+                wait_for_sockets(process.pid, idle_sockets)
+                result["after_rss"] = rss_mib(process.pid)
+                rounds.append(result)
+                late = f"client late p99/max {result['late_p99']:.1f}/{result['late_max']:.0f} ms"
+                print(f"  {name}, {calls} calls, round {r + 1}: {result['us_per_message']:.1f} us/msg, "
+                      f"worst stop-to-close {result['worst_ms']:.0f} ms, RSS {result['peak_rss']:.0f} MiB peak, "
+                      f"{result['after_rss']:.0f} MiB after, {late}", file=sys.stderr)
+                if args.echo:
+                    print(f"    round trip p50/p99/max {result['rtt_p50']:.1f}/{result['rtt_p99']:.1f}/"
+                          f"{result['rtt_max']:.0f} ms, lost {result['lost']}, reordered {result['reordered']}, "
+                          f"corrupt {result['corrupt']}, marks {result['marks']}", file=sys.stderr)
+                else:
+                    print(f"    delivery p50/p99/max {result['delivery_p50']:.1f}/{result['delivery_p99']:.1f}/"
+                          f"{result['delivery_max']:.0f} ms, lost {result['lost']}", file=sys.stderr)
         return {"name": name, "idle_rss": idle, "rounds": rounds, "log": log_path}
     finally:
         process.terminate()
@@ -460,34 +508,98 @@ def bench(name: str, args, ours_args: list[str] = ()) -> dict:
             process.kill()
 
 
+def round_label(result: dict, r: dict, args) -> str:
+    return (f"{result['name']}" + (f" [{result['repeat']}]" if args.repeat > 1 else "")
+            + (f" #{r['round']}" if args.rounds > 1 else ""))
+
+
+def common_cells(result: dict, r: dict) -> tuple:
+    return (f"{r['us_per_message']:.1f}", f"{r['p50_ms']:.1f}/{r['p99_ms']:.0f}/{r['worst_ms']:.0f}", str(r["lost"]),
+            f"{r['failures']}/{r['cut']}", f"{r['exact']}/{len(r['streams'])}" if "exact" in r else "n/a",
+            f"{result['idle_rss']:.0f}/{r['peak_rss']:.0f}/{r['after_rss']:.0f}",
+            f"{100 * r['client_cpu'] / r['wall']:.0f}", f"{r['late_p99']:.1f}/{r['late_max']:.0f}")
+
+
+COMMON_HEADER = ("us CPU/msg", "stop->close p50/p99/max ms", "lost", "fails/cut", "exact summaries",
+                 "RSS idle/peak/after MiB", "client CPU %", "client late p99/max ms")
+
+
+def client_was_late(r: dict) -> bool:
+    return not r["late_p99"] <= LATE_MS
+
+
 def report(results: list[dict], args) -> None:
-    print(f"{args.calls} calls x {args.seconds:g} s at 50 media messages/s each "
-          f"({args.calls * 50} msg/s), {os.cpu_count()} cores, rounds={args.rounds}")
+    print(f"{','.join(map(str, args.calls))} calls x {args.seconds:g} s at 50 media messages/s each, "
+          f"{os.cpu_count()} cores, " + (f"server on CPU {args.server_cpu}, client on CPU {args.client_cpu}"
+                                          if args.server_cpu is not None else "not pinned")
+          + f", rounds={args.rounds}, repeat={args.repeat}")
+    key = "rtt" if args.echo else "delivery"
+    header = ("server", "calls", ("round trip" if args.echo else "delivery") + " p50/p99/max ms", *COMMON_HEADER)
     if args.echo:
-        return report_echo(results, args)
-    header = ("server", "us CPU/msg", "worst stop->close", "p99 stop->close", "handshake fails", "cut",
-              "exact summaries", "RSS idle/peak/after MiB", "client CPU %")
-    rows = []
-    for result in results:
-        for i, r in enumerate(result["rounds"]):
-            exact = f"{r['exact']}/{len(r['streams'])}" if "exact" in r else "n/a"
-            rows.append((f"{result['name']}" + (f" #{i + 1}" if args.rounds > 1 else ""),
-                         f"{r['us_per_message']:.1f}", f"{r['worst_ms']:.0f} ms", f"{r['p99_ms']:.0f} ms",
-                         str(r["failures"]), str(r["cut"]), exact,
-                         f"{result['idle_rss']:.0f}/{r['peak_rss']:.0f}/{r['after_rss']:.0f}",
-                         f"{100 * r['client_cpu'] / r['wall']:.0f}"))
+        header += ("reordered", "corrupt")
+    rows, late = [], []
+    for calls in args.calls:
+        for result in results:
+            for r in result["rounds"]:
+                if r["calls"] != calls:
+                    continue
+                row = (round_label(result, r, args), str(calls),
+                       f"{r[key + '_p50']:.1f}/{r[key + '_p99']:.1f}/{r[key + '_max']:.0f}", *common_cells(result, r))
+                rows.append(row + ((str(r["reordered"]), str(r["corrupt"])) if args.echo else ()))
+                if client_was_late(r):
+                    late.append(f"warning: {round_label(result, r, args)} at {calls} calls: the client sent "
+                                f"{r['late_p99']:.1f} ms late at p99 ({r['late_max']:.0f} ms at worst) against its "
+                                f"20 ms schedule: its latencies include the client's own lateness")
     print_table(header, rows)
-    for ours, mine, theirs in beside_node(results, "us_per_message"):
-        print(f"{ours['name']} / node CPU per message: {mine / theirs:.2f}x (target <= 1.5x)")
+    for line in late:
+        print(line)
+    for calls in args.calls:
+        for ours, node in beside_node(results, calls):
+            cpu, p50, p99 = (statistics.median(r[k] for r in ours) for k in ("us_per_message", key + "_p50",
+                                                                            key + "_p99"))
+            node_cpu, node_p50, node_p99 = (statistics.median(r[k] for r in node) for k in (
+                "us_per_message", key + "_p50", key + "_p99"))
+            met = p50 <= node_p50 + 5 and p99 <= node_p99 + 20 and all(r["lost"] == 0 for r in ours)
+            print(f"{calls} calls, {ours[0]['server']} / node: CPU per message {cpu / node_cpu:.2f}x "
+                  f"({cpu:.1f} vs {node_cpu:.1f} us; target <= 1.5x), {key} p50 {p50:.1f} vs {node_p50:.1f} ms, "
+                  f"p99 {p99:.1f} vs {node_p99:.1f} ms (target: node + 5 / + 20 ms, nothing lost: "
+                  f"{'met' if met else 'MISSED'})")
+    if len(args.calls) > 1:
+        for result in results:
+            print(f"capacity of {result['name']}: {capacity(result, key)}")
 
 
-def beside_node(results: list[dict], key: str):
-    """(a run of ours, its median of `key` over the rounds, Node's) for each run of ours, if Node ran."""
-    node = [r for r in results if r["name"] == "node"]
-    for ours in [r for r in results if r["name"].startswith("ours")]:
-        if node:
-            yield (ours, statistics.median(r[key] for r in ours["rounds"]),
-                   statistics.median(r[key] for r in node[0]["rounds"]))
+def beside_node(results: list[dict], calls: int):
+    """(rounds of a run of ours, Node's rounds) at `calls`, for each run of ours, if Node ran."""
+    def at(result):
+        return [{**r, "server": result["name"]} for r in result["rounds"] if r["calls"] == calls]
+    node = [r for result in results if result["name"] == "node" for r in at(result)]
+    names = dict.fromkeys(result["name"] for result in results if result["name"].startswith("ours"))
+    for name in names:
+        ours = [r for result in results if result["name"] == name for r in at(result)]
+        if node and ours:
+            yield ours, node
+
+
+def capacity(result: dict, key: str) -> str:
+    """The largest count of calls whose every round had p99 latency under 200 ms, nothing
+    lost, failed, cut or miscounted, with a client on schedule."""
+    by_calls: dict[int, list[dict]] = {}
+    for r in result["rounds"]:
+        by_calls.setdefault(r["calls"], []).append(r)
+    carried, note = None, ""
+    for calls, rounds in sorted(by_calls.items()):
+        if any(client_was_late(r) for r in rounds):
+            note = f" (from {calls} calls on, the client fell behind: not measured)"
+            break
+        if all(r[key + "_p99"] < 200 and r["lost"] == r["failures"] == r["cut"] == r.get("wrong", 0) == 0
+               for r in rounds):
+            carried = calls
+        else:
+            note = f" ({calls} did not: p99 {max(r[key + '_p99'] for r in rounds):.0f} ms, lost " \
+                   f"{sum(r['lost'] for r in rounds)})"
+            break
+    return (f"{carried} calls" if carried else "none of the counts tried") + note
 
 
 def print_table(header: tuple, rows: list[tuple]) -> None:
@@ -496,60 +608,40 @@ def print_table(header: tuple, rows: list[tuple]) -> None:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
 
 
-def round_label(result: dict, i: int, args) -> str:
-    return result["name"] + (f" #{i + 1}" if args.rounds > 1 else "")
-
-
-def report_echo(results: list[dict], args) -> None:
-    """report() for --echo: round trips, losses and the client's own lateness first."""
-    header = ("server", "round trip p50/p99/max ms", "us CPU/msg", "lost", "reordered", "corrupt",
-              "handshake fails", "cut", "exact summaries", "RSS idle/peak/after MiB", "client CPU %",
-              "client late p99/max ms")
-    rows, late = [], []
-    for result in results:
-        for i, r in enumerate(result["rounds"]):
-            exact = f"{r['exact']}/{len(r['streams'])}" if "exact" in r else "n/a"
-            rows.append((round_label(result, i, args),
-                         f"{r['rtt_p50']:.1f}/{r['rtt_p99']:.1f}/{r['rtt_max']:.0f}",
-                         f"{r['us_per_message']:.1f}", str(r["lost"]), str(r["reordered"]), str(r["corrupt"]),
-                         str(r["failures"]), str(r["cut"]), exact,
-                         f"{result['idle_rss']:.0f}/{r['peak_rss']:.0f}/{r['after_rss']:.0f}",
-                         f"{100 * r['client_cpu'] / r['wall']:.0f}", f"{r['late_p99']:.1f}/{r['late_max']:.0f}"))
-            if not r["late_p99"] <= LATE_MS:
-                late.append(f"warning: {round_label(result, i, args)}: the client sent {r['late_p99']:.1f} ms late "
-                            f"at p99 ({r['late_max']:.0f} ms at worst) against its 20 ms schedule: this round's "
-                            f"round trips include the client's lateness")
-    print_table(header, rows)
-    for line in late:
-        print(line)
-    for ours, mine, theirs in beside_node(results, "rtt_p99"):
-        clean = all(r["lost"] == r["reordered"] == r["corrupt"] == 0 for r in ours["rounds"])
-        met = mine <= theirs + 20 and clean
-        print(f"{ours['name']} / node round trip p99: {mine / theirs:.2f}x ({mine:.1f} vs {theirs:.1f} ms; "
-              f"target <= node + 20 ms, nothing lost or reordered: {'met' if met else 'MISSED'})")
-    for ours, mine, theirs in beside_node(results, "us_per_message"):
-        print(f"{ours['name']} / node CPU per message: {mine / theirs:.2f}x (target <= 1.5x)")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--calls", default="300",
+                        help="calls at once; several, e.g. 300,600,900, find the capacity (default 300)")
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--rounds", type=int, default=1, help="rounds against the same server process")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run every server this many times, interleaved (ours, peers, ours, peers...)")
     parser.add_argument("--vs", default="", help="peers to run in the same session: node,asyncio,tutorial")
     parser.add_argument("--ours", action="append", metavar="FLAGS",
                         help='flags for one run of our app.py; repeat for several, e.g. --ours="" '
-                             '--ours="--read-interval-ms 0" (default: one run, no flags); "none": skip')
+                             '--ours="--quiet-levels" (default: one run, no flags); "none": skip')
     parser.add_argument("--echo", action="store_true",
                         help="servers that play each chunk back (our --echo, Node's echo peer): round trips")
+    parser.add_argument("--pin", default="1,0" if len(os.sched_getaffinity(0)) >= 2 else "no",
+                        help="SERVER,CLIENT: the CPUs the server and this client run on, as taskset -c "
+                             "(default 1,0 on two cores or more); no: not pinned")
     args = parser.parse_args(argv)
+    args.calls = [int(n) for n in args.calls.split(",")]
+    args.server_cpu = args.client_cpu = None
+    if args.pin != "no":
+        args.server_cpu, args.client_cpu = map(int, args.pin.split(","))
+        os.sched_setaffinity(0, {args.client_cpu})  # the servers get theirs at start
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # a socket per call, here and in the peers
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     peers = [name for name in args.vs.split(",") if name]
     if args.echo and any(name not in ECHO_PEERS for name in peers):
         raise SystemExit(f"--echo: {', '.join(name for name in peers if name not in ECHO_PEERS)} has no echo "
                          f"variant; only {', '.join(ECHO_PEERS)} can run with --echo (--vs node)")
     variants = [flags.split() + (["--echo"] if args.echo else []) for flags in (args.ours or [""]) if flags != "none"]
-    results = [bench("ours", args, flags) for flags in variants]
-    results += [bench(name, args) for name in peers]
+    results = []
+    for repeat in range(1, args.repeat + 1):
+        for name, flags in [("ours", flags) for flags in variants] + [(name, []) for name in peers]:
+            results.append({**bench(name, args, flags), "repeat": repeat})
     print()
     report(results, args)
 

@@ -1,0 +1,48 @@
+"""Peer: the tutorial's stack as a user gets it today, plus the one fix it needs to work.
+
+flask-sockets + gevent-websocket, no accelerators, the same per-message work as the other
+peers (parse JSON, base64-decode media payloads), `websocket=True` on the rule. With
+ARRIVALS_DIR set, it writes each stream's arrival times at `stop`, as ws_node_server.js does.
+Run in a scratch venv with: pip install flask flask-sockets gevent gevent-websocket
+"""
+import base64
+import json
+import os
+import sys
+import time
+from array import array
+
+from flask import Flask
+from flask_sockets import Sockets
+from gevent import pywsgi
+from geventwebsocket.handler import WebSocketHandler
+from werkzeug.routing import Rule
+
+app = Flask(__name__)
+sockets = Sockets(app)
+ARRIVALS_DIR = os.environ.get("ARRIVALS_DIR")
+
+
+def media(ws):
+    arrivals = array("d")
+    while not ws.closed:
+        message = ws.receive()
+        if message is None:
+            continue
+        data = json.loads(message)
+        if data["event"] == "media":
+            base64.b64decode(data["media"]["payload"])
+            if ARRIVALS_DIR:
+                arrivals.extend((float(data["media"]["timestamp"]), time.monotonic()))
+        elif data["event"] == "stop":
+            if ARRIVALS_DIR:
+                with open(os.path.join(ARRIVALS_DIR, data["streamSid"] + ".bin"), "wb") as file:
+                    arrivals.tofile(file)
+            break
+
+
+sockets.url_map.add(Rule("/media", endpoint=media, websocket=True))
+
+if __name__ == "__main__":
+    port = int(sys.argv[1]) if len(sys.argv) > 1 else 5003
+    pywsgi.WSGIServer(("127.0.0.1", port), app, handler_class=WebSocketHandler, log=None).serve_forever()
