@@ -598,8 +598,9 @@ def capacity(result: dict, key: str) -> str:
                for r in rounds):
             carried = calls
         else:
-            note = f" ({calls} did not: p99 {max(r[key + '_p99'] for r in rounds):.0f} ms, lost " \
-                   f"{sum(r['lost'] for r in rounds)})"
+            note = (f" ({calls} did not: p99 {max(r[key + '_p99'] for r in rounds):.0f} ms, lost "
+                    f"{sum(r['lost'] for r in rounds)}, failed/cut {sum(r['failures'] for r in rounds)}/"
+                    f"{sum(r['cut'] for r in rounds)}, wrong summaries {sum(r.get('wrong', 0) for r in rounds)})")
             break
     return (f"{carried} calls" if carried else "none of the counts tried") + note
 
