@@ -561,14 +561,19 @@ def report(results: list[dict], args) -> None:
                                                                             key + "_p99"))
             node_cpu, node_p50, node_p99 = (statistics.median(r[k] for r in node) for k in (
                 "us_per_message", key + "_p50", key + "_p99"))
+            close_p50, close_p99 = (statistics.median(r[k] for r in ours) for k in ("p50_ms", "p99_ms"))
+            node_close_p50, node_close_p99 = (statistics.median(r[k] for r in node) for k in ("p50_ms", "p99_ms"))
             met = p50 <= node_p50 + 5 and p99 <= node_p99 + 20 and all(r["lost"] == 0 for r in ours)
+            closes_met = close_p50 <= node_close_p50 + 5 and close_p99 <= node_close_p99 + 20
             print(f"{calls} calls, {ours[0]['server']} / node: CPU per message {cpu / node_cpu:.2f}x "
                   f"({cpu:.1f} vs {node_cpu:.1f} us; target <= 1.5x), {key} p50 {p50:.1f} vs {node_p50:.1f} ms, "
                   f"p99 {p99:.1f} vs {node_p99:.1f} ms (target: node + 5 / + 20 ms, nothing lost: "
-                  f"{'met' if met else 'MISSED'})")
+                  f"{'met' if met else 'MISSED'}), stop->close p50 {close_p50:.1f} vs {node_close_p50:.1f} ms, "
+                  f"p99 {close_p99:.0f} vs {node_close_p99:.0f} ms ({'met' if closes_met else 'MISSED'})")
     if len(args.calls) > 1:
-        for result in results:
-            print(f"capacity of {result['name']}: {capacity(result, key)}")
+        for name in dict.fromkeys(result["name"] for result in results):
+            rounds = [r for result in results if result["name"] == name for r in result["rounds"]]
+            print(f"capacity of {name}: {capacity(rounds, key)}")
 
 
 def beside_node(results: list[dict], calls: int):
@@ -583,11 +588,11 @@ def beside_node(results: list[dict], calls: int):
             yield ours, node
 
 
-def capacity(result: dict, key: str) -> str:
+def capacity(rounds: list[dict], key: str) -> str:
     """The largest count of calls whose every round had p99 latency under 200 ms, nothing
     lost, failed, cut or miscounted, with a client on schedule."""
     by_calls: dict[int, list[dict]] = {}
-    for r in result["rounds"]:
+    for r in rounds:
         by_calls.setdefault(r["calls"], []).append(r)
     carried, note = None, ""
     for calls, rounds in sorted(by_calls.items()):
