@@ -1,18 +1,27 @@
 """Load benchmark: N simulated calls at 50 media messages a second, against our server and its peers.
 
-    python -m tests.bench_load --calls 300 --seconds 20 --ours="" --ours="--read-interval-ms 0" --vs node,asyncio,tutorial
+    python -m tests.bench_load --calls 50,300 --seconds 20 --repeat 2 --vs node,asyncio,tutorial
+    python -m tests.bench_load --calls 600,900,1200,1500 --seconds 15 --ours="--max-streams 5000" --vs node
 
-Run by hand (pytest does not collect it). For each server it starts the server, opens N
-calls, sends `connected`, `start`, one 160-byte media message per call every 20 ms for S
-seconds, then `stop`, and reports:
+Run by hand (pytest does not collect it). For each server it starts the server (pinned to
+one core, the client to another: --pin), and for each count of --calls opens N calls, sends
+`connected`, `start`, one 160-byte media message per call every 20 ms for S seconds, then
+`stop`, and reports:
+  - delivery latency p50/p99/max, each chunk's send to the server handling it (our
+    on_audio() through tests/bench_stream.py, the peers' handlers; both write their arrival
+    times to ARRIVALS_DIR), and the chunks that never arrived;
   - server CPU microseconds per message, from /proc/PID/stat (children included), over the
     streaming phase;
-  - the worst and 99th-percentile delay between a call's `stop` and the server closing it;
+  - the delay between a call's `stop` and the server closing it, p50/p99/max;
   - handshake failures and streams cut before their `stop`;
   - for our server, whether every stream's summary line shows the exact count sent;
-  - resident memory: idle, with all calls open, after they end (per round, --rounds).
+  - resident memory: idle, with all calls open, after they end (per round, --rounds);
+  - how late the client itself sent against its schedule: a round more than 10 ms late at
+    p99 is flagged, its latencies being partly the client's;
+  - with several counts, the largest each server carried with p99 under 200 ms and nothing
+    lost, failed, cut or miscounted (its capacity).
 The load client is one thread with pre-framed messages (the payload is masked with a zero
-key, legal and free), so it leaves the server most of the second core; its own CPU is shown.
+key, legal and free), so it leaves the server its core; its own CPU is shown.
 
     python -m tests.bench_load --echo --calls 300 --seconds 10 --vs node
 
@@ -27,7 +36,7 @@ besides the above:
     lateness to the round trips, and the round is flagged;
   - for our server, summaries must show media=<sent> and sent=<sent>/<seconds>s.
 
-Peers come from ../shared/peers/ and get their dependencies in a scratch folder outside the
+Peers come from tests/peers/ and get their dependencies in a scratch folder outside the
 repository (npm's `ws`, a venv with `websockets`, a venv with the tutorial's stack), made on
 first use under $BENCH_PEERS_DIR (default /tmp/mediastreams-bench-peers).
 """
