@@ -2,15 +2,12 @@
 
 flask-sockets + gevent-websocket, no accelerators, the same per-message work as the other
 peers (parse JSON, base64-decode media payloads), `websocket=True` on the rule. With
-ARRIVALS_DIR set, it writes each stream's arrival times at `stop`, as ws_node_server.js does.
+ARRIVALS_DIR set, it writes each stream's arrival times at `stop` (arrivals.py).
 Run in a scratch venv with: pip install flask flask-sockets gevent gevent-websocket
 """
 import base64
 import json
-import os
 import sys
-import time
-from array import array
 
 from flask import Flask
 from flask_sockets import Sockets
@@ -18,13 +15,14 @@ from gevent import pywsgi
 from geventwebsocket.handler import WebSocketHandler
 from werkzeug.routing import Rule
 
+from arrivals import Arrivals
+
 app = Flask(__name__)
 sockets = Sockets(app)
-ARRIVALS_DIR = os.environ.get("ARRIVALS_DIR")
 
 
 def media(ws):
-    arrivals = array("d")
+    arrivals = Arrivals()
     while not ws.closed:
         message = ws.receive()
         if message is None:
@@ -32,12 +30,9 @@ def media(ws):
         data = json.loads(message)
         if data["event"] == "media":
             base64.b64decode(data["media"]["payload"])
-            if ARRIVALS_DIR:
-                arrivals.extend((float(data["media"]["timestamp"]), time.monotonic()))
+            arrivals.media(data)
         elif data["event"] == "stop":
-            if ARRIVALS_DIR:
-                with open(os.path.join(ARRIVALS_DIR, data["streamSid"] + ".bin"), "wb") as file:
-                    arrivals.tofile(file)
+            arrivals.stop(data)
             break
 
 

@@ -1,24 +1,19 @@
 """Peer anchor: the same Twilio sink on asyncio + the websockets library. With ARRIVALS_DIR
-set, it writes each stream's arrival times at `stop`, as ws_node_server.js does."""
-import asyncio, base64, json, os, sys, time
-from array import array
+set, it writes each stream's arrival times at `stop` (arrivals.py)."""
+import asyncio, base64, json, sys
 import websockets
-
-ARRIVALS_DIR = os.environ.get("ARRIVALS_DIR")
+from arrivals import Arrivals
 
 async def media(ws):
     count = 0
-    arrivals = array("d")
+    arrivals = Arrivals()
     async for message in ws:
         data = json.loads(message)
         if data["event"] == "media":
             base64.b64decode(data["media"]["payload"])
-            if ARRIVALS_DIR:
-                arrivals.extend((float(data["media"]["timestamp"]), time.monotonic()))
+            arrivals.media(data)
         elif data["event"] == "stop":
-            if ARRIVALS_DIR:
-                with open(os.path.join(ARRIVALS_DIR, data["streamSid"] + ".bin"), "wb") as file:
-                    arrivals.tofile(file)
+            arrivals.stop(data)
             break
         count += 1
 
