@@ -164,6 +164,8 @@ OPTIONS = (  # flag, environment variable, default, reader (its ValueError says 
 )
 BEHIND_MS = 50            # an event loop this late: the process cannot keep up, batch listen-only reads
 CAUGHT_UP_SECONDS = 5     # an event loop on time this long: every message read as it lands again
+ON_TIME_MS = 10           # lateness below this counts as on time
+LOOP_CHECK_SECONDS = 0.05  # how often the event loop's lateness is measured
 MAX_HANDSHAKES = 100      # connections still sending their request; beyond, the oldest is dropped
 UNFINISHED_BYTES_LIMIT = 32 << 20  # what all streams' half-received messages may hold together
 SPARE_FILES = 64          # descriptors beyond sockets and recordings: listener, logs, imports
@@ -1560,10 +1562,10 @@ def watch_the_event_loop() -> None:
     on_time_since = time.monotonic()
     while True:
         asleep_at = time.monotonic()
-        gevent.sleep(0.05)
+        gevent.sleep(LOOP_CHECK_SECONDS)
         now = time.monotonic()
-        late_ms = (now - asleep_at - 0.05) * 1000
-        if late_ms >= 10:
+        late_ms = (now - asleep_at - LOOP_CHECK_SECONDS) * 1000
+        if late_ms >= ON_TIME_MS:
             on_time_since = now
         if late_ms >= BEHIND_MS and not loop_behind:
             loop_behind = True
