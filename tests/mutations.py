@@ -31,7 +31,7 @@ def run(name, old, new):
         copy = Path(folder) / "repo"
         shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache"))
         (copy / "app.py").write_text(source.replace(old, new))
-        out = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf"],
+        out = subprocess.run([sys.executable, "-m", "pytest", "-n", "4", "-x", "-q", "-p", "no:cacheprovider", "-rf"],
                              cwd=copy, capture_output=True, text=True, timeout=900)
     failed = re.search(r"^(?:FAILED|ERROR) (\S+)", out.stdout, re.MULTILINE)
     if out.returncode == 0:
