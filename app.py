@@ -625,16 +625,16 @@ class MediaStream:
             raise BadMessage("second_start", "second 'start' on this stream: ignored")
         start = data.get("start")
         if not isinstance(start, dict):
-            raise BadMessage("bad_start", "'start' field is not an object")
+            raise BadMessage("start", "'start' field is not an object")
         stream_sid = field_text(start, "streamSid") or field_text(data, "streamSid")
         if not stream_sid:
-            raise BadMessage("bad_start", "start without a streamSid")
+            raise BadMessage("start", "start without a streamSid")
         tracks = start.get("tracks", ["inbound"])
         params = start.get("customParameters") or {}
         media_format = start.get("mediaFormat") or {}
         if not (isinstance(tracks, list) and all(isinstance(t, str) for t in tracks)
                 and isinstance(params, dict) and isinstance(media_format, dict)):
-            raise BadMessage("bad_start", "start.tracks, customParameters or mediaFormat has the wrong type")
+            raise BadMessage("start", "start.tracks, customParameters or mediaFormat has the wrong type")
         self.check_sequence(data)
         self.stream_sid = stream_sid
         if "outbound" in tracks:
@@ -654,18 +654,18 @@ class MediaStream:
     def on_media(self, data: dict) -> None:
         media = data.get("media")
         if not isinstance(media, dict):
-            raise BadMessage("bad_media", "'media' field is not an object")
+            raise BadMessage("media", "'media' field is not an object")
         track_name = media.get("track")
         track = self.tracks.get(track_name) if isinstance(track_name, str) else None
         if track is None:
-            raise BadMessage("bad_media", f"media.track is not one of {TRACK_NAMES}")
+            raise BadMessage("media", f"media.track is not one of {TRACK_NAMES}")
         payload = media.get("payload")
         if not isinstance(payload, str) or not payload:
-            raise BadMessage("bad_payload", "media.payload missing or empty")
+            raise BadMessage("payload", "media.payload missing or empty")
         try:
             audio = binascii.a2b_base64(payload, strict_mode=True)
         except (binascii.Error, ValueError):
-            raise BadMessage("bad_payload", "media.payload is not valid base64") from None
+            raise BadMessage("payload", "media.payload is not valid base64") from None
         timestamp = whole_number(media, "timestamp")
         chunk = whole_number(media, "chunk")
         if self.stream_sid is None:
@@ -750,7 +750,7 @@ class MediaStream:
     def on_dtmf(self, data: dict) -> None:
         dtmf = data.get("dtmf")
         if not isinstance(dtmf, dict) or not isinstance(dtmf.get("digit"), (str, int)):
-            raise BadMessage("bad_dtmf", "dtmf.digit missing")
+            raise BadMessage("dtmf", "dtmf.digit missing")
         if self.check_sequence(data):
             log.info("%s dtmf digit=%s", self.label, printable(str(dtmf["digit"]), 8))
 
@@ -758,7 +758,7 @@ class MediaStream:
         """Twilio's echo of a mark we sent: the audio before it has been played, or cut off by a clear."""
         mark = data.get("mark")
         if not isinstance(mark, dict) or not isinstance(mark.get("name"), str):
-            raise BadMessage("bad_mark", "mark.name missing")
+            raise BadMessage("mark", "mark.name missing")
         if not self.check_sequence(data):
             return
         name, played_back = mark["name"], self.played_back
@@ -898,9 +898,9 @@ def whole_number(obj: dict, name: str) -> int | None:
     except (TypeError, ValueError, OverflowError):
         result = None
     if result is None or value is True or value is False:  # JSON true is not 1
-        raise BadMessage(f"bad_{name}", f"{name} is not a whole number")
+        raise BadMessage(name, f"{name} is not a whole number")
     if abs(result) > 2**53:  # far beyond any call; a 4000-digit number would only cost us
-        raise BadMessage(f"bad_{name}", f"{name} is out of range")
+        raise BadMessage(name, f"{name} is out of range")
     return result
 
 

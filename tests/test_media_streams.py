@@ -97,7 +97,7 @@ def test_bad_input_on_the_socket_is_counted_and_the_call_goes_on(server):
     assert client.wait_closed() == 1000
     summary = server.summary(call.stream_sid)
     assert (summary["ended"], summary["media"], summary["bad"]) == ("stop", "3", "5")
-    assert (summary["bad_binary"], summary["bad_empty"], summary["bad_invalid_json"], summary["bad_bad_media"],
+    assert (summary["bad_binary"], summary["bad_empty"], summary["bad_invalid_json"], summary["bad_media"],
             summary["bad_unknown_event"]) == ("1",) * 5
     assert len(re.findall(rf"stream={call.stream_sid} skipped message", server.log())) == 4
 
