@@ -20,10 +20,12 @@ import base64
 import binascii
 import errno
 import functools
+import glob
 import hashlib
 import hmac
 import importlib
 import importlib.util
+import ipaddress
 import logging
 import math
 import os
@@ -123,6 +125,10 @@ def a_path_or_none(raw: str) -> str | None:
     return a_name(raw) if raw else None
 
 
+def a_port_or_none(raw: str) -> int | None:
+    return number_from(int, 1, 65535)(raw) if raw else None
+
+
 def a_url_or_none(raw: str) -> str | None:
     try:
         host = public_host(raw)
@@ -161,6 +167,11 @@ OPTIONS = (  # flag, environment variable, default, reader (its ValueError says 
     ("--greet", "GREET", "", a_path_or_none,
      "play this WAV file (8000 Hz mono 16-bit) when a stream starts; stop it when the caller talks over it "
      "(<Connect><Stream>)"),
+    ("--trusted-proxies", "TRUSTED_PROXIES", "0", number_from(int, 0, 10),
+     "proxies in front of this server (nginx: 1) whose X-Forwarded-For names the client; 0: trust none"),
+    ("--metrics-port", "METRICS_PORT", "", a_port_or_none,
+     "serve Prometheus metrics at http://HOST:METRICS_PORT/metrics, a listener of its own "
+     "(needs: pip install prometheus-client==0.26.0)"),
 )
 BEHIND_MS = 50            # an event loop this late: the process cannot keep up, batch listen-only reads
 CAUGHT_UP_SECONDS = 5     # an event loop on time this long: every message read as it lands again
@@ -198,13 +209,16 @@ def read_settings(argv: list[str] | None = None, environ=os.environ) -> argparse
     token = settings.auth_token = environ.get("TWILIO_AUTH_TOKEN") or None
     if token and not (token.isprintable() and token.strip() == token):
         raise SettingsError("TWILIO_AUTH_TOKEN: has spaces or control characters: no signature would match")
+    if settings.metrics_port and not importlib.util.find_spec("prometheus_client"):
+        raise SettingsError("--metrics-port (METRICS_PORT) needs the Prometheus client: "
+                            "pip install prometheus-client==0.26.0")
     return settings
 
 
 def configure(argv: list[str] | None = None, environ=os.environ, stream_class=None) -> argparse.Namespace:
     """Read and check the settings, then make this process serve with them: the one place
     start-up happens, for main() and for each gunicorn worker. Raises SettingsError."""
-    global settings
+    global settings, metrics
     new = read_settings(argv, environ)
     new.stream_class = checked_stream_class(stream_class, "stream_class") if stream_class else \
         load_stream_class(environ.get("STREAM_CLASS"))
@@ -214,6 +228,8 @@ def configure(argv: list[str] | None = None, environ=os.environ, stream_class=No
     settings = new
     setup_logging(settings.log_level)
     reserve_file_descriptors(settings)
+    if settings.metrics_port and metrics is None:
+        metrics = Metrics()
     # gevent-websocket builds each connection's socket from this module-level name.
     geventwebsocket.handler.WebSocket = MediaWebSocket
     # Its logger would print client input, without a timestamp; MediaStreamHandler checks
@@ -381,8 +397,20 @@ sockets = Sockets(app)
 
 @app.route("/")
 def index():
-    return (f"Twilio Media Streams server is up. WebSocket: wss://{request.host}/media\n",
-            200, {"Content-Type": "text/plain"})
+    if settings.public_url:
+        where = f"wss://{public_host(settings.public_url)}/media (--public-url)"
+    else:  # a browser may have come through ngrok (TLS) or straight here (no TLS): Twilio needs the first
+        where = (f"wss://{request.host}/media through a TLS proxy such as ngrok (Twilio connects only to wss://), "
+                 f"ws://{request.host}/media without one")
+    return f"Twilio Media Streams server is up. WebSocket: {where}\n", 200, {"Content-Type": "text/plain"}
+
+
+@app.route("/healthz")
+def healthz():
+    """For a load balancer: 503 once this process is shutting down, so it sends no new calls here."""
+    if shutting_down:
+        return "shutting down\n", 503, {"Content-Type": "text/plain", "Connection": "close"}
+    return f"ok streams={len(open_websockets)}\n", 200, {"Content-Type": "text/plain"}
 
 
 @app.route("/media")
@@ -400,6 +428,8 @@ CLOSE_CODE_WHEN_ENDED = {"stop": 1000, "idle": 1000, "disconnect": 1000, "shutdo
 def media(ws):
     stream = settings.stream_class(remote=request.remote_addr or "?", ws=ws)
     log.info("Connection accepted %s", stream.label)
+    if metrics:
+        metrics.opened(stream)
     try:
         while not ws.closed:
             message = ws.receive()
@@ -419,6 +449,8 @@ def media(ws):
     finally:
         stream.finish()
         ws.close(CLOSE_CODE_WHEN_ENDED.get(stream.ended, 1000))
+        if metrics:
+            metrics.closed(stream)
 
 
 # --- Per-call state -----------------------------------------------------------------------
@@ -1095,40 +1127,55 @@ class GreetStream(MediaStream):
 
 # --- Who may stream: the handshake checks -------------------------------------------------
 
-def refusal(environ: dict) -> tuple[str, str] | None:
-    """(HTTP status, reason) for a WebSocket handshake we refuse before the 101, else None:
+def refusal(environ: dict) -> tuple[str, str, str] | None:
+    """(HTTP status, kind, reason) for a WebSocket handshake we refuse before the 101, else None:
     one that breaks RFC 6455 4.2.1 (gevent-websocket would answer it with a traceback or a
     garbled status), or one that Twilio did not sign, or one over a limit."""
     if environ.get("REQUEST_METHOD") != "GET":
-        return "405 Method Not Allowed", "a WebSocket handshake is a GET"
+        return "405 Method Not Allowed", "not_get", "a WebSocket handshake is a GET"
     if environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
-        return "400 Bad Request", "a WebSocket handshake is an HTTP/1.1 request"
+        return "400 Bad Request", "not_http11", "a WebSocket handshake is an HTTP/1.1 request"
     if "upgrade" not in environ.get("HTTP_CONNECTION", "").lower():
-        return "400 Bad Request", "Connection: Upgrade missing"
+        return "400 Bad Request", "no_upgrade", "Connection: Upgrade missing"
     if environ.get("HTTP_SEC_WEBSOCKET_VERSION") != "13":
-        return "426 Upgrade Required", "Sec-WebSocket-Version must be 13"
+        return "426 Upgrade Required", "websocket_version", "Sec-WebSocket-Version must be 13"
     try:
         key_length = len(base64.b64decode(environ.get("HTTP_SEC_WEBSOCKET_KEY", ""), validate=True))
     except binascii.Error:
         key_length = 0
     if key_length != 16:
-        return "400 Bad Request", "Sec-WebSocket-Key is not 16 bytes in base64"
+        return "400 Bad Request", "websocket_key", "Sec-WebSocket-Key is not 16 bytes in base64"
     path = environ.get("PATH_INFO", "")
     if not sockets.url_map.bind("localhost", url_scheme="ws").test(path):
-        return "404 Not Found", "no WebSocket route here (Twilio's <Stream> URL must end in /media)"
+        return "404 Not Found", "path", "no WebSocket route here (Twilio's <Stream> URL must end in /media)"
     if settings.auth_token:
         signature = environ.get("HTTP_X_TWILIO_SIGNATURE")
         if not signature:
-            return "403 Forbidden", "missing X-Twilio-Signature"
+            return "403 Forbidden", "no_signature", "missing X-Twilio-Signature"
         host = public_host(settings.public_url) or environ.get("HTTP_HOST", "")
         query = environ.get("QUERY_STRING")
         if not signature_is_valid(settings.auth_token, host, path + ("?" + query if query else ""), signature):
-            return "403 Forbidden", f"X-Twilio-Signature does not match wss://{printable(host + path, 200)}"
+            return ("403 Forbidden", "bad_signature",
+                    f"X-Twilio-Signature does not match wss://{printable(host + path, 200)}")
     if shutting_down:
-        return "503 Service Unavailable", "the server is shutting down"
+        return "503 Service Unavailable", "shutting_down", "the server is shutting down"
     if len(open_websockets) >= settings.max_streams:
-        return "503 Service Unavailable", f"{settings.max_streams} streams open already (--max-streams)"
+        return ("503 Service Unavailable", "max_streams",
+                f"{settings.max_streams} streams open already (--max-streams)")
     return None
+
+
+def forwarded_client(environ: dict, proxies: int) -> str | None:
+    """The client's address as the outermost of our `proxies` trusted proxies saw it: the
+    proxies-th address from the right of X-Forwarded-For (each proxy appends the address it
+    got the request from), as Werkzeug's ProxyFix(x_for=proxies). None if there are fewer."""
+    addresses = [address.strip() for address in environ.get("HTTP_X_FORWARDED_FOR", "").split(",")]
+    if len(addresses) < proxies:
+        return None
+    try:
+        return str(ipaddress.ip_address(addresses[-proxies]))  # never a forged log line
+    except ValueError:
+        return None
 
 
 def twilio_signature(auth_token: str, url: str) -> str:
@@ -1667,6 +1714,12 @@ class MediaStreamHandler(WebSocketHandler):
             return
         super().handle_one_response()
 
+    def get_environ(self):
+        environ = super().get_environ()
+        if settings.trusted_proxies:
+            environ["REMOTE_ADDR"] = forwarded_client(environ, settings.trusted_proxies) or environ["REMOTE_ADDR"]
+        return environ
+
     def _handle_client_error(self, ex):
         # pywsgi's hook for a bad request prints a traceback for anything but a ValueError
         # (an IndexError for "HTTP/1", an HTTPException for over 100 headers) and logs the
@@ -1674,7 +1727,11 @@ class MediaStreamHandler(WebSocketHandler):
         remote = self.client_address[0] if self.client_address else "?"
         if isinstance(ex, HandshakeTimeout):
             connection_warnings.warning("dropped connection remote=%s reason=%s", remote, ex)
+            if metrics:
+                metrics.handshakes_refused.labels("none", "handshake_timeout").inc()
             return None
+        if metrics:
+            metrics.handshakes_refused.labels("400", "bad_request").inc()
         reason = str(ex) if isinstance(ex, ValueError) else f"malformed request ({type(ex).__name__})"
         connection_warnings.warning("bad request remote=%s status=400 reason=%s", remote, printable(reason, 100))
         return "400", BAD_REQUEST
@@ -1685,7 +1742,9 @@ class MediaStreamHandler(WebSocketHandler):
             return super().upgrade_websocket()
         refused = refusal(self.environ)
         if refused:
-            status, reason = refused
+            status, kind, reason = refused
+            if metrics:
+                metrics.handshakes_refused.labels(status.split()[0], kind).inc()
             connection_warnings.warning("refused WebSocket remote=%s path=%s status=%s reason=%s",
                                         self.environ.get("REMOTE_ADDR"),
                                         printable(self.environ.get("PATH_INFO", ""), 100), status.split()[0], reason)
@@ -1729,6 +1788,8 @@ else:
                 read_greeting(checked.greet)  # and kept, for the workers: a file gone later stops no worker
                 talking_back_mode(checked, None)
                 find_stream_class_module(environ.get("STREAM_CLASS"))
+                if checked.metrics_port:
+                    serve_metrics_of_workers(checked.host, checked.metrics_port)
             except SettingsError as error:
                 print(f"app.py: error: {error}", file=sys.stderr, flush=True)
                 sys.exit(2)
@@ -1759,6 +1820,127 @@ else:
             gevent.spawn(quit_after_summaries)
 
 
+# --- Metrics: Prometheus, with the official client, imported only with --metrics-port -----
+
+METRICS_EVERY_SECONDS = 1  # open streams' counts are added this often; a stream's last ones as it ends
+
+
+class Metrics:
+    """This process's streams counted for Prometheus: each stream's counts, as its summary
+    has them, are added as it ends and every METRICS_EVERY_SECONDS while it is open, so
+    counting costs nothing per message. Under gunicorn each worker writes them to
+    PROMETHEUS_MULTIPROC_DIR and the master serves their sum (serve_metrics_of_workers)."""
+
+    def __init__(self):
+        from prometheus_client import Counter, Gauge, disable_created_metrics
+        disable_created_metrics()  # a <name>_created series beside each count: no dashboard needs it
+
+        def counter(name, help_text, *labels):
+            return Counter(f"mediastreams_{name}", help_text, labels)
+
+        self.streams_open = Gauge("mediastreams_streams_open", "streams open now", multiprocess_mode="livesum")
+        self.streams_ended = counter("streams_ended", "streams ended, by how (the summary's ended=)", "ended")
+        self.media_messages = counter("media_messages", "media messages received", "track")
+        self.audio_seconds = counter("audio_seconds", "seconds of audio received", "track")
+        self.gaps = counter("gaps", "places where audio went missing (timestamps jumped)", "track")
+        self.duplicates = counter("duplicate_messages", "messages received twice (same sequenceNumber)")
+        self.out_of_order = counter("out_of_order_messages", "messages received after a later one")
+        self.bad_messages = counter("bad_messages", "messages skipped, by why (the summary's bad_<kind>=)", "kind")
+        self.handshakes_refused = counter("handshakes_refused", "connections refused before the WebSocket opened",
+                                          "status", "reason")
+        self.recordings = counter("recordings", "WAV files closed, and those stopped early (disk, limit)", "result")
+        self.sent_messages = counter("sent_media_messages", "media messages sent back (<Connect><Stream>)")
+        self.marks = counter("marks", "marks sent, and their echoes: played or cancelled by a clear", "state")
+        self.clears = counter("clears", "clear messages sent")
+        self.open: dict[MediaStream, dict] = {}  # each open stream: the counts added so far
+        self.adder: gevent.Greenlet | None = None
+
+    def opened(self, stream: "MediaStream") -> None:
+        self.open[stream] = {}
+        self.streams_open.inc()
+        if self.adder is None:
+            self.adder = gevent.spawn(self.add_open_streams_counts)
+
+    def closed(self, stream: "MediaStream") -> None:
+        self.add_counts(stream, self.open.pop(stream, {}))
+        self.streams_open.dec()
+        self.streams_ended.labels(stream.ended).inc()
+        for track in stream.tracks.values():
+            if track.recording:
+                self.recordings.labels("written").inc()
+            if track.recording_stopped:
+                self.recordings.labels("stopped").inc()
+
+    def add_open_streams_counts(self) -> None:
+        while True:
+            gevent.sleep(METRICS_EVERY_SECONDS)
+            for stream, added in list(self.open.items()):
+                self.add_counts(stream, added)
+
+    def add_counts(self, stream: "MediaStream", added: dict) -> None:
+        """What `stream` counted since `added` (updated) was taken."""
+        played_back = stream.played_back
+        now = {(self.duplicates, ()): stream.duplicates, (self.out_of_order, ()): stream.out_of_order,
+               (self.sent_messages, ()): played_back.messages, (self.clears, ()): played_back.clears,
+               (self.marks, ("sent",)): played_back.marks_sent, (self.marks, ("played",)): played_back.marks_played,
+               (self.marks, ("cancelled",)): played_back.marks_cancelled}
+        for track in stream.tracks.values():
+            now[self.media_messages, (track.name,)] = track.messages
+            now[self.audio_seconds, (track.name,)] = track.bytes / 8000
+            now[self.gaps, (track.name,)] = track.gaps
+        for kind, count in stream.bad.items():
+            now[self.bad_messages, (kind,)] = count
+        for (metric, labels), value in now.items():
+            more = value - added.get((metric, labels), 0)
+            if more:
+                (metric.labels(*labels) if labels else metric).inc(more)
+                added[metric, labels] = value
+
+
+def serve_metrics(host: str, port: int) -> None:
+    """`python app.py --metrics-port`: this process's metrics, on a listener of their own
+    (not /metrics on the app's port, which ngrok publishes), served by the event loop."""
+    import prometheus_client
+    server = pywsgi.WSGIServer((host, port), prometheus_client.make_wsgi_app(), log=None, error_log=log)
+    try:
+        server.start()
+    except OSError as exc:
+        reason = exc.args[1] if len(exc.args) == 2 else str(exc)
+        raise SettingsError(f"--metrics-port (METRICS_PORT): cannot listen on {host}:{port}: {reason}") from None
+    startup_log.info("Metrics for Prometheus at http://localhost:%d/metrics", server.server_port)
+
+
+@functools.lru_cache(maxsize=1)  # once: gunicorn checks its configuration again on SIGHUP
+def serve_metrics_of_workers(host: str, port: int) -> None:
+    """gunicorn's master: the sum of its workers' metrics (prometheus-client's multiprocess
+    mode), from a thread of its own; the workers inherit PROMETHEUS_MULTIPROC_DIR."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:  # the files of an earlier run would be added to this one's
+        for stale in glob.glob(os.path.join(folder, "*.db")):
+            os.unlink(stale)
+    else:
+        folder = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mediastreams-metrics-")
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    class LiveWorkers(multiprocess.MultiProcessCollector):
+        def collect(self):  # a worker that died without ending its streams no longer counts them as open
+            for path in glob.glob(os.path.join(folder, "gauge_live*_*.db")):
+                pid = int(path.rsplit("_", 1)[1][:-3])
+                if sys.platform == "linux" and not os.path.exists(f"/proc/{pid}"):
+                    multiprocess.mark_process_dead(pid, folder)
+            return super().collect()
+
+    registry = CollectorRegistry()
+    LiveWorkers(registry, folder)
+    try:
+        start_http_server(port, host, registry)
+    except OSError as exc:
+        raise SettingsError(f"--metrics-port (METRICS_PORT): cannot listen on {host}:{port}: "
+                            f"{exc.strerror or exc}") from None
+    print(f"Metrics for Prometheus at http://localhost:{port}/metrics, all workers together", file=sys.stderr,
+          flush=True)
+
+
 # --- Module state: what every stream of this process shares -------------------------------
 
 settings = read_settings([], environ={})  # the defaults until configure() runs
@@ -1770,6 +1952,7 @@ connection_warnings = LogThrottle("warnings about connections", per_second=10)
 stream_warnings = LogThrottle("stream warnings", per_second=200)
 idle_sweeper: gevent.Greenlet | None = None
 loop_watcher: gevent.Greenlet | None = None
+metrics: "Metrics | None" = None  # --metrics-port
 loop_behind = False  # the event loop is late: listen-only streams are read every --read-interval-ms
 shutting_down = False
 STREAM_END_SECONDS = 3  # what open streams get at shutdown to end and log their summaries
@@ -1813,6 +1996,8 @@ def main(argv: list[str] | None = None, stream_class: type | None = None) -> Non
                 else "--port (PORT)"
             reason = exc.args[1] if len(exc.args) == 2 else str(exc)  # gevent adds the address to strerror
             raise SettingsError(f"{setting}: cannot listen on {settings.host}:{settings.port}: {reason}") from None
+        if settings.metrics_port:
+            serve_metrics(settings.host, settings.metrics_port)
     except SettingsError as error:
         print(f"app.py: error: {error}", file=sys.stderr)
         sys.exit(2)

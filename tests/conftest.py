@@ -15,7 +15,8 @@ from tests.twilio_sim import Call, WSClient
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS_VARIABLES = ("HOST", "PORT", "LOG_LEVEL", "RECORD_DIR", "QUIET_LEVELS", "PUBLIC_URL", "TWILIO_AUTH_TOKEN",
                       "MAX_MESSAGE_BYTES", "MAX_STREAMS", "IDLE_TIMEOUT", "HANDSHAKE_TIMEOUT", "MAX_RECORDING_SECONDS",
-                      "READ_INTERVAL_MS", "STREAM_CLASS", "ECHO", "GREET")
+                      "READ_INTERVAL_MS", "STREAM_CLASS", "ECHO", "GREET", "TRUSTED_PROXIES",
+                      "METRICS_PORT", "PROMETHEUS_MULTIPROC_DIR")
 LISTENING = r"Listening on http://localhost:(\d+)"
 
 

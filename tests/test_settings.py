@@ -24,7 +24,7 @@ def test_defaults():
     assert (settings.host, settings.port, settings.log_level, settings.record) == ("0.0.0.0", 5000, "INFO", None)
     assert (settings.max_message_bytes, settings.max_streams, settings.idle_timeout) == (65536, 1000, 30)
     assert (settings.read_interval_ms, settings.quiet_levels, settings.public_url) == (100, False, None)
-    assert settings.auth_token is None
+    assert (settings.auth_token, settings.trusted_proxies, settings.metrics_port) == (None, 0, None)
 
 
 @pytest.mark.parametrize("flag, variable, raw, value", [
@@ -37,6 +37,7 @@ def test_defaults():
     ("--max-recording-seconds", "MAX_RECORDING_SECONDS", "60", 60),
     ("--host", "HOST", "127.0.0.1", "127.0.0.1"),
     ("--echo", "ECHO", "1", True), ("--greet", "GREET", "hello.wav", "hello.wav"),
+    ("--trusted-proxies", "TRUSTED_PROXIES", "2", 2), ("--metrics-port", "METRICS_PORT", "9100", 9100),
 ])
 def test_each_flag_reads_its_variable_and_the_flag_wins(flag, variable, raw, value):
     name = flag[2:].replace("-", "_")
@@ -48,6 +49,10 @@ def test_each_flag_reads_its_variable_and_the_flag_wins(flag, variable, raw, val
 
 
 BAD_VALUES = [  # (flag or None, variable, value, what the message says it should be)
+    ("--trusted-proxies", "TRUSTED_PROXIES", "yes", "a whole number from 0 to 10"),
+    ("--trusted-proxies", "TRUSTED_PROXIES", "-1", "a whole number from 0 to 10"),
+    ("--metrics-port", "METRICS_PORT", "0", "a whole number from 1 to 65535"),
+    ("--metrics-port", "METRICS_PORT", "http", "a whole number from 1 to 65535"),
     ("--port", "PORT", "abc", "a whole number from 0 to 65535"),
     ("--port", "PORT", "70000", "a whole number from 0 to 65535"),
     ("--max-streams", "MAX_STREAMS", "ten", "a whole number from 1 to 100000"),
