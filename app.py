@@ -407,9 +407,11 @@ def index():
 
 @app.route("/healthz")
 def healthz():
-    """For a load balancer: 503 once this process is shutting down, so it sends no new calls here."""
+    """For a load balancer: 503 while this process would refuse a new call, so it sends none here."""
     if shutting_down:
-        return "shutting down\n", 503, {"Content-Type": "text/plain", "Connection": "close"}
+        return "shutting down\n", 503, {"Content-Type": "text/plain"}
+    if len(open_websockets) >= settings.max_streams:
+        return f"full streams={len(open_websockets)} (--max-streams)\n", 503, {"Content-Type": "text/plain"}
     return f"ok streams={len(open_websockets)}\n", 200, {"Content-Type": "text/plain"}
 
 

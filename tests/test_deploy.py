@@ -71,15 +71,19 @@ def test_the_index_names_both_urls_and_the_public_one_when_given(start_server):
                                              "(--public-url)\n"
 
 
-def test_healthz_counts_open_streams_and_says_503_while_shutting_down(start_server):
-    server = start_server()
+def test_healthz_counts_open_streams_and_says_503_when_full(start_server):
+    server = start_server("--max-streams", "2")
     assert get(server.http_url + "/healthz") == (200, "ok streams=0\n")
-    client, call = server.open_call(media=1)
-    server.wait_for(rf"stream={call.stream_sid} first media")
+    first, first_call = server.open_call(media=1)
+    server.wait_for(rf"stream={first_call.stream_sid} first media")
     assert get(server.http_url + "/healthz") == (200, "ok streams=1\n")
-    client.send(call.stop())
-    assert client.wait_closed() == 1000
-    server.summary(call.stream_sid)
+    second, second_call = server.open_call(media=1)
+    server.wait_for(rf"stream={second_call.stream_sid} first media")
+    assert get(server.http_url + "/healthz") == (503, "full streams=2 (--max-streams)\n")
+    for client, call in ((first, first_call), (second, second_call)):
+        client.send(call.stop())
+        assert client.wait_closed() == 1000
+        server.summary(call.stream_sid)
     assert get(server.http_url + "/healthz") == (200, "ok streams=0\n")
 
 
