@@ -3,6 +3,8 @@
     python -m tests.twilio_sim ws://localhost:5000/media --seconds 5
     python -m tests.twilio_sim ws://localhost:5000/media --wav hello.wav --tracks both
     python -m tests.twilio_sim ws://localhost:5000/media --connect --wav hello.wav --heard out.wav
+    python -m tests.twilio_sim wss://calls.example.com/media --seconds 5      # TLS, checked against the system's CAs
+    python -m tests.twilio_sim wss://localhost:8443/media --cafile cert.pem  # a self-signed proxy (or --insecure)
 
 With --connect it is a <Connect><Stream> (bidirectional, inbound track only) and plays what
 the server sends back as Twilio would: at real time, marks echoed once the audio before
@@ -13,6 +15,9 @@ The messages follow ../shared/reference/twilio-media-streams.md section 2 (numbe
 strings, `connected` without a streamSid, 160-byte mu-law chunks every 20 ms). The
 WebSocket client is a small stdlib one, so tests can also send what a real client never
 would (binary frames, broken UTF-8, oversized length headers).
+
+Whatever goes wrong (refused, 403, 503, a certificate that does not verify, a dropped
+call, a timeout), the command says it in one line on stderr and exits with 1.
 """
 import argparse
 import base64
@@ -21,7 +26,9 @@ import itertools
 import json
 import math
 import os
+import re
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -180,19 +187,28 @@ def frame(opcode, payload, fin=True, mask=CLIENT_MASK, rsv=0, length=None, lengt
     return head + mask + masked
 
 
+def parse_frame(data):
+    """(opcode, payload, bytes used) of the first frame in bytes a server sent (unmasked), or
+    None while it is not all there."""
+    if len(data) < 2:
+        return None
+    length, start = data[1] & 0x7F, 2
+    if length == 126:
+        length, start = int.from_bytes(data[2:4], "big"), 4
+    elif length == 127:
+        length, start = int.from_bytes(data[2:10], "big"), 10
+    if len(data) < start or len(data) < start + length:
+        return None
+    return data[0] & 0x0F, data[start:start + length], start + length
+
+
 def read_frames(data):
     """(opcode, payload) of each whole frame in bytes a server sent (unmasked)."""
     frames = []
-    while len(data) >= 2:
-        length, start = data[1] & 0x7F, 2
-        if length == 126:
-            length, start = struct.unpack("!H", data[2:4])[0], 4
-        elif length == 127:
-            length, start = struct.unpack("!Q", data[2:10])[0], 10
-        if len(data) < start + length:
-            break
-        frames.append((data[0] & 0x0F, data[start:start + length]))
-        data = data[start + length:]
+    while (parsed := parse_frame(data)) is not None:
+        opcode, payload, used = parsed
+        frames.append((opcode, payload))
+        data = data[used:]
     return frames
 
 
@@ -202,19 +218,64 @@ def close_code(payload):
 
 
 class HandshakeRefused(Exception):
-    def __init__(self, status, body):
-        super().__init__(f"handshake refused: {status} {body!r}")
+    """The server answered the handshake with another status than 101: `status` (403),
+    `reason` (its phrase, "Forbidden"), `body` (bytes, the first 4 KiB at most) and
+    `headers` ({lower-case name: value})."""
+
+    def __init__(self, status, body, reason="", headers=None):
         self.status = status
+        self.reason = reason
         self.body = body
+        self.headers = headers or {}
+        super().__init__(f"handshake refused: {self.describe()}")
+
+    def describe(self):
+        """'403 Forbidden: what the body says', on one line."""
+        status = f"{self.status} {self.reason}".strip()
+        text = self.body.decode("utf-8", "replace")
+        if "html" in self.headers.get("content-type", ""):  # a proxy's error page: its text
+            text = re.sub(r"<[^>]*>", " ", text)
+        text = " ".join(text.split())
+        while text.startswith(status):  # our server's body begins with the status line, nginx's repeats it
+            text = text[len(status):].lstrip(": ")
+        return f"{status}: {text[:300]}" if text else status
+
+
+def tls_context(cafile=None, insecure=False):
+    """TLS settings for wss://: the certificate checked against the system's CA store and
+    the URL's host name; with `cafile` (a CA, or a self-signed certificate itself) checked
+    against that file instead; with `insecure`, not checked at all."""
+    if insecure:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context(cafile=cafile)
 
 
 class WSClient:
-    """RFC 6455 client over a plain socket (ws:// only), enough for tests and load."""
+    """RFC 6455 client over a plain socket (ws://) or a TLS one (wss://), enough for tests
+    and load. For wss:// the certificate is checked as tls_context() says: `ssl_context`
+    if given, else one made from `cafile` and `insecure`. `timeout` bounds connecting, the
+    TLS and WebSocket handshakes and every later read or write."""
 
-    def __init__(self, url, headers=None, timeout=10.0):
+    def __init__(self, url, headers=None, timeout=10.0, ssl_context=None, cafile=None, insecure=False):
         parts = urlsplit(url)
-        self.sock = socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError(f"{url!r} is not a ws:// or wss:// URL")
+        secure = parts.scheme == "wss"
+        sock = socket.create_connection((parts.hostname, parts.port or (443 if secure else 80)), timeout=timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if secure:  # the server name (SNI) and the name checked: the URL's host
+                sock = (ssl_context or tls_context(cafile, insecure)).wrap_socket(sock, server_hostname=parts.hostname)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.buffer = b""
+        self.close_reason = None
+        self.messages_sent = 0
         key = base64.b64encode(os.urandom(16)).decode()
         lines = [f"GET {parts.path or '/'}{'?' + parts.query if parts.query else ''} HTTP/1.1",
                  f"Host: {parts.netloc}", "Upgrade: websocket", "Connection: Upgrade",
@@ -222,15 +283,28 @@ class WSClient:
         for name, value in (headers or {}).items():
             lines = [line for line in lines if not line.lower().startswith(name.lower() + ":")]
             lines.append(f"{name}: {value}")
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        self.buffer = b""
-        self.close_reason = None
-        head = self._read_until(b"\r\n\r\n")
-        status = int(head.split(b" ", 2)[1])
-        if status != 101:
+        try:
+            self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            head = self._read_until(b"\r\n\r\n")
+        except ConnectionError as exc:
+            self.sock.close()
+            raise ConnectionError(f"the connection ended before the handshake was answered ({exc})") from None
+        except BaseException:
+            self.sock.close()
+            raise
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        version, _, rest = status_line.partition(" ")
+        status, _, reason = rest.partition(" ")
+        if not version.startswith("HTTP/") or not status.isdigit():
+            self.sock.close()
+            raise ConnectionError(f"the answer to the handshake is not HTTP: {status_line[:60]!r}")
+        if int(status) != 101:
+            fields = dict(line.partition(":")[::2] for line in header_lines)
+            fields = {name.strip().lower(): value.strip() for name, value in fields.items()}
+            length = int(fields["content-length"]) if fields.get("content-length", "").isdigit() else 4096
             body = self.buffer
             try:
-                while len(body) < 4096:
+                while len(body) < min(length, 4096):  # to its Content-Length: a proxy may keep the connection
                     more = self.sock.recv(4096)
                     if not more:
                         break
@@ -238,7 +312,7 @@ class WSClient:
             except OSError:
                 pass
             self.sock.close()
-            raise HandshakeRefused(status, body)
+            raise HandshakeRefused(int(status), body[:min(length, 4096)], reason.strip(), fields)
 
     def _read_more(self):
         data = self.sock.recv(65536)
@@ -252,18 +326,13 @@ class WSClient:
         head, self.buffer = self.buffer.split(marker, 1)
         return head
 
-    def _read_exactly(self, n):
-        while len(self.buffer) < n:
-            self._read_more()
-        out, self.buffer = self.buffer[:n], self.buffer[n:]
-        return out
-
     def send(self, message):
         """A text frame for str, a binary frame for bytes."""
         if isinstance(message, str):
             self.sock.sendall(frame(0x1, message.encode()))
         else:
             self.sock.sendall(frame(0x2, message))
+        self.messages_sent += 1
 
     def send_all(self, messages):
         for message in messages:
@@ -273,14 +342,13 @@ class WSClient:
         self.sock.sendall(data)
 
     def recv_frame(self):
-        """(opcode, payload) of the next frame from the server."""
-        first, second = self._read_exactly(2)
-        length = second & 0x7F
-        if length == 126:
-            length = struct.unpack("!H", self._read_exactly(2))[0]
-        elif length == 127:
-            length = struct.unpack("!Q", self._read_exactly(8))[0]
-        return first & 0x0F, self._read_exactly(length)
+        """(opcode, payload) of the next frame from the server. A timeout leaves what has come
+        of a frame in the buffer: the next call goes on from there."""
+        while (parsed := parse_frame(self.buffer)) is None:
+            self._read_more()
+        opcode, payload, used = parsed
+        self.buffer = self.buffer[used:]
+        return opcode, payload
 
     def wait_closed(self, timeout=5.0):
         """The status code of the server's close frame (1005 if it had none), or None if the
@@ -441,48 +509,86 @@ class Player:
             return not self.queue and time.monotonic() - self.last_message_at > 0.3
 
 
-def play_connect_call(url, samples, headers=None, dtmf="", jitter_ms=20, params=None, out=print):
-    """A <Connect><Stream> call: the caller's audio (inbound) every 20 ms, `dtmf` a digit every
-    half second, and what the server sends back played as Twilio would. Returns the Player,
-    the close code the server sent and the call."""
-    call = Call(tracks=["inbound"], params=params)
-    client = WSClient(url, headers=headers)
-    send_lock = threading.Lock()  # two threads send: numbered and framed one at a time
-
-    def send(message, *args):
-        with send_lock:
-            try:
-                client.send(message(*args))
-            except OSError:  # the server has closed the connection: a mark echo comes too late
-                pass
-
-    player = Player(call.stream_sid, lambda name: send(call.mark, name), jitter_ms)
-    closed = {}
+def start_reader(client, send_lock, on_message=None):
+    """A thread that reads what the server sends until its close frame, which it answers
+    under `send_lock` (ending["code"] and ending["reason"]), or until the connection ends
+    without one (ending["error"]); text and binary frames go to on_message(opcode, payload).
+    Returns the thread and `ending`."""
+    ending = {}
 
     def read():
         while True:
             try:
                 opcode, payload = client.recv_frame()
-            except socket.timeout:
+            except TimeoutError:  # a server with nothing to say: how long to wait is the caller's call
                 continue
-            except OSError:
+            except OSError as exc:  # EOF, a reset, a broken TLS record
+                ending["error"] = exc
                 return
             if opcode == 0x8:
-                closed["code"] = close_code(payload)
+                ending["code"], ending["reason"] = close_code(payload), payload[2:].decode(errors="replace")
                 with send_lock:
-                    client.send_raw(frame(0x8, payload[:2]))
+                    try:
+                        client.send_raw(frame(0x8, payload[:2]))
+                    except OSError:
+                        pass  # the server did not wait for our answer
                 return
-            if opcode == 0x1:
-                try:
-                    payload = payload.decode()
-                except UnicodeDecodeError:
-                    player.violations.append("31924 a text frame that is not UTF-8: Twilio ends the stream")
-                    continue
-            if opcode in (0x1, 0x2):
-                player.receive(opcode, payload)
+            if on_message and opcode in (0x1, 0x2):
+                on_message(opcode, payload)
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
+    return reader, ending
+
+
+def how_it_ended(client, reader, ending, send_error, waited):
+    """None when the server closed the call as it should (1000, or a close frame without a
+    code), else one line saying what happened instead."""
+    sent = client.messages_sent
+    if "code" in ending:
+        if ending["code"] in (1000, 1005):
+            return None
+        reason = f" ({ending['reason']})" if ending["reason"] else ""
+        return f"the server ended the call with close code {ending['code']}{reason} after {sent} messages"
+    if reader.is_alive() and isinstance(send_error, TimeoutError):
+        return f"the server took nothing for {waited:g} s: sending stopped after {sent} messages"
+    if reader.is_alive() and send_error is None:
+        return f"the server did not close the call within {waited:g} s of our stop ({sent} messages sent)"
+    return f"the server dropped the call after {sent} messages"
+
+
+def play_connect_call(url, samples, headers=None, dtmf="", jitter_ms=20, params=None, out=print,
+                      timeout=10.0, ssl_context=None, client=None):
+    """A <Connect><Stream> call: the caller's audio (inbound) every 20 ms, `dtmf` a digit every
+    half second, and what the server sends back played as Twilio would. Returns the Player,
+    the close code the server sent (None without one) and the call; `player.ending` is None
+    if the server closed the call as it should, else a line saying how it ended instead.
+    `timeout` bounds connecting, each send and the wait for the server's close after stop;
+    `client`: a WSClient already connected, instead of one to `url`."""
+    call = Call(tracks=["inbound"], params=params)
+    client = client or WSClient(url, headers=headers, timeout=timeout, ssl_context=ssl_context)
+    send_lock = threading.Lock()  # two threads send: numbered and framed one at a time
+    send_errors = []
+
+    def send(message, *args):
+        with send_lock:
+            try:
+                client.send(message(*args))
+            except OSError as exc:  # the server has closed the connection: a mark echo comes too late
+                send_errors.append(exc)
+
+    player = Player(call.stream_sid, lambda name: send(call.mark, name), jitter_ms)
+
+    def receive(opcode, payload):
+        if opcode == 0x1:
+            try:
+                payload = payload.decode()
+            except UnicodeDecodeError:
+                player.violations.append("31924 a text frame that is not UTF-8: Twilio ends the stream")
+                return
+        player.receive(opcode, payload)
+
+    reader, ending = start_reader(client, send_lock, receive)
     send(call.connected)
     send(call.start)
     audio = encode_ulaw(samples)
@@ -490,8 +596,8 @@ def play_connect_call(url, samples, headers=None, dtmf="", jitter_ms=20, params=
     digits = {25 * (n + 1): digit for n, digit in enumerate(dtmf)}  # a digit every 0.5 s
     next_at, tick = time.monotonic(), 0
     while tick < len(chunks) or tick <= max(digits, default=0) or not player.idle:
-        if not reader.is_alive():
-            break  # the server closed the stream
+        if not reader.is_alive() or send_errors:
+            break  # the server closed the stream, or stopped taking it
         if tick < len(chunks):
             send(call.media, "inbound", chunks[tick], 20 * (tick + 1))
             player.sent_at.append(time.monotonic())
@@ -501,22 +607,92 @@ def play_connect_call(url, samples, headers=None, dtmf="", jitter_ms=20, params=
         time.sleep(max(0.0, next_at - time.monotonic()))
         player.tick()
         tick += 1
-    if reader.is_alive():
+    if reader.is_alive() and not send_errors:
         send(call.stop)
-        reader.join(5)
+    reader.join(timeout if not send_errors else min(timeout, 2.0))  # after a failed send: its close or its end
+    player.ending = how_it_ended(client, reader, ending, send_errors[0] if send_errors else None, timeout)
     client.sock.close()
     for problem in player.violations:
         out(f"warning {problem}")
     for name, how, after_ms in player.marks:
         out(f"mark name={name} {how} after={after_ms:.0f}ms")
-    return player, closed.get("code"), call
+    return player, ending.get("code"), call
+
+
+def play_call(client, call, audio_by_track, timeout=10.0):
+    """A <Start><Stream> call on `client`: connected, start, the media of every track paced
+    as a live call sends it (one message per track every 20 ms), stop. What the server sends
+    meanwhile is read and left aside; a close or a drop stops the call early. Returns the
+    media messages sent, the close code (None without one) and None, or a line saying how
+    the call ended if not as it should."""
+    send_lock = threading.Lock()
+    reader, ending = start_reader(client, send_lock)
+    send_error, sent = None, 0
+    next_at = time.monotonic()
+    try:
+        with send_lock:
+            client.send(call.connected())
+            client.send(call.start())
+        for message in call.play(audio_by_track):
+            if not reader.is_alive():
+                break  # the server closed the stream
+            with send_lock:
+                client.send(message)
+            sent += 1
+            if sent % len(audio_by_track) == 0:
+                next_at += 0.020
+                time.sleep(max(0.0, next_at - time.monotonic()))
+        else:
+            with send_lock:
+                client.send(call.stop())
+    except OSError as exc:  # the server is gone, or took nothing for `timeout`
+        send_error = exc
+    reader.join(timeout if send_error is None else min(timeout, 2.0))
+    ending_line = how_it_ended(client, reader, ending, send_error, timeout)
+    client.sock.close()
+    return sent, ending.get("code"), ending_line
 
 
 # --- The command --------------------------------------------------------------------------
 
+class CallFailed(Exception):
+    """What went wrong, said in one line."""
+
+
+def connection_problem(exc, timeout):
+    """What an exception raised while connecting means, in a few words."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        if exc.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+            hint = "use a host name the certificate holds, or skip the check with --insecure"
+        else:
+            hint = "trust the server's certificate or its CA with --cafile FILE, or skip the check with --insecure"
+        return f"certificate verify failed: {exc.verify_message} ({hint})"
+    if isinstance(exc, ssl.SSLError):
+        what = (exc.reason or str(exc)).lower().replace("_", " ")
+        return f"TLS handshake failed: {what}" + (" (is it a wss:// server?)" if "wrong version" in what else "")
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:g} s"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name: {exc.strerror}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def connect(args, headers, tls):
+    """A WSClient for the command's URL, or CallFailed."""
+    try:
+        return WSClient(args.url, headers=headers, timeout=args.timeout, ssl_context=tls)
+    except HandshakeRefused as refused:
+        raise CallFailed(str(refused)) from None
+    except (OSError, ValueError) as exc:
+        raise CallFailed(f"cannot connect to {args.url}: {connection_problem(exc, args.timeout)}") from None
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Play a simulated Twilio call into a Media Streams server.")
-    parser.add_argument("url", nargs="?", default="ws://localhost:5000/media")
+    parser = argparse.ArgumentParser(description="Play a simulated Twilio call into a Media Streams server.",
+                                     epilog="Whatever goes wrong is one line on stderr, and the exit status 1.")
+    parser.add_argument("url", nargs="?", default="ws://localhost:5000/media", help="ws:// or wss:// URL")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the generated tone")
     parser.add_argument("--wav", help="8 kHz mono 16-bit WAV file to play instead of a tone")
     parser.add_argument("--tracks", choices=["inbound", "outbound", "both"], default="inbound")
@@ -530,46 +706,74 @@ def main(argv=None):
     parser.add_argument("--dtmf", default="", metavar="DIGITS", help="with --connect: press these, one every 0.5 s")
     parser.add_argument("--jitter-ms", type=float, default=20.0,
                         help="with --connect: how long audio after silence waits before it plays (default 20)")
+    parser.add_argument("--cafile", metavar="FILE",
+                        help="wss://: check the server's certificate against this CA (or self-signed certificate) "
+                             "instead of the system's CA store")
+    parser.add_argument("--insecure", action="store_true",
+                        help="wss://: do not check the server's certificate at all")
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="for connecting, each handshake, each send, and the server's close after our stop "
+                             "(default 10)")
     args = parser.parse_args(argv)
     if (args.heard or args.dtmf) and not args.connect:
         parser.error("--heard and --dtmf need --connect")
     if args.connect and args.tracks != "inbound":
         parser.error("--connect streams the inbound track only, as Twilio does (error 31941 otherwise)")
+    scheme = urlsplit(args.url).scheme
+    if scheme not in ("ws", "wss"):
+        parser.error(f"{args.url}: the URL must begin with ws:// or wss://")
+    if args.cafile and args.insecure:
+        parser.error("--cafile and --insecure: choose one")
+    if (args.cafile or args.insecure) and scheme != "wss":
+        parser.error("--cafile and --insecure are for wss:// URLs")
+    tls = None
+    if scheme == "wss":
+        try:
+            tls = tls_context(args.cafile, args.insecure)
+        except (OSError, ssl.SSLError) as exc:
+            parser.error(f"--cafile {args.cafile}: {exc.strerror or exc}")
 
     samples = read_wav(args.wav) if args.wav else tone(args.seconds)
     headers = dict(h.split(":", 1) for h in args.header)
     headers = {k.strip(): v.strip() for k, v in headers.items()}
+    try:
+        return play(args, samples, headers, tls)
+    except CallFailed as failure:
+        print(f"twilio_sim: {failure}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("twilio_sim: interrupted", file=sys.stderr)
+        return 130
+
+
+def play(args, samples, headers, tls):
+    """The call the command line asks for: 0 if all went as it should, 1 if the server sent
+    what Twilio would refuse; CallFailed if the call could not be made or did not end well."""
+    params = dict(p.split("=", 1) for p in args.param)
+    client = connect(args, headers, tls)
     if args.connect:
-        player, code, call = play_connect_call(args.url, samples, headers, args.dtmf, args.jitter_ms,
-                                               dict(p.split("=", 1) for p in args.param))
+        player, code, call = play_connect_call(args.url, samples, dtmf=args.dtmf, jitter_ms=args.jitter_ms,
+                                               params=params, timeout=args.timeout, client=client)
         if args.heard:
             write_wav(args.heard, decode_ulaw(player.heard))
         print(f"sent stream={call.stream_sid} media={len(samples) // CHUNK} ({len(samples) / 8000:.2f} s) "
               f"received media={player.media} ({player.media_bytes / 8000:.2f} s) marks={len(player.marks)} "
               f"clears={player.clears} refused={len(player.violations)} heard={len(player.heard) / 8000:.2f}s "
               f"closed={code or 'without a close frame'}")
+        if player.ending:
+            raise CallFailed(player.ending)
         return 1 if player.violations else 0
     ulaw = encode_ulaw(samples)
     tracks = ["inbound", "outbound"] if args.tracks == "both" else [args.tracks]
     # the outbound track gets the same audio a little quieter, so the two are told apart
     audio = {track: ulaw if i == 0 else encode_ulaw([s // 4 for s in samples]) for i, track in enumerate(tracks)}
-    call = Call(tracks=tracks, params=dict(p.split("=", 1) for p in args.param))
-    client = WSClient(args.url, headers=headers)
-    client.send(call.connected())
-    client.send(call.start())
-    next_at = time.monotonic()
-    sent = 0
-    for message in call.play(audio):
-        client.send(message)
-        sent += 1
-        if sent % len(tracks) == 0:  # one message per track every 20 ms, as a live call
-            next_at += 0.020
-            time.sleep(max(0.0, next_at - time.monotonic()))
-    client.send(call.stop())
-    code = client.wait_closed()
-    client.sock.close()
+    call = Call(tracks=tracks, params=params)
+    sent, code, ending = play_call(client, call, audio, args.timeout)
     print(f"sent stream={call.stream_sid} media={sent} ({len(ulaw) / 8000:.2f} s per track, "
           f"tracks={','.join(tracks)}) closed={code or 'without a close frame'}")
+    if ending:
+        raise CallFailed(ending)
+    return 0
 
 
 if __name__ == "__main__":
