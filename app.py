@@ -47,6 +47,8 @@ from urllib.parse import urlsplit
 
 import flask_sockets
 import gevent
+import gevent.event
+import gevent.threadpool
 import geventwebsocket.handler
 from flask import Flask, request
 from gevent import pywsgi
@@ -139,6 +141,8 @@ def a_url_or_none(raw: str) -> str | None:
     return raw or None
 
 
+TRANSCRIBE_PIP = "pip install faster-whisper==1.2.1 webrtcvad-wheels==2.0.14.post1"
+
 OPTIONS = (  # flag, environment variable, default, reader (its ValueError says what it wants), help
     ("--host", "HOST", "0.0.0.0", a_name, "interface to listen on"),
     ("--port", "PORT", "5000", number_from(int, 0, 65535), "port; 0: any free one (the log says which)"),
@@ -167,6 +171,16 @@ OPTIONS = (  # flag, environment variable, default, reader (its ValueError says 
     ("--greet", "GREET", "", a_path_or_none,
      "play this WAV file (8000 Hz mono 16-bit) when a stream starts; stop it when the caller talks over it "
      "(<Connect><Stream>)"),
+    ("--transcribe", "TRANSCRIBE", "0", yes_or_no,
+     "print what is said on each track, a line per utterance, recognized on this machine by Whisper "
+     f"(needs: {TRANSCRIBE_PIP})"),
+    ("--transcribe-model", "TRANSCRIBE_MODEL", "tiny.en", a_name,
+     "with --transcribe: a Whisper model name (downloaded by faster-whisper on first use) or a CTranslate2 "
+     "model directory"),
+    ("--transcribe-threads", "TRANSCRIBE_THREADS", "1", number_from(int, 1, 64),
+     "with --transcribe: utterances recognized at once, each on a native thread and a core of its own"),
+    ("--transcript-partials", "TRANSCRIPT_PARTIALS", "0", yes_or_no,
+     "with --transcribe: also a partial line every second while someone speaks (more CPU)"),
     ("--trusted-proxies", "TRUSTED_PROXIES", "0", number_from(int, 0, 10),
      "proxies in front of this server (nginx: 1) whose X-Forwarded-For names the client; 0: trust none"),
     ("--metrics-port", "METRICS_PORT", "", a_port_or_none,
@@ -209,6 +223,8 @@ def read_settings(argv: list[str] | None = None, environ=os.environ) -> argparse
     token = settings.auth_token = environ.get("TWILIO_AUTH_TOKEN") or None
     if token and not (token.isprintable() and token.strip() == token):
         raise SettingsError("TWILIO_AUTH_TOKEN: has spaces or control characters: no signature would match")
+    if settings.transcribe and not all(map(importlib.util.find_spec, ("faster_whisper", "webrtcvad"))):
+        raise SettingsError(f"--transcribe (TRANSCRIBE) needs the speech recognizer: {TRANSCRIBE_PIP}")
     if settings.metrics_port and not importlib.util.find_spec("prometheus_client"):
         raise SettingsError("--metrics-port (METRICS_PORT) needs the Prometheus client: "
                             "pip install prometheus-client==0.26.0")
@@ -218,7 +234,7 @@ def read_settings(argv: list[str] | None = None, environ=os.environ) -> argparse
 def configure(argv: list[str] | None = None, environ=os.environ, stream_class=None) -> argparse.Namespace:
     """Read and check the settings, then make this process serve with them: the one place
     start-up happens, for main() and for each gunicorn worker. Raises SettingsError."""
-    global settings, metrics
+    global settings, metrics, transcriber
     new = read_settings(argv, environ)
     new.stream_class = checked_stream_class(stream_class, "stream_class") if stream_class else \
         load_stream_class(environ.get("STREAM_CLASS"))
@@ -230,6 +246,8 @@ def configure(argv: list[str] | None = None, environ=os.environ, stream_class=No
     reserve_file_descriptors(settings)
     if settings.metrics_port and metrics is None:
         metrics = Metrics()
+    if settings.transcribe and transcriber is None:
+        transcriber = Transcriber(settings.transcribe_model, settings.transcribe_threads)
     # gevent-websocket builds each connection's socket from this module-level name.
     geventwebsocket.handler.WebSocket = MediaWebSocket
     # Its logger would print client input, without a timestamp; MediaStreamHandler checks
@@ -484,6 +502,7 @@ class Track:
     energy_samples: int = 0
     next_level_at: float = 0.0
     recording: "WavTrack | None" = None
+    transcript: "TrackTranscript | None" = None
     recording_stopped: bool = False  # by a write error or --max-recording-seconds: the file stays
     ahead_of_time: int = 0           # chunks not recorded: their place is past the call's age
 
@@ -674,7 +693,7 @@ class MediaStream:
         if "outbound" in tracks:
             self.listen_only = ("its tracks include outbound, so it comes from <Start><Stream>, where Twilio "
                                 "accepts nothing back: use <Connect><Stream> (twiml/connect.xml)")
-        self.decoding = self.wants_pcm or bool(settings.record)
+        self.decoding = self.wants_pcm or bool(settings.record) or transcriber is not None
         self.call_sid = field_text(start, "callSid", "?")
         encoding, rate, channels = (media_format.get(name) for name in ("encoding", "sampleRate", "channels"))
         format_name = "/".join(scalar_text(value) for value in (encoding, rate, channels))
@@ -730,6 +749,10 @@ class MediaStream:
                 self.record(track, timestamp, pcm)
             if self.wants_pcm:
                 self.on_audio(track.name, timestamp, pcm)
+            if transcriber:
+                if track.transcript is None:
+                    track.transcript = TrackTranscript(self, track.name)
+                track.transcript.feed(timestamp - self.origin_ms, pcm)
 
     def on_audio(self, track: str, timestamp: int, pcm: bytes) -> None:
         """The place to plug in real-time processing (transcription, analysis), called when
@@ -888,6 +911,8 @@ class MediaStream:
         if self.ws is not None:
             self.played_back.unsent += self.ws.drop_audio()
         for track in self.tracks.values():
+            if track.transcript:
+                track.transcript.finish()
             self.stop_recording(track)
         log.info("%s", self.summary())
 
@@ -908,6 +933,10 @@ class MediaStream:
                       f"marks={played_back.marks_sent}/{played_back.marks_played}/{played_back.marks_cancelled}",
                       f"clears={played_back.clears}"]
             parts += [f"unsent={played_back.unsent}"] if played_back.unsent else []
+        if transcriber:
+            transcripts = [t.transcript for t in tracks if t.transcript]
+            parts.append(f"transcript={sum(t.utterances for t in transcripts)} "
+                         f"transcript_dropped={sum(t.dropped for t in transcripts)}")
         recordings = [t.recording for t in tracks if t.recording]
         if recordings:
             parts.append("recordings=" + ",".join(f"{r.path}:{r.seconds:.2f}s" for r in recordings))
@@ -1125,6 +1154,198 @@ class GreetStream(MediaStream):
 
     def summary(self) -> str:
         return f"{super().summary()} barge_ins={self.barge_ins}"
+
+
+# --- Transcripts (--transcribe): Whisper on this machine, imported only when switched on -----
+
+FRAME_BYTES = 320            # 20 ms of 8 kHz 16-bit PCM: what voice activity is decided on
+SPEECH_END_MS = 500          # this much non-speech after speech ends an utterance
+PREROLL_MS = 200             # audio kept from before speech is heard: the first syllable's onset
+MIN_SPEECH_MS = 200          # less voiced audio than this is a click or a breath: not recognized
+MAX_UTTERANCE_SECONDS = 10   # longer speech is cut into pieces this long
+PARTIAL_EVERY_MS = 1000      # --transcript-partials: a partial line this often while someone speaks
+TRANSCRIPT_QUEUE = 16        # utterances waiting for recognition, per process; beyond, the oldest is dropped
+TRANSCRIPT_WAIT_SECONDS = 10  # at a stream's end, what its last utterances' recognition may take
+WINDOW_SECONDS, WINDOW_PADDING_SECONDS = 10, 3  # the model's window: utterance + padding, never under 10 s
+
+
+@dataclass(eq=False)
+class Utterance:
+    transcript: "TrackTranscript"
+    at: float                 # seconds from the stream's first audio
+    pcm: bytes                # 8 kHz 16-bit
+    partial: bool = False
+
+
+class Transcriber:
+    """Whisper (faster-whisper on CTranslate2), one per process. Recognition runs on native
+    threads, which CTranslate2 lets run without the GIL, so the receive loop never waits
+    for it; utterances wait in one bounded queue, and when recognition falls behind the
+    oldest waiting one is dropped and counted."""
+
+    def __init__(self, model_name: str, threads: int):
+        import numpy
+        from faster_whisper import WhisperModel
+        from faster_whisper.tokenizer import Tokenizer
+        self.numpy = numpy
+        try:
+            # int8: a quarter of the memory, and faster on a CPU; one core for each recognition
+            self.whisper = WhisperModel(model_name, device="cpu", compute_type="int8", cpu_threads=1,
+                                        num_workers=threads)
+            self.tokenizer = Tokenizer(self.whisper.hf_tokenizer, self.whisper.model.is_multilingual,
+                                       task="transcribe", language="en")
+            self.recognize(bytes(8000))  # a broken model fails here, not on the first call
+        except Exception as exc:  # whatever faster-whisper, huggingface_hub or CTranslate2 raise
+            raise SettingsError(f"--transcribe-model (TRANSCRIBE_MODEL): cannot load {model_name!r}: "
+                                f"{type(exc).__name__}: {printable(str(exc), 300)}") from None
+        self.threads = gevent.threadpool.ThreadPool(threads)
+        self.waiting: deque[Utterance] = deque()
+        self.arrived = gevent.event.Event()
+        self.recognizers = [gevent.spawn(self.recognize_waiting) for _ in range(threads)]
+
+    def recognize(self, pcm: bytes) -> str:
+        """The words in 8 kHz 16-bit speech, on a native thread. Whisper's window is cut to the
+        utterance plus padding (a 30 s window costs 3.5x as much; under 10 s it repeats itself)."""
+        import ctranslate2
+        from faster_whisper.audio import pad_or_trim
+        np = self.numpy
+        samples = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768
+        audio = np.interp(np.arange(2 * len(samples)) / 2, np.arange(len(samples)), samples).astype(np.float32)
+        features = self.whisper.feature_extractor(audio)
+        frames = 100 * min(30, max(WINDOW_SECONDS, len(pcm) / 16000 + WINDOW_PADDING_SECONDS))
+        features = np.ascontiguousarray(pad_or_trim(features, int(frames))[None])
+        encoded = self.whisper.model.encode(ctranslate2.StorageView.from_array(features))
+        prompt = [*self.tokenizer.sot_sequence, self.tokenizer.no_timestamps]
+        tokens = self.whisper.model.generate(encoded, [prompt], beam_size=5, suppress_blank=True, suppress_tokens=[-1],
+                                             max_length=int(20 + 10 * len(pcm) / 16000))[0].sequences_ids[0]
+        return self.tokenizer.decode([token for token in tokens if token < self.tokenizer.eot]).strip()
+
+    def submit(self, utterance: Utterance) -> None:
+        if utterance.partial and self.waiting:  # a partial line only costs idle time
+            return
+        if len(self.waiting) >= TRANSCRIPT_QUEUE:
+            oldest = self.waiting.popleft()
+            if not oldest.partial:
+                oldest.transcript.dropped_one()
+        if not utterance.partial:
+            utterance.transcript.pending += 1
+        self.waiting.append(utterance)
+        self.arrived.set()
+
+    def recognize_waiting(self) -> None:
+        while True:
+            while not self.waiting:
+                self.arrived.clear()
+                self.arrived.wait()
+            utterance = self.waiting.popleft()
+            try:
+                text = self.threads.apply(self.recognize, (utterance.pcm,))
+            except Exception as exc:  # a model that fails on some audio: that utterance only
+                log.warning("transcript recognition failed: %s: %s", type(exc).__name__, printable(str(exc), 200))
+                text = ""
+            utterance.transcript.heard(utterance, text)
+
+
+class TrackTranscript:
+    """One track's speech, cut into utterances where voice activity (WebRTC's detector, on
+    the 8 kHz audio) pauses, and the words recognized in them: logged, and written to
+    RECORD_DIR/<recording's name>.txt with --record."""
+
+    def __init__(self, stream: "MediaStream", track: str):
+        import webrtcvad
+        self.stream, self.track = stream, track
+        self.vad = webrtcvad.Vad(2)  # 0-3: how sure it must be that a frame is speech
+        self.rest = b""             # less than a frame, left from the last chunk
+        self.preroll: deque[bytes] = deque(maxlen=PREROLL_MS // 20)
+        self.speech: bytearray | None = None  # the utterance being heard
+        self.start_ms = self.voiced_ms = self.silent_ms = self.partial_ms = 0
+        self.pending = 0            # utterances submitted, not yet heard
+        self.utterances = self.dropped = 0
+        self.all_heard = gevent.event.Event()
+        self.file = None
+
+    def feed(self, at_ms: int, pcm: bytes) -> None:
+        """A chunk of the track: `at_ms` from the stream's first audio."""
+        data = self.rest + pcm if self.rest else pcm
+        at_ms -= len(self.rest) // 16
+        for offset in range(0, len(data) - FRAME_BYTES + 1, FRAME_BYTES):
+            self.frame(at_ms + offset // 16, data[offset:offset + FRAME_BYTES])
+        self.rest = data[len(data) - len(data) % FRAME_BYTES:]
+
+    def frame(self, at_ms: int, frame: bytes) -> None:
+        voiced = self.vad.is_speech(frame, 8000)
+        if self.speech is None:
+            self.preroll.append(frame)
+            if voiced:
+                self.start_ms = at_ms - 20 * (len(self.preroll) - 1)
+                self.speech = bytearray().join(self.preroll)
+                self.preroll.clear()
+                self.voiced_ms, self.silent_ms, self.partial_ms = 20, 0, at_ms
+            return
+        self.speech += frame
+        self.voiced_ms += 20 if voiced else 0
+        self.silent_ms = 0 if voiced else self.silent_ms + 20
+        if self.silent_ms >= SPEECH_END_MS or len(self.speech) >= MAX_UTTERANCE_SECONDS * 16000:
+            self.end_utterance()
+        elif settings.transcript_partials and at_ms - self.partial_ms >= PARTIAL_EVERY_MS:
+            self.partial_ms = at_ms
+            transcriber.submit(Utterance(self, self.start_ms / 1000, bytes(self.speech), partial=True))
+
+    def end_utterance(self) -> None:
+        if self.speech is not None and self.voiced_ms >= MIN_SPEECH_MS:
+            transcriber.submit(Utterance(self, self.start_ms / 1000, bytes(self.speech)))
+        self.speech = None
+
+    def heard(self, utterance: Utterance, text: str) -> None:
+        if utterance.partial:
+            if text and self.speech is not None:  # still speaking
+                log.info('%s transcript-partial track=%s at=%.2fs text="%s"', self.stream.label, self.track,
+                         utterance.at, quoted(text))
+            return
+        if text:
+            self.utterances += 1
+            log.info('%s transcript track=%s at=%.2fs text="%s"', self.stream.label, self.track, utterance.at,
+                     quoted(text))
+            self.write(f"{utterance.at:.2f}s {printable(text, 2000)}\n")
+        self.one_less_pending()
+
+    def dropped_one(self) -> None:
+        self.dropped += 1
+        self.stream.warn(f"transcript track={self.track}: recognition is behind, the oldest utterance waiting "
+                         f"was dropped ({TRANSCRIPT_QUEUE} waiting; see --transcribe-threads)")
+        self.one_less_pending()
+
+    def one_less_pending(self) -> None:
+        self.pending -= 1
+        if not self.pending:
+            self.all_heard.set()
+
+    def write(self, line: str) -> None:
+        if not settings.record:
+            return
+        try:
+            if self.file is None:
+                recording = self.stream.tracks[self.track].recording
+                name = recording.path[:-4] if recording else os.path.join(
+                    settings.record, f"{safe_name(self.stream.stream_sid)}_{self.track}")
+                self.file = open(name + ".txt", "a", encoding="utf-8")
+            self.file.write(line)
+            self.file.flush()  # complete on disk whenever and however the call ends
+        except OSError as exc:
+            self.stream.warn(f"transcript file track={self.track}: {exc}")
+
+    def finish(self) -> None:
+        """The last utterance recognized, and every one before it heard or dropped."""
+        self.end_utterance()
+        if self.pending:
+            self.all_heard.clear()
+            self.all_heard.wait(TRANSCRIPT_WAIT_SECONDS)
+        if self.file:
+            self.file.close()
+
+
+def quoted(text: str) -> str:
+    return printable(text, 500).replace('"', "'")
 
 
 # --- Who may stream: the handshake checks -------------------------------------------------
@@ -1955,6 +2176,7 @@ stream_warnings = LogThrottle("stream warnings", per_second=200)
 idle_sweeper: gevent.Greenlet | None = None
 loop_watcher: gevent.Greenlet | None = None
 metrics: "Metrics | None" = None  # --metrics-port
+transcriber: Transcriber | None = None  # --transcribe
 loop_behind = False  # the event loop is late: listen-only streams are read every --read-interval-ms
 shutting_down = False
 STREAM_END_SECONDS = 3  # what open streams get at shutdown to end and log their summaries

