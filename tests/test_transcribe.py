@@ -94,18 +94,25 @@ app.main()
 
 def test_a_stalled_recognizer_drops_the_oldest_utterances_and_the_call_is_untouched(transcribing, tmp_path):
     server = transcribing(script=STALLED)
-    call = Call()
+    call, other = Call(), Call()
     speech = speech_ulaw() * 3  # six utterances, sent faster than they can be recognized
     client = server.connect()
     client.send_all([*call.session(audio={"inbound": speech}), call.stop()])
+    server.wait_for(rf"stream={call.stream_sid} start")
+    assert server.stream(other.session(media=10, stop=True)) == 1000  # another call, while recognition stalls
     assert client.wait_closed(30) == 1000  # once what is still waiting has been recognized
     summary = server.summary(call.stream_sid, timeout=30)
     transcript, dropped = int(summary["transcript"]), int(summary["transcript_dropped"])
     assert transcript + dropped == 6 and dropped >= 3, summary
     assert (summary["ended"], summary["media"], summary["bad"]) == ("stop", str(-(-len(speech) // CHUNK)), "0")
-    warnings = re.findall(rf"stream={call.stream_sid} transcript track=inbound: recognition is behind", server.log())
+    log = server.log()
+    warnings = re.findall(rf"stream={call.stream_sid} transcript track=inbound: recognition is behind", log)
     assert len(warnings) == dropped
-    assert len(re.findall(TRANSCRIPT_LINE.format(call.stream_sid), server.log())) == transcript
+    lines = re.findall(TRANSCRIPT_LINE.format(call.stream_sid), log)
+    assert len(lines) == transcript
+    assert max(float(at) for _, at, _ in lines) > 2 * len(speech) / 8000 / 3, "the oldest are dropped, not the newest"
+    first_heard = log.index(f"stream={call.stream_sid} transcript track=inbound at=")
+    assert log.index(f"summary stream={other.stream_sid}") < first_heard, "another call is served while recognition stalls"
 
 
 def test_the_transcript_file_is_complete_after_sigterm(transcribing, tmp_path):
@@ -138,7 +145,7 @@ def test_a_model_that_cannot_load_stops_the_server_at_start(tmp_path):
 
 
 def test_without_the_recognizer_installed_the_error_names_the_pip_command():
-    status, _, err = run_app(code="import runpy, sys; sys.modules['faster_whisper'] = None; "
-                                  "sys.argv = ['app.py', '--transcribe']; runpy.run_path('app.py', run_name='__main__')")
+    status, _, err = run_app(code="import runpy, sys; sys.modules['faster_whisper'] = None; sys.argv = ['app.py', "
+                                  "'--transcribe']; runpy.run_path('app.py', run_name='__main__')")
     assert (status, err) == (2, "app.py: error: --transcribe (TRANSCRIBE) needs the speech recognizer: pip install "
                                 "faster-whisper==1.2.1 webrtcvad-wheels==2.0.14.post1\n")
