@@ -2034,8 +2034,17 @@ else:
             ending_at = self.cfg.graceful_timeout - STREAM_END_SECONDS - 1
             gevent.spawn_later(max(0.0, ending_at), end_open_streams, "SIGTERM")
 
+        quitting = False
+
         def handle_quit(self, sig, frame):
-            # SIGINT, SIGQUIT (Ctrl-C on gunicorn): a quick exit, after the summaries.
+            # SIGINT, SIGQUIT (Ctrl-C on gunicorn): a quick exit, after the summaries. Once only:
+            # Ctrl-C sends SIGINT to the whole process group, then the master sends each worker
+            # SIGQUIT; a second round would kill streams still ending, and its sys.exit() would
+            # reach the main greenlet in the interpreter's shutdown: a SystemExit traceback.
+            if self.quitting:
+                return
+            self.quitting = True
+
             def quit_after_summaries():
                 end_open_streams(signal.Signals(sig).name)
                 GeventWebSocketWorker.handle_quit(self, sig, frame)

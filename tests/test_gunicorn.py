@@ -24,6 +24,20 @@ def signed_gunicorn(start_server, tmp_path):
     return server
 
 
+WORKER_READY = "def post_worker_init(worker):\n    worker.log.info('Worker ready (pid: %s)', worker.pid)\n"
+
+
+def gunicorn_with_workers_ready(start_server, tmp_path, workers, *args, **options):
+    """gunicorn once each worker is past its start-up: a signal before that reaches the handler
+    the worker inherited from the master, and is lost (then the master waits --graceful-timeout)."""
+    config = tmp_path / "worker_ready.py"
+    config.write_text(WORKER_READY)
+    server = start_server(command=gunicorn_command("-c", str(config), "-w", str(workers), *args),
+                          ready=GUNICORN_READY, **options)
+    server.wait_for(r"Worker ready", count=workers)
+    return server
+
+
 def signed(server):
     url = f"wss://127.0.0.1:{server.port}/media"
     return {"X-Twilio-Signature": RequestValidator(TOKEN).compute_signature(url, {})}
@@ -68,6 +82,25 @@ def test_stopping_gunicorn_summarizes_open_calls_and_keeps_their_recordings(sign
     assert (summary["ended"], summary["media"]) == ("shutdown", "25")
     with wave.open(summary["recordings"].rsplit(":", 1)[0], "rb") as recording:
         assert recording.getnframes() == 25 * CHUNK
+
+
+def test_ctrl_c_in_the_terminal_stops_gunicorn_quietly(start_server, tmp_path):
+    """Ctrl-C signals the whole process group: SIGINT to the master and every worker at once,
+    then the master's SIGQUIT to each worker. One stop per worker, each call's summary once."""
+    server = gunicorn_with_workers_ready(start_server, tmp_path, 2,
+                                         preexec_fn=os.setsid)  # a group of its own, as in a terminal
+    opened = [server.open_call(media=3) for _ in range(2)]
+    for _, call in opened:
+        server.wait_for(rf"stream={call.stream_sid} first media")
+    os.killpg(server.process.pid, signal.SIGINT)
+    assert [client.wait_closed(10) for client, _ in opened] == [1001, 1001]
+    assert server.process.wait(15) == 0
+    log = server.log()
+    for _, call in opened:
+        assert log.count(f"summary stream={call.stream_sid} ") == 1
+        assert server.summary(call.stream_sid, timeout=0)["ended"] == "shutdown"
+    assert len(re.findall(r"SIG(INT|QUIT): shutting down", log)) == 2  # one per worker, whichever came first
+    assert "Traceback" not in log and "SystemExit" not in log
 
 
 def test_stream_class_names_your_subclass_under_gunicorn(start_server, tmp_path):
