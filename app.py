@@ -2016,6 +2016,8 @@ else:
             except SettingsError as error:
                 print(f"app.py: error: {error}", file=sys.stderr, flush=True)
                 sys.exit(2)
+            setup_logging(checked.log_level)
+            log_startup_notes(checked)  # here, not in load_wsgi(): once, not once per worker
 
         def load_wsgi(self):
             # In each worker, after gevent's patching and gunicorn's --env, before serving.
@@ -2024,7 +2026,6 @@ else:
             except SettingsError as error:  # STREAM_CLASS: only a worker imports your module
                 print(f"app.py: error: {error}", file=sys.stderr, flush=True)
                 sys.exit(3)  # gunicorn's "worker failed to boot": it stops instead of retrying
-            log_startup_notes()
             super().load_wsgi()
 
         def handle_exit(self, sig, frame):
@@ -2205,7 +2206,7 @@ def end_open_streams(why: str) -> None:
                     len(open_websockets), STREAM_END_SECONDS)
 
 
-def log_startup_notes() -> None:
+def log_startup_notes(settings: argparse.Namespace) -> None:
     if not settings.auth_token:
         log.warning("TWILIO_AUTH_TOKEN is not set: anyone who knows this URL can stream to it. "
                     "Set it to your Auth Token to accept only handshakes signed by Twilio.")
@@ -2237,7 +2238,7 @@ def main(argv: list[str] | None = None, stream_class: type | None = None) -> Non
     port = server.server_port
     startup_log.info("Listening on http://localhost:%d (all interfaces: %s), WebSocket at ws://localhost:%d/media",
                      port, settings.host, port)
-    log_startup_notes()
+    log_startup_notes(settings)
 
     def shutdown(signum: int) -> None:
         server.stop_accepting()  # not close(): serve_forever() would return before the summaries

@@ -101,6 +101,7 @@ def test_ctrl_c_in_the_terminal_stops_gunicorn_quietly(start_server, tmp_path):
         assert server.summary(call.stream_sid, timeout=0)["ended"] == "shutdown"
     assert len(re.findall(r"SIG(INT|QUIT): shutting down", log)) == 2  # one per worker, whichever came first
     assert "Traceback" not in log and "SystemExit" not in log
+    assert log.count("TWILIO_AUTH_TOKEN is not set") == 1  # from the master, not once per worker
 
 
 def test_stream_class_names_your_subclass_under_gunicorn(start_server, tmp_path):
