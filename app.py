@@ -2001,6 +2001,17 @@ else:
         from the environment, ending open calls with a summary when gunicorn stops it."""
         wsgi_handler = MediaStreamHandler
 
+        class server_class(GeventWebSocketWorker.server_class):  # gunicorn's PyWSGIServer
+            def close(self):
+                # gunicorn's run() calls this as the SIGTERM drain begins (a stopping master has
+                # closed its copies already): closed, the listener would answer new callers
+                # "connection refused" for the whole drain. Left open, it answers them 503
+                # (refusal()) until this worker's calls have ended and it exits, closing it.
+                global shutting_down
+                if not shutting_down:
+                    shutting_down = True
+                    log.info("SIGTERM: draining, %d open stream(s); new ones get 503", len(open_websockets))
+
         @classmethod
         def check_config(cls, cfg, _log):
             # In gunicorn's master, once: a setting that cannot work stops gunicorn at start-up.
@@ -2031,7 +2042,9 @@ else:
         def handle_exit(self, sig, frame):
             # SIGTERM: gunicorn lets calls go on for --graceful-timeout, then kills the worker
             # outright, and calls still open would end with no summary: end them before that.
-            super().handle_exit(sig, frame)
+            if self.quitting or not self.alive:  # stopping already (systemd signals the whole group)
+                return
+            super().handle_exit(sig, frame)  # alive = False: run() drains, exits once no call is left
             ending_at = self.cfg.graceful_timeout - STREAM_END_SECONDS - 1
             gevent.spawn_later(max(0.0, ending_at), end_open_streams, "SIGTERM")
 
@@ -2241,7 +2254,8 @@ def main(argv: list[str] | None = None, stream_class: type | None = None) -> Non
     log_startup_notes(settings)
 
     def shutdown(signum: int) -> None:
-        server.stop_accepting()  # not close(): serve_forever() would return before the summaries
+        # Still accepting while open streams end: a new caller gets 503 (refusal()), where
+        # stop_accepting() left it unanswered in the kernel's backlog until stop() reset it.
         end_open_streams(signal.Signals(signum).name)
         server.stop(timeout=1)
         connection_warnings.flush()

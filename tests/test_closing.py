@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from tests.test_audio import decoded, samples
-from tests.twilio_sim import CHUNK, Call, encode_ulaw, frame, tone
+from tests.twilio_sim import CHUNK, Call, HandshakeRefused, WSClient, encode_ulaw, frame, tone
 
 SILENCE = b"\xff" * CHUNK
 
@@ -127,6 +127,19 @@ def test_1001_and_a_summary_for_every_open_stream_on_shutdown(start_server, stop
         summary = server.summary(call.stream_sid, timeout=0)
         assert summary["ended"] == "shutdown" and summary["media"] == "5"
     assert "Traceback" not in server.log()
+
+
+def test_a_new_caller_gets_503_while_open_streams_end(start_server):
+    server = start_server()
+    client, call = server.open_call(media=3)
+    server.wait_for(rf"stream={call.stream_sid} first media")
+    server.process.send_signal(signal.SIGTERM)
+    assert server.summary(call.stream_sid)["ended"] == "shutdown"  # its close frame now waits for our answer
+    with pytest.raises(HandshakeRefused) as refused:
+        WSClient(server.url)
+    assert refused.value.status == 503
+    assert client.wait_closed() == 1001
+    assert server.process.wait(10) == 0
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])

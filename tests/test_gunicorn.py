@@ -104,6 +104,24 @@ def test_ctrl_c_in_the_terminal_stops_gunicorn_quietly(start_server, tmp_path):
     assert log.count("TWILIO_AUTH_TOKEN is not set") == 1  # from the master, not once per worker
 
 
+def test_new_callers_get_503_while_a_worker_drains_its_calls(start_server, tmp_path):
+    """SIGTERM: open calls go on for --graceful-timeout; a new caller meanwhile gets 503, not
+    "connection refused", and the worker exits as soon as its last call has ended by itself."""
+    server = gunicorn_with_workers_ready(start_server, tmp_path, 1, "--graceful-timeout", "30")
+    client, call = server.open_call(media=3)
+    server.wait_for(rf"stream={call.stream_sid} first media")
+    server.process.send_signal(signal.SIGTERM)
+    server.wait_for(r"SIGTERM: draining, 1 open stream\(s\)")
+    with pytest.raises(HandshakeRefused) as refused:
+        WSClient(server.url)
+    assert refused.value.status == 503 and b"shutting down" in refused.value.body
+    client.send(call.stop())
+    assert client.wait_closed() == 1000
+    assert server.process.wait(10) == 0  # not 26 s later, when calls still open would be ended
+    summary = server.summary(call.stream_sid, timeout=0)
+    assert (summary["ended"], summary["media"]) == ("stop", "3")
+
+
 def test_stream_class_names_your_subclass_under_gunicorn(start_server, tmp_path):
     """The README's process_audio.py, served by gunicorn as the README says: STREAM_CLASS."""
     (tmp_path / "process_audio.py").write_text(readme_example())
