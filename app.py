@@ -2000,17 +2000,40 @@ else:
         """gevent-websocket's gunicorn worker with our handler (signatures, limits), configured
         from the environment, ending open calls with a summary when gunicorn stops it."""
         wsgi_handler = MediaStreamHandler
+        quitting = False  # handle_quit() has begun
 
         class server_class(GeventWebSocketWorker.server_class):  # gunicorn's PyWSGIServer
             def close(self):
-                # gunicorn's run() calls this as the SIGTERM drain begins (a stopping master has
-                # closed its copies already): closed, the listener would answer new callers
-                # "connection refused" for the whole drain. Left open, it answers them 503
-                # (refusal()) until this worker's calls have ended and it exits, closing it.
+                # gunicorn's run() calls this as the SIGTERM drain begins. On a reload (HUP) or
+                # one worker fewer (TTOU), other workers go on serving the listener: close it,
+                # as gunicorn does. When gunicorn stops, none will: closed, the listener would
+                # answer new callers "connection refused" for the whole drain. Left open, it
+                # answers them 503 (refusal()) until this worker's calls have ended and it
+                # exits, closing it.
                 global shutting_down
-                if not shutting_down:
+                if self.closed:
+                    return
+                if self.master_listens(self.socket):
+                    super().close()
+                    log.info("SIGTERM: draining, %d open stream(s); new ones go to the other workers",
+                             len(open_websockets))
+                elif not shutting_down:
                     shutting_down = True
                     log.info("SIGTERM: draining, %d open stream(s); new ones get 503", len(open_websockets))
+
+            @staticmethod
+            def master_listens(listener) -> bool:
+                """Whether gunicorn's master still holds this listener: it closes its copies
+                before it signals its workers to stop. Linux's /proc tells (a descriptor keeps
+                its number across fork()); elsewhere, or with --reuse-port (each worker then
+                has a listener of its own), assume it does."""
+                if not os.path.isdir("/proc/self/fd") or listener.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+                    return True
+                fd = listener.fileno()
+                try:
+                    return os.readlink(f"/proc/{os.getppid()}/fd/{fd}") == os.readlink(f"/proc/self/fd/{fd}")
+                except OSError:  # no such descriptor in the master any more
+                    return False
 
         @classmethod
         def check_config(cls, cfg, _log):
@@ -2047,8 +2070,6 @@ else:
             super().handle_exit(sig, frame)  # alive = False: run() drains, exits once no call is left
             ending_at = self.cfg.graceful_timeout - STREAM_END_SECONDS - 1
             gevent.spawn_later(max(0.0, ending_at), end_open_streams, "SIGTERM")
-
-        quitting = False
 
         def handle_quit(self, sig, frame):
             # SIGINT, SIGQUIT (Ctrl-C on gunicorn): a quick exit, after the summaries. Once only:

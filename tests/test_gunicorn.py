@@ -122,6 +122,25 @@ def test_new_callers_get_503_while_a_worker_drains_its_calls(start_server, tmp_p
     assert (summary["ended"], summary["media"]) == ("stop", "3")
 
 
+def test_a_reload_leaves_new_callers_to_the_new_workers(start_server, tmp_path):
+    """HUP: the old worker drains its calls while new workers take new callers: it closes its
+    listener, as gunicorn does, rather than answering them 503."""
+    server = gunicorn_with_workers_ready(start_server, tmp_path, 1, "--graceful-timeout", "30")
+    old_worker = server.wait_for(r"Worker ready \(pid: (\d+)\)").group(1)
+    client, call = server.open_call(media=3)
+    server.wait_for(rf"stream={call.stream_sid} first media")
+    server.process.send_signal(signal.SIGHUP)
+    server.wait_for(r"Worker ready", count=2)
+    server.wait_for(r"SIGTERM: draining, 1 open stream\(s\); new ones go to the other workers")
+    callers = [server.connect() for _ in range(10)]  # no 503, and none of them the old worker's:
+    client.send(call.stop())
+    assert client.wait_closed() == 1000
+    server.wait_for(rf"Worker exiting \(pid: {old_worker}\)")  # it has no call left once this one ends
+    for caller in callers:
+        caller.close()
+    assert server.summary(call.stream_sid)["ended"] == "stop"
+
+
 def test_stream_class_names_your_subclass_under_gunicorn(start_server, tmp_path):
     """The README's process_audio.py, served by gunicorn as the README says: STREAM_CLASS."""
     (tmp_path / "process_audio.py").write_text(readme_example())
