@@ -128,7 +128,7 @@ def run(args, folder: Path, calls, transcribe: bool) -> dict:
                                (cpu_seconds(server.process.pid) - before) / sum(len(c[1]) / 8000 for c in chosen),
                                len(re.findall(" transcript-partial ", server.log())))
         return {"cpu": cpu, "scores": scores, "idle_rss": idle_rss, "rss": rss_mib(server.process.pid),
-                "realtime": realtime}
+                "realtime": realtime, "late": len(re.findall(r"event loop \d+ ms late", server.log()))}
     finally:
         server.stop()
 
@@ -169,6 +169,7 @@ def main(argv=None) -> None:
           f"so one core keeps up with about {1 / per_second:.0f} calls (one track each) in real time")
     print(f"Memory: RSS {plain['idle_rss']:.0f} MiB idle without, {heard['idle_rss']:.0f} MiB idle with the model, "
           f"{heard['rss']:.0f} MiB after the calls")
+    print(f"The event loop fell 50 ms behind {heard['late']} time(s) with --transcribe, {plain['late']} without")
     for count, (dropped, utterances, per_second, partials) in heard["realtime"].items():
         print(f"{count} calls at once, paced: {utterances} utterances transcribed, {dropped} dropped, "
               f"{per_second:.3f} CPU seconds per second of audio (the whole server), {partials} partial lines so far")
