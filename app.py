@@ -9,9 +9,11 @@ The file, top to bottom:
   MediaStream        one call: what we know of it, one method per event, what it plays back, the summary
   Audio              mu-law to PCM and back, the level meter, WAV recordings
   Talking back       the ready modes of a <Connect><Stream>: --echo and --greet (with barge-in)
-  Who may stream     the handshake checks: Twilio's signature, the limits
+  Transcripts        --transcribe: utterances by voice activity, Whisper on native threads
+  Who may stream     the handshake checks: Twilio's signature, client addresses behind proxies, the limits
   WebSocket frames   RFC 6455 without I/O: bytes in, messages and replies out
   Library adapters   gevent-websocket and gunicorn, made to use all of the above
+  Metrics            --metrics-port: Prometheus, summed over gunicorn's workers
   Module state, main()
 Your own processing: subclass MediaStream, then app.main(stream_class=YourStream) (README).
 """
