@@ -58,6 +58,22 @@ def program(name: str) -> str:
     return path
 
 
+@pytest.fixture
+def background():
+    """start(command, log path): a process of a real third-party server, stopped after the test."""
+    started = []
+
+    def start(command, log_path):
+        with open(log_path, "w") as log:
+            started.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.terminate()
+        process.wait(10)
+
+
 # --- What any client of the app's port sees --------------------------------------------------
 
 def test_the_index_names_both_urls_and_the_public_one_when_given(start_server):
@@ -113,11 +129,10 @@ def certificate(tmp_path):
 
 
 @pytest.fixture
-def nginx(tmp_path, certificate):
+def nginx(tmp_path, certificate, background):
     """start(upstream port): a real nginx terminating TLS on a free port in front of it, with
     the README's location block verbatim; returns its port."""
     binary = program("nginx")
-    started = []
 
     def start(upstream_port: int) -> int:
         port, prefix = free_port(), tmp_path / "nginx"
@@ -143,11 +158,10 @@ http {{
     }}
 }}
 """)
-        started.append(subprocess.Popen([binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
-                                         "-e", str(prefix / "error.log")],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_until(lambda: listening(port) or started[-1].poll() is not None, 15, f"nginx on port {port}")
-        assert started[-1].poll() is None, (prefix / "error.log").read_text()
+        process = background([binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e",
+                              str(prefix / "error.log")], prefix / "console.log")
+        wait_until(lambda: listening(port) or process.poll() is not None, 15, f"nginx on port {port}")
+        assert process.poll() is None, (prefix / "error.log").read_text()
         return port
 
     def listening(port):
@@ -157,10 +171,7 @@ http {{
         except OSError:
             return False
 
-    yield start
-    for process in started:
-        process.terminate()
-        process.wait(10)
+    return start
 
 
 def simulate(*args) -> subprocess.CompletedProcess:
@@ -289,11 +300,10 @@ def test_metrics_port_in_use_or_library_missing_stops_the_server_at_start():
 
 
 @pytest.fixture
-def prometheus(tmp_path):
+def prometheus(tmp_path, background):
     """A real Prometheus server scraping `targets` every second; query(expr) reads a value back
     through its HTTP API."""
     binary = program("prometheus")
-    started = []
 
     def start(*targets):
         port = free_port()
@@ -301,9 +311,8 @@ def prometheus(tmp_path):
         config.write_text(json.dumps({"global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
                                       "scrape_configs": [{"job_name": "mediastreams",
                                                           "static_configs": [{"targets": list(targets)}]}]}))
-        log = open(tmp_path / "prometheus.log", "w")
-        started.append(subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                                         f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=log))
+        background([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{port}"], tmp_path / "prometheus.log")
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: ready(url), 30, f"Prometheus ready at {url}:\n{(tmp_path / 'prometheus.log').read_text()}")
 
@@ -319,10 +328,7 @@ def prometheus(tmp_path):
         except OSError:
             return False
 
-    yield start
-    for process in started:
-        process.terminate()
-        process.wait(10)
+    return start
 
 
 def worker_open_streams(folder: Path) -> dict:
