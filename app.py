@@ -469,10 +469,12 @@ def media(ws):
         log.warning("%s handler error: %s: %s (traceback at --log-level debug)", stream.label,
                     type(exc).__name__, printable(str(exc), 200), exc_info=log.isEnabledFor(logging.DEBUG))
     finally:
-        stream.finish()
-        ws.close(CLOSE_CODE_WHEN_ENDED.get(stream.ended, 1000))
-        if metrics:
-            metrics.closed(stream)
+        try:
+            stream.finish()
+        finally:
+            ws.close(CLOSE_CODE_WHEN_ENDED.get(stream.ended, 1000))
+            if metrics:
+                metrics.closed(stream)
 
 
 # --- Per-call state -----------------------------------------------------------------------
@@ -912,9 +914,10 @@ class MediaStream:
         goes no further: the call is over (counted in unsent=)."""
         if self.ws is not None:
             self.played_back.unsent += self.ws.drop_audio()
+        transcripts = [track.transcript for track in self.tracks.values() if track.transcript]
+        if transcripts:
+            end_transcripts(transcripts, self.ws)
         for track in self.tracks.values():
-            if track.transcript:
-                track.transcript.finish()
             self.stop_recording(track)
         log.info("%s", self.summary())
 
@@ -1167,7 +1170,8 @@ MIN_SPEECH_MS = 200          # less voiced audio than this is a click or a breat
 MAX_UTTERANCE_SECONDS = 10   # longer speech is cut into pieces this long
 PARTIAL_EVERY_MS = 1000      # --transcript-partials: a partial line this often while someone speaks
 TRANSCRIPT_QUEUE = 16        # utterances waiting for recognition, per process; beyond, the oldest is dropped
-TRANSCRIPT_WAIT_SECONDS = 10  # at a stream's end, what its last utterances' recognition may take
+TRACK_QUEUE = 3              # ... and per track: one track sending faster than it is heard crowds out no other
+TRANSCRIPT_WAIT_SECONDS = 10  # at a stream's end, what its last utterances' recognition may take (at shutdown: 2)
 WINDOW_SECONDS, WINDOW_PADDING_SECONDS = 10, 3  # the model's window: utterance + padding, never under 10 s
 
 
@@ -1203,7 +1207,8 @@ class Transcriber:
         self.threads = gevent.threadpool.ThreadPool(threads)
         self.waiting: deque[Utterance] = deque()
         self.arrived = gevent.event.Event()
-        self.recognizers = [gevent.spawn(self.recognize_waiting) for _ in range(threads)]
+        for _ in range(threads):
+            gevent.spawn(self.recognize_waiting)
 
     def recognize(self, pcm: bytes) -> str:
         """The words in 8 kHz 16-bit speech, on a native thread. Whisper's window is cut to the
@@ -1223,16 +1228,30 @@ class Transcriber:
         return self.tokenizer.decode([token for token in tokens if token < self.tokenizer.eot]).strip()
 
     def submit(self, utterance: Utterance) -> None:
-        if utterance.partial and self.waiting:  # a partial line only costs idle time
+        transcript = utterance.transcript
+        if utterance.partial:
+            if not self.waiting:  # a partial line only costs idle time
+                self.waiting.append(utterance)
+                self.arrived.set()
             return
-        if len(self.waiting) >= TRANSCRIPT_QUEUE:
-            oldest = self.waiting.popleft()
-            if not oldest.partial:
-                oldest.transcript.dropped_one()
-        if not utterance.partial:
-            utterance.transcript.pending += 1
+        if any(waiting.partial for waiting in self.waiting):  # whole utterances go first
+            self.waiting = deque(waiting for waiting in self.waiting if not waiting.partial)
+        same_track = [waiting for waiting in self.waiting if waiting.transcript is transcript]
+        if len(same_track) >= TRACK_QUEUE:
+            self.drop(same_track[0])
+        elif len(self.waiting) >= TRANSCRIPT_QUEUE:
+            self.drop(self.waiting[0])
+        transcript.pending += 1
         self.waiting.append(utterance)
         self.arrived.set()
+
+    def drop(self, utterance: Utterance) -> None:
+        self.waiting.remove(utterance)
+        utterance.transcript.dropped_one()
+
+    def forget(self, transcript: "TrackTranscript") -> None:
+        """A transcript's utterances still waiting: its call has ended."""
+        self.waiting = deque(waiting for waiting in self.waiting if waiting.transcript is not transcript)
 
     def recognize_waiting(self) -> None:
         while True:
@@ -1265,6 +1284,7 @@ class TrackTranscript:
         self.utterances = self.dropped = 0
         self.all_heard = gevent.event.Event()
         self.file = None
+        self.closed = False         # its call has ended: what comes back now is too late
 
     def feed(self, at_ms: int, pcm: bytes) -> None:
         """A chunk of the track: `at_ms` from the stream's first audio."""
@@ -1299,6 +1319,8 @@ class TrackTranscript:
         self.speech = None
 
     def heard(self, utterance: Utterance, text: str) -> None:
+        if self.closed:
+            return
         if utterance.partial:
             if text and self.speech is not None:  # still speaking
                 log.info('%s transcript-partial track=%s at=%.2fs text="%s"', self.stream.label, self.track,
@@ -1336,14 +1358,37 @@ class TrackTranscript:
         except OSError as exc:
             self.stream.warn(f"transcript file track={self.track}: {exc}")
 
-    def finish(self) -> None:
-        """The last utterance recognized, and every one before it heard or dropped."""
-        self.end_utterance()
+    def close(self) -> None:
+        """Its call has ended: what was not heard by now is counted as dropped."""
+        self.closed = True
+        transcriber.forget(self)
         if self.pending:
-            self.all_heard.clear()
-            self.all_heard.wait(TRANSCRIPT_WAIT_SECONDS)
+            self.dropped += self.pending
+            self.stream.warn(f"transcript track={self.track}: {self.pending} utterance(s) not recognized before "
+                             "the call ended")
         if self.file:
             self.file.close()
+
+
+def end_transcripts(transcripts: list[TrackTranscript], ws: "MediaWebSocket | None") -> None:
+    """A call's last words recognized and written before its summary: what was still being
+    said is sent, and every utterance is heard within TRANSCRIPT_WAIT_SECONDS, or within
+    the time a shutdown leaves (STREAM_END_SECONDS); what is left is counted as dropped."""
+    for transcript in transcripts:
+        transcript.end_utterance()
+    if ws is not None:
+        ws.last_received = math.inf  # waiting for recognition is not the client being idle
+    deadline = STREAM_END_SECONDS - 1 if shutting_down else TRANSCRIPT_WAIT_SECONDS
+    try:
+        with gevent.Timeout(deadline, False):
+            for transcript in transcripts:
+                while transcript.pending:
+                    transcript.all_heard.clear()
+                    transcript.all_heard.wait()
+    except (gevent.GreenletExit, IdleTimeout):  # the server is stopping: the summary and the files first
+        pass
+    for transcript in transcripts:
+        transcript.close()
 
 
 def quoted(text: str) -> str:
@@ -1398,9 +1443,10 @@ def forwarded_client(environ: dict, proxies: int) -> str | None:
     if len(addresses) < proxies:
         return None
     try:
-        return str(ipaddress.ip_address(addresses[-proxies]))  # never a forged log line
+        address = ipaddress.ip_address(addresses[-proxies])
     except ValueError:
         return None
+    return None if getattr(address, "scope_id", None) else str(address)  # "fe80::1%<any text>": no
 
 
 def twilio_signature(auth_token: str, url: str) -> str:
@@ -2092,6 +2138,7 @@ else:
 # --- Metrics: Prometheus, with the official client, imported only with --metrics-port -----
 
 METRICS_EVERY_SECONDS = 1  # open streams' counts are added this often; a stream's last ones as it ends
+METRICS_CONNECTIONS = 8    # scrapes served at once; more wait in the backlog, holding no descriptor of ours
 
 
 class Metrics:
@@ -2121,17 +2168,17 @@ class Metrics:
         self.sent_messages = counter("sent_media_messages", "media messages sent back (<Connect><Stream>)")
         self.marks = counter("marks", "marks sent, and their echoes: played or cancelled by a clear", "state")
         self.clears = counter("clears", "clear messages sent")
-        self.open: dict[MediaStream, dict] = {}  # each open stream: the counts added so far
+        self.open: dict[int, tuple] = {}  # id() of each open stream: (the stream, the counts added so far)
         self.adder: gevent.Greenlet | None = None
 
     def opened(self, stream: "MediaStream") -> None:
-        self.open[stream] = {}
+        self.open[id(stream)] = (stream, {})
         self.streams_open.inc()
         if self.adder is None:
             self.adder = gevent.spawn(self.add_open_streams_counts)
 
     def closed(self, stream: "MediaStream") -> None:
-        self.add_counts(stream, self.open.pop(stream, {}))
+        self.add_counts(stream, self.open.pop(id(stream))[1])
         self.streams_open.dec()
         self.streams_ended.labels(stream.ended).inc()
         for track in stream.tracks.values():
@@ -2143,8 +2190,10 @@ class Metrics:
     def add_open_streams_counts(self) -> None:
         while True:
             gevent.sleep(METRICS_EVERY_SECONDS)
-            for stream, added in list(self.open.items()):
+            for n, (stream, added) in enumerate(list(self.open.values()), 1):
                 self.add_counts(stream, added)
+                if n % 100 == 0:
+                    gevent.sleep(0)  # 1000 streams' counts in one go would hold up their audio for 10 ms
 
     def add_counts(self, stream: "MediaStream", added: dict) -> None:
         """What `stream` counted since `added` (updated) was taken."""
@@ -2170,7 +2219,8 @@ def serve_metrics(host: str, port: int) -> None:
     """`python app.py --metrics-port`: this process's metrics, on a listener of their own
     (not /metrics on the app's port, which ngrok publishes), served by the event loop."""
     import prometheus_client
-    server = pywsgi.WSGIServer((host, port), prometheus_client.make_wsgi_app(), log=None, error_log=log)
+    server = pywsgi.WSGIServer((host, port), prometheus_client.make_wsgi_app(), spawn=Pool(METRICS_CONNECTIONS),
+                               log=None, error_log=log)
     try:
         server.start()
     except OSError as exc:
@@ -2179,10 +2229,14 @@ def serve_metrics(host: str, port: int) -> None:
     startup_log.info("Metrics for Prometheus at http://localhost:%d/metrics", server.server_port)
 
 
-@functools.lru_cache(maxsize=1)  # once: gunicorn checks its configuration again on SIGHUP
 def serve_metrics_of_workers(host: str, port: int) -> None:
     """gunicorn's master: the sum of its workers' metrics (prometheus-client's multiprocess
-    mode), from a thread of its own; the workers inherit PROMETHEUS_MULTIPROC_DIR."""
+    mode), from a thread of its own; the workers inherit PROMETHEUS_MULTIPROC_DIR. Once:
+    gunicorn checks its configuration again on SIGHUP, while workers write their files."""
+    global workers_metrics_served
+    if workers_metrics_served:
+        return
+    workers_metrics_served = True
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if folder:  # the files of an earlier run would be added to this one's
         for stale in glob.glob(os.path.join(folder, "*.db")):
@@ -2222,6 +2276,7 @@ stream_warnings = LogThrottle("stream warnings", per_second=200)
 idle_sweeper: gevent.Greenlet | None = None
 loop_watcher: gevent.Greenlet | None = None
 metrics: "Metrics | None" = None  # --metrics-port
+workers_metrics_served = False  # gunicorn's master serves its workers' metrics
 transcriber: Transcriber | None = None  # --transcribe
 loop_behind = False  # the event loop is late: listen-only streams are read every --read-interval-ms
 shutting_down = False
@@ -2287,6 +2342,9 @@ def main(argv: list[str] | None = None, stream_class: type | None = None) -> Non
     gevent.signal_handler(signal.SIGTERM, shutdown, signal.SIGTERM)
     gevent.signal_handler(signal.SIGINT, shutdown, signal.SIGINT)
     server.serve_forever()
+    if transcriber:  # a recognition still running on its native thread would abort the interpreter's exit
+        with gevent.Timeout(STREAM_END_SECONDS, False):
+            transcriber.threads.join()
     log.info("Stopped")
 
 

@@ -208,6 +208,7 @@ def test_a_signed_wss_call_through_nginx_as_the_readme_configures_it(start_serve
     (2, "198.51.100.1, 203.0.113.9", "198.51.100.1"),
     (2, "203.0.113.9", "127.0.0.1"),                  # fewer addresses than proxies: none is trusted
     (1, "not-an-address\nforged line", "127.0.0.1"),
+    (1, "fe80::1%x remote=203.0.113.66 forged", "127.0.0.1"),  # an IPv6 scope id may hold any text
     (1, "", "127.0.0.1"),
 ])
 def test_the_client_address_comes_from_x_forwarded_for_only_through_trusted_proxies(
@@ -372,3 +373,33 @@ def test_without_metrics_the_prometheus_client_is_not_even_imported():
     from tests.test_settings import run_app
     status, out, err = run_app(code="import sys, app; app.configure([]); print('prometheus_client' in sys.modules)")
     assert (status, out) == (0, "False\n"), err
+
+
+def test_metrics_count_the_streams_of_a_dataclass_subclass(start_server, tmp_path):
+    """A subclass declared with a plain @dataclass has no hash: metrics must not need one."""
+    (tmp_path / "my_stream.py").write_text("from dataclasses import dataclass\nimport app\n\n\n"
+                                           "@dataclass\nclass MyStream(app.MediaStream):\n    pass\n")
+    metrics_port = free_port()
+    server = start_server("--metrics-port", str(metrics_port),
+                          env={"STREAM_CLASS": "my_stream:MyStream", "PYTHONPATH": str(tmp_path)})
+    call = Call()
+    assert server.stream(call.session(media=5, stop=True)) == 1000
+    assert server.summary(call.stream_sid)["media"] == "5"
+    assert scrape(f"http://127.0.0.1:{metrics_port}/metrics")['mediastreams_media_messages_total{track="inbound"}'] == 5
+
+
+def test_a_worker_killed_with_calls_open_no_longer_counts_them(start_server, tmp_path):
+    metrics_port, folder = free_port(), tmp_path / "multiprocess"
+    folder.mkdir()
+    server = start_server(command=gunicorn_command("-w", "2", "--graceful-timeout", "3"), ready=GUNICORN_READY,
+                          env={"METRICS_PORT": str(metrics_port), "PROMETHEUS_MULTIPROC_DIR": str(folder)})
+    server.wait_for(r"Booting worker", count=2)
+    metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+    client, call = server.open_call(media=1)
+    server.wait_for(rf"stream={call.stream_sid} first media")
+    wait_until(lambda: scrape(metrics).get("mediastreams_streams_open") == 1, 10, "the stream counted as open")
+    (worker,) = [pid for pid, streams in worker_open_streams(folder).items() if streams]
+    os.kill(worker, 9)
+    assert client.wait_closed() is None  # no close frame: the process is gone
+    wait_until(lambda: scrape(metrics).get("mediastreams_streams_open") == 0, 10,
+               f"the dead worker's stream uncounted: {get(metrics)}")

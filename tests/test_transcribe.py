@@ -77,8 +77,9 @@ def test_silence_and_a_quiet_line_give_no_transcript(transcribing):
 
 
 STALLED = """
-import sys, time, app
+import os, sys, time, app
 app.TRANSCRIPT_QUEUE = 1
+app.TRANSCRIPT_WAIT_SECONDS = float(os.environ.get("TRANSCRIPT_WAIT_SECONDS", "10"))
 recognize = app.Transcriber.recognize
 
 def stalled(self, pcm):
@@ -93,7 +94,7 @@ app.main()
 
 
 def test_a_stalled_recognizer_drops_the_oldest_utterances_and_the_call_is_untouched(transcribing, tmp_path):
-    server = transcribing(script=STALLED)
+    server = transcribing("--idle-timeout", "1", script=STALLED)  # waiting for recognition is not being idle
     call, other = Call(), Call()
     speech = speech_ulaw() * 3  # six utterances, sent faster than they can be recognized
     client = server.connect()
@@ -149,3 +150,42 @@ def test_without_the_recognizer_installed_the_error_names_the_pip_command():
                                   "'--transcribe']; runpy.run_path('app.py', run_name='__main__')")
     assert (status, err) == (2, "app.py: error: --transcribe (TRANSCRIBE) needs the speech recognizer: pip install "
                                 "faster-whisper==1.2.1 webrtcvad-wheels==2.0.14.post1\n")
+
+
+def test_a_result_that_comes_after_its_call_ended_is_dropped_and_the_recognizer_goes_on(transcribing):
+    server = transcribing(script=STALLED, env={"TRANSCRIPT_WAIT_SECONDS": "0.5"})
+    late, next_call = Call(), Call()
+    client = server.connect()
+    client.send_all([*late.session(audio={"inbound": speech_ulaw()}), late.stop()])
+    assert client.wait_closed(10) == 1000
+    summary = server.summary(late.stream_sid)
+    assert (summary["ended"], summary["transcript"], summary["transcript_dropped"]) == ("stop", "0", "2"), summary
+    assert f"stream={late.stream_sid} transcript track=inbound: 2 utterance(s) not recognized before the call ended" \
+        in server.log()
+    client, _ = server.open_call(next_call, audio={"inbound": speech_ulaw()})
+    server.wait_for(TRANSCRIPT_LINE.format(next_call.stream_sid), timeout=20)  # the recognizer is still there
+    assert "Traceback" not in server.log()
+    assert not re.search(TRANSCRIPT_LINE.format(late.stream_sid), server.log())
+
+
+def test_sigterm_with_many_calls_mid_sentence_logs_every_summary_and_closes_every_file(transcribing, tmp_path):
+    server = transcribing()
+    speech = speech_ulaw()
+    cut = len(speech) * 3 // 4 // CHUNK * CHUNK
+    calls = [Call(tracks=("inbound", "outbound")) for _ in range(6)]
+    clients = []
+    for call in calls:
+        clients.append(server.connect())
+        clients[-1].send_all(call.session(audio={"inbound": speech[:cut], "outbound": speech[:cut]}))
+    for call in calls:
+        server.wait_for(rf"stream={call.stream_sid} first media track=outbound")
+    server.stop_with(signal.SIGTERM, *clients)
+    for call in calls:
+        summary = server.summary(call.stream_sid)
+        assert summary["ended"] == "shutdown"
+        heard = int(summary["transcript"])
+        written = sum(len(path.read_text().splitlines()) for path in (tmp_path / "rec").glob(f"{call.stream_sid}_*.txt"))
+        assert written == heard and heard + int(summary["transcript_dropped"]) >= 4, summary
+        for track in ("inbound", "outbound"):
+            assert read_wav(tmp_path / "rec" / f"{call.stream_sid}_{track}.wav"), "a valid WAV file, closed"
+    assert server.process.returncode == 0 and "Traceback" not in server.log()
