@@ -144,6 +144,7 @@ def a_url_or_none(raw: str) -> str | None:
 
 
 TRANSCRIBE_PIP = "pip install faster-whisper==1.2.1 webrtcvad-wheels==2.0.14.post1"
+METRICS_PIP = "pip install prometheus-client==0.26.0"
 
 OPTIONS = (  # flag, environment variable, default, reader (its ValueError says what it wants), help
     ("--host", "HOST", "0.0.0.0", a_name, "interface to listen on"),
@@ -187,7 +188,7 @@ OPTIONS = (  # flag, environment variable, default, reader (its ValueError says 
      "proxies in front of this server (nginx: 1) whose X-Forwarded-For names the client; 0: trust none"),
     ("--metrics-port", "METRICS_PORT", "", a_port_or_none,
      "serve Prometheus metrics at http://HOST:METRICS_PORT/metrics, a listener of its own "
-     "(needs: pip install prometheus-client==0.26.0)"),
+     f"(needs: {METRICS_PIP})"),
 )
 BEHIND_MS = 50            # an event loop this late: the process cannot keep up, batch listen-only reads
 CAUGHT_UP_SECONDS = 5     # an event loop on time this long: every message read as it lands again
@@ -228,8 +229,7 @@ def read_settings(argv: list[str] | None = None, environ=os.environ) -> argparse
     if settings.transcribe and not all(map(importlib.util.find_spec, ("faster_whisper", "webrtcvad"))):
         raise SettingsError(f"--transcribe (TRANSCRIBE) needs the speech recognizer: {TRANSCRIBE_PIP}")
     if settings.metrics_port and not importlib.util.find_spec("prometheus_client"):
-        raise SettingsError("--metrics-port (METRICS_PORT) needs the Prometheus client: "
-                            "pip install prometheus-client==0.26.0")
+        raise SettingsError(f"--metrics-port (METRICS_PORT) needs the Prometheus client: {METRICS_PIP}")
     return settings
 
 
