@@ -1202,8 +1202,10 @@ class Transcriber:
                                        task="transcribe", language="en")
             self.recognize(bytes(8000))  # a broken model fails here, not on the first call
         except Exception as exc:  # whatever faster-whisper, huggingface_hub or CTranslate2 raise
-            raise SettingsError(f"--transcribe-model (TRANSCRIBE_MODEL): cannot load {model_name!r}: "
-                                f"{type(exc).__name__}: {printable(str(exc), 300)}") from None
+            hint = "" if os.sep in model_name or os.path.exists(model_name) else \
+                " (a model name is downloaded from huggingface.co on first use; offline, give a model directory)"
+            raise SettingsError(f"--transcribe-model (TRANSCRIBE_MODEL): cannot load {model_name!r}{hint}: "
+                                f"{type(exc).__name__}: {printable(str(exc), 200)}") from None
         self.threads = gevent.threadpool.ThreadPool(threads)
         self.waiting: deque[Utterance] = deque()
         self.arrived = gevent.event.Event()
