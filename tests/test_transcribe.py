@@ -189,3 +189,19 @@ def test_sigterm_with_many_calls_mid_sentence_logs_every_summary_and_closes_ever
         for track in ("inbound", "outbound"):
             assert read_wav(tmp_path / "rec" / f"{call.stream_sid}_{track}.wav"), "a valid WAV file, closed"
     assert server.process.returncode == 0 and "Traceback" not in server.log()
+
+
+def test_calls_waiting_for_recognition_when_the_server_stops_end_within_its_time_with_summaries(transcribing):
+    server = transcribing(script=STALLED)
+    waiting, talking = Call(), Call()
+    speech = speech_ulaw()
+    first = server.connect()
+    first.send_all([*waiting.session(audio={"inbound": speech}), waiting.stop()])
+    server.wait_for(rf"stream={waiting.stream_sid} stop")  # ended, waiting for its last words to be recognized
+    second, _ = server.open_call(talking, audio={"inbound": speech[:len(speech) // 2 // CHUNK * CHUNK]})
+    server.wait_for(rf"stream={talking.stream_sid} first media")
+    server.stop_with(signal.SIGTERM, first, second)
+    assert server.summary(waiting.stream_sid)["ended"] == "stop"
+    assert server.summary(talking.stream_sid)["ended"] == "shutdown"
+    log = server.log()
+    assert "still ending after" not in log and "Traceback" not in log, log[-3000:]
