@@ -599,8 +599,8 @@ def play_connect_call(url, samples, headers=None, dtmf="", jitter_ms=20, params=
         if not reader.is_alive() or send_errors:
             break  # the server closed the stream, or stopped taking it
         if tick < len(chunks):
+            player.sent_at.append(time.monotonic())  # before: the reader may see the answer before send() returns
             send(call.media, "inbound", chunks[tick], 20 * (tick + 1))
-            player.sent_at.append(time.monotonic())
         if tick in digits:
             send(call.dtmf, digits[tick])
         next_at += 0.020
