@@ -1,5 +1,6 @@
 """Configuration: every setting from a flag or its environment variable, checked at start-up;
 a value that cannot work is one line naming both, exit status 2; importing app does nothing."""
+import re
 import socket
 import subprocess
 import sys
@@ -196,3 +197,10 @@ def test_stream_class_works_under_python_app_py_too(start_server, tmp_path):
     call = Call()
     assert server.stream(call.session(media=5, stop=True)) == 1000
     server.wait_for(rf"stream={call.stream_sid} processed chunks=5 seconds=0.10 peak=\d+")
+
+
+def test_the_readme_options_table_has_every_flag_and_its_variable():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Options"):readme.index("## Troubleshooting")]
+    for flag, variable, *_ in app.OPTIONS:
+        assert re.search(rf"^\| `{flag}( [^`]+)?` \| `{variable}(=1)?` \|", table, re.MULTILINE), flag
