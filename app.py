@@ -1214,7 +1214,7 @@ class Transcriber:
 
     def recognize(self, pcm: bytes) -> str:
         """The words in 8 kHz 16-bit speech, on a native thread. Whisper's window is cut to the
-        utterance plus padding (a 30 s window costs 3.5x as much; under 10 s it repeats itself)."""
+        utterance plus padding (a 30 s window costs 3x as much; under 10 s it repeats itself)."""
         import ctranslate2
         from faster_whisper.audio import pad_or_trim
         np = self.numpy
