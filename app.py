@@ -2137,6 +2137,11 @@ else:
             gevent.spawn(quit_after_summaries)
 
 
+def cannot_listen(setting: str, host: str, port: int, exc: OSError) -> SettingsError:
+    reason = exc.args[1] if len(exc.args) == 2 else str(exc)  # not strerror: gevent adds the address to it
+    return SettingsError(f"{setting}: cannot listen on {host}:{port}: {reason}")
+
+
 # --- Metrics: Prometheus, with the official client, imported only with --metrics-port -----
 
 METRICS_EVERY_SECONDS = 1  # open streams' counts are added this often; a stream's last ones as it ends
@@ -2226,8 +2231,7 @@ def serve_metrics(host: str, port: int) -> None:
     try:
         server.start()
     except OSError as exc:
-        reason = exc.args[1] if len(exc.args) == 2 else str(exc)
-        raise SettingsError(f"--metrics-port (METRICS_PORT): cannot listen on {host}:{port}: {reason}") from None
+        raise cannot_listen("--metrics-port (METRICS_PORT)", host, port, exc) from None
     startup_log.info("Metrics for Prometheus at http://localhost:%d/metrics", server.server_port)
 
 
@@ -2260,8 +2264,7 @@ def serve_metrics_of_workers(host: str, port: int) -> None:
     try:
         start_http_server(port, host, registry)
     except OSError as exc:
-        raise SettingsError(f"--metrics-port (METRICS_PORT): cannot listen on {host}:{port}: "
-                            f"{exc.strerror or exc}") from None
+        raise cannot_listen("--metrics-port (METRICS_PORT)", host, port, exc) from None
     print(f"Metrics for Prometheus at http://localhost:{port}/metrics, all workers together", file=sys.stderr,
           flush=True)
 
@@ -2321,8 +2324,7 @@ def main(argv: list[str] | None = None, stream_class: type | None = None) -> Non
         except OSError as exc:
             setting = "--host (HOST)" if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL \
                 else "--port (PORT)"
-            reason = exc.args[1] if len(exc.args) == 2 else str(exc)  # gevent adds the address to strerror
-            raise SettingsError(f"{setting}: cannot listen on {settings.host}:{settings.port}: {reason}") from None
+            raise cannot_listen(setting, settings.host, settings.port, exc) from None
         if settings.metrics_port:
             serve_metrics(settings.host, settings.metrics_port)
     except SettingsError as error:

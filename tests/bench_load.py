@@ -57,6 +57,7 @@ import time
 from array import array
 from pathlib import Path
 
+from tests.conftest import free_port
 from tests.twilio_sim import WSClient, frame
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,12 +93,6 @@ def echo_payloads(count: int) -> tuple[list[str], dict[bytes, int]]:
 
 
 # --- servers --------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run(command, **kwargs):
     print("  $", " ".join(map(str, command)), file=sys.stderr)

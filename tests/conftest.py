@@ -2,6 +2,7 @@
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -10,15 +11,19 @@ from pathlib import Path
 
 import pytest
 
+import app
 from tests.twilio_sim import Call, WSClient
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS_VARIABLES = ("HOST", "PORT", "LOG_LEVEL", "RECORD_DIR", "QUIET_LEVELS", "PUBLIC_URL", "TWILIO_AUTH_TOKEN",
-                      "MAX_MESSAGE_BYTES", "MAX_STREAMS", "IDLE_TIMEOUT", "HANDSHAKE_TIMEOUT", "MAX_RECORDING_SECONDS",
-                      "READ_INTERVAL_MS", "STREAM_CLASS", "ECHO", "GREET", "TRUSTED_PROXIES",
-                      "METRICS_PORT", "PROMETHEUS_MULTIPROC_DIR", "TRANSCRIBE", "TRANSCRIBE_MODEL",
-                      "TRANSCRIBE_THREADS", "TRANSCRIPT_PARTIALS")
+SETTINGS_VARIABLES = (*(variable for _, variable, *_ in app.OPTIONS), "TWILIO_AUTH_TOKEN", "STREAM_CLASS",
+                      "PROMETHEUS_MULTIPROC_DIR")
 LISTENING = r"Listening on http://localhost:(\d+)"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def clean_environment(env=None):

@@ -16,19 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GUNICORN_READY, ROOT, gunicorn_command
+from tests.conftest import GUNICORN_READY, ROOT, free_port, gunicorn_command
 from twilio.request_validator import RequestValidator
 
 from tests.twilio_sim import CHUNK, Call, HandshakeRefused, WSClient
 
 README = (ROOT / "README.md").read_text()
 TOKEN = "0123456789abcdef0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def get(url: str, timeout: float = 5.0) -> tuple[int, str]:

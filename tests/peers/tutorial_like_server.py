@@ -5,8 +5,6 @@ peers (parse JSON, base64-decode media payloads), `websocket=True` on the rule. 
 ARRIVALS_DIR set, it writes each stream's arrival times at `stop` (arrivals.py).
 Run in a scratch venv with: pip install flask flask-sockets gevent gevent-websocket
 """
-import base64
-import json
 import sys
 
 from flask import Flask
@@ -27,12 +25,7 @@ def media(ws):
         message = ws.receive()
         if message is None:
             continue
-        data = json.loads(message)
-        if data["event"] == "media":
-            base64.b64decode(data["media"]["payload"])
-            arrivals.media(data)
-        elif data["event"] == "stop":
-            arrivals.stop(data)
+        if arrivals.handle(message):
             break
 
 
