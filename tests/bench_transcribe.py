@@ -1,7 +1,7 @@
 """How well and at what cost --transcribe hears telephone speech: word error rate, CPU
 seconds per second of audio, calls one core transcribes in real time, memory.
 
-    python -m tests.bench_transcribe                       # every voice, calls one after another
+    python -m tests.bench_transcribe                       # every voice, calls one after another at 5x real time
     python -m tests.bench_transcribe --realtime 4,8        # also 4, then 8 calls at once, paced as Twilio sends
     python -m tests.bench_transcribe --model DIR --voices kal,rms
     python -m tests.bench_transcribe --realtime 1 --partials  # what partial lines cost
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.bench_load import cpu_seconds, rss_mib
 from tests.conftest import Server
 from tests.test_transcribe import word_error_rate
 from tests.twilio_sim import Call, WSClient, encode_ulaw
@@ -43,6 +44,7 @@ SENTENCES = [
 ]
 VOICES = ["kal", "awb", "rms", "slt"]
 SENTENCES_PER_CALL = 5
+SEQUENTIAL_SPEED = 5  # calls one after another, 5x real time: an utterance every ~0.7 s, none dropped
 
 
 def phone_line(path: Path) -> np.ndarray:
@@ -73,23 +75,14 @@ def make_calls(voices: list[str], folder: Path) -> list[tuple[str, bytes, str]]:
     return calls
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 10 ms
-
-
-def rss_mib(pid: int) -> float:
-    return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1)) / 1024
-
-
-def play(server: Server, audio: bytes, paced: bool) -> Call:
+def play(server: Server, audio: bytes, speed: float) -> Call:
+    """A call, sent `speed` times as fast as Twilio sends (a message every 20 ms)."""
     call = Call()
     client = WSClient(server.url, timeout=60)
     messages = [*call.session(audio={"inbound": audio}), call.stop()]
     started = time.monotonic()
     for n, message in enumerate(messages):
-        if paced:  # as Twilio sends: a message every 20 ms
-            time.sleep(max(0.0, started + n * 0.02 - time.monotonic()))
+        time.sleep(max(0.0, started + n * 0.02 / speed - time.monotonic()))
         client.send(message)
     client.wait_closed(60)
     client.sock.close()
@@ -105,7 +98,7 @@ def run(args, folder: Path, calls, transcribe: bool) -> dict:
         before = cpu_seconds(server.process.pid)
         scores = []
         for voice, audio, said in calls:
-            call = play(server, audio, paced=False)
+            call = play(server, audio, SEQUENTIAL_SPEED)
             summary = server.summary(call.stream_sid, timeout=60)
             heard = " ".join(re.findall(rf'stream={call.stream_sid} transcript track=inbound at=\S+ text="(.*)"',
                                         server.log()))
@@ -116,7 +109,7 @@ def run(args, folder: Path, calls, transcribe: bool) -> dict:
             chosen = [calls[n % len(calls)] for n in range(count)]
             results = [None] * count
             before = cpu_seconds(server.process.pid)
-            threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, play(server, chosen[n][1], True)))
+            threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, play(server, chosen[n][1], 1)))
                        for n in range(count)]
             for thread in threads:
                 thread.start()
