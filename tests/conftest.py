@@ -1,6 +1,7 @@
 """Real servers for the tests: `python app.py` (or gunicorn) on a free port, its console in a file."""
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -172,3 +173,25 @@ def server(tmp_path_factory):
     server = Server(tmp_path_factory.mktemp("server"))
     yield server
     server.stop()
+
+
+def simulator(*args, timeout=60):
+    """`python -m tests.twilio_sim ARGS` to its end."""
+    return subprocess.run([sys.executable, "-m", "tests.twilio_sim", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def make_certificate(folder, name, subject_alt_name):
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed: no certificate for the wss:// tests")
+    key, cert = folder / f"{name}-key.pem", folder / f"{name}.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", f"/CN={name}", "-addext", f"subjectAltName={subject_alt_name}"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for localhost and 127.0.0.1: (cert.pem, key.pem)."""
+    return make_certificate(tmp_path_factory.mktemp("tls"), "localhost", "DNS:localhost,IP:127.0.0.1")

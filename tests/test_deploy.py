@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GUNICORN_READY, ROOT, free_port, gunicorn_command
 from twilio.request_validator import RequestValidator
 
+from tests.conftest import GUNICORN_READY, ROOT, free_port, gunicorn_command, simulator
 from tests.twilio_sim import CHUNK, Call, HandshakeRefused, WSClient
 
 README = (ROOT / "README.md").read_text()
@@ -116,17 +116,6 @@ def readme_location_block() -> str:
 
 
 @pytest.fixture
-def certificate(tmp_path):
-    """A throw-away self-signed certificate for localhost: (certificate, key)."""
-    openssl = program("openssl")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", key, "-out", cert],
-                   check=True, capture_output=True, timeout=60)
-    return cert, key
-
-
-@pytest.fixture
 def nginx(tmp_path, certificate, background):
     """start(upstream port): a real nginx terminating TLS on a free port in front of it, with
     the README's location block verbatim; returns its port."""
@@ -172,16 +161,11 @@ http {{
     return start
 
 
-def simulate(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([os.sys.executable, "-m", "tests.twilio_sim", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
-
-
 def test_a_signed_wss_call_through_nginx_as_the_readme_configures_it(start_server, nginx, certificate):
     server = start_server("--trusted-proxies", "1", env={"TWILIO_AUTH_TOKEN": TOKEN})
     port = nginx(server.port)
     url = f"wss://localhost:{port}/media"  # Twilio signs the URL it was given, port and all
-    played = simulate(url, "--seconds", "1", "--cafile", str(certificate[0]), "--header",
+    played = simulator(url, "--seconds", "1", "--cafile", str(certificate[0]), "--header",
                       f"X-Twilio-Signature:{RequestValidator(TOKEN).compute_signature(url, {})}")
     assert played.returncode == 0, played.stderr
     accepted = server.wait_for(r"Connection accepted remote=(\S+)")
@@ -190,7 +174,7 @@ def test_a_signed_wss_call_through_nginx_as_the_readme_configures_it(start_serve
     summary = server.summary(stream_sid)
     assert (summary["ended"], summary["media"], summary["bad"]) == ("stop", "50", "0")
 
-    forged = simulate(url, "--seconds", "1", "--cafile", str(certificate[0]), "--header", "X-Twilio-Signature:forged")
+    forged = simulator(url, "--seconds", "1", "--cafile", str(certificate[0]), "--header", "X-Twilio-Signature:forged")
     assert forged.returncode != 0 and len(forged.stderr.strip().splitlines()) == 1, forged.stderr
     assert "403" in forged.stderr
     server.wait_for(rf"refused WebSocket remote=127\.0\.0\.1 path=/media status=403 reason=X-Twilio-Signature does "

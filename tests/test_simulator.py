@@ -2,7 +2,6 @@
 every way a call can fail said in one line on stderr with exit status 1, no traceback."""
 import asyncio
 import re
-import shutil
 import socket
 import ssl
 import subprocess
@@ -11,13 +10,8 @@ import threading
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, make_certificate, simulator
 from tests.twilio_sim import Call, HandshakeRefused, WSClient, tls_context
-
-
-def simulator(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "tests.twilio_sim", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def failed_with(out, line):
@@ -32,22 +26,6 @@ SHORT_CALL = ["--seconds", "0.2"]
 
 
 # --- TLS: a certificate of our own and a relay that ends TLS in front of the server -------
-
-def make_certificate(folder, name, subject_alt_name):
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed: no certificate for the wss:// tests")
-    key, cert = folder / f"{name}-key.pem", folder / f"{name}.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", f"/CN={name}", "-addext", f"subjectAltName={subject_alt_name}"],
-                   check=True, capture_output=True)
-    return cert, key
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    """A self-signed certificate for localhost and 127.0.0.1: (cert.pem, key.pem)."""
-    return make_certificate(tmp_path_factory.mktemp("tls"), "localhost", "DNS:localhost,IP:127.0.0.1")
-
 
 @pytest.fixture(scope="module")
 def other_certificate(tmp_path_factory):
