@@ -50,6 +50,8 @@ from urllib.parse import urlsplit
 import flask_sockets
 import gevent
 import gevent.event
+import gevent.exceptions
+import gevent.socket
 import gevent.threadpool
 import geventwebsocket.handler
 from flask import Flask, request
@@ -452,6 +454,8 @@ def media(ws):
     log.info("Connection accepted %s", stream.label)
     if metrics:
         metrics.opened(stream)
+    if stream.media_in_event_loop:  # media handled as it lands; receive() returns the other messages
+        ws.handle_as_it_lands = stream.handle
     try:
         while not ws.closed:
             message = ws.receive()
@@ -581,6 +585,11 @@ class MediaStream:
     handlers: ClassVar[dict]            # EVENTS' methods, looked up when the class is made (handlers_of)
     wants_pcm: ClassVar[bool] = False   # True: every chunk decoded to PCM and handed to on_audio()
     talks_back: ClassVar[bool] = False  # True: read as each message lands from the first (else from the first send)
+    # True: each media message is handled in the event loop as it lands (MediaWebSocket.on_readable),
+    # which costs half the CPU of waking the stream's greenlet for it, so its handling must never wait
+    # on gevent (sleep, a lock, a full queue, the network). A subclass with an on_media() or on_audio()
+    # of its own gets False unless it says True.
+    media_in_event_loop: ClassVar[bool] = True
 
     remote: str
     ws: "MediaWebSocket | None" = field(default=None, repr=False)  # where play(), mark() and clear() send
@@ -604,6 +613,8 @@ class MediaStream:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls.handlers = handlers_of(cls)
+        if "media_in_event_loop" not in vars(cls) and ("on_media" in vars(cls) or "on_audio" in vars(cls)):
+            cls.media_in_event_loop = False
 
     def __post_init__(self):
         if self.talks_back and self.ws is not None:
@@ -613,12 +624,15 @@ class MediaStream:
     def label(self) -> str:
         return f"stream={self.stream_sid}" if self.stream_sid else f"remote={self.remote}"
 
-    def handle(self, message: str | bytes) -> str | None:
+    def handle(self, message: str | bytes, only: str | None = None) -> str | None:
         """One message from the socket: parsed, then handed to the method EVENTS names for its
-        event. A bad message is counted and warned about, never raised. Returns the event."""
+        event. A bad message is counted and warned about, never raised. Returns the event.
+        With `only` (the event loop's "media"), a message of another event is left as it was."""
         try:
             data = self.parse(message)
             event = data["event"]
+            if only and event != only:
+                return event
             handler = self.handlers.get(event)
             if handler is None:
                 self.on_unknown(event)
@@ -959,6 +973,8 @@ MediaStream.handlers = handlers_of(MediaStream)
 def whole_number(obj: dict, name: str) -> int | None:
     """Twilio's numbers come as strings ("42"); accept real numbers too."""
     value = obj.get(name)
+    if type(value) is str and len(value) < 16 and value.isdecimal():  # Twilio's own: most of them
+        return int(value)
     if value is None:
         return None
     try:
@@ -1115,6 +1131,7 @@ class EchoStream(MediaStream):
     """--echo: the caller hears themselves, each chunk as it arrives, with a mark every
     second that says when Twilio played it: the first test of a bidirectional stream."""
     talks_back = True
+    media_in_event_loop = True  # queuing audio to send never waits
 
     def on_media(self, data: dict) -> None:
         inbound = self.tracks["inbound"]
@@ -1137,6 +1154,7 @@ class GreetStream(MediaStream):
     a caller who talks over it (barge-in) cuts it off with a clear."""
     wants_pcm = True
     talks_back = True
+    media_in_event_loop = True  # queuing audio, a mark or a clear never waits
     loud_ms: int = 0
     barge_ins: int = 0
 
@@ -1639,10 +1657,15 @@ class MediaWebSocket(WebSocket):
     as the socket takes it), which goes to the socket at once as far as the kernel takes it;
     the rest is left to one writer greenlet, and whatever is sent after waits behind it, so
     frames from several greenlets never interleave. A stream that talks back is read as each
-    message lands (never batched by --read-interval-ms) and sends without Nagle's delay."""
+    message lands (never batched by --read-interval-ms) and sends without Nagle's delay.
+
+    With `handle_as_it_lands` (the stream's handle(), set by media()), the greenlet waiting
+    in receive() for bytes is not woken for each message: the event loop reads them and
+    handles each media message itself (on_readable), and wakes the greenlet only for the
+    rest: other events, the end of the connection, replies to send, an error to raise."""
 
     __slots__ = ("parser", "error", "last_received", "greenlet", "fill", "held", "outbox", "writer",
-                 "broken", "talks_back", "hub", "readable", "drained")
+                 "broken", "talks_back", "hub", "readable", "drained", "handle_as_it_lands", "landed", "recv")
 
     def __init__(self, environ, stream, handler):
         super().__init__(environ, stream, handler)
@@ -1659,6 +1682,10 @@ class MediaWebSocket(WebSocket):
         self.hub = gevent.get_hub()
         self.readable = self.hub.loop.io(self.handler.socket.fileno(), 1)  # 1: readable
         self.drained = True
+        self.handle_as_it_lands = None
+        self.landed: str | bytes | Exception | None = None  # what on_readable leaves to receive()
+        sock = self.handler.socket  # a plain socket's recv() without gevent's wrapper (not TLS's!)
+        self.recv = sock._sock.recv if type(sock) is gevent.socket.socket else sock.recv
 
     def first_fill(self, size: int) -> bytes:
         # What the HTTP parser buffered past the request, to its end; then straight from the socket.
@@ -1682,6 +1709,11 @@ class MediaWebSocket(WebSocket):
             raise WebSocketError("Connection is already closed")
         parser = self.parser
         while True:
+            if self.landed is not None:
+                landed, self.landed = self.landed, None
+                if isinstance(landed, Exception):
+                    raise landed
+                return landed
             if parser.buffer:  # what the last read brought: a message, the start of one, or more
                 message = parser.next_message()
                 if message is not None:
@@ -1698,6 +1730,9 @@ class MediaWebSocket(WebSocket):
                 if loop_behind and not parser.buffer and not self.talks_back:
                     gevent.sleep(settings.read_interval_ms / 1000)  # one wake-up for what gathered meanwhile
                     self.drained = False
+                elif self.handle_as_it_lands and self.drained and self.fill == self.read_when_ready:
+                    self.wait_handling_media()
+                    continue
                 data = self.fill(RECV_BYTES)
             except OSError:
                 data = b""
@@ -1708,6 +1743,46 @@ class MediaWebSocket(WebSocket):
                 return None
             self.last_received = time.monotonic()
             parser.feed(data)
+
+    def wait_handling_media(self) -> None:
+        """Wait in the event loop, which handles the media messages that land meanwhile."""
+        self.readable.start(self.on_readable)
+        try:
+            self.hub.switch()
+        finally:
+            self.readable.stop()
+
+    def on_readable(self) -> None:
+        # The event loop's callback while the greenlet waits: no switch to it and back per
+        # message. Its work is receive()'s, for media; anything else is left to receive().
+        try:
+            data = self.recv(RECV_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        parser = self.parser
+        if data:
+            self.last_received = time.monotonic()
+            self.drained = len(data) < RECV_BYTES
+            parser.feed(data)
+            try:
+                while (message := parser.next_message()) is not None:
+                    if self.handle_as_it_lands(message, only="media") not in ("media", None):
+                        self.landed = message
+                        break
+            except gevent.exceptions.BlockingSwitchOutError:
+                self.landed = RuntimeError("a media handler waited on gevent in the event loop: its stream "
+                                           "class must set media_in_event_loop = False")
+            except Exception as exc:  # a bug in the handling: raised in the stream's greenlet
+                self.landed = exc
+            if not (self.landed is not None or parser.outgoing or parser.state is not OPEN
+                    or len(parser.buffer) > RECV_BYTES or parser.fragments is not None or self.held
+                    or loop_behind and not self.talks_back):
+                return
+        else:
+            self.drained = False  # receive() reads the end, or the error, itself
+        self.greenlet.switch()
 
     def hold_unfinished(self) -> None:
         """Count what this stream's half-received message holds; when all streams together
@@ -1855,7 +1930,7 @@ class MediaWebSocket(WebSocket):
             self.abandon_sending()  # whatever a client that reads nothing left unsent
             self.release_unfinished()
             self.readable.close()
-            self.stream = self.raw_write = self.raw_read = self.environ = None
+            self.stream = self.raw_write = self.raw_read = self.environ = self.handle_as_it_lands = None
 
 
 class IdleTimeout(Exception):

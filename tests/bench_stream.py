@@ -16,6 +16,7 @@ ARRIVALS_DIR = os.environ.get("ARRIVALS_DIR")
 @dataclass(eq=False)
 class ArrivalTimes(app.MediaStream):
     wants_pcm = True
+    media_in_event_loop = True  # on_audio() only appends
     arrivals: array = field(default_factory=lambda: array("d"))
 
     def on_audio(self, track: str, timestamp: int, pcm: bytes) -> None:

@@ -244,6 +244,7 @@ def test_a_finished_call_leaves_no_call_state_in_reference_cycles():
 
         def close(self, code=1000):
             self.closed = True
+            self.handle_as_it_lands = None  # as MediaWebSocket.close() lets go of the stream
 
         def drop_audio(self):
             return 0

@@ -88,6 +88,7 @@ import app
 
 class CrashingStream(app.MediaStream):
     wants_pcm = True
+    media_in_event_loop = MEDIA_IN_EVENT_LOOP
     chunks = 0
 
     def on_audio(self, track, timestamp, pcm):
@@ -100,8 +101,10 @@ app.main(sys.argv[1:], stream_class=CrashingStream)
 """
 
 
-def test_1011_when_a_bug_ends_the_stream_with_a_valid_wav_and_a_summary(start_server, tmp_path):
-    server = start_server("--record", str(tmp_path / "rec"), script=CRASHING_SERVER)
+@pytest.mark.parametrize("in_event_loop", [True, False], ids=["bug-in-the-event-loop", "bug-in-the-greenlet"])
+def test_1011_when_a_bug_ends_the_stream_with_a_valid_wav_and_a_summary(start_server, tmp_path, in_event_loop):
+    server = start_server("--record", str(tmp_path / "rec"),
+                          script=CRASHING_SERVER.replace("MEDIA_IN_EVENT_LOOP", str(in_event_loop)))
     call = Call()
     audio = encode_ulaw(tone(0.4))
     assert server.stream([call.connected(), call.start(), *call.play({"inbound": audio})]) == 1011

@@ -1,0 +1,152 @@
+"""Where messages are handled: media in the event loop as it lands (MediaWebSocket.on_readable),
+every other message in the stream's greenlet by the tutorial's loop; both in the order sent."""
+import json
+import time
+from array import array
+
+import pytest
+
+import app
+from tests.twilio_sim import CHUNK, Call, encode_ulaw, frame, tone
+
+SILENCE = b"\xff" * CHUNK
+
+WHERE_EACH_EVENT_RAN = """
+import sys
+import gevent
+import app
+
+class Watched(app.MediaStream):
+    {flag}
+    EVENTS = {{**app.MediaStream.EVENTS, "custom": "on_custom"}}
+    seen = None
+
+    def note(self, what):
+        where = "loop" if gevent.getcurrent() is gevent.get_hub() else "greenlet"
+        self.seen = (self.seen or []) + [f"{{what}}@{{where}}"]
+
+    def on_media(self, data):
+        super().on_media(data)
+        self.note("media" + data["media"]["chunk"])
+
+    def on_dtmf(self, data):
+        super().on_dtmf(data)
+        self.note("dtmf" + data["dtmf"]["digit"])
+
+    def on_custom(self, data):
+        self.note("custom")
+
+    def on_stop(self, data):
+        super().on_stop(data)
+        app.log.info("%s handled %s", self.label, " ".join(self.seen))
+
+app.main(sys.argv[1:], stream_class=Watched)
+"""
+
+
+@pytest.mark.parametrize("flag, media_at", [("media_in_event_loop = True", "loop"), ("", "greenlet")],
+                         ids=["says-its-media-code-never-waits", "own-media-code-by-default"])
+def test_every_message_is_handled_in_the_order_sent_in_the_event_loop_or_the_greenlet(start_server, flag, media_at):
+    server = start_server("--quiet-levels", script=WHERE_EACH_EVENT_RAN.format(flag=flag))
+    call = Call()
+    client = server.connect()
+    client.send_all(call.session())
+    server.wait_for(rf"stream={call.stream_sid} start")  # what comes with the handshake is read by the greenlet
+    sent = []
+    for burst in range(3):  # each burst in one TCP write: the event loop reads them in one go
+        data = b""
+        for n in range(4):
+            data += frame(0x1, call.media("inbound", SILENCE, 20 * (call.chunks + 1)).encode())
+            sent.append(f"media{call.chunks}@{media_at}")
+        data += frame(0x1, call.dtmf(str(burst)).encode())
+        sent.append(f"dtmf{burst}@greenlet")
+        data += frame(0x1, b"not json")  # bad input on the way changes nothing
+        data += frame(0x1, json.dumps({"event": "custom", "streamSid": call.stream_sid}).encode())
+        sent.append("custom@greenlet")
+        client.send_raw(data)
+        time.sleep(0.05)
+    client.send_all([call.media("inbound", SILENCE, 20 * (call.chunks + 1)), call.stop()])
+    sent.append(f"media{call.chunks}@{media_at}")
+    assert client.wait_closed() == 1000
+    assert server.wait_for(rf"stream={call.stream_sid} handled (.*)").group(1).split() == sent
+    summary = server.summary(call.stream_sid)
+    assert (summary["media"], summary["bad"], summary["ended"]) == ("13", "3", "stop")
+
+
+WAITS_IN_ON_AUDIO = """
+import sys
+import gevent
+import app
+
+class Waiting(app.MediaStream):
+    {flag}
+    wants_pcm = True
+
+    def on_audio(self, track, timestamp, pcm):
+        if timestamp == 200:
+            gevent.sleep(0.01)  # a gevent wait: fine in a greenlet, impossible in the event loop
+
+app.main(sys.argv[1:], stream_class=Waiting)
+"""
+
+
+@pytest.mark.parametrize("flag", ["media_in_event_loop = True", ""], ids=["says-it-never-waits", "by-default"])
+def test_a_media_handler_that_waits_ends_its_call_only_if_it_claimed_it_never_does(start_server, flag):
+    server = start_server("--quiet-levels", script=WAITS_IN_ON_AUDIO.format(flag=flag))
+    call, other = Call(), Call()
+    other_client = server.connect()
+    other_client.send_all(other.session(media=5))
+    code = server.stream(call.session(media=20, stop=True))
+    other_client.send_all([*(other.media("inbound", SILENCE, 20 * (6 + n)) for n in range(4)), other.stop()])
+    assert other_client.wait_closed() == 1000
+    assert server.summary(other.stream_sid)["media"] == "9", "the other call goes on"
+    summary = server.summary(call.stream_sid)
+    if flag:
+        assert (code, summary["ended"], summary["media"]) == (1011, "error", "10")
+        assert (f"stream={call.stream_sid} handler error: RuntimeError: a media handler waited on gevent in the "
+                "event loop: its stream class must set media_in_event_loop = False") in server.log()
+    else:
+        assert (code, summary["ended"], summary["media"]) == (1000, "stop", "20")
+    assert "Traceback" not in server.log()
+
+
+def test_a_subclass_with_media_code_of_its_own_is_handled_in_its_greenlet_unless_it_says_otherwise():
+    class Meter(app.MediaStream):  # its own media code only in what on_media calls: still the loop's
+        def meter(self, track, ulaw):
+            pass
+
+    class Hearing(app.MediaStream):
+        wants_pcm = True
+
+        def on_audio(self, track, timestamp, pcm):
+            pass
+
+    class Quick(Hearing):
+        media_in_event_loop = True
+
+    class QuickChild(Quick):
+        def on_dtmf(self, data):
+            pass
+
+    class ChildWithItsOwn(Quick):
+        def on_media(self, data):
+            super().on_media(data)
+
+    assert app.MediaStream.media_in_event_loop and Meter.media_in_event_loop
+    assert not Hearing.media_in_event_loop
+    assert Quick.media_in_event_loop and QuickChild.media_in_event_loop
+    assert not ChildWithItsOwn.media_in_event_loop
+    assert app.EchoStream.media_in_event_loop and app.GreetStream.media_in_event_loop
+
+
+def test_pcm_reaches_on_audio_in_the_event_loop_exactly(start_server, tmp_path):
+    """The benchmark's stream class: every chunk's arrival, in order, from the event loop."""
+    server = start_server("--quiet-levels", script="import sys, app\nfrom tests.bench_stream import ArrivalTimes\n"
+                                                   "app.main(sys.argv[1:], stream_class=ArrivalTimes)\n",
+                          env={"ARRIVALS_DIR": str(tmp_path)})
+    call = Call()
+    audio = encode_ulaw(tone(1.0))
+    assert server.stream([call.connected(), call.start(), *call.play({"inbound": audio}), call.stop()]) == 1000
+    pairs = array("d", (tmp_path / f"{call.stream_sid}.bin").read_bytes())
+    assert list(pairs[0::2]) == [20.0 * (n + 1) for n in range(50)]
+    assert list(pairs[1::2]) == sorted(pairs[1::2])
