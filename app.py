@@ -1776,7 +1776,7 @@ class MediaWebSocket(WebSocket):
                                            "class must set media_in_event_loop = False")
             except Exception as exc:  # a bug in the handling: raised in the stream's greenlet
                 self.landed = exc
-            if not (self.landed is not None or parser.outgoing or parser.state is not OPEN
+            if not (self.landed is not None or parser.outgoing  # a pong, or the close: the parser ends OPEN with one
                     or len(parser.buffer) > RECV_BYTES or parser.fragments is not None or self.held
                     or loop_behind and not self.talks_back):
                 return

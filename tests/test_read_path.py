@@ -150,3 +150,58 @@ def test_pcm_reaches_on_audio_in_the_event_loop_exactly(start_server, tmp_path):
     pairs = array("d", (tmp_path / f"{call.stream_sid}.bin").read_bytes())
     assert list(pairs[0::2]) == [20.0 * (n + 1) for n in range(50)]
     assert list(pairs[1::2]) == sorted(pairs[1::2])
+
+
+def test_a_ping_between_media_messages_is_answered_at_once(server):
+    client, call = server.open_call(media=1)
+    server.wait_for(rf"stream={call.stream_sid} first media")  # its greenlet waits: the event loop reads
+    client.send_raw(frame(0x1, call.media("inbound", SILENCE, 40).encode()) + frame(0x9, b"are you there"))
+    assert client.recv_frame() == (0xA, b"are you there")
+    client.send(call.stop())
+    assert server.ending(client, call) == (1000, "stop", "2")
+
+
+BURSTS_WHILE_BEHIND = """
+import sys
+import time
+import app
+
+class Bursts(app.MediaStream):
+    media_in_event_loop = True
+
+    def on_start(self, data):
+        super().on_start(data)
+        self.behind_at = []
+        if self.stream_sid.endswith("0"):
+            time.sleep(0.2)  # the whole process stops: its event loop runs late, as in an overload
+
+    def on_media(self, data):
+        super().on_media(data)
+        if app.loop_behind:
+            self.behind_at.append(time.monotonic())
+
+    def on_stop(self, data):
+        super().on_stop(data)
+        at = self.behind_at  # a burst: 4 or more handled within 2 ms, after a pause
+        bursts = sum(at[i + 3] - at[i] < 0.002 and (i == 0 or at[i] - at[i - 1] > 0.01) for i in range(len(at) - 3))
+        app.log.info("%s bursts=%d of %d", self.label, bursts, len(at))
+
+app.main(sys.argv[1:], stream_class=Bursts)
+"""
+
+
+def test_a_stream_read_by_the_event_loop_is_read_in_batches_once_the_process_falls_behind(start_server):
+    server = start_server("--quiet-levels", "--read-interval-ms", "200", script=BURSTS_WHILE_BEHIND)
+    call, stalling = Call(stream_sid="MZ" + "1" * 32), Call(stream_sid="MZ" + "0" * 32)
+    client, _ = server.open_call(call)
+    server.wait_for(rf"stream={call.stream_sid} start")
+    server.open_call(stalling)
+    for n in range(75):  # 1.5 s at Twilio's pace
+        client.send(call.media("inbound", SILENCE, 20 * (n + 1)))
+        time.sleep(0.02)
+    client.send(call.stop())
+    assert client.wait_closed() == 1000
+    server.wait_for(r"this process cannot keep up; reading listen-only streams every 200 ms")
+    bursts, handled = server.wait_for(rf"stream={call.stream_sid} bursts=(\d+) of (\d+)").groups()
+    assert int(bursts) >= 3, f"read as each message landed while behind: {bursts} bursts in {handled} messages"
+    assert server.summary(call.stream_sid)["media"] == "75"
