@@ -776,8 +776,8 @@ class MediaStream:
         """The place to plug in real-time processing (transcription, analysis), called when
         the class sets `wants_pcm = True`: every chunk of every track, in order, as 16-bit
         little-endian PCM, 8000 Hz, mono; `timestamp` in ms on the stream's clock. It runs
-        inside the receive loop, so hand anything slow to a bounded queue and a greenlet
-        (README, "Process the audio")."""
+        as each chunk lands (in the call's greenlet, or the event loop: media_in_event_loop),
+        so hand anything slow to a bounded queue and a greenlet (README, "Process the audio")."""
 
     def meter(self, track: Track, ulaw: bytes) -> None:
         # Every 8th sample, from another first one each message: an eighth of the cost, and a
