@@ -454,7 +454,7 @@ def media(ws):
     log.info("Connection accepted %s", stream.label)
     if metrics:
         metrics.opened(stream)
-    if stream.media_in_event_loop:  # media handled as it lands; receive() returns the other messages
+    if stream.media_in_event_loop:  # media handled by the event loop as it lands; receive() returns the rest, in order
         ws.handle_as_it_lands = stream.handle
     try:
         while not ws.closed:
