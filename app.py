@@ -1684,8 +1684,10 @@ class MediaWebSocket(WebSocket):
         self.drained = True
         self.handle_as_it_lands = None
         self.landed: str | bytes | Exception | None = None  # what on_readable leaves to receive()
-        sock = self.handler.socket  # a plain socket's recv() without gevent's wrapper (not TLS's!)
-        self.recv = sock._sock.recv if type(sock) is gevent.socket.socket else sock.recv
+        # The event loop reads only a plain socket: TLS (gunicorn's --certfile) may have to wait
+        # for the rest of a record, and holds bytes of its own that the socket does not show.
+        sock = self.handler.socket
+        self.recv = sock._sock.recv if type(sock) is gevent.socket.socket else None
 
     def first_fill(self, size: int) -> bytes:
         # What the HTTP parser buffered past the request, to its end; then straight from the socket.
@@ -1730,7 +1732,7 @@ class MediaWebSocket(WebSocket):
                 if loop_behind and not parser.buffer and not self.talks_back:
                     gevent.sleep(settings.read_interval_ms / 1000)  # one wake-up for what gathered meanwhile
                     self.drained = False
-                elif self.handle_as_it_lands and self.drained and self.fill == self.read_when_ready:
+                elif self.handle_as_it_lands and self.recv and self.drained and self.fill == self.read_when_ready:
                     self.wait_handling_media()
                     continue
                 data = self.fill(RECV_BYTES)

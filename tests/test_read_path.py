@@ -1,12 +1,16 @@
 """Where messages are handled: media in the event loop as it lands (MediaWebSocket.on_readable),
 every other message in the stream's greenlet by the tutorial's loop; both in the order sent."""
 import json
+import re
+import socket
+import threading
 import time
 from array import array
 
 import pytest
 
 import app
+from tests.conftest import gunicorn_command, simulator
 from tests.twilio_sim import CHUNK, Call, encode_ulaw, frame, tone
 
 SILENCE = b"\xff" * CHUNK
@@ -205,3 +209,44 @@ def test_a_stream_read_by_the_event_loop_is_read_in_batches_once_the_process_fal
     bursts, handled = server.wait_for(rf"stream={call.stream_sid} bursts=(\d+) of (\d+)").groups()
     assert int(bursts) >= 3, f"read as each message landed while behind: {bursts} bursts in {handled} messages"
     assert server.summary(call.stream_sid)["media"] == "75"
+
+
+def trickle(to_port: int) -> int:
+    """A TCP relay to `to_port` that passes on what the client sends 50 bytes at a time, 1 ms
+    apart, so TLS records reach the server in pieces: the port it listens on."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def pass_on(source, sink, piece):
+        try:
+            while data := source.recv(65536):
+                for start in range(0, len(data), piece):
+                    sink.sendall(data[start:start + piece])
+                    time.sleep(0.001 if piece < 65536 else 0)
+        except OSError:
+            pass
+        finally:
+            sink.close()
+
+    def serve():
+        client, _ = listener.accept()
+        upstream = socket.create_connection(("127.0.0.1", to_port))
+        threading.Thread(target=pass_on, args=(client, upstream, 50), daemon=True).start()
+        pass_on(upstream, client, 65536)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def test_calls_over_gunicorns_own_tls_are_read_whole_by_their_greenlets(start_server, certificate):
+    """A TLS socket may have to wait for the rest of a record, and holds decrypted bytes the
+    socket does not show: the event loop leaves its reads to the call's greenlet."""
+    cert, key = certificate
+    server = start_server(command=gunicorn_command("-w", "1", "--certfile", str(cert), "--keyfile", str(key)),
+                          ready=r"Listening at: https://127.0.0.1:(\d+)")
+    done = simulator(f"wss://localhost:{trickle(server.port)}/media", "--seconds", "2", "--tracks", "both",
+                     "--cafile", str(cert))
+    assert done.returncode == 0, done.stderr
+    stream_sid = re.search(r"stream=(\S+)", done.stdout).group(1)
+    summary = server.summary(stream_sid)
+    assert (summary["media"], summary["ended"], summary["bad"]) == ("200", "stop", "0")
+    assert "Traceback" not in server.log()
