@@ -586,8 +586,8 @@ class MediaStream:
     wants_pcm: ClassVar[bool] = False   # True: every chunk decoded to PCM and handed to on_audio()
     talks_back: ClassVar[bool] = False  # True: read as each message lands from the first (else from the first send)
     # True: each media message is handled in the event loop as it lands (MediaWebSocket.on_readable),
-    # which costs half the CPU of waking the stream's greenlet for it, so its handling must never wait
-    # on gevent (sleep, a lock, a full queue, the network). A subclass with an on_media() or on_audio()
+    # a sixth less CPU than waking the stream's greenlet for it, so its handling must never wait on
+    # gevent (sleep, a lock, a full queue, the network). A subclass with an on_media() or on_audio()
     # of its own gets False unless it says True.
     media_in_event_loop: ClassVar[bool] = True
 
@@ -1778,7 +1778,7 @@ class MediaWebSocket(WebSocket):
                                            "class must set media_in_event_loop = False")
             except Exception as exc:  # a bug in the handling: raised in the stream's greenlet
                 self.landed = exc
-            if not (self.landed is not None or parser.outgoing  # a pong, or the close: the parser ends OPEN with one
+            if not (self.landed is not None or parser.outgoing  # a pong, or a close frame: no longer OPEN
                     or len(parser.buffer) > RECV_BYTES or parser.fragments is not None or self.held
                     or loop_behind and not self.talks_back):
                 return
