@@ -587,8 +587,8 @@ class MediaStream:
     talks_back: ClassVar[bool] = False  # True: read as each message lands from the first (else from the first send)
     # True: each media message is handled in the event loop as it lands (MediaWebSocket.on_readable),
     # a sixth less CPU than waking the stream's greenlet for it, so its handling must never wait on
-    # gevent (sleep, a lock, a full queue, the network). A subclass with an on_media() or on_audio()
-    # of its own gets False unless it says True.
+    # gevent (sleep, a lock, a full queue, the network). A subclass with media code of its own (its
+    # on_media(), on_audio() or handle(), from itself or a mixin) gets False unless it says True.
     media_in_event_loop: ClassVar[bool] = True
 
     remote: str
@@ -613,8 +613,11 @@ class MediaStream:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls.handlers = handlers_of(cls)
-        if "media_in_event_loop" not in vars(cls) and ("on_media" in vars(cls) or "on_audio" in vars(cls)):
-            cls.media_in_event_loop = False
+        if "media_in_event_loop" not in vars(cls):  # True only if its media code is that of the class that said so
+            said = next(base for base in cls.__mro__ if "media_in_event_loop" in vars(base))
+            media_code = (cls.handle, cls.on_audio, cls.handlers.get("media"))
+            cls.media_in_event_loop = said.media_in_event_loop and media_code == (
+                said.handle, said.on_audio, said.handlers.get("media"))
 
     def __post_init__(self):
         if self.talks_back and self.ws is not None:
@@ -1714,7 +1717,10 @@ class MediaWebSocket(WebSocket):
             if self.landed is not None:
                 landed, self.landed = self.landed, None
                 if isinstance(landed, Exception):
-                    raise landed
+                    try:
+                        raise landed
+                    finally:
+                        landed = None  # its traceback holds this frame: no cycle through the local
                 return landed
             if parser.buffer:  # what the last read brought: a message, the start of one, or more
                 message = parser.next_message()
@@ -1774,8 +1780,12 @@ class MediaWebSocket(WebSocket):
                         self.landed = message
                         break
             except gevent.exceptions.BlockingSwitchOutError:
-                self.landed = RuntimeError("a media handler waited on gevent in the event loop: its stream "
-                                           "class must set media_in_event_loop = False")
+                stream_class = type(self.handle_as_it_lands.__self__)
+                stream_class.media_in_event_loop = False  # this call is lost; the next ones are read by their greenlets
+                self.landed = RuntimeError(  # media()'s warning shows 200 characters
+                    f"{stream_class.__name__} waited on gevent in the event loop (a sleep, lock, full queue, network "
+                    "I/O, a network log handler): set media_in_event_loop = False on it; its next calls are read by "
+                    "their greenlets")
             except Exception as exc:  # a bug in the handling: raised in the stream's greenlet
                 self.landed = exc
             if not (self.landed is not None or parser.outgoing  # a pong, or a close frame: no longer OPEN
@@ -1908,8 +1918,8 @@ class MediaWebSocket(WebSocket):
     def close(self, code: int = 1000, message: bytes | str = b"") -> None:
         # gevent-websocket 0.10.1 sends the reason where the status code belongs (peers read
         # b"bye" as code 25193), no code at all without a reason, and never waits for the reply.
-        if self.closed:
-            return
+        if self.closed:  # the client went away (receive() saw it): nothing to say to it
+            return self.let_go()
         self.closed = True
         self.last_received = math.inf  # the closing wait is bounded here, not by the idle sweeper
         parser = self.parser
@@ -1931,8 +1941,14 @@ class MediaWebSocket(WebSocket):
         finally:
             self.abandon_sending()  # whatever a client that reads nothing left unsent
             self.release_unfinished()
-            self.readable.close()
-            self.stream = self.raw_write = self.raw_read = self.environ = self.handle_as_it_lands = None
+            self.let_go()
+
+    def let_go(self) -> None:
+        """The connection is over: nothing here refers back to it or to its stream (fill,
+        handle_as_it_lands), so the call's objects go at once, not at the oldest collection."""
+        self.readable.close()
+        self.fill = self.handle_as_it_lands = None
+        self.stream = self.raw_write = self.raw_read = self.environ = None
 
 
 class IdleTimeout(Exception):

@@ -3,6 +3,8 @@ every other message in the stream's greenlet by the tutorial's loop; both in the
 import json
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from array import array
@@ -10,7 +12,7 @@ from array import array
 import pytest
 
 import app
-from tests.conftest import gunicorn_command, simulator
+from tests.conftest import ROOT, clean_environment, gunicorn_command, simulator
 from tests.twilio_sim import CHUNK, Call, encode_ulaw, frame, tone
 
 SILENCE = b"\xff" * CHUNK
@@ -95,9 +97,9 @@ app.main(sys.argv[1:], stream_class=Waiting)
 
 
 @pytest.mark.parametrize("flag", ["media_in_event_loop = True", ""], ids=["says-it-never-waits", "by-default"])
-def test_a_media_handler_that_waits_ends_its_call_only_if_it_claimed_it_never_does(start_server, flag):
+def test_a_media_handler_that_waits_ends_only_one_call_if_it_claimed_it_never_does(start_server, flag):
     server = start_server("--quiet-levels", script=WAITS_IN_ON_AUDIO.format(flag=flag))
-    call, other = Call(), Call()
+    call, other, later = Call(), Call(), Call()
     other_client = server.connect()
     other_client.send_all(other.session(media=5))
     code = server.stream(call.session(media=20, stop=True))
@@ -107,10 +109,13 @@ def test_a_media_handler_that_waits_ends_its_call_only_if_it_claimed_it_never_do
     summary = server.summary(call.stream_sid)
     if flag:
         assert (code, summary["ended"], summary["media"]) == (1011, "error", "10")
-        assert (f"stream={call.stream_sid} handler error: RuntimeError: a media handler waited on gevent in the "
-                "event loop: its stream class must set media_in_event_loop = False") in server.log()
+        assert (f"stream={call.stream_sid} handler error: RuntimeError: Waiting waited on gevent in the event loop "
+                "(a sleep, lock, full queue, network I/O, a network log handler): set media_in_event_loop = False on "
+                "it; its next calls are read by their greenlets (traceback") in server.log()
     else:
         assert (code, summary["ended"], summary["media"]) == (1000, "stop", "20")
+    assert server.stream(later.session(media=20, stop=True)) == 1000, "a later call of the class waits in its greenlet"
+    assert server.summary(later.stream_sid)["media"] == "20"
     assert "Traceback" not in server.log()
 
 
@@ -136,11 +141,32 @@ def test_a_subclass_with_media_code_of_its_own_is_handled_in_its_greenlet_unless
         def on_media(self, data):
             super().on_media(data)
 
+    class Remapped(app.MediaStream):  # the event table names a method of its own for media
+        EVENTS = {**app.MediaStream.EVENTS, "media": "on_media_message"}
+
+        def on_media_message(self, data):
+            pass
+
+    class AudioMixin:
+        def on_audio(self, track, timestamp, pcm):
+            pass
+
+    class Mixed(AudioMixin, app.MediaStream):
+        wants_pcm = True
+
+    class Logged(app.MediaStream):  # handle() of its own, perhaps written before `only` existed
+        def handle(self, message):
+            return super().handle(message)
+
+    class Echoing(app.EchoStream):
+        pass
+
     assert app.MediaStream.media_in_event_loop and Meter.media_in_event_loop
     assert not Hearing.media_in_event_loop
     assert Quick.media_in_event_loop and QuickChild.media_in_event_loop
     assert not ChildWithItsOwn.media_in_event_loop
-    assert app.EchoStream.media_in_event_loop and app.GreetStream.media_in_event_loop
+    assert not Remapped.media_in_event_loop and not Mixed.media_in_event_loop and not Logged.media_in_event_loop
+    assert app.EchoStream.media_in_event_loop and app.GreetStream.media_in_event_loop and Echoing.media_in_event_loop
 
 
 def test_pcm_reaches_on_audio_in_the_event_loop_exactly(start_server, tmp_path):
@@ -250,3 +276,56 @@ def test_calls_over_gunicorns_own_tls_are_read_whole_by_their_greenlets(start_se
     summary = server.summary(stream_sid)
     assert (summary["media"], summary["ended"], summary["bad"]) == ("200", "stop", "0")
     assert "Traceback" not in server.log()
+
+
+NO_CYCLES = """
+import base64, gc, os, sys
+import gevent, gevent.socket
+from gevent import pywsgi
+import app
+from tests.twilio_sim import Call, frame
+
+class Crashing(app.MediaStream):
+    media_in_event_loop = True
+
+    def on_media(self, data):
+        super().on_media(data)
+        if self.tracks["inbound"].messages == 2 and self.call_sid.endswith("crash"):
+            raise ValueError("a bug in the event loop")
+
+app.configure(["--quiet-levels", "--log-level", "ERROR"], stream_class=Crashing)
+server = pywsgi.WSGIServer(("127.0.0.1", 0), app.app, handler_class=app.MediaStreamHandler, log=None)
+server.start()
+gc.collect()
+gc.disable()
+gc.set_debug(gc.DEBUG_SAVEALL)
+for n in range(4):
+    call = Call()
+    call.call_sid += "crash" if n % 2 else ""
+    client = gevent.socket.create_connection(("127.0.0.1", server.server_port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    client.sendall(("GET /media HTTP/1.1\\r\\nHost: x\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\n"
+                    f"Sec-WebSocket-Key: {key}\\r\\nSec-WebSocket-Version: 13\\r\\n\\r\\n").encode())
+    while b"\\r\\n\\r\\n" not in client.recv(4096):
+        pass
+    client.sendall(b"".join(frame(0x1, m.encode()) for m in call.session()))
+    gevent.sleep(0.1)  # its greenlet waits: the media that follows is handled by the event loop
+    client.sendall(b"".join(frame(0x1, call.media("inbound", b"\\xff" * 160, 20 * n).encode()) for n in (1, 2, 3)))
+    gevent.sleep(0.2)
+    client.close()  # no stop, no close frame: the call ends when the server reads the end
+    gevent.sleep(0.2)
+gc.collect()
+kept = sorted({type(o).__name__ for o in gc.garbage
+               if isinstance(o, (app.MediaStream, app.MediaWebSocket, app.Track, BaseException))})
+print("kept:", kept)
+"""
+
+
+def test_calls_that_hang_up_or_fail_in_the_event_loop_leave_no_reference_cycles(tmp_path):
+    """A call's objects must go when it ends, not at the oldest collection: no cycle through
+    the connection (fill, handle_as_it_lands) or an exception raised from the event loop."""
+    script = tmp_path / "no_cycles.py"
+    script.write_text(NO_CYCLES)
+    done = subprocess.run([sys.executable, str(script)], env=clean_environment({"PYTHONPATH": str(ROOT)}),
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "kept: []", done.stdout + done.stderr[-3000:]
