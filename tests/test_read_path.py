@@ -41,6 +41,7 @@ class Watched(app.MediaStream):
 
     def on_custom(self, data):
         self.note("custom")
+        app.log.info("%s custom", self.label)  # then its greenlet waits for bytes, with no switch between
 
     def on_stop(self, data):
         super().on_stop(data)
@@ -70,7 +71,7 @@ def test_every_message_is_handled_in_the_order_sent_in_the_event_loop_or_the_gre
         data += frame(0x1, json.dumps({"event": "custom", "streamSid": call.stream_sid}).encode())
         sent.append("custom@greenlet")
         client.send_raw(data)
-        time.sleep(0.05)
+        server.wait_for(rf"stream={call.stream_sid} custom", count=burst + 1)  # not read along with the next
     client.send_all([call.media("inbound", SILENCE, 20 * (call.chunks + 1)), call.stop()])
     sent.append(f"media{call.chunks}@{media_at}")
     assert client.wait_closed() == 1000
@@ -102,7 +103,11 @@ def test_a_media_handler_that_waits_ends_only_one_call_if_it_claimed_it_never_do
     call, other, later = Call(), Call(), Call()
     other_client = server.connect()
     other_client.send_all(other.session(media=5))
-    code = server.stream(call.session(media=20, stop=True))
+    client = server.connect()
+    client.send_all(call.session())
+    server.wait_for(rf"stream={call.stream_sid} start")  # its greenlet waits: what follows is media only
+    client.send_all([*(call.media("inbound", SILENCE, 20 * (n + 1)) for n in range(20)), call.stop()])
+    code = client.wait_closed()
     other_client.send_all([*(other.media("inbound", SILENCE, 20 * (6 + n)) for n in range(4)), other.stop()])
     assert other_client.wait_closed() == 1000
     assert server.summary(other.stream_sid)["media"] == "9", "the other call goes on"
