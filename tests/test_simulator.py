@@ -76,10 +76,13 @@ class TLSRelay:
             writer.close()
 
     def stop(self):
-        self.server.close()
-        self.run(self.server.wait_closed())
+        self.run(self.close())  # in the loop's own thread: asyncio's objects are not thread-safe
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+
+    async def close(self):
+        self.server.close()
+        await self.server.wait_closed()
 
 
 @pytest.fixture
