@@ -247,12 +247,12 @@ def trickle(to_port: int) -> int:
     apart, so TLS records reach the server in pieces: the port it listens on."""
     listener = socket.create_server(("127.0.0.1", 0))
 
-    def pass_on(source, sink, piece):
+    def pass_on(source, sink, piece=65536, pause=0.0):
         try:
             while data := source.recv(65536):
                 for start in range(0, len(data), piece):
                     sink.sendall(data[start:start + piece])
-                    time.sleep(0.001 if piece < 65536 else 0)
+                    time.sleep(pause)
         except OSError:
             pass
         finally:
@@ -261,8 +261,8 @@ def trickle(to_port: int) -> int:
     def serve():
         client, _ = listener.accept()
         upstream = socket.create_connection(("127.0.0.1", to_port))
-        threading.Thread(target=pass_on, args=(client, upstream, 50), daemon=True).start()
-        pass_on(upstream, client, 65536)
+        threading.Thread(target=pass_on, args=(client, upstream, 50, 0.001), daemon=True).start()
+        pass_on(upstream, client)  # the server's answers as they come
 
     threading.Thread(target=serve, daemon=True).start()
     return listener.getsockname()[1]
