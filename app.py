@@ -1930,6 +1930,7 @@ class MediaWebSocket(WebSocket):
                 self.flushed()
                 if parser.error:  # failed: our EOF tells the client we will read nothing more
                     self.handler.socket.shutdown(socket.SHUT_WR)
+                parser.next_message()  # the client's close frame may have come with its last message, as Twilio's does
                 while parser.state is CLOSING or parser.error:
                     data = self.fill(RECV_BYTES)
                     if not data:
