@@ -464,6 +464,8 @@ def media(ws):
                 break
             if stream.handle(message) == "stop":
                 break
+    except Stalled as stalled:  # the client reads nothing of what we send
+        stream.end("stalled", str(stalled))
     except IdleTimeout as idle:
         stream.end("idle", str(idle))
     except gevent.GreenletExit:
@@ -921,7 +923,7 @@ class MediaStream:
             log.info("%s unknown event '%s': ignored", self.label, printable(event, 40))
 
     def end(self, how: str, why: str | None = None) -> None:
-        """How the stream ended, for the summary: stop, disconnect, idle, shutdown or error."""
+        """How the stream ended, for the summary: stop, disconnect, idle, stalled, shutdown or error."""
         self.ended = how
         if why:
             self.warn(why)
@@ -1646,6 +1648,17 @@ RECV_BYTES = 4096   # ten Twilio messages; 64 KiB reads fragmented the heap: RSS
 CLOSE_TIMEOUT = 2   # seconds we wait for the client's side of the closing handshake
 SEND_BATCH = 16384   # bytes of frames the writer hands the socket at a time
 STALL_SECONDS = 10   # a client that takes none of what we send for this long is dropped
+OUTBOX_LIMIT = 1 << 20  # bytes waiting to be sent to a client beyond which we stop reading from it
+
+
+def queued_bytes(item: "bytes | Playback") -> int:
+    """What an item of the outbox counts toward OUTBOX_LIMIT: a frame its length; audio to play
+    at most the SEND_BATCH framed from it at a time, since its mu-law is the stream's own (a
+    greeting is one copy for every call) while the frames, echoes and pongs that a client can
+    make us queue, one per message it sends, are what must not grow."""
+    if isinstance(item, bytes):
+        return len(item)
+    return min(max(0, len(item.ulaw) - item.offset), SEND_BATCH)
 
 
 class MediaWebSocket(WebSocket):
@@ -1661,14 +1674,18 @@ class MediaWebSocket(WebSocket):
     the rest is left to one writer greenlet, and whatever is sent after waits behind it, so
     frames from several greenlets never interleave. A stream that talks back is read as each
     message lands (never batched by --read-interval-ms) and sends without Nagle's delay.
+    What waits in the outbox is counted in `queued` (queued_bytes()); beyond OUTBOX_LIMIT
+    nothing more is read from the client until it has taken half of it: a client that sends
+    and never reads is held back by TCP, not by our memory.
 
     With `handle_as_it_lands` (the stream's handle(), set by media()), the greenlet waiting
     in receive() for bytes is not woken for each message: the event loop reads them and
     handles each media message itself (on_readable), and wakes the greenlet only for the
     rest: other events, the end of the connection, replies to send, an error to raise."""
 
-    __slots__ = ("parser", "error", "last_received", "greenlet", "fill", "held", "outbox", "writer",
-                 "broken", "talks_back", "hub", "readable", "drained", "handle_as_it_lands", "landed", "recv")
+    __slots__ = ("parser", "error", "last_received", "greenlet", "fill", "held", "outbox", "queued", "writer",
+                 "taken", "broken", "talks_back", "hub", "readable", "drained", "handle_as_it_lands", "landed",
+                 "recv")
 
     def __init__(self, environ, stream, handler):
         super().__init__(environ, stream, handler)
@@ -1679,12 +1696,16 @@ class MediaWebSocket(WebSocket):
         self.fill = self.first_fill
         self.held = 0
         self.outbox: deque = deque()  # frames (bytes) and audio still to be framed (Playback), in order
+        self.queued = 0           # bytes in the outbox: its frames, and its audio's mu-law still to be framed
         self.writer: gevent.Greenlet | None = None
+        self.taken = gevent.event.Event()  # set each time the writer hands the socket a batch
         self.broken = False       # a send failed, or the client took nothing for STALL_SECONDS
         self.talks_back = False
         self.hub = gevent.get_hub()
         self.readable = self.hub.loop.io(self.handler.socket.fileno(), 1)  # 1: readable
-        self.drained = True
+        # True: the last read emptied the kernel's buffer (wait for bytes); False: it left more
+        # (the event loop's turn first); None: the loop has just gone round (read at once)
+        self.drained: bool | None = True
         self.handle_as_it_lands = None
         self.landed: str | bytes | Exception | None = None  # what on_readable leaves to receive()
         # The event loop reads only a plain socket: TLS (gunicorn's --certfile) may have to wait
@@ -1694,17 +1715,26 @@ class MediaWebSocket(WebSocket):
 
     def first_fill(self, size: int) -> bytes:
         # What the HTTP parser buffered past the request, to its end; then straight from the socket.
+        if self.drained is False:  # the last read was full: the event loop's turn first, as in read_when_ready
+            self.hub.wait(self.hub.loop.timer(0))
         data = self.handler.rfile.read1(size)
-        if len(data) < size:
+        self.drained = len(data) < size
+        if self.drained:
             self.fill = self.read_when_ready
         return data
 
     def read_when_ready(self, size: int) -> bytes:
         # As libuv reads: a read that did not fill `size` emptied the kernel's buffer, so wait
         # for the next bytes before reading again, rather than a recv() that fails first (a
-        # Twilio message comes every 20 ms: that failed call cost 4 µs a message).
+        # Twilio message comes every 20 ms: that failed call cost 4 µs a message). A read that
+        # filled it left more, but the event loop goes round first, polling every socket: a
+        # client that always has more to send (a flood, or nginx on a unix socket) would
+        # otherwise hold it, and every other call, for as long as it keeps sending. (Not
+        # gevent.sleep(0): its callback can run again before the loop polls.)
         if self.drained:
             self.hub.wait(self.readable)
+        elif self.drained is False:
+            self.hub.wait(self.hub.loop.timer(0))
         data = self.handler.socket.recv(size)
         self.drained = len(data) < size
         return data
@@ -1735,9 +1765,12 @@ class MediaWebSocket(WebSocket):
                     if parser.error:
                         self.error = f"WebSocket error, closed with {parser.close_code}: {parser.error}"
                     return None
+                if self.queued > OUTBOX_LIMIT and self.writer is not None:
+                    self.wait_until_taken()
+                    continue
                 if loop_behind and not parser.buffer and not self.talks_back:
                     gevent.sleep(settings.read_interval_ms / 1000)  # one wake-up for what gathered meanwhile
-                    self.drained = False
+                    self.drained = None
                 elif self.handle_as_it_lands and self.recv and self.drained and self.fill == self.read_when_ready:
                     self.wait_handling_media()
                     continue
@@ -1790,11 +1823,18 @@ class MediaWebSocket(WebSocket):
                 self.landed = exc
             if not (self.landed is not None or parser.outgoing  # a pong, or a close frame: no longer OPEN
                     or len(parser.buffer) > RECV_BYTES or parser.fragments is not None or self.held
-                    or loop_behind and not self.talks_back):
+                    or self.queued > OUTBOX_LIMIT and self.writer is not None or loop_behind and not self.talks_back):
                 return
         else:
             self.drained = False  # receive() reads the end, or the error, itself
         self.greenlet.switch()
+
+    def wait_until_taken(self) -> None:
+        """Back-pressure: read nothing more from a client that leaves more than OUTBOX_LIMIT
+        unread, until it has taken half of it (or is dropped for taking nothing: drain())."""
+        while self.queued > OUTBOX_LIMIT // 2 and self.writer is not None:
+            self.taken.clear()
+            self.taken.wait()
 
     def hold_unfinished(self) -> None:
         """Count what this stream's half-received message holds; when all streams together
@@ -1833,32 +1873,44 @@ class MediaWebSocket(WebSocket):
         """Queue audio, framed only as the socket takes it; False once the connection is closing or gone."""
         return self.queue(playback)
 
-    def queue(self, item) -> bool:
+    def queue(self, item: "bytes | Playback") -> bool:
         if self.closed or self.broken or self.parser.state is not OPEN:  # nothing may follow a close frame
             return False
         self.talk_back()
+        self.take_replies()  # a pong goes before what the rest of its read makes us send (RFC 6455 5.5.2)
         self.outbox.append(item)
+        self.queued += queued_bytes(item)
         if self.writer is None:
             self.write_now()
         return True
 
     def flush(self) -> None:
         """What the parser has to send (pongs, our close frame), behind anything queued."""
-        if self.parser.outgoing:
-            data, self.parser.outgoing = bytes(self.parser.outgoing), bytearray()
-            self.outbox.append(data)
-            if self.writer is None:
-                self.write_now()
+        if self.take_replies() and self.writer is None:
+            self.write_now()
+
+    def take_replies(self) -> bool:
+        """Move what the parser has to send to the outbox; False if it had nothing."""
+        if not self.parser.outgoing:
+            return False
+        data, self.parser.outgoing = bytes(self.parser.outgoing), bytearray()
+        self.outbox.append(data)
+        self.queued += len(data)
+        return True
 
     def next_bytes(self) -> bytes:
         """About SEND_BATCH bytes of what waits in the outbox, the audio framed as it comes."""
         outbox, data = self.outbox, b""
         while outbox and len(data) < SEND_BATCH:
-            if isinstance(outbox[0], bytes):
+            item = outbox[0]
+            if isinstance(item, bytes):
                 data += outbox.popleft()
+                self.queued -= len(item)
             else:
-                data += outbox[0].frames(SEND_BATCH - len(data))
-                if outbox[0].done:
+                counted = queued_bytes(item)
+                data += item.frames(SEND_BATCH - len(data))
+                self.queued -= counted - queued_bytes(item)
+                if item.done:
                     outbox.popleft()
         return data
 
@@ -1875,6 +1927,7 @@ class MediaWebSocket(WebSocket):
                 return self.abandon_sending()
             if sent < len(data):
                 self.outbox.appendleft(data[sent:])
+                self.queued += len(data) - sent
                 self.writer = gevent.spawn(self.drain, sock)
                 return
 
@@ -1886,20 +1939,23 @@ class MediaWebSocket(WebSocket):
                 data = self.next_bytes()
                 with gevent.Timeout(STALL_SECONDS, False):
                     sock.sendall(data)
+                    self.taken.set()
                     continue
                 self.abandon_sending()
                 if not self.closed:
-                    gevent.kill(self.greenlet, IdleTimeout(f"the client took nothing we sent for {STALL_SECONDS} s"))
+                    gevent.kill(self.greenlet, Stalled(f"the client took nothing we sent for {STALL_SECONDS:g} s"))
         except OSError:
             self.abandon_sending()
         finally:
             self.writer = None
+            self.taken.set()
 
     def drop_audio(self) -> int:
         """Audio queued but not yet framed, gone (a clear cut it off, the call ended): how many
         media messages it would have made. Frames already made still go, whole."""
         dropped = sum(item.messages_left() for item in self.outbox if not isinstance(item, bytes))
         self.outbox = deque(item for item in self.outbox if isinstance(item, bytes))
+        self.queued = sum(map(len, self.outbox))  # frames only, now
         return dropped
 
     def abandon_sending(self) -> None:
@@ -1907,6 +1963,7 @@ class MediaWebSocket(WebSocket):
         sendall() ends when the socket closes (it was given the socket: the handler lets go of it)."""
         self.broken = True
         self.outbox.clear()
+        self.queued = 0
 
     def flushed(self) -> None:
         """Wait until the writer has sent everything queued."""
@@ -1954,6 +2011,10 @@ class MediaWebSocket(WebSocket):
 
 class IdleTimeout(Exception):
     """Thrown into a stream's greenlet when its client has sent nothing for --idle-timeout."""
+
+
+class Stalled(IdleTimeout):
+    """Thrown into a stream's greenlet when its client has taken nothing we sent for STALL_SECONDS."""
 
 
 def sweep_idle_websockets() -> None:
