@@ -522,7 +522,7 @@ class Mark:
     name: str
     after_bytes: int                # the audio sent before it: played when Twilio echoes it
     sent_at: float
-    cancelled: bool = False         # a `clear` went out after it: its echo means cut off, not heard
+    clears_before: int              # clears sent before it: if one went out after it, its echo means cut off
 
 
 @dataclass
@@ -530,7 +530,8 @@ class PlayedBack:
     """What a stream sent into the call (<Connect><Stream> only)."""
     messages: int = 0               # media messages framed for the socket, 20 ms each (sent=)
     queued_bytes: int = 0           # audio handed to play(), sent or still to frame: where marks fall
-    marks: deque = field(default_factory=deque)  # sent, not yet echoed, oldest first
+    marks: dict = field(default_factory=dict)  # name: the marks of that name sent, not yet echoed, oldest first
+    marks_waiting: int = 0
     marks_played: int = 0
     marks_cancelled: int = 0
     clears: int = 0
@@ -540,7 +541,7 @@ class PlayedBack:
 
     @property
     def marks_sent(self) -> int:
-        return len(self.marks) + self.marks_played + self.marks_cancelled
+        return self.marks_waiting + self.marks_played + self.marks_cancelled
 
 
 class Playback:
@@ -842,17 +843,21 @@ class MediaStream:
         if not self.check_sequence(data):
             return
         name, played_back = mark["name"], self.played_back
-        sent = next((sent for sent in played_back.marks if sent.name == name), None)
-        if sent is None:
+        waiting = played_back.marks.get(name)  # by name: a client echoing names we never sent costs no scan
+        if waiting is None:
             raise BadMessage("unknown_mark", f"mark name='{printable(name, 100)}' was never sent, or echoed already")
-        played_back.marks.remove(sent)
-        if sent.cancelled:
+        sent = waiting.popleft()
+        if not waiting:
+            del played_back.marks[name]
+        played_back.marks_waiting -= 1
+        cancelled = sent.clears_before < played_back.clears
+        if cancelled:
             played_back.marks_cancelled += 1
         else:
             played_back.marks_played += 1
             # Played up to the mark: what was sent after it is still to come, from now.
             played_back.playing_until = time.monotonic() + (played_back.queued_bytes - sent.after_bytes) / 8000
-        self.on_mark_echo(name, sent.cancelled, (time.monotonic() - sent.sent_at) * 1000)
+        self.on_mark_echo(name, cancelled, (time.monotonic() - sent.sent_at) * 1000)
 
     def on_mark_echo(self, name: str, cancelled: bool, waited_ms: float) -> None:
         """A mark of ours came back: the caller has heard the audio sent before it, or, when
@@ -878,8 +883,11 @@ class MediaStream:
 
     def mark(self, name: str) -> None:
         """Ask Twilio to echo `name` once the audio sent so far has been played: on_mark_echo()."""
+        played_back = self.played_back
         if self.send({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}}):
-            self.played_back.marks.append(Mark(name, self.played_back.queued_bytes, time.monotonic()))
+            sent = Mark(name, played_back.queued_bytes, time.monotonic(), played_back.clears)
+            played_back.marks.setdefault(name, deque()).append(sent)
+            played_back.marks_waiting += 1
 
     def clear(self) -> None:
         """Cut off the audio Twilio has not played yet (barge-in), and ours not yet sent; the
@@ -887,10 +895,8 @@ class MediaStream:
         if self.ws is not None and not self.listen_only:
             self.ws.drop_audio()
         if self.send({"event": "clear", "streamSid": self.stream_sid}):
-            self.played_back.clears += 1
+            self.played_back.clears += 1  # every mark waiting is now cancelled: sent before this clear
             self.played_back.playing_until = 0.0
-            for sent in self.played_back.marks:
-                sent.cancelled = True
 
     @property
     def queued_seconds(self) -> float:
