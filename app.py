@@ -131,18 +131,30 @@ def a_path_or_none(raw: str) -> str | None:
     return a_name(raw) if raw else None
 
 
+def a_model(raw: str) -> str:
+    """A Whisper model name (tiny.en), or a path to a model directory that exists."""
+    if (os.sep in raw or raw.startswith((".", "~"))) and not os.path.isdir(os.path.expanduser(raw)):
+        raise ValueError("a Whisper model name such as tiny.en, or a model directory: there is no such directory")
+    return a_name(raw)
+
+
 def a_port_or_none(raw: str) -> int | None:
     return number_from(int, 1, 65535)(raw) if raw else None
 
 
 def a_url_or_none(raw: str) -> str | None:
+    """The public URL: https:// or wss:// (or none) and a host Twilio could reach by name."""
+    if not raw:
+        return None
+    scheme = raw.partition("://")[0].lower() if "://" in raw else None
     try:
-        host = public_host(raw)
+        hostname = urlsplit(raw if scheme else "//" + raw).hostname or ""
     except ValueError:  # urlsplit's: an unclosed [IPv6 address
-        host = None
-    if raw and not host:
+        hostname = ""
+    if scheme not in (None, "https", "wss", "http", "ws") or not ("." in hostname or ":" in hostname
+                                                                  or hostname == "localhost"):
         raise ValueError("a URL with a host, such as https://abc.ngrok.app")
-    return raw or None
+    return raw
 
 
 TRANSCRIBE_PIP = "pip install faster-whisper==1.2.1 webrtcvad-wheels==2.0.14.post1"
@@ -179,7 +191,7 @@ OPTIONS = (  # flag, environment variable, default, reader (its ValueError says 
     ("--transcribe", "TRANSCRIBE", "0", yes_or_no,
      "print what is said on each track, a line per utterance, recognized on this machine by Whisper "
      f"(needs: {TRANSCRIBE_PIP})"),
-    ("--transcribe-model", "TRANSCRIBE_MODEL", "tiny.en", a_name,
+    ("--transcribe-model", "TRANSCRIBE_MODEL", "tiny.en", a_model,
      "with --transcribe: a Whisper model name (downloaded by faster-whisper on first use) or a CTranslate2 "
      "model directory"),
     ("--transcribe-threads", "TRANSCRIBE_THREADS", "1", number_from(int, 1, 64),
@@ -235,7 +247,8 @@ def read_settings(argv: list[str] | None = None, environ=os.environ) -> argparse
     return settings
 
 
-def configure(argv: list[str] | None = None, environ=os.environ, stream_class=None) -> argparse.Namespace:
+def configure(argv: list[str] | None = None, environ=os.environ, stream_class=None,
+              worker: bool = False) -> argparse.Namespace:
     """Read and check the settings, then make this process serve with them: the one place
     start-up happens, for main() and for each gunicorn worker. Raises SettingsError."""
     global settings, metrics, transcriber
@@ -246,7 +259,7 @@ def configure(argv: list[str] | None = None, environ=os.environ, stream_class=No
     new.stream_class = talking_back_mode(new, new.stream_class)
     check_record_dir(new.record)
     settings = new
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, worker)
     reserve_file_descriptors(settings)
     if settings.metrics_port and metrics is None:
         metrics = Metrics()
@@ -288,10 +301,15 @@ def load_stream_class(name: str | None) -> type:
     if not name:
         return MediaStream
     module_name, _, class_name = name.partition(":")
+    if not module_name or not class_name:
+        raise SettingsError(f"STREAM_CLASS: {name!r} is not module:Class, such as process_audio:Transcribing")
     try:
-        stream_class = getattr(importlib.import_module(module_name), class_name)
+        module = importlib.import_module(module_name)
     except Exception as exc:  # whatever the user's module raises: one line, no traceback
         raise SettingsError(f"STREAM_CLASS: cannot load {name!r}: {type(exc).__name__}: {exc}") from None
+    stream_class = getattr(module, class_name, None)
+    if stream_class is None:  # the module's own name, not __main__'s when it is app.py itself
+        raise SettingsError(f"STREAM_CLASS: cannot load {name!r}: module {module_name!r} has no {class_name!r}")
     return checked_stream_class(stream_class, f"STREAM_CLASS: {name!r}")
 
 
@@ -367,13 +385,14 @@ def check_record_dir(path: str | None) -> None:
                             f"{exc.strerror or exc}. Pick another directory or fix its permissions.") from None
 
 
-def setup_logging(level: str) -> None:
-    """One console handler on our logger, whoever runs us (python app.py or gunicorn)."""
+def setup_logging(level: str, worker: bool = False) -> None:
+    """One console handler on our logger, whoever runs us (python app.py or gunicorn); a
+    gunicorn worker's lines say which worker (its process id) they come from."""
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
-        log.addHandler(handler)
+        log.addHandler(logging.StreamHandler(sys.stderr))
         log.propagate = False
+    tag = "worker=%(process)d " if worker else ""
+    log.handlers[0].setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s {tag}%(message)s"))
     log.setLevel(level)
     startup_log.setLevel(logging.INFO)
 
@@ -1011,6 +1030,20 @@ def field_text(obj: dict, name: str, default: str | None = None) -> str | None:
     return printable(value, 64) if isinstance(value, str) else default
 
 
+def first_sentences(text: str, limit: int) -> str:
+    """A library's message on one line: its lines joined, cut after the last whole sentence
+    within `limit` characters (or at a word)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    text = " ".join(line if n == len(lines) - 1 or line.endswith((".", "!", "?", ":")) else line + "."
+                    for n, line in enumerate(lines))
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return printable(text, limit)
+    cut = text[:limit]
+    end = cut.rfind(". ") + 1 or cut.rfind(" ")
+    return printable(cut[:end if end > 0 else limit].rstrip() + " ...", limit + 4)
+
+
 def printable(value: str, limit: int) -> str:
     """At most `limit` characters, none that could break a log line or forge another."""
     return "".join(c if c.isprintable() else "?" for c in value[:limit])
@@ -1231,10 +1264,10 @@ class Transcriber:
                                        task="transcribe", language="en")
             self.recognize(bytes(8000))  # a broken model fails here, not on the first call
         except Exception as exc:  # whatever faster-whisper, huggingface_hub or CTranslate2 raise
-            hint = "" if os.sep in model_name or os.path.exists(model_name) else \
+            hint = "" if os.path.isdir(os.path.expanduser(model_name)) else \
                 " (a model name is downloaded from huggingface.co on first use; offline, give a model directory)"
             raise SettingsError(f"--transcribe-model (TRANSCRIBE_MODEL): cannot load {model_name!r}{hint}: "
-                                f"{type(exc).__name__}: {printable(str(exc), 200)}") from None
+                                f"{type(exc).__name__}: {first_sentences(str(exc), 300)}") from None
         self.threads = gevent.threadpool.ThreadPool(threads)
         self.waiting: deque[Utterance] = deque()
         self.arrived = gevent.event.Event()
@@ -2093,6 +2126,7 @@ class LogThrottle:
 
 
 BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+TLS_HANDSHAKE = b"\x16"  # the first byte a TLS client sends (a handshake record), where HTTP has a method
 
 
 class MediaStreamHandler(WebSocketHandler):
@@ -2110,6 +2144,11 @@ class MediaStreamHandler(WebSocketHandler):
             pass  # came too late to matter: the connection is over
         finally:
             handshaking.pop(self, None)
+
+    def read_requestline(self):
+        if self.rfile.peek(1)[:1] == TLS_HANDSHAKE:  # no line will come: it waits for our TLS answer
+            return self.rfile.read1(64).decode("latin-1")
+        return super().read_requestline()
 
     def read_request(self, raw_requestline):
         super().read_request(raw_requestline)
@@ -2164,6 +2203,13 @@ class MediaStreamHandler(WebSocketHandler):
             if metrics:
                 metrics.handshakes_refused.labels("none", "handshake_timeout").inc()
             return None
+        if (self.requestline or "").startswith(TLS_HANDSHAKE.decode("latin-1")):
+            if metrics:
+                metrics.handshakes_refused.labels("none", "tls").inc()
+            connection_warnings.warning("bad request remote=%s reason=a TLS handshake (wss:// or https://) on this "
+                                        "plain port: connect with ws://, or put a TLS proxy such as ngrok in front",
+                                        remote)
+            return None  # an HTTP answer means nothing to a TLS client
         if metrics:
             metrics.handshakes_refused.labels("400", "bad_request").inc()
         reason = str(ex) if isinstance(ex, ValueError) else f"malformed request ({type(ex).__name__})"
@@ -2256,18 +2302,18 @@ else:
                 read_greeting(checked.greet)  # and kept, for the workers: a file gone later stops no worker
                 talking_back_mode(checked, None)
                 find_stream_class_module(environ.get("STREAM_CLASS"))
+                setup_logging(checked.log_level)
                 if checked.metrics_port:
                     serve_metrics_of_workers(checked.host, checked.metrics_port)
             except SettingsError as error:
                 print(f"app.py: error: {error}", file=sys.stderr, flush=True)
                 sys.exit(2)
-            setup_logging(checked.log_level)
             log_startup_notes(checked)  # here, not in load_wsgi(): once, not once per worker
 
         def load_wsgi(self):
             # In each worker, after gevent's patching and gunicorn's --env, before serving.
             try:
-                configure([])
+                configure([], worker=True)
             except SettingsError as error:  # STREAM_CLASS: only a worker imports your module
                 print(f"app.py: error: {error}", file=sys.stderr, flush=True)
                 sys.exit(3)  # gunicorn's "worker failed to boot": it stops instead of retrying
@@ -2426,8 +2472,7 @@ def serve_metrics_of_workers(host: str, port: int) -> None:
         start_http_server(port, host, registry)
     except OSError as exc:
         raise cannot_listen("--metrics-port (METRICS_PORT)", host, port, exc) from None
-    print(f"Metrics for Prometheus at http://localhost:{port}/metrics, all workers together", file=sys.stderr,
-          flush=True)
+    startup_log.info("Metrics for Prometheus at http://localhost:%d/metrics, all workers together", port)
 
 
 # --- Module state: what every stream of this process shares -------------------------------
@@ -2467,6 +2512,12 @@ def log_startup_notes(settings: argparse.Namespace) -> None:
     if not settings.auth_token:
         log.warning("TWILIO_AUTH_TOKEN is not set: anyone who knows this URL can stream to it. "
                     "Set it to your Auth Token to accept only handshakes signed by Twilio.")
+    elif settings.public_url:
+        log.info("Accepting only handshakes Twilio signed for wss://%s/media (--public-url)",
+                 public_host(settings.public_url))
+    else:
+        log.info("Accepting only handshakes Twilio signed for wss://<the request's Host>/media (behind a proxy "
+                 "that rewrites Host, give --public-url)")
     if settings.record:
         log.info("Recording every stream to %s", os.path.abspath(settings.record))
 
@@ -2492,8 +2543,11 @@ def main(argv: list[str] | None = None, stream_class: type | None = None) -> Non
         print(f"app.py: error: {error}", file=sys.stderr)
         sys.exit(2)
     port = server.server_port
-    startup_log.info("Listening on http://localhost:%d (all interfaces: %s), WebSocket at ws://localhost:%d/media",
-                     port, settings.host, port)
+    if settings.host in ("0.0.0.0", "::", ""):
+        where, host = f"all interfaces: {settings.host or '0.0.0.0'}", "localhost"
+    else:
+        where, host = "this interface only", f"[{settings.host}]" if ":" in settings.host else settings.host
+    startup_log.info("Listening on http://%s:%d (%s), WebSocket at ws://%s:%d/media", host, port, where, host, port)
     log_startup_notes(settings)
 
     def shutdown(signum: int) -> None:

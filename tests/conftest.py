@@ -18,7 +18,7 @@ from tests.twilio_sim import Call, WSClient
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS_VARIABLES = (*(variable for _, variable, *_ in app.OPTIONS), "TWILIO_AUTH_TOKEN", "STREAM_CLASS",
                       "PROMETHEUS_MULTIPROC_DIR")
-LISTENING = r"Listening on http://localhost:(\d+)"
+LISTENING = r"Listening on http://[^ ]+:(\d+)"
 
 
 def free_port() -> int:

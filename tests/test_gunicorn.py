@@ -8,7 +8,7 @@ import wave
 import pytest
 from twilio.request_validator import RequestValidator
 
-from tests.conftest import GUNICORN_READY, ROOT, clean_environment, gunicorn_command, run_at_once
+from tests.conftest import GUNICORN_READY, ROOT, clean_environment, free_port, gunicorn_command, run_at_once
 from tests.test_audio import readme_example
 from tests.test_deploy import get
 from tests.twilio_sim import CHUNK, Call, HandshakeRefused, WSClient, encode_ulaw, play_connect_call, tone, write_wav
@@ -101,6 +101,8 @@ def test_ctrl_c_in_the_terminal_stops_gunicorn_quietly(start_server, tmp_path):
         assert log.count(f"summary stream={call.stream_sid} ") == 1
         assert server.summary(call.stream_sid, timeout=0)["ended"] == "shutdown"
     assert len(re.findall(r"SIG(INT|QUIT): shutting down", log)) == 2  # one per worker, whichever came first
+    booted = set(re.findall(r"\[INFO\] Booting worker with pid: (\d+)", log))
+    assert set(re.findall(r" worker=(\d+) SIG(?:INT|QUIT): shutting down", log)) == booted, "which worker says it"
     assert "Traceback" not in log and "SystemExit" not in log
     assert log.count("TWILIO_AUTH_TOKEN is not set") == 1  # from the master, not once per worker
 
@@ -216,3 +218,15 @@ def test_a_greeting_file_gone_later_does_not_stop_a_restarted_worker(start_serve
     player, code, call = play_connect_call(server.url, quiet_caller, out=lambda line: None)
     assert [(name, how) for name, how, _ in player.marks] == [("greeting", "played")]
     assert "Worker failed to boot" not in server.log()
+
+
+def test_the_masters_lines_are_stamped_and_each_workers_lines_name_it(start_server):
+    server = start_server(command=gunicorn_command("-w", "2"), ready=GUNICORN_READY,
+                          env={"METRICS_PORT": str(free_port())})
+    line = server.wait_for(r".*Metrics for Prometheus at http://localhost:\d+/metrics, all workers together").group(0)
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO    Metrics", line), line
+    call = Call()
+    assert server.stream(call.session(media=1, stop=True)) == 1000
+    summary = server.wait_for(rf".* summary stream={call.stream_sid} .*").group(0)
+    worker = re.search(r"INFO    worker=(\d+) summary", summary)
+    assert worker and worker.group(1) in re.findall(r"Booting worker with pid: (\d+)", server.log())

@@ -72,6 +72,10 @@ BAD_VALUES = [  # (flag or None, variable, value, what the message says it shoul
     ("--quiet-levels", "QUIET_LEVELS", "maybe", "1, true, yes, on, or 0, false, no, off"),
     ("--public-url", "PUBLIC_URL", "https://", "a URL with a host, such as https://abc.ngrok.app"),
     ("--public-url", "PUBLIC_URL", "http://[::1", "a URL with a host, such as https://abc.ngrok.app"),
+    ("--public-url", "PUBLIC_URL", "ftp://x.com", "a URL with a host, such as https://abc.ngrok.app"),
+    ("--public-url", "PUBLIC_URL", "notaurl", "a URL with a host, such as https://abc.ngrok.app"),
+    ("--transcribe-model", "TRANSCRIBE_MODEL", "./no/such/model",
+     "a Whisper model name such as tiny.en, or a model directory: there is no such directory"),
     ("--host", "HOST", "", "a name"),
 ]
 
@@ -101,8 +105,11 @@ def test_a_value_that_cannot_work_is_refused_naming_the_flag_and_its_variable(fl
     (["--max-message-bytes", "0"], {},
      "--max-message-bytes (MAX_MESSAGE_BYTES): '0' is not a whole number from 1024 to 16777216"),
     ([], {"STREAM_CLASS": "json:JSONDecoder"}, "STREAM_CLASS: 'json:JSONDecoder' is not a subclass of app.MediaStream"),
-    ([], {"STREAM_CLASS": "json:NoSuchClass"},
-     "STREAM_CLASS: cannot load 'json:NoSuchClass': AttributeError: module 'json' has no attribute 'NoSuchClass'"),
+    ([], {"STREAM_CLASS": "json:NoSuchClass"}, "STREAM_CLASS: cannot load 'json:NoSuchClass': module 'json' has no "
+                                               "'NoSuchClass'"),
+    ([], {"STREAM_CLASS": "app:Nope"}, "STREAM_CLASS: cannot load 'app:Nope': module 'app' has no 'Nope'"),
+    ([], {"STREAM_CLASS": "process_audio"},
+     "STREAM_CLASS: 'process_audio' is not module:Class, such as process_audio:Transcribing"),
     ([], {"TWILIO_AUTH_TOKEN": " 0123456789abcdef\n"},
      "TWILIO_AUTH_TOKEN: has spaces or control characters: no signature would match"),
     (["--host", "nonexistent.invalid"], {},
@@ -168,9 +175,29 @@ def test_a_flag_wins_over_a_bad_variable_for_the_same_setting(start_server, tmp_
 def test_where_it_listens_is_printed_at_every_log_level(start_server, level):
     server = start_server("--log-level", level)  # --port 0: the line has the real port
     line = server.wait_for(LISTENING + ".*").group(0)
-    assert line.endswith(f"WebSocket at ws://localhost:{server.port}/media")
+    assert line.endswith(f"Listening on http://127.0.0.1:{server.port} (this interface only), "
+                         f"WebSocket at ws://127.0.0.1:{server.port}/media")
     with socket.create_connection(("127.0.0.1", server.port)):
         pass
+
+
+def test_all_interfaces_are_said_to_be_all_interfaces(start_server):
+    server = start_server("--host", "0.0.0.0")  # the last --host wins over the fixture's 127.0.0.1
+    line = server.wait_for(LISTENING + ".*").group(0)
+    assert line.endswith(f"Listening on http://localhost:{server.port} (all interfaces: 0.0.0.0), "
+                         f"WebSocket at ws://localhost:{server.port}/media")
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--public-url", "https://media.example.com"], "Accepting only handshakes Twilio signed for "
+                                                    "wss://media.example.com/media (--public-url)"),
+    ([], "Accepting only handshakes Twilio signed for wss://<the request's Host>/media (behind a proxy that "
+         "rewrites Host, give --public-url)"),
+])
+def test_with_a_token_the_start_up_says_which_url_signatures_are_checked_against(start_server, args, said):
+    server = start_server(*args, env={"TWILIO_AUTH_TOKEN": "0123456789abcdef0123456789abcdef"})
+    assert server.wait_for(re.escape(said))
+    assert "TWILIO_AUTH_TOKEN is not set" not in server.log()
 
 
 def test_debug_logs_parameter_values(start_server):

@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from tests.conftest import ROOT, make_certificate, simulator
-from tests.twilio_sim import Call, HandshakeRefused, WSClient, tls_context
+from tests.twilio_sim import Call, HandshakeRefused, WSClient, tls_context, tone, write_wav
 
 
 def failed_with(out, line):
@@ -238,6 +238,7 @@ def test_a_call_the_server_closes_with_an_error_code_is_one_line(start_server, p
     assert failed_with(out, r"the server ended the call with close code 1009 \(frame of \d+ bytes over the "
                             r"1024-byte limit\) after \d+ messages")
     assert "closed=1009" in out.stdout, "the summary line still says how the call went"
+    assert re.search(r"media=\d \(0\.\d\d s of 5\.00( per track)?", out.stdout), "what was sent, not what was planned"
 
 
 @PATHS
@@ -257,6 +258,8 @@ def test_a_call_the_server_drops_is_one_line(start_server, path):
     assert failed_with(subprocess.CompletedProcess(sim.args, sim.returncode, stdout, stderr),
                        r"the server dropped the call after \d+ messages")
     assert "closed=without a close frame" in stdout
+    sent = re.search(r"media=(\d+) \((\d+\.\d\d) s of 30\.00[ )]", stdout)  # what was sent, not what was planned
+    assert sent and 0 < float(sent.group(2)) < 30 and sent.group(2) == f"{int(sent.group(1)) * 0.02:.2f}"
 
 
 def test_refused_is_still_an_exception_with_status_reason_and_body(start_server):
@@ -269,3 +272,12 @@ def test_refused_is_still_an_exception_with_status_reason_and_body(start_server)
         holder.close()
     assert (refused.value.status, refused.value.reason) == (503, "Service Unavailable")
     assert refused.value.body == b"503 Service Unavailable: 1 streams open already (--max-streams)\n"
+
+
+@PATHS
+def test_seconds_with_a_wav_file_plays_that_much_of_it(server, tmp_path, path):
+    wav = tmp_path / "three-seconds.wav"
+    write_wav(wav, tone(3.0))
+    out = simulator(server.url, "--wav", str(wav), "--seconds", "0.5", *path)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"media=25 \(0\.50 s( per track)?[,)]", out.stdout), out.stdout

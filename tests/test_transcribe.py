@@ -137,12 +137,24 @@ def test_a_model_that_cannot_load_stops_the_server_at_start(tmp_path):
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "model.bin").write_bytes(b"not a model")
-    for model in (str(tmp_path / "missing"), str(broken)):
-        started = time.monotonic()
-        status, _, err = run_app("--transcribe", "--transcribe-model", model)
-        assert status == 2 and len(err.splitlines()) == 1, err
-        assert err.startswith(f"app.py: error: --transcribe-model (TRANSCRIBE_MODEL): cannot load {model!r}: ")
-        assert time.monotonic() - started < 30
+    started = time.monotonic()
+    status, _, err = run_app("--transcribe", "--transcribe-model", str(broken))
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"app.py: error: --transcribe-model (TRANSCRIBE_MODEL): cannot load {str(broken)!r}: ")
+    assert time.monotonic() - started < 30
+    missing = str(tmp_path / "missing")
+    assert run_app("--transcribe", "--transcribe-model", missing)[::2] == (
+        2, f"app.py: error: --transcribe-model (TRANSCRIBE_MODEL): {missing!r} is not a Whisper model name such as "
+           "tiny.en, or a model directory: there is no such directory\n")
+
+
+def test_a_model_name_offline_is_one_line_of_whole_sentences(tmp_path):
+    hub_refuses = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "no-cache")}  # as offline, at once
+    status, _, err = run_app("--transcribe", "--transcribe-model", "tiny.en", env=hub_refuses)
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("app.py: error: --transcribe-model (TRANSCRIBE_MODEL): cannot load 'tiny.en' (a model name "
+                          "is downloaded from huggingface.co on first use; offline, give a model directory): ")
+    assert "?" not in err and err.rstrip().endswith((".", "..."))
 
 
 def test_without_the_recognizer_installed_the_error_names_the_pip_command():

@@ -257,16 +257,24 @@ class WSClient:
     """RFC 6455 client over a plain socket (ws://) or a TLS one (wss://), enough for tests
     and load. For wss:// the certificate is checked as tls_context() says: `ssl_context`
     if given, else one made from `cafile` and `insecure`. `timeout` bounds connecting, the
-    TLS and WebSocket handshakes and every later read or write."""
+    TLS and WebSocket handshakes and every later read or write. With `unix_socket` (a path)
+    it connects there instead of to the URL's host, as nginx does to gunicorn's `-b unix:`."""
 
-    def __init__(self, url, headers=None, timeout=10.0, ssl_context=None, cafile=None, insecure=False):
+    def __init__(self, url, headers=None, timeout=10.0, ssl_context=None, cafile=None, insecure=False,
+                 unix_socket=None):
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
             raise ValueError(f"{url!r} is not a ws:// or wss:// URL")
         secure = parts.scheme == "wss"
-        sock = socket.create_connection((parts.hostname, parts.port or (443 if secure else 80)), timeout=timeout)
+        if unix_socket:
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(timeout)
+            sock.connect(unix_socket)
+        else:
+            sock = socket.create_connection((parts.hostname, parts.port or (443 if secure else 80)), timeout=timeout)
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not unix_socket:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if secure:  # the server name (SNI) and the name checked: the URL's host
                 sock = (ssl_context or tls_context(cafile, insecure)).wrap_socket(sock, server_hostname=parts.hostname)
         except BaseException:
@@ -693,7 +701,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Play a simulated Twilio call into a Media Streams server.",
                                      epilog="Whatever goes wrong is one line on stderr, and the exit status 1.")
     parser.add_argument("url", nargs="?", default="ws://localhost:5000/media", help="ws:// or wss:// URL")
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of the generated tone")
+    parser.add_argument("--seconds", type=float, help="length of the call: of the generated tone (default 5), or "
+                                                       "the first SECONDS of --wav (default: all of it)")
     parser.add_argument("--wav", help="8 kHz mono 16-bit WAV file to play instead of a tone")
     parser.add_argument("--tracks", choices=["inbound", "outbound", "both"], default="inbound")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
@@ -733,7 +742,10 @@ def main(argv=None):
         except (OSError, ssl.SSLError) as exc:
             parser.error(f"--cafile {args.cafile}: {exc.strerror or exc}")
 
-    samples = read_wav(args.wav) if args.wav else tone(args.seconds)
+    if args.seconds is not None and args.seconds <= 0:
+        parser.error("--seconds must be more than 0")
+    samples = read_wav(args.wav)[:int(args.seconds * 8000) if args.seconds else None] if args.wav \
+        else tone(args.seconds or 5.0)
     headers = dict(h.split(":", 1) for h in args.header)
     headers = {k.strip(): v.strip() for k, v in headers.items()}
     try:
@@ -746,6 +758,13 @@ def main(argv=None):
         return 130
 
 
+def seconds_sent(messages, tracks, samples):
+    """'2.00 s', or '2.00 s of 5.00' for a call that ended before all of its audio was sent."""
+    planned = len(samples) / 8000
+    sent = min(planned, messages // tracks * CHUNK / 8000)
+    return f"{planned:.2f} s" if messages >= tracks * -(-len(samples) // CHUNK) else f"{sent:.2f} s of {planned:.2f}"
+
+
 def play(args, samples, headers, tls):
     """The call the command line asks for: 0 if all went as it should, 1 if the server sent
     what Twilio would refuse; CallFailed if the call could not be made or did not end well."""
@@ -756,7 +775,8 @@ def play(args, samples, headers, tls):
                                                params=params, timeout=args.timeout, client=client)
         if args.heard:
             write_wav(args.heard, decode_ulaw(player.heard))
-        print(f"sent stream={call.stream_sid} media={len(samples) // CHUNK} ({len(samples) / 8000:.2f} s) "
+        sent = len(player.sent_at)
+        print(f"sent stream={call.stream_sid} media={sent} ({seconds_sent(sent, 1, samples)}) "
               f"received media={player.media} ({player.media_bytes / 8000:.2f} s) marks={len(player.marks)} "
               f"clears={player.clears} refused={len(player.violations)} heard={len(player.heard) / 8000:.2f}s "
               f"closed={code or 'without a close frame'}")
@@ -769,7 +789,7 @@ def play(args, samples, headers, tls):
     audio = {track: ulaw if i == 0 else encode_ulaw([s // 4 for s in samples]) for i, track in enumerate(tracks)}
     call = Call(tracks=tracks, params=params)
     sent, code, ending = play_call(client, call, audio, args.timeout)
-    print(f"sent stream={call.stream_sid} media={sent} ({len(ulaw) / 8000:.2f} s per track, "
+    print(f"sent stream={call.stream_sid} media={sent} ({seconds_sent(sent, len(tracks), samples)} per track, "
           f"tracks={','.join(tracks)}) closed={code or 'without a close frame'}")
     if ending:
         raise CallFailed(ending)
