@@ -377,7 +377,7 @@ def check_record_dir(path: str | None) -> None:
     if not path:
         return
     try:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(path, mode=0o700, exist_ok=True)  # recordings are calls: for the server's user only
         with tempfile.TemporaryFile(dir=path) as probe:
             probe.write(b"probe")
     except OSError as exc:
@@ -533,7 +533,7 @@ class Track:
     recording: "WavTrack | None" = None
     transcript: "TrackTranscript | None" = None
     recording_stopped: bool = False  # by a write error or --max-recording-seconds: the file stays
-    ahead_of_time: int = 0           # chunks not recorded: their place is past the call's age
+    recording_skipped: int = 0       # chunks not recorded: the silence before them would outrun the call's age
 
 
 @dataclass
@@ -823,18 +823,22 @@ class MediaStream:
         try:
             if track.recording is None:
                 track.recording = WavTrack.create(settings.record, f"{safe_name(self.stream_sid)}_{track.name}")
-            end = max(at_sample, track.recording.samples) + len(pcm) // 2
-            if end > settings.max_recording_seconds * 8000:
-                raise OSError(f"--max-recording-seconds {settings.max_recording_seconds:g} reached")
-            # No client makes us write more than a call of this age could carry, audio or the
-            # silence that fills a jump in the timestamps: Twilio sends in real time.
-            if end > ((time.monotonic() - self.started_at) * 1000 + MAX_SILENCE_LEAD_MS) * 8:
-                if not track.ahead_of_time:
-                    self.warn(f"recording skips audio track={track.name}: it runs ahead of the call's age "
-                              "(sent faster than real time)")
-                track.ahead_of_time += 1
+            recording = track.recording
+            # Audio is written as it comes, however fast (the client pays for each byte of it);
+            # the silence that fills a jump in the timestamps is free to ask for, so no more of
+            # it is written than the call is old: a chunk that would need more is skipped.
+            silence = recording.silence_before(at_sample)
+            if recording.silent_samples + silence > ((time.monotonic() - self.started_at) * 1000
+                                                     + MAX_SILENCE_LEAD_MS) * 8:
+                if not track.recording_skipped:
+                    self.warn(f"recording skips a chunk track={track.name}: its timestamp={timestamp} would need "
+                              f"{silence / 8000:.1f} s of silence, more than the call is old (counted: "
+                              "recording_skipped=)")
+                track.recording_skipped += 1
                 return
-            track.recording.write(pcm, at_sample)
+            if recording.samples + silence + len(pcm) // 2 > settings.max_recording_seconds * 8000:
+                raise OSError(f"--max-recording-seconds {settings.max_recording_seconds:g} reached")
+            recording.write(pcm, at_sample)
         except OSError as exc:  # disk full, file size limit, our own cap: the stream goes on unrecorded
             self.warn(f"recording stopped track={track.name}: {exc}")
             self.stop_recording(track)
@@ -989,6 +993,9 @@ class MediaStream:
         recordings = [t.recording for t in tracks if t.recording]
         if recordings:
             parts.append("recordings=" + ",".join(f"{r.path}:{r.seconds:.2f}s" for r in recordings))
+        skipped = sum(t.recording_skipped for t in tracks)
+        if skipped:
+            parts.append(f"recording_skipped={skipped}")
         return " ".join(parts)
 
 
@@ -1066,7 +1073,7 @@ ULAW_TO_LINEAR = [ulaw_to_linear(byte) for byte in range(256)]
 ULAW_SQUARES = [sample * sample for sample in ULAW_TO_LINEAR]
 _PCM_LOW = bytes(sample & 0xFF for sample in ULAW_TO_LINEAR)
 _PCM_HIGH = bytes((sample >> 8) & 0xFF for sample in ULAW_TO_LINEAR)
-MAX_SILENCE_LEAD_MS = 2_000    # how far a track's timestamps may run ahead of the stream's age
+MAX_SILENCE_LEAD_MS = 2_000    # silence a recording may hold beyond the stream's age
 
 
 def ulaw_to_pcm16(ulaw: bytes) -> bytes:
@@ -1120,6 +1127,11 @@ def level_meter(mean_square: float, width: int = 20) -> str:
     return f"rms={level:6.1f}dBFS |{'#' * filled}{' ' * (width - filled)}|"
 
 
+def private(path: str, flags: int) -> int:
+    """open()'s opener for recordings and transcripts: readable and writable by this user only."""
+    return os.open(path, flags, 0o600)
+
+
 class WavTrack:
     """One track's recording, written as audio arrives, silence where audio went missing."""
 
@@ -1128,6 +1140,7 @@ class WavTrack:
     def __init__(self, path: str, file):
         self.path = path
         self.samples = 0
+        self.silent_samples = 0     # of them, silence written where the timestamps jumped
         self.closed = False
         self.wav = wave.open(file, "wb")
         self.wav.setnchannels(1)
@@ -1140,16 +1153,22 @@ class WavTrack:
         for n in range(1, 1000):
             path = os.path.join(directory, f"{name}.wav" if n == 1 else f"{name}-{n}.wav")
             try:
-                return cls(path, open(path, "xb"))
+                return cls(path, open(path, "xb", opener=private))
             except FileExistsError:
                 continue
         raise FileExistsError(f"too many recordings named {name}")
 
-    def write(self, pcm: bytes, at_sample: int) -> None:
+    def silence_before(self, at_sample: int) -> int:
+        """The samples of silence write() puts before audio at `at_sample`."""
         missing = at_sample - self.samples
-        if missing > self.SILENCE_SLACK:
+        return missing if missing > self.SILENCE_SLACK else 0
+
+    def write(self, pcm: bytes, at_sample: int) -> None:
+        missing = self.silence_before(at_sample)
+        if missing:
             self.wav.writeframesraw(bytes(2 * missing))
             self.samples += missing
+            self.silent_samples += missing
         self.wav.writeframesraw(pcm)
         self.samples += len(pcm) // 2
         if time.monotonic() - self.flushed_at >= 1.0:  # header sizes right within a second
@@ -1416,7 +1435,7 @@ class TrackTranscript:
                 recording = self.stream.tracks[self.track].recording
                 name = recording.path[:-4] if recording else os.path.join(
                     settings.record, f"{safe_name(self.stream.stream_sid)}_{self.track}")
-                self.file = open(name + ".txt", "a", encoding="utf-8")
+                self.file = open(name + ".txt", "a", encoding="utf-8", opener=private)
             self.file.write(line)
             self.file.flush()  # complete on disk whenever and however the call ends
         except OSError as exc:

@@ -120,3 +120,15 @@ def test_max_streams_refuses_with_503_before_the_upgrade(start_server):
     third.close()
     second.close()
     server.wait_for("summary", count=3)
+
+
+def test_recordings_are_readable_by_the_servers_user_only(start_server, tmp_path):
+    """A call is private: the directory --record creates, and each file in it, are the
+    server's user's alone, whatever the umask (shared on purpose with chmod, README)."""
+    server = start_server("--record", str(tmp_path / "new" / "recordings"))
+    call = Call(tracks=("inbound", "outbound"))
+    assert server.stream([*call.session(media=3), call.media("outbound", b"\xff" * 160, 20), call.stop()]) == 1000
+    folder = tmp_path / "new" / "recordings"
+    assert folder.stat().st_mode & 0o777 == 0o700
+    recordings = sorted(folder.glob(f"{call.stream_sid}_*.wav"))
+    assert len(recordings) == 2 and all(path.stat().st_mode & 0o777 == 0o600 for path in recordings)

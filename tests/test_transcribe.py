@@ -65,6 +65,7 @@ def test_speech_becomes_transcript_lines_per_track_and_a_file_beside_the_recordi
     written = (tmp_path / "rec" / f"{call.stream_sid}_inbound.txt").read_text().splitlines()
     assert written == [f"{at}s {text}" for _, at, text in lines]
     assert not (tmp_path / "rec" / f"{call.stream_sid}_outbound.txt").exists()
+    assert (tmp_path / "rec" / f"{call.stream_sid}_inbound.txt").stat().st_mode & 0o777 == 0o600, "private"
 
 
 def test_silence_and_a_quiet_line_give_no_transcript(transcribing):
