@@ -280,6 +280,16 @@ def test_a_tls_client_on_the_plain_port_is_told_what_to_do_in_one_line(server):
     assert "\\x16" not in server.log() and "Invalid HTTP method" not in server.log()
 
 
+def test_a_tls_hello_without_a_newline_is_told_at_once_not_at_the_handshake_timeout(start_server):
+    """A ClientHello holds no HTTP line end unless its random bytes do: read as a request line,
+    it would wait for one until --handshake-timeout, while the client waits for our answer."""
+    server = start_server("--handshake-timeout", "60")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"\x16\x03\x01\x00\xc8\x01\x00\x00\xc4\x03\x03" + bytes(range(11, 200)))  # no 0x0a
+        assert closed_by_server(sock, timeout=5)
+    assert server.wait_for(r"reason=a TLS handshake \(wss:// or https://\) on this plain port", timeout=5)
+
+
 def test_a_recording_stops_at_max_recording_seconds(start_server, tmp_path):
     server = start_server("--record", str(tmp_path), "--quiet-levels", "--max-recording-seconds", "1")
     call = Call()
