@@ -7,15 +7,19 @@
 Run by hand (pytest does not collect it; tests/test_fairness.py checks the same cases with
 generous bounds). Each case starts its own `python app.py` on a free port and prints one
 line of figures:
-  close        30 calls that end as Twilio ends them, `stop` and the close frame in one TCP
-               segment: how long until the server drops TCP (p50/max)
+  close        --calls calls (300) that end at once as Twilio ends them, `stop` and the close
+               frame in one TCP segment: how long until the server drops TCP (p50/p99/max),
+               also for the peers of --vs (node)
   <kind>-flood one client floods pings, marks, unknown events, invalid JSON or media and
                never reads, for --seconds; meanwhile a new call connects and a short call
                runs, again and again: the slowest handshake and the slowest short call, the
                server's RSS at its peak and after the flood
+  unix-flood   a mark flood through a unix socket (gunicorn -b unix:, as behind nginx), with
+               the same probes
   echo-flood   the same with --echo and media: RSS, how much the server took, how it ended
-  marks        --echo, a client that reads but never echoes marks, 200 s of audio (200 marks
-               outstanding), then 20,000 mark echoes of unknown names: the time they take
+  marks        --echo, a client that reads but never echoes marks, --marks seconds of audio
+               (10,000 marks outstanding), then 20,000 mark echoes of unknown names: the time
+               they take
   jump         a real-time call of 4 s with --record, one chunk's timestamp 10^9 ms ahead:
                how long the recording is, and what the server said
   pong-order   --echo, a media message in two fragments with a ping between them: what the
@@ -24,8 +28,11 @@ line of figures:
 import argparse
 import functools
 import multiprocessing
+import os
 import re
+import selectors
 import shutil
+import signal
 import socket
 import statistics
 import struct
@@ -36,8 +43,8 @@ import threading
 import time
 from pathlib import Path
 
-from tests.bench_load import MEDIA, ZERO_MASK, rss_mib, text_frame
-from tests.conftest import LISTENING, ROOT, clean_environment
+from tests.bench_load import MEDIA, PEERS_DIR, ZERO_MASK, peer_command, rss_mib, text_frame
+from tests.conftest import LISTENING, ROOT, clean_environment, free_port
 from tests.twilio_sim import CHUNK, Call, WSClient, frame
 
 SILENCE = b"\xff" * CHUNK
@@ -87,20 +94,55 @@ def closed_after(sock, timeout=10.0):
     return time.monotonic() - started
 
 
+def close_waits(url, calls):
+    """`calls` calls opened at once, then all ended as Twilio ends them, `stop` and the close
+    frame in one segment: the milliseconds from that segment to the server dropping TCP."""
+    clients = [WSClient(url) for _ in range(calls)]
+    for client in clients:
+        call = Call()
+        client.send_all(call.session(media=5))
+        client.ending = frame(0x1, call.stop().encode()) + frame(0x8, struct.pack("!H", 1000))
+    time.sleep(0.5)
+    selector, waits, sent_at = selectors.DefaultSelector(), [], {}
+    for client in clients:
+        client.sock.setblocking(False)
+        selector.register(client.sock, selectors.EVENT_READ, client)
+        sent_at[client] = time.monotonic()
+        client.sock.send(client.ending)
+    deadline = time.monotonic() + 30
+    while len(waits) < calls and time.monotonic() < deadline:
+        for key, _ in selector.select(1):
+            try:
+                data = key.fileobj.recv(65536)
+            except ConnectionError:
+                data = b""
+            if not data:
+                waits.append(1000 * (time.monotonic() - sent_at[key.data]))
+                selector.unregister(key.fileobj)
+                key.fileobj.close()
+    return sorted(waits)
+
+
 def case_close(app, folder, args):
-    server = Server(app, "--quiet-levels", folder=folder)
-    waits = []
-    try:
-        for _ in range(30):
-            client, call = WSClient(server.url), Call()
-            client.send_all(call.session(media=5))
-            client.send_raw(frame(0x1, call.stop().encode()) + frame(0x8, struct.pack("!H", 1000)))
-            waits.append(closed_after(client.sock))
-            client.sock.close()
-    finally:
-        server.stop()
-    return f"stop+close in one segment: server dropped TCP after p50 {1000 * statistics.median(waits):.0f} ms, " \
-           f"max {1000 * max(waits):.0f} ms"
+    lines = []
+    for name in ["ours", *args.vs]:
+        if name == "ours":
+            server = Server(app, "--quiet-levels", folder=folder)
+            url, stop = server.url, server.stop
+        else:
+            port = free_port()
+            process = subprocess.Popen(peer_command(name, port), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                       env={**os.environ, "NODE_PATH": str(PEERS_DIR / "node" / "node_modules")})
+            time.sleep(1.0)
+            url, stop = f"ws://127.0.0.1:{port}/media", process.terminate
+        try:
+            waits = close_waits(url, args.calls)
+        finally:
+            stop()
+        lines.append(f"{name}: {args.calls} calls ending at once, stop and close frame in one segment: TCP dropped "
+                     f"after p50 {statistics.median(waits):.1f} ms, p99 {waits[int(0.99 * (len(waits) - 1))]:.1f} ms, "
+                     f"max {waits[-1]:.1f} ms")
+    return "; ".join(lines)
 
 
 class Flood:
@@ -206,6 +248,56 @@ def run_flood(app, folder, args, kind, flags=()):
             f"loop late at most {max(late, default=0)} ms; {sent >> 20} MiB sent; flooder: {flood_ended}")
 
 
+def send_for_ever(sock, block):
+    try:
+        while True:
+            sock.sendall(block)
+    except OSError:
+        pass
+
+
+def case_unix_flood(app, folder, args):
+    """A mark flood through a unix socket (gunicorn -b unix:, as behind nginx), never reading:
+    there the socket never runs dry, so a server that reads while there is more never stops."""
+    path = str(Path(folder) / "media.sock")
+    log_path = Path(folder) / "gunicorn.log"
+    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-k", "app.GunicornWorker", "-b", f"unix:{path}",
+                                "-w", "1", "--no-control-socket", "app:app"], cwd=Path(app).parent,
+                               env=clean_environment({"QUIET_LEVELS": "1"}), stdout=open(log_path, "w"),
+                               stderr=subprocess.STDOUT)
+    handshakes, calls, flooder = [], [], None
+    try:
+        while "Booting worker" not in log_path.read_text():
+            time.sleep(0.05)
+        time.sleep(0.5)
+        flooder, flooded = WSClient("ws://localhost/media", unix_socket=path), Call()
+        flooder.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        flooder.send_all(flooded.session(media=1))
+        block = Flood("mark", flooded.stream_sid).next_bytes(1 << 20)
+        flooder.sock.settimeout(None)
+        threading.Thread(target=lambda: send_for_ever(flooder.sock, block), daemon=True).start()
+        deadline = time.monotonic() + args.seconds
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            try:
+                client, call = WSClient("ws://localhost/media", unix_socket=path, timeout=args.seconds), Call()
+                handshakes.append(time.monotonic() - started)
+                client.send_all(call.session(media=5, stop=True))
+                client.wait_closed(args.seconds)
+                calls.append(time.monotonic() - started)
+            except OSError:
+                handshakes.append(float("inf"))
+            time.sleep(0.2)
+    finally:
+        if flooder:
+            flooder.sock.shutdown(socket.SHUT_RDWR)
+        process.send_signal(signal.SIGINT)  # gunicorn's quick stop
+        process.wait(15)
+    return (f"mark flood on a unix socket for {args.seconds:g} s: slowest handshake "
+            f"{1000 * max(handshakes, default=0):.0f} ms, slowest short call {1000 * max(calls, default=float('inf')):.0f} "
+            f"ms ({len(calls)} calls completed, {handshakes.count(float('inf'))} timed out)")
+
+
 def case_echo_flood(app, folder, args):
     return run_flood(app, folder, args, kind="media", flags=("--echo",))
 
@@ -215,12 +307,13 @@ def case_marks(app, folder, args):
     try:
         client, call = WSClient(server.url), Call()
         client.send_all(call.session())
-        reader = threading.Thread(target=lambda: closed_after(client.sock, 120), daemon=True)
+        reader = threading.Thread(target=lambda: closed_after(client.sock, 600), daemon=True)
         reader.start()  # reads and drops all that is echoed: never echoes a mark
-        audio = b"".join(frame(0x1, call.media("inbound", SILENCE, 20 * (n + 1)).encode()) for n in range(10_000))
-        client.send_raw(audio)
+        for first in range(0, 50 * args.marks, 10_000):  # a mark every 50 chunks: --marks outstanding
+            client.send_raw(b"".join(text_frame(call.media("inbound", SILENCE, 20 * (n + 1)))
+                                     for n in range(first, first + 10_000)))
         client.send_raw(frame(0x1, call.dtmf("1").encode()))
-        server.wait_for(rf"stream={call.stream_sid} dtmf digit=1", 60)
+        server.wait_for(rf"stream={call.stream_sid} dtmf digit=1", 600)
         marks = b"".join(frame(0x1, call.mark(f"unknown-{n}").encode()) for n in range(20_000))
         started = time.monotonic()
         client.send_raw(marks + frame(0x1, call.dtmf("2").encode()))
@@ -275,7 +368,7 @@ def case_pong_order(app, folder, args):
 CASES = {"close": case_close,
          **{f"{kind}-flood": functools.partial(run_flood, kind=kind)
             for kind in ("ping", "mark", "unknown", "invalid-json", "media")},
-         "echo-flood": case_echo_flood, "marks": case_marks, "jump": case_jump, "pong-order": case_pong_order}
+         "unix-flood": case_unix_flood, "echo-flood": case_echo_flood, "marks": case_marks, "jump": case_jump, "pong-order": case_pong_order}
 
 
 def main(argv=None):
@@ -283,6 +376,10 @@ def main(argv=None):
     parser.add_argument("cases", nargs="*", help=f"of {', '.join(CASES)} (default: all)")
     parser.add_argument("--app", default=str(ROOT / "app.py"), help="the app.py to run (default: this one)")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long each flood lasts (default 10)")
+    parser.add_argument("--marks", type=int, default=10_000, help="marks: how many are outstanding (default 10,000)")
+    parser.add_argument("--calls", type=int, default=300, help="close: calls ending at once (default 300)")
+    parser.add_argument("--vs", type=lambda raw: raw.split(",") if raw else [], default=[],
+                        help="close: peers to run the same against, e.g. node (tests/bench_load.py installs them)")
     parser.add_argument("--keep", action="store_true", help="keep each case's folder (the server's log) in /tmp")
     args = parser.parse_args(argv)
     for name in args.cases or CASES:
