@@ -19,6 +19,7 @@ Your own processing: subclass MediaStream, then app.main(stream_class=YourStream
 """
 import argparse
 import base64
+import enum
 import binascii
 import errno
 import functools
@@ -580,7 +581,7 @@ class Playback:
             self.offset += CHUNK_BYTES
             payload = binascii.b2a_base64(chunk, newline=False).decode()
             message = {"event": "media", "streamSid": self.stream.stream_sid, "media": {"payload": payload}}
-            frames.append(server_frame(OP_TEXT, json_dumps(message)))
+            frames.append(server_frame(Opcode.TEXT, json_dumps(message)))
             size += len(frames[-1])
             played_back.messages += 1
         return frames[0] if len(frames) == 1 else b"".join(frames)
@@ -1560,9 +1561,25 @@ def public_host(public_url: str | None) -> str | None:
 
 # --- WebSocket frames, without I/O (RFC 6455) ---------------------------------------------
 
-OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-OPEN, CLOSING, CLOSED = "open", "closing", "closed"
+class Opcode(enum.IntEnum):
+    CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+class State(enum.Enum):
+    OPEN = "open"        # messages flow both ways
+    CLOSING = "closing"  # we sent our close frame: waiting for the client's
+    CLOSED = "closed"    # the closing handshake is over, or we failed the connection
+
+
 CLOSE_CODES_A_PEER_MAY_SEND = {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}  # 7.4.1
+
+
+class ProtocolError(Exception):
+    """The client broke RFC 6455: the connection fails with `code` (7.4.1), `reason` said."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code, self.reason = code, reason
 
 
 def server_frame(opcode: int, payload: bytes = b"") -> bytes:
@@ -1575,7 +1592,7 @@ def server_frame(opcode: int, payload: bytes = b"") -> bytes:
     return struct.pack("!BBQ", 0x80 | opcode, 127, length) + payload
 
 
-def unmask(payload: bytes, mask: bytes) -> bytes:
+def unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
     """5.3 unmasking with one big-integer XOR instead of a loop over the bytes."""
     n = len(payload)
     key = (mask * (n // 4 + 1))[:n]
@@ -1588,34 +1605,43 @@ class FrameParser:
     client, next_message() hands back each whole message (text as str, binary as bytes) or
     None until more bytes are needed, and `outgoing` gathers what to send back (pongs, close
     frames). Once `state` is not OPEN the connection is ending: `close_code` is the code sent
-    or received, and `error` the reason when we failed the connection (1002 protocol error,
-    1007 invalid UTF-8, 1009 message over the size limit)."""
+    or received, and `error` the reason when we failed the connection. Every way a client
+    can break the protocol raises ProtocolError with its close code (1002 protocol error,
+    1007 invalid UTF-8, 1009 over the size limit), which next_message() turns into the
+    failure, in one place."""
 
     def __init__(self, max_message_bytes: int):
         self.max_message_bytes = max_message_bytes
         self.buffer = bytearray()
         self.outgoing = bytearray()
         self.fragments: bytearray | None = None  # a fragmented message so far (5.4)
-        self.fragments_opcode = OP_TEXT
-        self.state = OPEN
+        self.fragments_opcode = Opcode.TEXT
+        self.state = State.OPEN
         self.close_code: int | None = None
         self.error: str | None = None
 
     def feed(self, data: bytes) -> None:
-        if self.state is not CLOSED:  # after the close handshake or a failure, data is discarded
+        if self.state is not State.CLOSED:  # after the close handshake or a failure, data is discarded
             self.buffer += data
 
     def next_message(self) -> str | bytes | None:
+        try:
+            return self.parse_message()
+        except ProtocolError as broken:
+            self.fail(broken.code, broken.reason)
+            return None
+
+    def parse_message(self) -> str | bytes | None:
         buffer = self.buffer
         while len(buffer) >= 2:  # once the connection is closed, the buffer stays empty
             first, second = buffer[0], buffer[1]
             fin, opcode, length = first & 0x80, first & 0x0F, second & 0x7F
             if first & 0x70:
-                return self.fail(1002, "reserved bits set without an extension")
+                raise ProtocolError(1002, "reserved bits set without an extension")
             if not second & 0x80:
-                return self.fail(1002, "client frame not masked")
-            if opcode >= OP_CLOSE and (not fin or length > 125):
-                return self.fail(1002, "control frame fragmented or over 125 bytes")
+                raise ProtocolError(1002, "client frame not masked")
+            if opcode >= Opcode.CLOSE and (not fin or length > 125):
+                raise ProtocolError(1002, "control frame fragmented or over 125 bytes")
             start = 6  # 2 bytes of header, 4 of mask
             if length > 125:
                 start = 8 if length == 126 else 14
@@ -1623,46 +1649,46 @@ class FrameParser:
                     return None
                 length = int.from_bytes(buffer[2:start - 4], "big")
             if length > self.max_message_bytes:  # refused from the header, before the payload
-                return self.fail(1009, f"frame of {length} bytes over the {self.max_message_bytes}-byte limit")
+                raise ProtocolError(1009, f"frame of {length} bytes over the {self.max_message_bytes}-byte limit")
             end = start + length
             if len(buffer) < end:
                 return None
             payload = unmask(buffer[start:end], buffer[start - 4:start])
             del buffer[:end]
-            if opcode == OP_TEXT or opcode == OP_BINARY:
+            if opcode == Opcode.TEXT or opcode == Opcode.BINARY:
                 if self.fragments is not None:
-                    return self.fail(1002, f"new message (opcode {opcode}) inside a fragmented one")
+                    raise ProtocolError(1002, f"new message (opcode {opcode}) inside a fragmented one")
                 if not fin:
-                    self.fragments, self.fragments_opcode = bytearray(payload), opcode
+                    self.fragments, self.fragments_opcode = bytearray(payload), Opcode(opcode)
                     continue
-            elif opcode == OP_CONTINUATION:
+            elif opcode == Opcode.CONTINUATION:
                 if self.fragments is None:
-                    return self.fail(1002, "continuation frame without a message")
+                    raise ProtocolError(1002, "continuation frame without a message")
                 self.fragments += payload
                 if len(self.fragments) > self.max_message_bytes:
-                    return self.fail(1009, f"message over the {self.max_message_bytes}-byte limit")
+                    raise ProtocolError(1009, f"message over the {self.max_message_bytes}-byte limit")
                 if not fin:
                     continue
                 payload, opcode, self.fragments = bytes(self.fragments), self.fragments_opcode, None
-            elif opcode == OP_PING:
-                if self.state is OPEN:
-                    self.outgoing += server_frame(OP_PONG, payload)
+            elif opcode == Opcode.PING:
+                if self.state is State.OPEN:
+                    self.outgoing += server_frame(Opcode.PONG, payload)
                 continue
-            elif opcode == OP_CLOSE:
+            elif opcode == Opcode.CLOSE:
                 self.receive_close(payload)
                 continue
-            elif opcode == OP_PONG:
+            elif opcode == Opcode.PONG:
                 continue
             else:
-                return self.fail(1002, f"unknown opcode {opcode}")
-            if self.state is CLOSING:  # we have sent our close frame: data is no longer handled
+                raise ProtocolError(1002, f"unknown opcode {opcode}")
+            if self.state is State.CLOSING:  # we have sent our close frame: data is no longer handled
                 continue
-            if opcode == OP_BINARY:
+            if opcode == Opcode.BINARY:
                 return payload
             try:
                 return payload.decode()
             except UnicodeDecodeError:
-                return self.fail(1007, "invalid UTF-8 in a text message")
+                raise ProtocolError(1007, "invalid UTF-8 in a text message") from None
         return None
 
     def receive_close(self, payload: bytes) -> None:
@@ -1670,34 +1696,33 @@ class FrameParser:
         code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005  # 1005: no code
         if len(payload) == 1 or len(payload) >= 2 and not (code in CLOSE_CODES_A_PEER_MAY_SEND
                                                            or 3000 <= code <= 4999):
-            return self.fail(1002, f"invalid close frame (code {code})")
+            raise ProtocolError(1002, f"invalid close frame (code {code})")
         try:
             payload[2:].decode()
         except UnicodeDecodeError:
-            return self.fail(1007, "invalid UTF-8 in a close frame's reason")
-        if self.state is OPEN:
-            self.outgoing += server_frame(OP_CLOSE, payload[:2])
+            raise ProtocolError(1007, "invalid UTF-8 in a close frame's reason") from None
+        if self.state is State.OPEN:
+            self.outgoing += server_frame(Opcode.CLOSE, payload[:2])
             self.close_code = code
-        self.state = CLOSED
+        self.state = State.CLOSED
         self.buffer.clear()
 
     def close(self, code: int, reason: str = "") -> None:
         """Start the closing handshake: our close frame, then wait for the client's."""
-        if self.state is OPEN:
+        if self.state is State.OPEN:
             reason_bytes = reason.encode()[:123].decode(errors="ignore").encode()  # 5.5: 125 bytes, whole characters
-            self.outgoing += server_frame(OP_CLOSE, struct.pack("!H", code) + reason_bytes)
-            self.close_code, self.state = code, CLOSING
+            self.outgoing += server_frame(Opcode.CLOSE, struct.pack("!H", code) + reason_bytes)
+            self.close_code, self.state = code, State.CLOSING
 
     def fail(self, code: int, reason: str) -> None:
         """7.1.7: fail the connection: a close frame with the code and reason (while open),
         and nothing the client sends is read again."""
-        if self.state is OPEN:
+        if self.state is State.OPEN:
             self.close(code, reason)
             self.error = reason
-        self.state = CLOSED
+        self.state = State.CLOSED
         self.buffer.clear()
         self.fragments = None
-        return None
 
 
 # --- Library adapters: gevent-websocket and gunicorn --------------------------------------
@@ -1819,7 +1844,7 @@ class MediaWebSocket(WebSocket):
             try:
                 if parser.outgoing:
                     self.flush()
-                if parser.state is not OPEN:  # the client closed, or we failed the connection: close() ends it
+                if parser.state is not State.OPEN:  # the client closed, or we failed the connection: close() ends it
                     if parser.error:
                         self.error = f"WebSocket error, closed with {parser.close_code}: {parser.error}"
                     return None
@@ -1925,14 +1950,14 @@ class MediaWebSocket(WebSocket):
 
     def send_text(self, text: bytes) -> bool:
         """Queue one text message (UTF-8 bytes); False once the connection is closing or gone."""
-        return self.queue(server_frame(OP_TEXT, text))
+        return self.queue(server_frame(Opcode.TEXT, text))
 
     def send_audio(self, playback: "Playback") -> bool:
         """Queue audio, framed only as the socket takes it; False once the connection is closing or gone."""
         return self.queue(playback)
 
     def queue(self, item: "bytes | Playback") -> bool:
-        if self.closed or self.broken or self.parser.state is not OPEN:  # nothing may follow a close frame
+        if self.closed or self.broken or self.parser.state is not State.OPEN:  # nothing may follow a close frame
             return False
         self.talk_back()
         self.take_replies()  # a pong goes before what the rest of its read makes us send (RFC 6455 5.5.2)
@@ -2046,7 +2071,7 @@ class MediaWebSocket(WebSocket):
                 if parser.error:  # failed: our EOF tells the client we will read nothing more
                     self.handler.socket.shutdown(socket.SHUT_WR)
                 parser.next_message()  # the client's close frame may have come with its last message, as Twilio's does
-                while parser.state is CLOSING or parser.error:
+                while parser.state is State.CLOSING or parser.error:
                     data = self.fill(RECV_BYTES)
                     if not data:
                         break

@@ -31,7 +31,7 @@ def replies(parser):
 def failed_with(parser, code):
     """The parser failed the connection with `code`: one close frame carrying it, state closed."""
     (opcode, payload), = replies(parser)
-    return opcode == 0x8 and close_code(payload) == code and parser.state == app.CLOSED and parser.error
+    return opcode == 0x8 and close_code(payload) == code and parser.state == app.State.CLOSED and parser.error
 
 
 TEXT = '{"event": "media", "payload": "éß€😀"}'
@@ -61,7 +61,7 @@ def test_5_2_every_length_encoding_is_read(length_form):
 def test_5_2_lengths_at_the_encoding_boundaries(size):
     payload = bytes(random.Random(size).getrandbits(8) for _ in range(size))
     messages, parser = parse(frame(0x2, payload), limit=70000)
-    assert messages == [payload] and parser.state == app.OPEN and not parser.outgoing
+    assert messages == [payload] and parser.state == app.State.OPEN and not parser.outgoing
 
 
 def test_5_2_a_stream_split_at_every_byte_gives_the_same_messages():
@@ -84,7 +84,7 @@ def test_5_2_a_truncated_frame_waits_for_more_bytes():
     data = frame(0x1, TEXT.encode())
     for cut in range(len(data)):
         messages, parser = parse(data[:cut])
-        assert messages == [] and parser.state == app.OPEN and not parser.outgoing
+        assert messages == [] and parser.state == app.State.OPEN and not parser.outgoing
 
 
 # 5.3 Client-to-server masking
@@ -145,7 +145,7 @@ def test_5_5_2_a_ping_is_answered_with_a_pong_of_the_same_payload():
 
 def test_5_5_3_a_pong_asks_for_nothing():
     messages, parser = parse(frame(0xA, b"unsolicited") + frame(0x1, b"{}"))
-    assert messages == ["{}"] and not parser.outgoing and parser.state == app.OPEN
+    assert messages == ["{}"] and not parser.outgoing and parser.state == app.State.OPEN
 
 
 # 5.5.1 and 7.4 Close
@@ -153,13 +153,13 @@ def test_5_5_3_a_pong_asks_for_nothing():
 @pytest.mark.parametrize("code", [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4999])
 def test_5_5_1_a_close_frame_is_answered_with_its_code(code):
     messages, parser = parse(frame(0x8, struct.pack("!H", code) + b"bye") + frame(0x1, b"after the close"))
-    assert messages == [] and parser.state == app.CLOSED and parser.error is None
+    assert messages == [] and parser.state == app.State.CLOSED and parser.error is None
     assert replies(parser) == [(0x8, struct.pack("!H", code))]
 
 
 def test_5_5_1_a_close_frame_without_a_code_is_answered_without_one():
     messages, parser = parse(frame(0x8, b""))
-    assert parser.state == app.CLOSED and parser.error is None and replies(parser) == [(0x8, b"")]
+    assert parser.state == app.State.CLOSED and parser.error is None and replies(parser) == [(0x8, b"")]
     assert parser.close_code == 1005
 
 
@@ -179,11 +179,11 @@ def test_5_5_1_a_close_reason_that_is_not_utf8_fails_with_1007():
 def test_5_5_1_our_close_then_the_clients_ends_the_handshake_and_data_between_is_dropped():
     parser = app.FrameParser(LIMIT)
     parser.close(1001, "going away")
-    assert parser.state == app.CLOSING and replies(parser) == [(0x8, struct.pack("!H", 1001) + b"going away")]
+    assert parser.state == app.State.CLOSING and replies(parser) == [(0x8, struct.pack("!H", 1001) + b"going away")]
     parser.outgoing.clear()
     parser.feed(frame(0x1, b'{"late": true}') + frame(0x8, struct.pack("!H", 1001)))
     assert parser.next_message() is None
-    assert parser.state == app.CLOSED and not parser.outgoing, "our close frame is the answer already"
+    assert parser.state == app.State.CLOSED and not parser.outgoing, "our close frame is the answer already"
 
 
 # 8.1 UTF-8 (5.6 data frames)
@@ -236,7 +236,7 @@ def test_5_5_1_a_bad_close_frame_while_we_close_ends_the_closing_quietly():
     parser.outgoing.clear()
     parser.feed(frame(0x8, struct.pack("!H", 5000)))
     assert parser.next_message() is None
-    assert parser.state == app.CLOSED and not parser.outgoing and parser.error is None
+    assert parser.state == app.State.CLOSED and not parser.outgoing and parser.error is None
 
 
 def test_a_close_reason_is_cut_to_whole_characters():
