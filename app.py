@@ -2,25 +2,26 @@
 
 Run: python app.py  (then `ngrok http 5000` and point a TwiML <Stream url="wss://<ngrok host>/media"/> here)
 
-The file, top to bottom:
-  Configuration      every flag and its environment variable, read and checked by configure()
-  The Flask app      the tutorial's app and Sockets (flask-sockets, fixed for today's Werkzeug)
-  The /media route   the tutorial's loop: receive a message, handle it, until `stop` or the socket closes
-  MediaStream        one call: what we know of it, one method per event, what it plays back, the summary
-  Audio              mu-law to PCM and back, the level meter, WAV recordings
-  Talking back       the ready modes of a <Connect><Stream>: --echo and --greet (with barge-in)
-  Transcripts        --transcribe: utterances by voice activity, Whisper on native threads
-  Who may stream     the handshake checks: Twilio's signature, client addresses behind proxies, the limits
+The file, top to bottom, each part using only those above it:
+  Settings           every flag and its environment variable: read_settings() -> a frozen Settings
+  Text and audio     log-safe text, mu-law to PCM and back, levels, WAV recordings
   WebSocket frames   RFC 6455 without I/O: bytes in, messages and replies out
+  Call events        what can be seen of a call, as typed events: the console, metrics and files consume them
+  MediaStream        one call: what we know of it, one method per event, what it plays back, the summary
+  Talking back       the ready modes of a <Connect><Stream>: --echo and --greet (with barge-in)
+  Transcripts        --transcribe: utterances by voice activity, a recognizer on native threads
+  Sinks              the consumers of call events: console lines, metrics, transcript files
+  Runtime            what one process shares, made by create_runtime(settings)
+  The Flask app      the tutorial's app, Sockets (fixed for today's Werkzeug) and the /media loop
+  Who may stream     the handshake checks: Twilio's signature, client addresses behind proxies, the limits
   Library adapters   gevent-websocket and gunicorn, made to use all of the above
-  Metrics            --metrics-port: Prometheus, summed over gunicorn's workers
-  Module state, main()
+  Start-up, main()   configure(): settings, logging, file limits, the runtime; serving until a signal
 Your own processing: subclass MediaStream, then app.main(stream_class=YourStream) (README).
 """
 import argparse
 import base64
-import enum
 import binascii
+import enum
 import errno
 import functools
 import glob
@@ -28,6 +29,7 @@ import hashlib
 import hmac
 import importlib
 import importlib.util
+import inspect
 import ipaddress
 import logging
 import math
@@ -44,18 +46,20 @@ import time
 import wave
 from array import array
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import flask_sockets
 import gevent
 import gevent.event
 import gevent.exceptions
+import gevent.queue
 import gevent.socket
 import gevent.threadpool
 import geventwebsocket.handler
-from flask import Flask, request
+from flask import Flask, current_app, request
 from gevent import pywsgi
 from gevent.pool import Pool
 from geventwebsocket.exceptions import WebSocketError
@@ -69,14 +73,14 @@ try:
 except ImportError:
     from json import dumps, loads as json_loads
 
-    def json_dumps(message: dict) -> bytes:
+    def json_dumps(message: dict) -> bytes:  # type: ignore[misc]
         return dumps(message, separators=(",", ":")).encode()
 
 log = logging.getLogger("mediastreams")
 startup_log = logging.getLogger("mediastreams.startup")  # where it listens: printed at every --log-level
 
 
-# --- Configuration ------------------------------------------------------------------------
+# --- Settings -----------------------------------------------------------------------------
 
 class SettingsError(Exception):
     """A setting the server cannot work with: one line for the user, exit status 2."""
@@ -205,16 +209,37 @@ OPTIONS = (  # flag, environment variable, default, reader (its ValueError says 
      "serve Prometheus metrics at http://HOST:METRICS_PORT/metrics, a listener of its own "
      f"(needs: {METRICS_PIP})"),
 )
-BEHIND_MS = 50            # an event loop this late: the process cannot keep up, batch listen-only reads
-CAUGHT_UP_SECONDS = 5     # an event loop on time this long: every message read as it lands again
-ON_TIME_MS = 10           # lateness below this counts as on time
-LOOP_CHECK_SECONDS = 0.05  # how often the event loop's lateness is measured
-MAX_HANDSHAKES = 100      # connections still sending their request; beyond, the oldest is dropped
-UNFINISHED_BYTES_LIMIT = 32 << 20  # what all streams' half-received messages may hold together
-SPARE_FILES = 64          # descriptors beyond sockets and recordings: listener, logs, imports
 
 
-def read_settings(argv: list[str] | None = None, environ=os.environ) -> argparse.Namespace:
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, as read_settings() checked it (the defaults are OPTIONS'); nothing
+    changes it afterwards. Tests build one directly: Settings(record=str(tmp_path))."""
+    host: str = "0.0.0.0"
+    port: int = 5000
+    log_level: str = "INFO"
+    record: str | None = None
+    quiet_levels: bool = False
+    public_url: str | None = None
+    max_message_bytes: int = 65536
+    max_streams: int = 1000
+    idle_timeout: float = 30.0
+    handshake_timeout: float = 10.0
+    max_recording_seconds: float = 14400.0
+    read_interval_ms: float = 100.0
+    echo: bool = False
+    greet: str | None = None
+    transcribe: bool = False
+    transcribe_model: str = "tiny.en"
+    transcribe_threads: int = 1
+    transcript_partials: bool = False
+    trusted_proxies: int = 0
+    metrics_port: int | None = None
+    auth_token: str | None = None     # TWILIO_AUTH_TOKEN: only handshakes Twilio signed with it
+    stream_class: str | None = None   # STREAM_CLASS: module:Class, your MediaStream subclass
+
+
+def read_settings(argv: list[str] | None = None, environ=os.environ) -> Settings:
     """Every setting from its flag, else its environment variable, else its default, each
     checked; SettingsError names the flag and the variable of a value that cannot work.
     Reads nothing else and changes nothing."""
@@ -230,280 +255,26 @@ def read_settings(argv: list[str] | None = None, environ=os.environ) -> argparse
             help_text += f" (default {default})" if default else ""
             parser.add_argument(flag, metavar=variable, help=help_text)
     given = vars(parser.parse_args(argv))
-    settings = argparse.Namespace()
+    values: dict[str, Any] = {}
     for flag, variable, default, read, _ in OPTIONS:
         name = flag[2:].replace("-", "_")
         raw = given[name] if given[name] is not None else environ.get(variable, default)
         try:
-            setattr(settings, name, read(raw))
+            values[name] = read(raw)
         except ValueError as wanted:
             raise SettingsError(f"{flag} ({variable}): {raw!r} is not {wanted}") from None
-    token = settings.auth_token = environ.get("TWILIO_AUTH_TOKEN") or None
+    token = values["auth_token"] = environ.get("TWILIO_AUTH_TOKEN") or None
     if token and not (token.isprintable() and token.strip() == token):
         raise SettingsError("TWILIO_AUTH_TOKEN: has spaces or control characters: no signature would match")
-    if settings.transcribe and not all(map(importlib.util.find_spec, ("faster_whisper", "webrtcvad"))):
+    values["stream_class"] = environ.get("STREAM_CLASS") or None
+    if values["transcribe"] and not all(map(importlib.util.find_spec, ("faster_whisper", "webrtcvad"))):
         raise SettingsError(f"--transcribe (TRANSCRIBE) needs the speech recognizer: {TRANSCRIBE_PIP}")
-    if settings.metrics_port and not importlib.util.find_spec("prometheus_client"):
+    if values["metrics_port"] and not importlib.util.find_spec("prometheus_client"):
         raise SettingsError(f"--metrics-port (METRICS_PORT) needs the Prometheus client: {METRICS_PIP}")
-    return settings
+    return Settings(**values)
 
 
-def configure(argv: list[str] | None = None, environ=os.environ, stream_class=None,
-              worker: bool = False) -> argparse.Namespace:
-    """Read and check the settings, then make this process serve with them: the one place
-    start-up happens, for main() and for each gunicorn worker. Raises SettingsError."""
-    global settings, metrics, transcriber
-    new = read_settings(argv, environ)
-    new.stream_class = checked_stream_class(stream_class, "stream_class") if stream_class else \
-        load_stream_class(environ.get("STREAM_CLASS"))
-    new.greeting = read_greeting(new.greet)
-    new.stream_class = talking_back_mode(new, new.stream_class)
-    check_record_dir(new.record)
-    settings = new
-    setup_logging(settings.log_level, worker)
-    reserve_file_descriptors(settings)
-    if settings.metrics_port and metrics is None:
-        metrics = Metrics()
-    if settings.transcribe and transcriber is None:
-        transcriber = Transcriber(settings.transcribe_model, settings.transcribe_threads)
-    # gevent-websocket builds each connection's socket from this module-level name.
-    geventwebsocket.handler.WebSocket = MediaWebSocket
-    # Its logger would print client input, without a timestamp; MediaStreamHandler checks
-    # every handshake before the library sees it.
-    logging.getLogger("geventwebsocket.handler").propagate = False
-    return settings
-
-
-def reserve_file_descriptors(settings: argparse.Namespace) -> None:
-    """Raise this process's limit on open files toward the hard one, so --max-streams can be
-    reached; when even the hard limit cannot carry it, lower --max-streams, with a warning."""
-    per_stream = 1 + (len(TRACK_NAMES) if settings.record else 0)  # the socket, a WAV file per track
-    needed = settings.max_streams * per_stream + MAX_HANDSHAKES + SPARE_FILES
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
-            soft = raised
-        except (ValueError, OSError):  # macOS refuses more than OPEN_MAX whatever the hard limit
-            pass
-    can_carry = (soft - MAX_HANDSHAKES - SPARE_FILES) // per_stream
-    if soft != resource.RLIM_INFINITY and can_carry < settings.max_streams:
-        if can_carry < 1:
-            raise SettingsError(f"--max-streams (MAX_STREAMS): this process may open only {soft} files "
-                                f"(ulimit -n), not enough for one stream")
-        log.warning("--max-streams lowered from %d to %d: this process may open %d files (ulimit -n), and "
-                    "each stream takes %d", settings.max_streams, can_carry, soft, per_stream)
-        settings.max_streams = can_carry
-
-
-def load_stream_class(name: str | None) -> type:
-    """STREAM_CLASS, `module:Class`: the MediaStream subclass gunicorn's workers use."""
-    if not name:
-        return MediaStream
-    module_name, _, class_name = name.partition(":")
-    if not module_name or not class_name:
-        raise SettingsError(f"STREAM_CLASS: {name!r} is not module:Class, such as process_audio:Transcribing")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # whatever the user's module raises: one line, no traceback
-        raise SettingsError(f"STREAM_CLASS: cannot load {name!r}: {type(exc).__name__}: {exc}") from None
-    stream_class = getattr(module, class_name, None)
-    if stream_class is None:  # the module's own name, not __main__'s when it is app.py itself
-        raise SettingsError(f"STREAM_CLASS: cannot load {name!r}: module {module_name!r} has no {class_name!r}")
-    return checked_stream_class(stream_class, f"STREAM_CLASS: {name!r}")
-
-
-def checked_stream_class(stream_class, name: str) -> type:
-    if not (isinstance(stream_class, type) and issubclass(stream_class, MediaStream)):
-        raise SettingsError(f"{name} is not a subclass of app.MediaStream")
-    return stream_class
-
-
-def find_stream_class_module(name: str | None) -> None:
-    """STREAM_CLASS's module exists, checked where your code should not run (gunicorn's
-    master): only its parent package, if it has one, is imported."""
-    module_name = (name or "").partition(":")[0]
-    try:
-        found = not module_name or importlib.util.find_spec(module_name) is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        raise SettingsError(f"STREAM_CLASS: cannot load {name!r}: no module named {module_name!r}")
-
-
-def talking_back_mode(settings: argparse.Namespace, stream_class: type | None) -> type | None:
-    """The stream class to serve: --echo's or --greet's, or your class, which may subclass
-    the one its mode names; each decides what a stream plays back. None: not known yet."""
-    modes = [(flag, mode) for flag, mode, on in (("--echo", EchoStream, settings.echo),
-                                                  ("--greet", GreetStream, settings.greet)) if on]
-    if len(modes) > 1:
-        raise SettingsError("--echo and --greet: choose one, each decides what the stream plays back")
-    if stream_class and issubclass(stream_class, GreetStream) and not settings.greet:
-        raise SettingsError(f"{stream_class.__name__} plays a greeting: give it one with --greet (GREET)")
-    if not modes:
-        return stream_class
-    flag, mode = modes[0]
-    if stream_class and stream_class is not MediaStream and not issubclass(stream_class, mode):
-        raise SettingsError(f"{flag} and your stream class {stream_class.__name__}: choose one, or subclass "
-                            f"app.{mode.__name__}")
-    return stream_class if stream_class and issubclass(stream_class, mode) else mode
-
-
-@functools.lru_cache(maxsize=4)  # read once: gunicorn's workers, forked later, use the master's copy
-def read_greeting(path: str | None) -> bytes:
-    """--greet's WAV file as mu-law, read once at start-up: a file that is not there or not
-    8000 Hz mono 16-bit PCM stops the server with the command that converts it."""
-    if not path:
-        return b""
-    convert = f"it must be 8000 Hz mono 16-bit PCM: sox {shlex.quote(path)} -r 8000 -c 1 -b 16 greeting.wav"
-    try:
-        with wave.open(path, "rb") as wav:
-            found = (wav.getframerate(), wav.getnchannels(), wav.getsampwidth())
-            pcm = wav.readframes(wav.getnframes())
-    except OSError as exc:
-        raise SettingsError(f"--greet (GREET): cannot read {path!r}: {exc.strerror or exc}") from None
-    except (EOFError, wave.Error) as exc:  # not a WAV file, or mu-law, float, extensible...
-        raise SettingsError(f"--greet (GREET): {path!r} is not PCM audio ({exc or 'no data'}); {convert}") from None
-    if found != (8000, 1, 2):
-        raise SettingsError(f"--greet (GREET): {path!r} is {found[0]} Hz, {found[1]} channel(s), "
-                            f"{8 * found[2]}-bit; {convert}")
-    if not pcm:
-        raise SettingsError(f"--greet (GREET): {path!r} holds no audio")
-    return pcm16_to_ulaw(pcm)
-
-
-def check_record_dir(path: str | None) -> None:
-    """Fail at start-up, not on the first call, when recordings cannot be written."""
-    if not path:
-        return
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)  # recordings are calls: for the server's user only
-        with tempfile.TemporaryFile(dir=path) as probe:
-            probe.write(b"probe")
-    except OSError as exc:
-        raise SettingsError(f"--record (RECORD_DIR): cannot write recordings to {path!r}: "
-                            f"{exc.strerror or exc}. Pick another directory or fix its permissions.") from None
-
-
-def setup_logging(level: str, worker: bool = False) -> None:
-    """One console handler on our logger, whoever runs us (python app.py or gunicorn); a
-    gunicorn worker's lines say which worker (its process id) they come from."""
-    if not log.handlers:
-        log.addHandler(logging.StreamHandler(sys.stderr))
-        log.propagate = False
-    tag = "worker=%(process)d " if worker else ""
-    log.handlers[0].setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s {tag}%(message)s"))
-    log.setLevel(level)
-    startup_log.setLevel(logging.INFO)
-
-
-# --- The Flask app, as in the tutorial ----------------------------------------------------
-
-class Sockets(flask_sockets.Sockets):
-    """flask-sockets 0.2.1 with its two edges on today's Werkzeug filed off."""
-
-    def init_app(self, app):
-        app.wsgi_app = SocketMiddleware(app.wsgi_app, app, self)
-
-    def add_url_rule(self, rule, _, f, **options):
-        # flask-sockets 0.2.1 adds a plain Rule; Werkzeug >= 2 then raises WebsocketMismatch
-        # for every WebSocket request, after the 101 has gone out (upstream PR #82).
-        self.url_map.add(Rule(rule, endpoint=f, websocket=True))
-
-
-class SocketMiddleware(flask_sockets.SocketMiddleware):
-    def __call__(self, environ, start_response):
-        # A plain HTTP request to a WebSocket rule makes Werkzeug raise WebsocketMismatch (a
-        # 500 through flask-sockets); send it to Flask's own routes instead.
-        if environ.get("wsgi.websocket") is None:
-            return self.wsgi_app(environ, start_response)
-        try:
-            # websocket=True: gevent-websocket upgrades on any Connection header holding
-            # "upgrade", Werkzeug only on an exact token, and the 101 has gone out already.
-            handler, values = self.ws.url_map.bind_to_environ(environ).match(websocket=True)
-        except HTTPException:
-            return self.wsgi_app(environ, start_response)
-        # flask-sockets' own __call__, without its `except KeyError` (which hands a handler's
-        # KeyError on to Flask) and without keeping the WebsocketMismatch that Flask's HTTP
-        # routes raise for this request: its traceback made a reference cycle per call.
-        with self.app.app_context(), self.app.request_context(environ) as context:
-            context.request.routing_exception = None
-            handler(environ["wsgi.websocket"], **values)
-        return []
-
-
-app = Flask(__name__)
-sockets = Sockets(app)
-
-
-@app.route("/")
-def index():
-    if settings.public_url:
-        where = f"wss://{public_host(settings.public_url)}/media (--public-url)"
-    else:  # a browser may have come through ngrok (TLS) or straight here (no TLS): Twilio needs the first
-        where = (f"wss://{request.host}/media through a TLS proxy such as ngrok (Twilio connects only to wss://), "
-                 f"ws://{request.host}/media without one")
-    return f"Twilio Media Streams server is up. WebSocket: {where}\n", 200, {"Content-Type": "text/plain"}
-
-
-@app.route("/healthz")
-def healthz():
-    """For a load balancer: 503 while this process would refuse a new call, so it sends none here."""
-    if shutting_down:
-        return "shutting down\n", 503, {"Content-Type": "text/plain"}
-    if len(open_websockets) >= settings.max_streams:
-        return f"full streams={len(open_websockets)} (--max-streams)\n", 503, {"Content-Type": "text/plain"}
-    return f"ok streams={len(open_websockets)}\n", 200, {"Content-Type": "text/plain"}
-
-
-@app.route("/media")
-def media_without_upgrade():
-    return (f"/media is a WebSocket endpoint: use <Stream url=\"wss://{request.host}/media\"/> "
-            "in TwiML, not a browser.\n", 426, {"Content-Type": "text/plain", "Upgrade": "websocket"})
-
-
-# --- The /media route: the tutorial's loop ------------------------------------------------
-
-CLOSE_CODE_WHEN_ENDED = {"stop": 1000, "idle": 1000, "disconnect": 1000, "shutdown": 1001, "error": 1011}
-
-
-@sockets.route("/media")
-def media(ws):
-    stream = settings.stream_class(remote=request.remote_addr or "?", ws=ws)
-    log.info("Connection accepted %s", stream.label)
-    if metrics:
-        metrics.opened(stream)
-    if stream.media_in_event_loop:  # media handled by the event loop as it lands; receive() returns the rest, in order
-        ws.handle_as_it_lands = stream.handle
-    try:
-        while not ws.closed:
-            message = ws.receive()
-            if message is None:  # the socket closed, or broke the WebSocket protocol: no `stop`
-                stream.end("error" if ws.error else "disconnect", ws.error)
-                break
-            if stream.handle(message) == "stop":
-                break
-    except Stalled as stalled:  # the client reads nothing of what we send
-        stream.end("stalled", str(stalled))
-    except IdleTimeout as idle:
-        stream.end("idle", str(idle))
-    except gevent.GreenletExit:
-        stream.end("shutdown")
-    except Exception as exc:  # a bug in one stream's handling ends that stream, not the server
-        stream.end("error")
-        log.warning("%s handler error: %s: %s (traceback at --log-level debug)", stream.label,
-                    type(exc).__name__, printable(str(exc), 200), exc_info=log.isEnabledFor(logging.DEBUG))
-    finally:
-        try:
-            stream.finish()
-        finally:
-            ws.close(CLOSE_CODE_WHEN_ENDED.get(stream.ended, 1000))
-            if metrics:
-                metrics.closed(stream)
-
-
-# --- Per-call state -----------------------------------------------------------------------
+# --- Text and audio ------------------------------------------------------------------
 
 class BadMessage(Exception):
     """A message we skip: `kind` is counted in the summary, `detail` goes into the warning."""
@@ -511,501 +282,6 @@ class BadMessage(Exception):
     def __init__(self, kind: str, detail: str):
         super().__init__(detail)
         self.kind = kind
-
-
-TRACK_NAMES = ("inbound", "outbound")
-GAP_MS = 10            # a timestamp further ahead than this (half a 20 ms frame) is lost audio
-MAX_WARNINGS = 100     # per stream; the rest are still counted
-MAX_UNKNOWN_EVENTS = 20
-CHUNK_BYTES = 160      # mu-law bytes a media message plays back: 20 ms, as Twilio sends them
-
-
-@dataclass
-class Track:
-    name: str
-    messages: int = 0
-    bytes: int = 0
-    gaps: int = 0
-    end_ms: int | None = None       # where the audio received so far ends on the stream's clock
-    chunk: int | None = None
-    energy: int = 0                 # level meter: sum of squares since the last line
-    energy_samples: int = 0
-    next_level_at: float = 0.0
-    recording: "WavTrack | None" = None
-    transcript: "TrackTranscript | None" = None
-    recording_stopped: bool = False  # by a write error or --max-recording-seconds: the file stays
-    recording_skipped: int = 0       # chunks not recorded: the silence before them would outrun the call's age
-
-
-@dataclass
-class Mark:
-    name: str
-    after_bytes: int                # the audio sent before it: played when Twilio echoes it
-    sent_at: float
-    clears_before: int              # clears sent before it: if one went out after it, its echo means cut off
-
-
-@dataclass
-class PlayedBack:
-    """What a stream sent into the call (<Connect><Stream> only)."""
-    messages: int = 0               # media messages framed for the socket, 20 ms each (sent=)
-    queued_bytes: int = 0           # audio handed to play(), sent or still to frame: where marks fall
-    marks: dict = field(default_factory=dict)  # name: the marks of that name sent, not yet echoed, oldest first
-    marks_waiting: int = 0
-    marks_played: int = 0
-    marks_cancelled: int = 0
-    clears: int = 0
-    unsent: int = 0                 # messages refused (before start, a <Start> stream, a closed socket) or
-                                    # still waiting to be sent when the stream ended
-    playing_until: float = 0.0      # when Twilio will have played what it was sent, as far as we know
-
-    @property
-    def marks_sent(self) -> int:
-        return self.marks_waiting + self.marks_played + self.marks_cancelled
-
-
-class Playback:
-    """Audio from play(), framed into 20 ms media messages only as the socket takes them: a
-    long greeting costs no time in the receive loop and no memory per call beyond itself."""
-    __slots__ = ("stream", "ulaw", "offset")
-
-    def __init__(self, stream: "MediaStream", ulaw: bytes):
-        self.stream, self.ulaw, self.offset = stream, ulaw, 0
-
-    def frames(self, limit: int) -> bytes:
-        """The next media frames, about `limit` bytes of them (at least one)."""
-        frames, ulaw, played_back = [], self.ulaw, self.stream.played_back
-        size = 0
-        while self.offset < len(ulaw) and size < limit:
-            chunk = ulaw[self.offset:self.offset + CHUNK_BYTES].ljust(CHUNK_BYTES, b"\xff")  # whole 20 ms
-            self.offset += CHUNK_BYTES
-            payload = binascii.b2a_base64(chunk, newline=False).decode()
-            message = {"event": "media", "streamSid": self.stream.stream_sid, "media": {"payload": payload}}
-            frames.append(server_frame(Opcode.TEXT, json_dumps(message)))
-            size += len(frames[-1])
-            played_back.messages += 1
-        return frames[0] if len(frames) == 1 else b"".join(frames)
-
-    @property
-    def done(self) -> bool:
-        return self.offset >= len(self.ulaw)
-
-    def messages_left(self) -> int:
-        return -(-max(0, len(self.ulaw) - self.offset) // CHUNK_BYTES)
-
-
-@dataclass(eq=False)
-class MediaStream:
-    """One WebSocket connection from Twilio: what we know of the call, one method per event.
-
-    To process the audio, subclass it, set `wants_pcm = True`, override on_audio() and run
-    app.main(stream_class=YourStream). To handle an event of your own, add it to EVENTS:
-    `EVENTS = {**MediaStream.EVENTS, "custom": "on_custom"}`. To talk back on a
-    <Connect><Stream>: play(), mark(), clear(), and on_mark_echo() when a mark comes back."""
-
-    EVENTS: ClassVar[dict[str, str]] = {"media": "on_media", "connected": "on_connected", "start": "on_start",
-                                        "dtmf": "on_dtmf", "mark": "on_mark", "stop": "on_stop"}
-    handlers: ClassVar[dict]            # EVENTS' methods, looked up when the class is made (handlers_of)
-    wants_pcm: ClassVar[bool] = False   # True: every chunk decoded to PCM and handed to on_audio()
-    talks_back: ClassVar[bool] = False  # True: read as each message lands from the first (else from the first send)
-    # True: each media message is handled in the event loop as it lands (MediaWebSocket.on_readable),
-    # a sixth less CPU than waking the stream's greenlet for it, so its handling must never wait on
-    # gevent (sleep, a lock, a full queue, the network). A subclass with media code of its own (its
-    # on_media(), on_audio() or handle(), from itself or a mixin) gets False unless it says True.
-    media_in_event_loop: ClassVar[bool] = True
-
-    remote: str
-    ws: "MediaWebSocket | None" = field(default=None, repr=False)  # where play(), mark() and clear() send
-    stream_sid: str | None = None
-    call_sid: str | None = None
-    started_at: float = field(default_factory=time.monotonic)
-    tracks: dict = field(default_factory=lambda: {name: Track(name) for name in TRACK_NAMES})
-    origin_ms: int | None = None    # timestamp of the first media: sample 0 of the recordings
-    last_sequence: int = 0
-    duplicates: int = 0
-    out_of_order: int = 0
-    bad: dict = field(default_factory=dict)
-    warnings: int = 0
-    unknown_events: set = field(default_factory=set)
-    connected: bool = False
-    decoding: bool = False          # a recording or wants_pcm: each chunk is decoded to PCM
-    ended: str = "disconnect"
-    played_back: PlayedBack = field(default_factory=PlayedBack)
-    listen_only: str | None = None  # why nothing may be sent back: warned once, then only counted
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        cls.handlers = handlers_of(cls)
-        if "media_in_event_loop" not in vars(cls):  # True only if its media code is that of the class that said so
-            said = next(base for base in cls.__mro__ if "media_in_event_loop" in vars(base))
-            media_code = (cls.handle, cls.on_audio, cls.handlers.get("media"))
-            cls.media_in_event_loop = said.media_in_event_loop and media_code == (
-                said.handle, said.on_audio, said.handlers.get("media"))
-
-    def __post_init__(self):
-        if self.talks_back and self.ws is not None:
-            self.ws.talk_back()
-
-    @property
-    def label(self) -> str:
-        return f"stream={self.stream_sid}" if self.stream_sid else f"remote={self.remote}"
-
-    def handle(self, message: str | bytes, only: str | None = None) -> str | None:
-        """One message from the socket: parsed, then handed to the method EVENTS names for its
-        event. A bad message is counted and warned about, never raised. Returns the event.
-        With `only` (the event loop's "media"), a message of another event is left as it was."""
-        try:
-            data = self.parse(message)
-            event = data["event"]
-            if only and event != only:
-                return event
-            handler = self.handlers.get(event)
-            if handler is None:
-                self.on_unknown(event)
-            else:
-                handler(self, data)
-            return event
-        except BadMessage as bad:
-            self.bad[bad.kind] = self.bad.get(bad.kind, 0) + 1
-            self.warn(f"skipped message: {bad}")
-            return None
-
-    def parse(self, message: str | bytes) -> dict:
-        """The JSON object of one frame, with a string `event`; BadMessage otherwise."""
-        if not isinstance(message, str):
-            raise BadMessage("binary", f"binary frame of {len(message)} bytes (Twilio sends JSON text)")
-        if not message:
-            raise BadMessage("empty", "empty text frame")
-        try:
-            data = json_loads(message)
-        except (ValueError, RecursionError) as exc:
-            raise BadMessage("invalid_json", f"invalid JSON ({str(exc)[:80]})") from None
-        if not isinstance(data, dict):
-            raise BadMessage("not_object", f"JSON {type(data).__name__}, not an object")
-        if not isinstance(data.get("event"), str):
-            raise BadMessage("no_event", "no string 'event' field")
-        return data
-
-    def warn(self, message: str) -> None:
-        self.warnings += 1
-        if self.warnings <= MAX_WARNINGS:
-            stream_warnings.warning("%s %s", self.label, printable(message, 300))
-        elif self.warnings == MAX_WARNINGS + 1:
-            stream_warnings.warning("%s more than %d warnings: the rest are only counted in the summary",
-                                    self.label, MAX_WARNINGS)
-
-    def check_sequence(self, data: dict) -> bool:
-        """False for a message seen already; counts what arrives out of order."""
-        sequence = whole_number(data, "sequenceNumber")
-        if sequence is None:
-            return True
-        if sequence == self.last_sequence:
-            self.duplicates += 1
-            self.warn(f"duplicate sequenceNumber={sequence}: dropped")
-            return False
-        if sequence < self.last_sequence:
-            self.out_of_order += 1
-            self.warn(f"sequenceNumber={sequence} after {self.last_sequence}: out of order")
-        else:
-            self.last_sequence = sequence
-        return True
-
-    def on_connected(self, data: dict) -> None:
-        if self.connected:
-            raise BadMessage("second_connected", "second 'connected' on this stream: ignored")
-        self.connected = True
-        log.info("%s connected protocol=%s version=%s", self.label,
-                 field_text(data, "protocol", "?"), field_text(data, "version", "?"))
-
-    def on_start(self, data: dict) -> None:
-        if self.stream_sid:
-            raise BadMessage("second_start", "second 'start' on this stream: ignored")
-        start = data.get("start")
-        if not isinstance(start, dict):
-            raise BadMessage("start", "'start' field is not an object")
-        stream_sid = field_text(start, "streamSid") or field_text(data, "streamSid")
-        if not stream_sid:
-            raise BadMessage("start", "start without a streamSid")
-        tracks = start.get("tracks", ["inbound"])
-        params = start.get("customParameters") or {}
-        media_format = start.get("mediaFormat") or {}
-        if not (isinstance(tracks, list) and all(isinstance(t, str) for t in tracks)
-                and isinstance(params, dict) and isinstance(media_format, dict)):
-            raise BadMessage("start", "start.tracks, customParameters or mediaFormat has the wrong type")
-        self.check_sequence(data)
-        self.stream_sid = stream_sid
-        if "outbound" in tracks:
-            self.listen_only = ("its tracks include outbound, so it comes from <Start><Stream>, where Twilio "
-                                "accepts nothing back: use <Connect><Stream> (twiml/connect.xml)")
-        self.decoding = self.wants_pcm or bool(settings.record) or transcriber is not None
-        self.call_sid = field_text(start, "callSid", "?")
-        encoding, rate, channels = (media_format.get(name) for name in ("encoding", "sampleRate", "channels"))
-        format_name = "/".join(scalar_text(value) for value in (encoding, rate, channels))
-        log.info("%s start call=%s tracks=%s format=%s params=%s", self.label, self.call_sid,
-                 printable(",".join(tracks), 100), format_name, printable(",".join(params), 300) or "-")
-        log.debug("%s customParameters=%s", self.label,
-                  printable(repr({name: scalar_text(value) for name, value in params.items()}), 2000))
-        if (encoding, rate, channels) != ("audio/x-mulaw", 8000, 1):
-            self.warn(f"unexpected media format {format_name}: this server expects audio/x-mulaw 8000 Hz mono")
-
-    def on_media(self, data: dict) -> None:
-        media = data.get("media")
-        if not isinstance(media, dict):
-            raise BadMessage("media", "'media' field is not an object")
-        track_name = media.get("track")
-        track = self.tracks.get(track_name) if isinstance(track_name, str) else None
-        if track is None:
-            raise BadMessage("media", f"media.track is not one of {TRACK_NAMES}")
-        payload = media.get("payload")
-        if not isinstance(payload, str) or not payload:
-            raise BadMessage("payload", "media.payload missing or empty")
-        try:
-            audio = binascii.a2b_base64(payload, strict_mode=True)
-        except (binascii.Error, ValueError):
-            raise BadMessage("payload", "media.payload is not valid base64") from None
-        timestamp = whole_number(media, "timestamp")
-        chunk = whole_number(media, "chunk")
-        if self.stream_sid is None:
-            raise BadMessage("media_before_start", "media before 'start': dropped")
-        if not self.check_sequence(data):
-            return
-        if track.messages == 0:
-            log.info("%s first media track=%s: %d bytes of audio per message (%d ms)",
-                     self.label, track.name, len(audio), len(audio) // 8)
-        if timestamp is None:
-            timestamp = track.end_ms if track.end_ms is not None else 0
-        if self.origin_ms is None:
-            self.origin_ms = timestamp
-        if track.end_ms is not None and timestamp > track.end_ms + GAP_MS:
-            track.gaps += 1
-            self.warn(f"gap track={track.name}: {timestamp - track.end_ms} ms of audio missing "
-                      f"before timestamp={timestamp} chunk={chunk}")
-        track.messages += 1
-        track.bytes += len(audio)
-        track.chunk = chunk
-        if track.end_ms is None or timestamp + len(audio) // 8 > track.end_ms:
-            track.end_ms = timestamp + len(audio) // 8
-        if not settings.quiet_levels:
-            self.meter(track, audio)
-        if self.decoding:
-            pcm = ulaw_to_pcm16(audio)
-            if settings.record and not track.recording_stopped:
-                self.record(track, timestamp, pcm)
-            if self.wants_pcm:
-                self.on_audio(track.name, timestamp, pcm)
-            if transcriber:
-                if track.transcript is None:
-                    track.transcript = TrackTranscript(self, track.name)
-                track.transcript.feed(timestamp - self.origin_ms, pcm)
-
-    def on_audio(self, track: str, timestamp: int, pcm: bytes) -> None:
-        """The place to plug in real-time processing (transcription, analysis), called when
-        the class sets `wants_pcm = True`: every chunk of every track, in order, as 16-bit
-        little-endian PCM, 8000 Hz, mono; `timestamp` in ms on the stream's clock. It runs
-        as each chunk lands (in the call's greenlet, or the event loop: media_in_event_loop),
-        so hand anything slow to a bounded queue and a greenlet (README, "Process the audio")."""
-
-    def meter(self, track: Track, ulaw: bytes) -> None:
-        # Every 8th sample, from another first one each message: an eighth of the cost, and a
-        # tone whose period divides 8 samples (1 kHz) is not read at one point of its wave.
-        offset = track.messages & 7
-        track.energy += sum(map(ULAW_SQUARES.__getitem__, ulaw[offset::8]))
-        track.energy_samples += (len(ulaw) - offset + 7) // 8
-        now = time.monotonic()
-        if now >= track.next_level_at:
-            if track.next_level_at and track.energy_samples:
-                log.info("%s level track=%s %s", self.label, track.name,
-                         level_meter(track.energy / track.energy_samples))
-            track.energy = track.energy_samples = 0
-            track.next_level_at = now + 1.0
-
-    def record(self, track: Track, timestamp: int, pcm: bytes) -> None:
-        at_sample = (timestamp - self.origin_ms) * 8
-        try:
-            if track.recording is None:
-                track.recording = WavTrack.create(settings.record, f"{safe_name(self.stream_sid)}_{track.name}")
-            recording = track.recording
-            # Audio is written as it comes, however fast (the client pays for each byte of it);
-            # the silence that fills a jump in the timestamps is free to ask for, so no more of
-            # it is written than the call is old: a chunk that would need more is skipped.
-            silence = recording.silence_before(at_sample)
-            if recording.silent_samples + silence > ((time.monotonic() - self.started_at) * 1000
-                                                     + MAX_SILENCE_LEAD_MS) * 8:
-                if not track.recording_skipped:
-                    self.warn(f"recording skips a chunk track={track.name}: its timestamp={timestamp} would need "
-                              f"{silence / 8000:.1f} s of silence, more than the call is old (counted: "
-                              "recording_skipped=)")
-                track.recording_skipped += 1
-                return
-            if recording.samples + silence + len(pcm) // 2 > settings.max_recording_seconds * 8000:
-                raise OSError(f"--max-recording-seconds {settings.max_recording_seconds:g} reached")
-            recording.write(pcm, at_sample)
-        except OSError as exc:  # disk full, file size limit, our own cap: the stream goes on unrecorded
-            self.warn(f"recording stopped track={track.name}: {exc}")
-            self.stop_recording(track)
-            track.recording_stopped = True
-
-    def stop_recording(self, track: Track) -> None:
-        if track.recording and not track.recording.closed:
-            try:
-                track.recording.close()
-            except OSError as exc:
-                log.warning("%s closing recording %s: %s", self.label, track.recording.path, exc)
-
-    def on_dtmf(self, data: dict) -> None:
-        dtmf = data.get("dtmf")
-        if not isinstance(dtmf, dict) or not isinstance(dtmf.get("digit"), (str, int)):
-            raise BadMessage("dtmf", "dtmf.digit missing")
-        if self.check_sequence(data):
-            log.info("%s dtmf digit=%s", self.label, printable(str(dtmf["digit"]), 8))
-
-    def on_mark(self, data: dict) -> None:
-        """Twilio's echo of a mark we sent: the audio before it has been played, or cut off by a clear."""
-        mark = data.get("mark")
-        if not isinstance(mark, dict) or not isinstance(mark.get("name"), str):
-            raise BadMessage("mark", "mark.name missing")
-        if not self.check_sequence(data):
-            return
-        name, played_back = mark["name"], self.played_back
-        waiting = played_back.marks.get(name)  # by name: a client echoing names we never sent costs no scan
-        if waiting is None:
-            raise BadMessage("unknown_mark", f"mark name='{printable(name, 100)}' was never sent, or echoed already")
-        sent = waiting.popleft()
-        if not waiting:
-            del played_back.marks[name]
-        played_back.marks_waiting -= 1
-        cancelled = sent.clears_before < played_back.clears
-        if cancelled:
-            played_back.marks_cancelled += 1
-        else:
-            played_back.marks_played += 1
-            # Played up to the mark: what was sent after it is still to come, from now.
-            played_back.playing_until = time.monotonic() + (played_back.queued_bytes - sent.after_bytes) / 8000
-        self.on_mark_echo(name, cancelled, (time.monotonic() - sent.sent_at) * 1000)
-
-    def on_mark_echo(self, name: str, cancelled: bool, waited_ms: float) -> None:
-        """A mark of ours came back: the caller has heard the audio sent before it, or, when
-        `cancelled`, a clear() cut that audio off. `waited_ms`: since mark() sent it."""
-        log.info("%s mark name='%s' %s after=%.0fms", self.label, printable(name, 100),
-                 "cancelled" if cancelled else "played", waited_ms)
-
-    # --- Talking back: play(), mark(), clear() (<Connect><Stream> only) --------------------
-
-    def play(self, pcm: bytes) -> None:
-        """Play 16-bit little-endian PCM, 8000 Hz mono, into the call: mu-law, 20 ms a message.
-        It is queued, never waited for; Twilio plays what it gets in order."""
-        self.play_ulaw(pcm16_to_ulaw(pcm))
-
-    def play_ulaw(self, ulaw: bytes) -> None:
-        """play() for audio that is mu-law already (a TTS asked for ulaw_8000, an echo). The
-        last message is padded with silence to 20 ms."""
-        if ulaw and self.send(Playback(self, ulaw)):
-            played_back = self.played_back
-            length = -(-len(ulaw) // CHUNK_BYTES) * CHUNK_BYTES
-            played_back.queued_bytes += length
-            played_back.playing_until = max(played_back.playing_until, time.monotonic()) + length / 8000
-
-    def mark(self, name: str) -> None:
-        """Ask Twilio to echo `name` once the audio sent so far has been played: on_mark_echo()."""
-        played_back = self.played_back
-        if self.send({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}}):
-            sent = Mark(name, played_back.queued_bytes, time.monotonic(), played_back.clears)
-            played_back.marks.setdefault(name, deque()).append(sent)
-            played_back.marks_waiting += 1
-
-    def clear(self) -> None:
-        """Cut off the audio Twilio has not played yet (barge-in), and ours not yet sent; the
-        marks waiting come back cancelled."""
-        if self.ws is not None and not self.listen_only:
-            self.ws.drop_audio()
-        if self.send({"event": "clear", "streamSid": self.stream_sid}):
-            self.played_back.clears += 1  # every mark waiting is now cancelled: sent before this clear
-            self.played_back.playing_until = 0.0
-
-    @property
-    def queued_seconds(self) -> float:
-        """Audio sent that Twilio has not played yet, as far as the marks and the clock tell."""
-        return max(0.0, self.played_back.playing_until - time.monotonic())
-
-    def send(self, message: dict | Playback) -> bool:
-        """One message to Twilio (or audio to frame as the socket takes it); False (counted)
-        when it cannot go: before `start`, on a <Start> stream, once the connection is closing
-        or gone."""
-        refused = self.listen_only or (None if self.stream_sid else "it has not started (no 'start' yet)")
-        ws = self.ws
-        if refused or ws is None or not (ws.send_audio(message) if isinstance(message, Playback)
-                                         else ws.send_text(json_dumps(message))):
-            self.played_back.unsent += 1
-            if self.played_back.unsent == 1:
-                self.warn(f"not sent back: {refused or 'the connection is closing or gone'} "
-                          "(from now on only counted: unsent=)")
-            return False
-        return True
-
-    def on_stop(self, data: dict) -> None:
-        self.ended = "stop"
-        log.info("%s stop", self.label)
-
-    def on_unknown(self, event: str) -> None:
-        self.bad["unknown_event"] = self.bad.get("unknown_event", 0) + 1
-        if event not in self.unknown_events and len(self.unknown_events) < MAX_UNKNOWN_EVENTS:
-            self.unknown_events.add(event)
-            log.info("%s unknown event '%s': ignored", self.label, printable(event, 40))
-
-    def end(self, how: str, why: str | None = None) -> None:
-        """How the stream ended, for the summary: stop, disconnect, idle, stalled, shutdown or error."""
-        self.ended = how
-        if why:
-            self.warn(why)
-
-    def finish(self) -> None:
-        """Close the recordings and log the summary line. Audio still waiting to be sent
-        goes no further: the call is over (counted in unsent=)."""
-        if self.ws is not None:
-            self.played_back.unsent += self.ws.drop_audio()
-        transcripts = [track.transcript for track in self.tracks.values() if track.transcript]
-        if transcripts:
-            end_transcripts(transcripts, self.ws)
-        for track in self.tracks.values():
-            self.stop_recording(track)
-        log.info("%s", self.summary())
-
-    def summary(self) -> str:
-        tracks = [t for t in self.tracks.values() if t.messages]
-        audio_bytes = sum(t.bytes for t in tracks)
-        parts = [f"summary stream={self.stream_sid or '-'} call={self.call_sid or '-'}",
-                 f"ended={self.ended} duration={time.monotonic() - self.started_at:.2f}s",
-                 f"media={sum(t.messages for t in tracks)}"]
-        parts += [f"{t.name}={t.messages}/{t.bytes / 8000:.2f}s" for t in tracks]
-        parts += [f"audio={audio_bytes / 8000:.2f}s bytes={audio_bytes}",
-                  f"gaps={sum(t.gaps for t in tracks)} duplicates={self.duplicates}",
-                  f"out_of_order={self.out_of_order} bad={sum(self.bad.values())}"]
-        parts += [f"bad_{kind}={count}" for kind, count in sorted(self.bad.items())]
-        played_back = self.played_back
-        if played_back.messages or played_back.marks_sent or played_back.clears or played_back.unsent:
-            parts += [f"sent={played_back.messages}/{played_back.messages * CHUNK_BYTES / 8000:.2f}s",
-                      f"marks={played_back.marks_sent}/{played_back.marks_played}/{played_back.marks_cancelled}",
-                      f"clears={played_back.clears}"]
-            parts += [f"unsent={played_back.unsent}"] if played_back.unsent else []
-        if transcriber:
-            transcripts = [t.transcript for t in tracks if t.transcript]
-            parts.append(f"transcript={sum(t.utterances for t in transcripts)} "
-                         f"transcript_dropped={sum(t.dropped for t in transcripts)}")
-        recordings = [t.recording for t in tracks if t.recording]
-        if recordings:
-            parts.append("recordings=" + ",".join(f"{r.path}:{r.seconds:.2f}s" for r in recordings))
-        skipped = sum(t.recording_skipped for t in tracks)
-        if skipped:
-            parts.append(f"recording_skipped={skipped}")
-        return " ".join(parts)
-
-
-def handlers_of(stream_class: type) -> dict:
-    """EVENTS with each method looked up: once per class instead of once per message."""
-    return {event: getattr(stream_class, name) for event, name in stream_class.EVENTS.items()}
-
-
-MediaStream.handlers = handlers_of(MediaStream)
 
 
 def whole_number(obj: dict, name: str) -> int | None:
@@ -1061,7 +337,37 @@ def safe_name(stream_sid: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", stream_sid)[:64]
 
 
-# --- Audio helpers ------------------------------------------------------------------------
+def quoted(text: str) -> str:
+    return printable(text, 500).replace('"', "'")
+
+
+class LogThrottle:
+    """Warnings that any client can cause at will: at most `per_second` lines a second. The
+    others are counted, and the count is said in one line a second later."""
+
+    def __init__(self, what: str, per_second: int):
+        self.what = what
+        self.per_second = per_second
+        self.second = self.shown = self.hidden = 0
+
+    def warning(self, message: str, *args) -> None:
+        second = int(time.monotonic())
+        if second != self.second:
+            self.flush()
+            self.second, self.shown = second, 0
+        if self.shown < self.per_second:
+            self.shown += 1
+            log.warning(message, *args)
+        else:
+            self.hidden += 1
+            if self.hidden == 1:
+                gevent.spawn_later(1, self.flush)
+
+    def flush(self) -> None:
+        if self.hidden:
+            log.warning("%d more %s not shown (at most %d a second)", self.hidden, self.what, self.per_second)
+            self.hidden = 0
+
 
 def ulaw_to_linear(byte: int) -> int:
     """G.711 mu-law byte to a 16-bit linear sample."""
@@ -1187,376 +493,6 @@ class WavTrack:
             self.wav.close()
         finally:
             file.close()
-
-
-# --- Talking back: the ready modes of a <Connect><Stream> ----------------------------------
-
-class EchoStream(MediaStream):
-    """--echo: the caller hears themselves, each chunk as it arrives, with a mark every
-    second that says when Twilio played it: the first test of a bidirectional stream."""
-    talks_back = True
-    media_in_event_loop = True  # queuing audio to send never waits
-
-    def on_media(self, data: dict) -> None:
-        inbound = self.tracks["inbound"]
-        received = inbound.messages
-        super().on_media(data)
-        if inbound.messages > received:  # a chunk of the caller's, taken (not bad, not a duplicate)
-            # Its own mu-law, checked already: encoding it from PCM again would cost 10 us a chunk.
-            self.play_ulaw(binascii.a2b_base64(data["media"]["payload"]))
-            if inbound.messages % 50 == 0:
-                self.mark(f"second-{inbound.messages // 50}")
-
-
-BARGE_IN_DBFS = -35.0  # inbound louder than this ... (speech on a phone line is about -30 to -15, a quiet line -60)
-BARGE_IN_MS = 200      # ... for this long while the greeting plays: the caller talks over it
-
-
-@dataclass(eq=False)
-class GreetStream(MediaStream):
-    """--greet FILE.wav: plays the greeting when the stream starts, with a mark at its end;
-    a caller who talks over it (barge-in) cuts it off with a clear."""
-    wants_pcm = True
-    talks_back = True
-    media_in_event_loop = True  # queuing audio, a mark or a clear never waits
-    loud_ms: int = 0
-    barge_ins: int = 0
-
-    def on_start(self, data: dict) -> None:
-        super().on_start(data)
-        self.play_ulaw(settings.greeting)
-        self.mark("greeting")
-
-    def on_audio(self, track: str, timestamp: int, pcm: bytes) -> None:
-        if track != "inbound" or not self.queued_seconds:
-            self.loud_ms = 0
-            return
-        self.loud_ms = self.loud_ms + len(pcm) // 16 if pcm16_dbfs(pcm) > BARGE_IN_DBFS else 0
-        if self.loud_ms >= BARGE_IN_MS:
-            self.loud_ms = 0
-            self.barge_ins += 1
-            log.info("%s barge-in: the caller spoke over %.2f s of audio still to play: clear",
-                     self.label, self.queued_seconds)
-            self.clear()
-
-    def summary(self) -> str:
-        return f"{super().summary()} barge_ins={self.barge_ins}"
-
-
-# --- Transcripts (--transcribe): Whisper on this machine, imported only when switched on -----
-
-FRAME_BYTES = 320            # 20 ms of 8 kHz 16-bit PCM: what voice activity is decided on
-SPEECH_END_MS = 500          # this much non-speech after speech ends an utterance
-PREROLL_MS = 200             # audio kept from before speech is heard: the first syllable's onset
-MIN_SPEECH_MS = 200          # less voiced audio than this is a click or a breath: not recognized
-MAX_UTTERANCE_SECONDS = 10   # longer speech is cut into pieces this long
-PARTIAL_EVERY_MS = 1000      # --transcript-partials: a partial line this often while someone speaks
-TRANSCRIPT_QUEUE = 16        # utterances waiting for recognition, per process; beyond, the oldest is dropped
-TRACK_QUEUE = 3              # ... and per track: one track sending faster than it is heard crowds out no other
-TRANSCRIPT_WAIT_SECONDS = 10  # at a stream's end, what its last utterances' recognition may take (at shutdown: 2)
-WINDOW_SECONDS, WINDOW_PADDING_SECONDS = 10, 3  # the model's window: utterance + padding, never under 10 s
-
-
-@dataclass(eq=False)
-class Utterance:
-    transcript: "TrackTranscript"
-    at: float                 # seconds from the stream's first audio
-    pcm: bytes                # 8 kHz 16-bit
-    partial: bool = False
-
-
-class Transcriber:
-    """Whisper (faster-whisper on CTranslate2), one per process. Recognition runs on native
-    threads, which CTranslate2 lets run without the GIL, so the receive loop never waits
-    for it; utterances wait in one bounded queue, and when recognition falls behind the
-    oldest waiting one is dropped and counted."""
-
-    def __init__(self, model_name: str, threads: int):
-        import numpy
-        from faster_whisper import WhisperModel
-        from faster_whisper.tokenizer import Tokenizer
-        self.numpy = numpy
-        try:
-            # int8: a quarter of the memory, and faster on a CPU; one core for each recognition
-            self.whisper = WhisperModel(model_name, device="cpu", compute_type="int8", cpu_threads=1,
-                                        num_workers=threads)
-            self.tokenizer = Tokenizer(self.whisper.hf_tokenizer, self.whisper.model.is_multilingual,
-                                       task="transcribe", language="en")
-            self.recognize(bytes(8000))  # a broken model fails here, not on the first call
-        except Exception as exc:  # whatever faster-whisper, huggingface_hub or CTranslate2 raise
-            hint = "" if os.path.isdir(os.path.expanduser(model_name)) else \
-                " (a model name is downloaded from huggingface.co on first use; offline, give a model directory)"
-            raise SettingsError(f"--transcribe-model (TRANSCRIBE_MODEL): cannot load {model_name!r}{hint}: "
-                                f"{type(exc).__name__}: {first_sentences(str(exc), 300)}") from None
-        self.threads = gevent.threadpool.ThreadPool(threads)
-        self.waiting: deque[Utterance] = deque()
-        self.arrived = gevent.event.Event()
-        for _ in range(threads):
-            gevent.spawn(self.recognize_waiting)
-
-    def recognize(self, pcm: bytes) -> str:
-        """The words in 8 kHz 16-bit speech, on a native thread. Whisper's window is cut to the
-        utterance plus padding (a 30 s window costs 3x as much; under 10 s it repeats itself)."""
-        import ctranslate2
-        from faster_whisper.audio import pad_or_trim
-        np = self.numpy
-        samples = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768
-        audio = np.interp(np.arange(2 * len(samples)) / 2, np.arange(len(samples)), samples).astype(np.float32)
-        features = self.whisper.feature_extractor(audio)
-        frames = 100 * min(30, max(WINDOW_SECONDS, len(pcm) / 16000 + WINDOW_PADDING_SECONDS))
-        features = np.ascontiguousarray(pad_or_trim(features, int(frames))[None])
-        encoded = self.whisper.model.encode(ctranslate2.StorageView.from_array(features))
-        prompt = [*self.tokenizer.sot_sequence, self.tokenizer.no_timestamps]
-        tokens = self.whisper.model.generate(encoded, [prompt], beam_size=5, suppress_blank=True, suppress_tokens=[-1],
-                                             max_length=int(20 + 10 * len(pcm) / 16000))[0].sequences_ids[0]
-        return self.tokenizer.decode([token for token in tokens if token < self.tokenizer.eot]).strip()
-
-    def submit(self, utterance: Utterance) -> None:
-        transcript = utterance.transcript
-        if utterance.partial:
-            if not self.waiting:  # a partial line only costs idle time
-                self.waiting.append(utterance)
-                self.arrived.set()
-            return
-        if any(waiting.partial for waiting in self.waiting):  # whole utterances go first
-            self.waiting = deque(waiting for waiting in self.waiting if not waiting.partial)
-        same_track = [waiting for waiting in self.waiting if waiting.transcript is transcript]
-        if len(same_track) >= TRACK_QUEUE:
-            self.drop(same_track[0])
-        elif len(self.waiting) >= TRANSCRIPT_QUEUE:
-            self.drop(self.waiting[0])
-        transcript.pending += 1
-        self.waiting.append(utterance)
-        self.arrived.set()
-
-    def drop(self, utterance: Utterance) -> None:
-        self.waiting.remove(utterance)
-        utterance.transcript.dropped_one()
-
-    def forget(self, transcript: "TrackTranscript") -> None:
-        """A transcript's utterances still waiting: its call has ended."""
-        self.waiting = deque(waiting for waiting in self.waiting if waiting.transcript is not transcript)
-
-    def recognize_waiting(self) -> None:
-        while True:
-            while not self.waiting:
-                self.arrived.clear()
-                self.arrived.wait()
-            utterance = self.waiting.popleft()
-            try:
-                text = self.threads.apply(self.recognize, (utterance.pcm,))
-            except Exception as exc:  # a model that fails on some audio: that utterance only
-                log.warning("transcript recognition failed: %s: %s", type(exc).__name__, printable(str(exc), 200))
-                text = ""
-            utterance.transcript.heard(utterance, text)
-
-
-class TrackTranscript:
-    """One track's speech, cut into utterances where voice activity (WebRTC's detector, on
-    the 8 kHz audio) pauses, and the words recognized in them: logged, and written to
-    RECORD_DIR/<recording's name>.txt with --record."""
-
-    def __init__(self, stream: "MediaStream", track: str):
-        import webrtcvad
-        self.stream, self.track = stream, track
-        self.vad = webrtcvad.Vad(2)  # 0-3: how sure it must be that a frame is speech
-        self.rest = b""             # less than a frame, left from the last chunk
-        self.preroll: deque[bytes] = deque(maxlen=PREROLL_MS // 20)
-        self.speech: bytearray | None = None  # the utterance being heard
-        self.start_ms = self.voiced_ms = self.silent_ms = self.partial_ms = 0
-        self.pending = 0            # utterances submitted, not yet heard
-        self.utterances = self.dropped = 0
-        self.all_heard = gevent.event.Event()
-        self.file = None
-        self.closed = False         # its call has ended: what comes back now is too late
-
-    def feed(self, at_ms: int, pcm: bytes) -> None:
-        """A chunk of the track: `at_ms` from the stream's first audio."""
-        data = self.rest + pcm if self.rest else pcm
-        at_ms -= len(self.rest) // 16
-        for offset in range(0, len(data) - FRAME_BYTES + 1, FRAME_BYTES):
-            self.frame(at_ms + offset // 16, data[offset:offset + FRAME_BYTES])
-        self.rest = data[len(data) - len(data) % FRAME_BYTES:]
-
-    def frame(self, at_ms: int, frame: bytes) -> None:
-        voiced = self.vad.is_speech(frame, 8000)
-        if self.speech is None:
-            self.preroll.append(frame)
-            if voiced:
-                self.start_ms = at_ms - 20 * (len(self.preroll) - 1)
-                self.speech = bytearray().join(self.preroll)
-                self.preroll.clear()
-                self.voiced_ms, self.silent_ms, self.partial_ms = 20, 0, at_ms
-            return
-        self.speech += frame
-        self.voiced_ms += 20 if voiced else 0
-        self.silent_ms = 0 if voiced else self.silent_ms + 20
-        if self.silent_ms >= SPEECH_END_MS or len(self.speech) >= MAX_UTTERANCE_SECONDS * 16000:
-            self.end_utterance()
-        elif settings.transcript_partials and at_ms - self.partial_ms >= PARTIAL_EVERY_MS:
-            self.partial_ms = at_ms
-            transcriber.submit(Utterance(self, self.start_ms / 1000, bytes(self.speech), partial=True))
-
-    def end_utterance(self) -> None:
-        if self.speech is not None and self.voiced_ms >= MIN_SPEECH_MS:
-            transcriber.submit(Utterance(self, self.start_ms / 1000, bytes(self.speech)))
-        self.speech = None
-
-    def heard(self, utterance: Utterance, text: str) -> None:
-        if self.closed:
-            return
-        if utterance.partial:
-            if text and self.speech is not None:  # still speaking
-                log.info('%s transcript-partial track=%s at=%.2fs text="%s"', self.stream.label, self.track,
-                         utterance.at, quoted(text))
-            return
-        if text:
-            self.utterances += 1
-            log.info('%s transcript track=%s at=%.2fs text="%s"', self.stream.label, self.track, utterance.at,
-                     quoted(text))
-            self.write(f"{utterance.at:.2f}s {printable(text, 2000)}\n")
-        self.one_less_pending()
-
-    def dropped_one(self) -> None:
-        self.dropped += 1
-        self.stream.warn(f"transcript track={self.track}: recognition is behind, the oldest utterance waiting "
-                         f"was dropped ({TRANSCRIPT_QUEUE} waiting; see --transcribe-threads)")
-        self.one_less_pending()
-
-    def one_less_pending(self) -> None:
-        self.pending -= 1
-        if not self.pending:
-            self.all_heard.set()
-
-    def write(self, line: str) -> None:
-        if not settings.record:
-            return
-        try:
-            if self.file is None:
-                recording = self.stream.tracks[self.track].recording
-                name = recording.path[:-4] if recording else os.path.join(
-                    settings.record, f"{safe_name(self.stream.stream_sid)}_{self.track}")
-                self.file = open(name + ".txt", "a", encoding="utf-8", opener=private)
-            self.file.write(line)
-            self.file.flush()  # complete on disk whenever and however the call ends
-        except OSError as exc:
-            self.stream.warn(f"transcript file track={self.track}: {exc}")
-
-    def close(self) -> None:
-        """Its call has ended: what was not heard by now is counted as dropped."""
-        self.closed = True
-        transcriber.forget(self)
-        if self.pending:
-            self.dropped += self.pending
-            self.stream.warn(f"transcript track={self.track}: {self.pending} utterance(s) not recognized before "
-                             "the call ended")
-        if self.file:
-            self.file.close()
-
-
-def end_transcripts(transcripts: list[TrackTranscript], ws: "MediaWebSocket | None") -> None:
-    """A call's last words recognized and written before its summary: what was still being
-    said is sent, and every utterance is heard within TRANSCRIPT_WAIT_SECONDS, or within
-    the time a shutdown leaves (STREAM_END_SECONDS); what is left is counted as dropped."""
-    for transcript in transcripts:
-        transcript.end_utterance()
-    if ws is not None:
-        ws.last_received = math.inf  # waiting for recognition is not the client being idle
-    deadline = STREAM_END_SECONDS - 1 if shutting_down else TRANSCRIPT_WAIT_SECONDS
-    try:
-        with gevent.Timeout(deadline, False):
-            for transcript in transcripts:
-                while transcript.pending:
-                    transcript.all_heard.clear()
-                    transcript.all_heard.wait()
-    except (gevent.GreenletExit, IdleTimeout):  # the server is stopping: the summary and the files first
-        pass
-    for transcript in transcripts:
-        transcript.close()
-
-
-def quoted(text: str) -> str:
-    return printable(text, 500).replace('"', "'")
-
-
-# --- Who may stream: the handshake checks -------------------------------------------------
-
-def refusal(environ: dict) -> tuple[str, str, str] | None:
-    """(HTTP status, kind, reason) for a WebSocket handshake we refuse before the 101, else None:
-    one that breaks RFC 6455 4.2.1 (gevent-websocket would answer it with a traceback or a
-    garbled status), or one that Twilio did not sign, or one over a limit."""
-    if environ.get("REQUEST_METHOD") != "GET":
-        return "405 Method Not Allowed", "not_get", "a WebSocket handshake is a GET"
-    if environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
-        return "400 Bad Request", "not_http11", "a WebSocket handshake is an HTTP/1.1 request"
-    if "upgrade" not in environ.get("HTTP_CONNECTION", "").lower():
-        return "400 Bad Request", "no_upgrade", "Connection: Upgrade missing"
-    if environ.get("HTTP_SEC_WEBSOCKET_VERSION") != "13":
-        return "426 Upgrade Required", "websocket_version", "Sec-WebSocket-Version must be 13"
-    try:
-        key_length = len(base64.b64decode(environ.get("HTTP_SEC_WEBSOCKET_KEY", ""), validate=True))
-    except binascii.Error:
-        key_length = 0
-    if key_length != 16:
-        return "400 Bad Request", "websocket_key", "Sec-WebSocket-Key is not 16 bytes in base64"
-    path = environ.get("PATH_INFO", "")
-    if not sockets.url_map.bind("localhost", url_scheme="ws").test(path):
-        return "404 Not Found", "path", "no WebSocket route here (Twilio's <Stream> URL must end in /media)"
-    if settings.auth_token:
-        signature = environ.get("HTTP_X_TWILIO_SIGNATURE")
-        if not signature:
-            return "403 Forbidden", "no_signature", "missing X-Twilio-Signature"
-        host = public_host(settings.public_url) or environ.get("HTTP_HOST", "")
-        query = environ.get("QUERY_STRING")
-        if not signature_is_valid(settings.auth_token, host, path + ("?" + query if query else ""), signature):
-            return ("403 Forbidden", "bad_signature",
-                    f"X-Twilio-Signature does not match wss://{printable(host + path, 200)}")
-    if shutting_down:
-        return "503 Service Unavailable", "shutting_down", "the server is shutting down"
-    if len(open_websockets) >= settings.max_streams:
-        return ("503 Service Unavailable", "max_streams",
-                f"{settings.max_streams} streams open already (--max-streams)")
-    return None
-
-
-def forwarded_client(environ: dict, proxies: int) -> str | None:
-    """The client's address as the outermost of our `proxies` trusted proxies saw it: the
-    proxies-th address from the right of X-Forwarded-For (each proxy appends the address it
-    got the request from), as Werkzeug's ProxyFix(x_for=proxies). None if there are fewer."""
-    addresses = [address.strip() for address in environ.get("HTTP_X_FORWARDED_FOR", "").split(",")]
-    if len(addresses) < proxies:
-        return None
-    try:
-        address = ipaddress.ip_address(addresses[-proxies])
-    except ValueError:
-        return None
-    return None if getattr(address, "scope_id", None) else str(address)  # "fe80::1%<any text>": no
-
-
-def twilio_signature(auth_token: str, url: str) -> str:
-    """X-Twilio-Signature of a WebSocket handshake: HMAC-SHA1 of the URL alone, base64."""
-    digest = hmac.new(auth_token.encode(), url.encode(), hashlib.sha1).digest()
-    return base64.b64encode(digest).decode()
-
-
-def signature_is_valid(auth_token: str, host: str, path: str, signature: str) -> bool:
-    """Checks wss://host/path as given, without its port and with the default one, as
-    Twilio's own validator accepts either; every candidate is compared in constant time."""
-    name, colon, port = host.rpartition(":")
-    hostname = name if colon and port.isdigit() else host
-    candidates = {f"wss://{host}{path}", f"wss://{hostname}{path}", f"wss://{hostname}:443{path}"}
-    given = signature.encode("latin-1", "replace")
-    valid = False
-    for url in candidates:
-        valid |= hmac.compare_digest(twilio_signature(auth_token, url).encode(), given)
-    return valid
-
-
-def public_host(public_url: str | None) -> str | None:
-    """The host[:port] of --public-url, which may be given with or without a scheme."""
-    if not public_url:
-        return None
-    return urlsplit(public_url if "//" in public_url else "//" + public_url).netloc
 
 
 # --- WebSocket frames, without I/O (RFC 6455) ---------------------------------------------
@@ -1725,8 +661,1554 @@ class FrameParser:
         self.fragments = None
 
 
+# --- Call events: every observable thing about a call, once ----------------------------------
+
+@dataclass(frozen=True, slots=True)
+class CallEvent:
+    """Something that can be seen of one call. The stream makes it; the runtime hands it to
+    every sink (the console, metrics, transcript files, and whatever is added next). `label`
+    is the stream's, as it was when the event happened (`stream=MZ…`, or `remote=…` before
+    `start`). None is made per media message: a call's first chunk and its levels are."""
+    stream: "MediaStream"
+    label: str
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted(CallEvent):
+    """The WebSocket is open: a call begins."""
+
+
+@dataclass(frozen=True, slots=True)
+class Connected(CallEvent):
+    protocol: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Started(CallEvent):
+    call_sid: str
+    tracks: tuple[str, ...]
+    media_format: str                 # encoding/sampleRate/channels, as sent
+    parameters: dict[str, str]        # customParameters: names and values, made safe to log
+
+
+@dataclass(frozen=True, slots=True)
+class FirstMedia(CallEvent):
+    track: str
+    size: int                         # bytes of mu-law in the first message
+
+
+@dataclass(frozen=True, slots=True)
+class Level(CallEvent):
+    track: str
+    mean_square: float                # of the samples read over the last second
+
+
+@dataclass(frozen=True, slots=True)
+class Dtmf(CallEvent):
+    digit: str
+
+
+@dataclass(frozen=True, slots=True)
+class MarkSent(CallEvent):
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class MarkEchoed(CallEvent):
+    name: str
+    cancelled: bool                   # a clear cut off the audio before it
+    waited_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class BargeIn(CallEvent):
+    queued_seconds: float             # of audio the caller spoke over, cleared
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownEvent(CallEvent):
+    event: str
+
+
+@dataclass(frozen=True, slots=True)
+class Stopped(CallEvent):
+    """Twilio's `stop`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Transcribed(CallEvent):
+    track: str
+    at: float                         # seconds from the stream's first audio
+    text: str
+    partial: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Warned(CallEvent):
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failed(CallEvent):
+    """A bug in the stream's own handling ended it (close code 1011)."""
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class Ended(CallEvent):
+    summary: str                      # MediaStream.summary(): key=value pairs
+
+
+# --- Per-call state -----------------------------------------------------------------------
+
+TRACK_NAMES = ("inbound", "outbound")
+GAP_MS = 10            # a timestamp further ahead than this (half a 20 ms frame) is lost audio
+MAX_WARNINGS = 100     # per stream; the rest are still counted
+MAX_UNKNOWN_EVENTS = 20
+CHUNK_BYTES = 160      # mu-law bytes a media message plays back: 20 ms, as Twilio sends them
+AUDIO_QUEUE_CHUNKS = 250  # a class of yours: chunks (5 s) waiting for its on_audio(); beyond, dropped and counted
+AUDIO_DRAIN_SECONDS = 5   # at a call's end, what its on_audio() may take for the chunks still waiting (shutdown: 1)
+
+
+@dataclass
+class Track:
+    name: str
+    messages: int = 0
+    bytes: int = 0
+    gaps: int = 0
+    end_ms: int | None = None       # where the audio received so far ends on the stream's clock
+    chunk: int | None = None
+    energy: int = 0                 # level meter: sum of squares since the last line
+    energy_samples: int = 0
+    next_level_at: float = 0.0
+    recording: "WavTrack | None" = None
+    transcript: "TrackTranscript | None" = None
+    recording_stopped: bool = False  # by a write error or --max-recording-seconds: the file stays
+    recording_skipped: int = 0       # chunks not recorded: the silence before them would outrun the call's age
+
+
+@dataclass
+class Mark:
+    name: str
+    after_bytes: int                # the audio sent before it: played when Twilio echoes it
+    sent_at: float
+    clears_before: int              # clears sent before it: if one went out after it, its echo means cut off
+
+
+@dataclass
+class PlayedBack:
+    """What a stream sent into the call (<Connect><Stream> only)."""
+    messages: int = 0               # media messages handed to the socket, 20 ms each (sent=)
+    queued_bytes: int = 0           # audio handed to play(), sent or still to go: where marks fall
+    marks: dict = field(default_factory=dict)  # name: the marks of that name sent, not yet echoed, oldest first
+    marks_waiting: int = 0
+    marks_played: int = 0
+    marks_cancelled: int = 0
+    clears: int = 0
+    unsent: int = 0                 # messages refused (before start, a <Start> stream, a closed socket) or
+                                    # still waiting to be sent when the stream ended
+    playing_until: float = 0.0      # when Twilio will have played what it was sent, as far as we know
+
+    @property
+    def marks_sent(self) -> int:
+        return self.marks_waiting + self.marks_played + self.marks_cancelled
+
+
+class Playback:
+    """Audio from play(), made into 20 ms media messages only as the socket takes them: a
+    long greeting costs no time in the receive loop and no memory per call beyond itself."""
+    __slots__ = ("stream", "ulaw", "offset")
+
+    def __init__(self, stream: "MediaStream", ulaw: bytes):
+        self.stream, self.ulaw, self.offset = stream, ulaw, 0
+
+    def messages(self, limit: int) -> list[bytes]:
+        """The next media messages (JSON), about `limit` bytes of them (at least one)."""
+        messages, ulaw, size = [], self.ulaw, 0
+        while self.offset < len(ulaw) and size < limit:
+            chunk = ulaw[self.offset:self.offset + CHUNK_BYTES].ljust(CHUNK_BYTES, b"\xff")  # whole 20 ms
+            self.offset += CHUNK_BYTES
+            payload = binascii.b2a_base64(chunk, newline=False).decode()
+            messages.append(json_dumps({"event": "media", "streamSid": self.stream.stream_sid,
+                                        "media": {"payload": payload}}))
+            size += len(messages[-1])
+        self.stream.played_back.messages += len(messages)
+        return messages
+
+    @property
+    def done(self) -> bool:
+        return self.offset >= len(self.ulaw)
+
+    def messages_left(self) -> int:
+        return -(-max(0, len(self.ulaw) - self.offset) // CHUNK_BYTES)
+
+
+def is_ours(function: object) -> bool:
+    """Whether a method is this module's own code (not a subclass's from elsewhere)."""
+    return getattr(function, "__globals__", None) is globals()
+
+
+# What the event loop runs for a media message: a class whose own code replaces any of it
+# has its media handled in the call's greenlet instead, where code may wait.
+MEDIA_MACHINERY = ("handle", "_handle", "parse", "on_media", "check_sequence", "meter", "record",
+                   "stop_recording", "warn", "emit", "play", "play_ulaw", "mark", "clear", "send", "label",
+                   "queued_seconds")
+
+
+@dataclass(eq=False)
+class MediaStream:
+    """One WebSocket connection from Twilio: what we know of the call, one method per event.
+
+    To process the audio, subclass it, override on_audio() and run
+    app.main(stream_class=YourStream); setup() is called once per call, before its first
+    message. To handle an event of your own, add it to EVENTS:
+    `EVENTS = {**MediaStream.EVENTS, "custom": "on_custom"}`. To talk back on a
+    <Connect><Stream>: play(), mark(), clear(), and on_mark_echo() when a mark comes back.
+
+    Everything that can be seen of the call is an event (CallEvent) handed to the runtime's
+    sinks: this class never logs by itself."""
+
+    EVENTS: ClassVar[dict[str, str]] = {"media": "on_media", "connected": "on_connected", "start": "on_start",
+                                        "dtmf": "on_dtmf", "mark": "on_mark", "stop": "on_stop"}
+    handlers: ClassVar[dict]            # EVENTS' methods, looked up when the class is made (handlers_of)
+    wants_pcm: ClassVar[bool] = False   # every chunk decoded to PCM: True for a class with an on_audio() of its own
+    talks_back: ClassVar[bool] = False  # True: read as each message lands from the first (else from the first send)
+    # Set for each class when it is made. The event loop handles media messages as they land
+    # (a sixth less CPU than waking the call's greenlet for each) when what it runs for them is
+    # this module's own code; and a class's own on_audio() runs in a greenlet of the call's,
+    # fed through a bounded queue, where it may wait.
+    media_in_event_loop: ClassVar[bool] = True
+    audio_in_greenlet: ClassVar[bool] = False
+
+    runtime: "Runtime" = field(repr=False)
+    remote: str
+    ws: "MediaWebSocket | Any" = field(default=None, repr=False)  # where play(), mark() and clear() send
+    stream_sid: str | None = None
+    call_sid: str | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    tracks: dict = field(default_factory=lambda: {name: Track(name) for name in TRACK_NAMES})
+    origin_ms: int | None = None    # timestamp of the first media: sample 0 of the recordings
+    last_sequence: int = 0
+    duplicates: int = 0
+    out_of_order: int = 0
+    bad: dict = field(default_factory=dict)
+    warnings: int = 0
+    unknown_events: set = field(default_factory=set)
+    connected: bool = False
+    decoding: bool = False          # a recording, transcripts or an on_audio(): each chunk is decoded to PCM
+    ended: str = "disconnect"
+    played_back: PlayedBack = field(default_factory=PlayedBack)
+    listen_only: str | None = None  # why nothing may be sent back: warned once, then only counted
+    audio_dropped: int = 0          # chunks your on_audio() was too far behind to take
+    audio_queue: "gevent.queue.Queue | None" = field(default=None, repr=False)
+    audio_worker: "gevent.Greenlet | None" = field(default=None, repr=False)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.handlers = handlers_of(cls)
+        cls.wants_pcm = cls.wants_pcm or cls.on_audio is not MediaStream.on_audio
+        cls.audio_in_greenlet = not is_ours(cls.on_audio)
+        cls.media_in_event_loop = is_ours(cls.handlers.get("media")) and all(
+            is_ours(getattr(cls, name)) or is_ours(getattr(getattr(cls, name), "fget", None))
+            for name in MEDIA_MACHINERY)
+
+    def __post_init__(self):
+        if self.talks_back and self.ws is not None:
+            self.ws.talk_back()
+        self.emit(Accepted)
+        self.setup()
+
+    def setup(self) -> None:
+        """Yours to override: called once per call, in its greenlet, before its first message."""
+
+    @property
+    def label(self) -> str:
+        return f"stream={self.stream_sid}" if self.stream_sid else f"remote={self.remote}"
+
+    def emit(self, kind: type[CallEvent], **details) -> None:
+        self.runtime.emit(kind(self, self.label, **details))
+
+    def handle(self, message: str | bytes) -> str | None:
+        """One message from the socket: parsed, then handed to the method EVENTS names for its
+        event. A bad message is counted and warned about, never raised. Returns the event."""
+        return self._handle(message)
+
+    def _handle(self, message: str | bytes, only: str | None = None) -> str | None:
+        # With `only` (the event loop's "media"), a message of another event is left as it was.
+        try:
+            data = self.parse(message)
+            event = data["event"]
+            if only and event != only:
+                return event
+            handler = self.handlers.get(event)
+            if handler is None:
+                self.on_unknown(event)
+            else:
+                handler(self, data)
+            return event
+        except BadMessage as bad:
+            self.bad[bad.kind] = self.bad.get(bad.kind, 0) + 1
+            self.warn(f"skipped message: {bad}")
+            return None
+
+    def handle_media(self, message: str | bytes) -> str | None:
+        """What the event loop calls for each message it reads: media are handled, any other
+        event is returned unhandled, for the call's greenlet (MediaWebSocket.on_readable)."""
+        return self._handle(message, "media")
+
+    def parse(self, message: str | bytes) -> dict:
+        """The JSON object of one frame, with a string `event`; BadMessage otherwise."""
+        if not isinstance(message, str):
+            raise BadMessage("binary", f"binary frame of {len(message)} bytes (Twilio sends JSON text)")
+        if not message:
+            raise BadMessage("empty", "empty text frame")
+        try:
+            data = json_loads(message)
+        except (ValueError, RecursionError) as exc:
+            raise BadMessage("invalid_json", f"invalid JSON ({str(exc)[:80]})") from None
+        if not isinstance(data, dict):
+            raise BadMessage("not_object", f"JSON {type(data).__name__}, not an object")
+        if not isinstance(data.get("event"), str):
+            raise BadMessage("no_event", "no string 'event' field")
+        return data
+
+    def warn(self, message: str) -> None:
+        self.warnings += 1
+        if self.warnings <= MAX_WARNINGS:
+            self.emit(Warned, message=printable(message, 300))
+        elif self.warnings == MAX_WARNINGS + 1:
+            self.emit(Warned, message=f"more than {MAX_WARNINGS} warnings: the rest are only counted in the summary")
+
+    def check_sequence(self, data: dict) -> bool:
+        """False for a message seen already; counts what arrives out of order."""
+        sequence = whole_number(data, "sequenceNumber")
+        if sequence is None:
+            return True
+        if sequence == self.last_sequence:
+            self.duplicates += 1
+            self.warn(f"duplicate sequenceNumber={sequence}: dropped")
+            return False
+        if sequence < self.last_sequence:
+            self.out_of_order += 1
+            self.warn(f"sequenceNumber={sequence} after {self.last_sequence}: out of order")
+        else:
+            self.last_sequence = sequence
+        return True
+
+    def on_connected(self, data: dict) -> None:
+        if self.connected:
+            raise BadMessage("second_connected", "second 'connected' on this stream: ignored")
+        self.connected = True
+        self.emit(Connected, protocol=field_text(data, "protocol", "?"), version=field_text(data, "version", "?"))
+
+    def on_start(self, data: dict) -> None:
+        if self.stream_sid:
+            raise BadMessage("second_start", "second 'start' on this stream: ignored")
+        start = data.get("start")
+        if not isinstance(start, dict):
+            raise BadMessage("start", "'start' field is not an object")
+        stream_sid = field_text(start, "streamSid") or field_text(data, "streamSid")
+        if not stream_sid:
+            raise BadMessage("start", "start without a streamSid")
+        tracks = start.get("tracks", ["inbound"])
+        params = start.get("customParameters") or {}
+        media_format = start.get("mediaFormat") or {}
+        if not (isinstance(tracks, list) and all(isinstance(t, str) for t in tracks)
+                and isinstance(params, dict) and isinstance(media_format, dict)):
+            raise BadMessage("start", "start.tracks, customParameters or mediaFormat has the wrong type")
+        self.check_sequence(data)
+        self.stream_sid = stream_sid
+        if "outbound" in tracks:
+            self.listen_only = ("its tracks include outbound, so it comes from <Start><Stream>, where Twilio "
+                                "accepts nothing back: use <Connect><Stream> (twiml/connect.xml)")
+        self.decoding = self.wants_pcm or bool(self.runtime.settings.record) or self.runtime.transcriber is not None
+        self.call_sid = field_text(start, "callSid", "?")
+        encoding, rate, channels = (media_format.get(name) for name in ("encoding", "sampleRate", "channels"))
+        self.emit(Started, call_sid=self.call_sid, tracks=tuple(printable(t, 100) for t in tracks),
+                  media_format="/".join(scalar_text(value) for value in (encoding, rate, channels)),
+                  parameters={printable(name, 100): scalar_text(value) for name, value in params.items()})
+        if (encoding, rate, channels) != ("audio/x-mulaw", 8000, 1):
+            self.warn(f"unexpected media format {'/'.join(scalar_text(v) for v in (encoding, rate, channels))}: "
+                      "this server expects audio/x-mulaw 8000 Hz mono")
+
+    def on_media(self, data: dict) -> None:
+        media = data.get("media")
+        if not isinstance(media, dict):
+            raise BadMessage("media", "'media' field is not an object")
+        track_name = media.get("track")
+        track = self.tracks.get(track_name) if isinstance(track_name, str) else None
+        if track is None:
+            raise BadMessage("media", f"media.track is not one of {TRACK_NAMES}")
+        payload = media.get("payload")
+        if not isinstance(payload, str) or not payload:
+            raise BadMessage("payload", "media.payload missing or empty")
+        try:
+            audio = binascii.a2b_base64(payload, strict_mode=True)
+        except (binascii.Error, ValueError):
+            raise BadMessage("payload", "media.payload is not valid base64") from None
+        timestamp = whole_number(media, "timestamp")
+        chunk = whole_number(media, "chunk")
+        if self.stream_sid is None:
+            raise BadMessage("media_before_start", "media before 'start': dropped")
+        if not self.check_sequence(data):
+            return
+        if track.messages == 0:
+            self.emit(FirstMedia, track=track.name, size=len(audio))
+        if timestamp is None:
+            timestamp = track.end_ms if track.end_ms is not None else 0
+        if self.origin_ms is None:
+            self.origin_ms = timestamp
+        if track.end_ms is not None and timestamp > track.end_ms + GAP_MS:
+            track.gaps += 1
+            self.warn(f"gap track={track.name}: {timestamp - track.end_ms} ms of audio missing "
+                      f"before timestamp={timestamp} chunk={chunk}")
+        track.messages += 1
+        track.bytes += len(audio)
+        track.chunk = chunk
+        if track.end_ms is None or timestamp + len(audio) // 8 > track.end_ms:
+            track.end_ms = timestamp + len(audio) // 8
+        if not self.runtime.settings.quiet_levels:
+            self.meter(track, audio)
+        if self.decoding:
+            pcm = ulaw_to_pcm16(audio)
+            if self.runtime.settings.record and not track.recording_stopped:
+                self.record(track, timestamp, pcm)
+            if self.audio_in_greenlet:
+                self.queue_audio(track.name, timestamp, pcm)
+            elif self.wants_pcm:
+                self.on_audio(track.name, timestamp, pcm)
+            if self.runtime.transcriber:
+                if track.transcript is None:
+                    track.transcript = TrackTranscript(self, track.name)
+                track.transcript.feed(timestamp - self.origin_ms, pcm)
+
+    def on_audio(self, track: str, timestamp: int, pcm: bytes) -> None:
+        """Yours to override, to process the audio (transcription, analysis): every chunk of
+        every track, in order, as 16-bit little-endian PCM, 8000 Hz, mono; `timestamp` in ms
+        on the stream's clock. It runs in a greenlet of the call's own, so it may wait (gevent
+        sleeps, locks, queues, the network); while it is behind, chunks wait for it, up to
+        AUDIO_QUEUE_CHUNKS (5 s): beyond, they are dropped and counted (audio_dropped=)."""
+
+    def queue_audio(self, track: str, timestamp: int, pcm: bytes) -> None:
+        """A chunk for your on_audio(), run by this call's audio greenlet: never waits."""
+        if self.audio_queue is None:
+            self.audio_queue = gevent.queue.Queue(AUDIO_QUEUE_CHUNKS)
+            self.audio_worker = gevent.spawn(self.run_on_audio, self.audio_queue)
+        try:
+            self.audio_queue.put_nowait((track, timestamp, pcm))
+        except gevent.queue.Full:
+            self.audio_dropped += 1
+            if self.audio_dropped == 1:
+                self.warn(f"{type(self).__name__}.on_audio() is {AUDIO_QUEUE_CHUNKS} chunks behind: chunks are "
+                          "dropped while it is (counted: audio_dropped=)")
+
+    def run_on_audio(self, queue: gevent.queue.Queue) -> None:
+        while (chunk := queue.get()) is not None:
+            try:
+                self.on_audio(*chunk)
+            except Exception as exc:  # a bug in your on_audio() ends this call, as one in any handler does
+                if self.ws is not None and self.ws.greenlet is not None:
+                    gevent.kill(self.ws.greenlet, exc)
+                    return
+                raise
+
+    def finish_audio(self) -> None:
+        """The chunks still waiting for on_audio(), handled within AUDIO_DRAIN_SECONDS; what is
+        left is dropped and counted."""
+        worker, queue = self.audio_worker, self.audio_queue
+        if worker is None or queue is None:
+            return
+        self.audio_worker = self.audio_queue = None
+        with gevent.Timeout(1 if self.runtime.shutting_down else AUDIO_DRAIN_SECONDS, False):
+            if not worker.dead:
+                queue.put(None)
+                worker.join()
+        if not worker.dead:
+            worker.kill(block=False)
+        self.audio_dropped += sum(1 for chunk in list(queue.queue) if chunk is not None)
+
+    def meter(self, track: Track, ulaw: bytes) -> None:
+        # Every 8th sample, from another first one each message: an eighth of the cost, and a
+        # tone whose period divides 8 samples (1 kHz) is not read at one point of its wave.
+        offset = track.messages & 7
+        track.energy += sum(map(ULAW_SQUARES.__getitem__, ulaw[offset::8]))
+        track.energy_samples += (len(ulaw) - offset + 7) // 8
+        now = time.monotonic()
+        if now >= track.next_level_at:
+            if track.next_level_at and track.energy_samples:
+                self.emit(Level, track=track.name, mean_square=track.energy / track.energy_samples)
+            track.energy = track.energy_samples = 0
+            track.next_level_at = now + 1.0
+
+    def record(self, track: Track, timestamp: int, pcm: bytes) -> None:
+        settings = self.runtime.settings
+        at_sample = (timestamp - (self.origin_ms or 0)) * 8
+        try:
+            if track.recording is None:
+                track.recording = WavTrack.create(settings.record or ".", f"{safe_name(self.stream_sid or '-')}_"
+                                                                          f"{track.name}")
+            recording = track.recording
+            # Audio is written as it comes, however fast (the client pays for each byte of it);
+            # the silence that fills a jump in the timestamps is free to ask for, so no more of
+            # it is written than the call is old: a chunk that would need more is skipped.
+            silence = recording.silence_before(at_sample)
+            if recording.silent_samples + silence > ((time.monotonic() - self.started_at) * 1000
+                                                     + MAX_SILENCE_LEAD_MS) * 8:
+                if not track.recording_skipped:
+                    self.warn(f"recording skips a chunk track={track.name}: its timestamp={timestamp} would need "
+                              f"{silence / 8000:.1f} s of silence, more than the call is old (counted: "
+                              "recording_skipped=)")
+                track.recording_skipped += 1
+                return
+            if recording.samples + silence + len(pcm) // 2 > settings.max_recording_seconds * 8000:
+                raise OSError(f"--max-recording-seconds {settings.max_recording_seconds:g} reached")
+            recording.write(pcm, at_sample)
+        except OSError as exc:  # disk full, file size limit, our own cap: the stream goes on unrecorded
+            self.warn(f"recording stopped track={track.name}: {exc}")
+            self.stop_recording(track)
+            track.recording_stopped = True
+
+    def stop_recording(self, track: Track) -> None:
+        if track.recording and not track.recording.closed:
+            try:
+                track.recording.close()
+            except OSError as exc:
+                self.warn(f"closing recording {track.recording.path}: {exc}")
+
+    def on_dtmf(self, data: dict) -> None:
+        dtmf = data.get("dtmf")
+        if not isinstance(dtmf, dict) or not isinstance(dtmf.get("digit"), (str, int)):
+            raise BadMessage("dtmf", "dtmf.digit missing")
+        if self.check_sequence(data):
+            self.emit(Dtmf, digit=printable(str(dtmf["digit"]), 8))
+
+    def on_mark(self, data: dict) -> None:
+        """Twilio's echo of a mark we sent: the audio before it has been played, or cut off by a clear."""
+        mark = data.get("mark")
+        if not isinstance(mark, dict) or not isinstance(mark.get("name"), str):
+            raise BadMessage("mark", "mark.name missing")
+        if not self.check_sequence(data):
+            return
+        name, played_back = mark["name"], self.played_back
+        waiting = played_back.marks.get(name)  # by name: a client echoing names we never sent costs no scan
+        if waiting is None:
+            raise BadMessage("unknown_mark", f"mark name='{printable(name, 100)}' was never sent, or echoed already")
+        sent = waiting.popleft()
+        if not waiting:
+            del played_back.marks[name]
+        played_back.marks_waiting -= 1
+        cancelled = sent.clears_before < played_back.clears
+        if cancelled:
+            played_back.marks_cancelled += 1
+        else:
+            played_back.marks_played += 1
+            # Played up to the mark: what was sent after it is still to come, from now.
+            played_back.playing_until = time.monotonic() + (played_back.queued_bytes - sent.after_bytes) / 8000
+        waited_ms = (time.monotonic() - sent.sent_at) * 1000
+        self.emit(MarkEchoed, name=printable(name, 100), cancelled=cancelled, waited_ms=waited_ms)
+        self.on_mark_echo(name, cancelled, waited_ms)
+
+    def on_mark_echo(self, name: str, cancelled: bool, waited_ms: float) -> None:
+        """Yours to override: a mark of yours came back: the caller has heard the audio sent
+        before it, or, when `cancelled`, a clear() cut that audio off. `waited_ms`: since
+        mark() sent it."""
+
+    # --- Talking back: play(), mark(), clear() (<Connect><Stream> only) --------------------
+
+    def play(self, pcm: bytes) -> bool:
+        """Play 16-bit little-endian PCM, 8000 Hz mono, into the call: mu-law, 20 ms a message.
+        It is queued, never waited for; Twilio plays what it gets in order. False when it
+        cannot go (see send())."""
+        return self.play_ulaw(pcm16_to_ulaw(pcm))
+
+    def play_ulaw(self, ulaw: bytes) -> bool:
+        """play() for audio that is mu-law already (a TTS asked for ulaw_8000, an echo). The
+        last message is padded with silence to 20 ms."""
+        if not ulaw or not self.send(Playback(self, ulaw)):
+            return False
+        played_back = self.played_back
+        length = -(-len(ulaw) // CHUNK_BYTES) * CHUNK_BYTES
+        played_back.queued_bytes += length
+        played_back.playing_until = max(played_back.playing_until, time.monotonic()) + length / 8000
+        return True
+
+    def mark(self, name: str) -> bool:
+        """Ask Twilio to echo `name` once the audio sent so far has been played: on_mark_echo()."""
+        played_back = self.played_back
+        if not self.send({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}}):
+            return False
+        sent = Mark(name, played_back.queued_bytes, time.monotonic(), played_back.clears)
+        played_back.marks.setdefault(name, deque()).append(sent)
+        played_back.marks_waiting += 1
+        self.emit(MarkSent, name=printable(name, 100))
+        return True
+
+    def clear(self) -> bool:
+        """Cut off the audio Twilio has not played yet (barge-in), and ours not yet sent; the
+        marks waiting come back cancelled."""
+        if self.ws is not None and not self.listen_only:
+            self.ws.drop_audio()
+        if not self.send({"event": "clear", "streamSid": self.stream_sid}):
+            return False
+        self.played_back.clears += 1  # every mark waiting is now cancelled: sent before this clear
+        self.played_back.playing_until = 0.0
+        return True
+
+    @property
+    def queued_seconds(self) -> float:
+        """Audio sent that Twilio has not played yet, as far as the marks and the clock tell."""
+        return max(0.0, self.played_back.playing_until - time.monotonic())
+
+    def send(self, message: dict | Playback) -> bool:
+        """One message to Twilio (or audio, made into messages as the socket takes it); False
+        (counted) when it cannot go: before `start`, on a <Start> stream, once the connection
+        is closing or gone."""
+        refused = self.listen_only or (None if self.stream_sid else "it has not started (no 'start' yet)")
+        ws = self.ws
+        if refused or ws is None or not (ws.send_audio(message) if isinstance(message, Playback)
+                                         else ws.send_text(json_dumps(message))):
+            self.played_back.unsent += 1
+            if self.played_back.unsent == 1:
+                self.warn(f"not sent back: {refused or 'the connection is closing or gone'} "
+                          "(from now on only counted: unsent=)")
+            return False
+        return True
+
+    def on_stop(self, data: dict) -> None:
+        self.ended = "stop"
+        self.emit(Stopped)
+
+    def on_unknown(self, event: str) -> None:
+        self.bad["unknown_event"] = self.bad.get("unknown_event", 0) + 1
+        if event not in self.unknown_events and len(self.unknown_events) < MAX_UNKNOWN_EVENTS:
+            self.unknown_events.add(event)
+            self.emit(UnknownEvent, event=printable(event, 40))
+
+    def end(self, how: str, why: str | None = None) -> None:
+        """How the stream ended, for the summary: stop, disconnect, idle, stalled, shutdown or error."""
+        self.ended = how
+        if why:
+            self.warn(why)
+
+    def fail(self, error: BaseException) -> None:
+        """A bug in this call's handling has ended it."""
+        self.ended = "error"
+        self.emit(Failed, error=error)
+
+    def finish(self) -> None:
+        """Close the recordings and make the summary. Audio still waiting to be sent goes
+        no further: the call is over (counted in unsent=)."""
+        if self.ws is not None:
+            self.played_back.unsent += self.ws.drop_audio()
+        self.finish_audio()
+        transcripts = [track.transcript for track in self.tracks.values() if track.transcript]
+        if transcripts:
+            end_transcripts(transcripts, self.ws)
+        for track in self.tracks.values():
+            self.stop_recording(track)
+        self.emit(Ended, summary=self.summary())
+
+    def summary(self) -> str:
+        tracks = [t for t in self.tracks.values() if t.messages]
+        audio_bytes = sum(t.bytes for t in tracks)
+        parts = [f"summary stream={self.stream_sid or '-'} call={self.call_sid or '-'}",
+                 f"ended={self.ended} duration={time.monotonic() - self.started_at:.2f}s",
+                 f"media={sum(t.messages for t in tracks)}"]
+        parts += [f"{t.name}={t.messages}/{t.bytes / 8000:.2f}s" for t in tracks]
+        parts += [f"audio={audio_bytes / 8000:.2f}s bytes={audio_bytes}",
+                  f"gaps={sum(t.gaps for t in tracks)} duplicates={self.duplicates}",
+                  f"out_of_order={self.out_of_order} bad={sum(self.bad.values())}"]
+        parts += [f"bad_{kind}={count}" for kind, count in sorted(self.bad.items())]
+        played_back = self.played_back
+        if played_back.messages or played_back.marks_sent or played_back.clears or played_back.unsent:
+            parts += [f"sent={played_back.messages}/{played_back.messages * CHUNK_BYTES / 8000:.2f}s",
+                      f"marks={played_back.marks_sent}/{played_back.marks_played}/{played_back.marks_cancelled}",
+                      f"clears={played_back.clears}"]
+            parts += [f"unsent={played_back.unsent}"] if played_back.unsent else []
+        if self.audio_in_greenlet:
+            parts.append(f"audio_dropped={self.audio_dropped}")
+        if self.runtime.transcriber:
+            transcripts = [t.transcript for t in tracks if t.transcript]
+            parts.append(f"transcript={sum(t.utterances for t in transcripts)} "
+                         f"transcript_dropped={sum(t.dropped for t in transcripts)}")
+        recordings = [t.recording for t in tracks if t.recording]
+        if recordings:
+            parts.append("recordings=" + ",".join(f"{r.path}:{r.seconds:.2f}s" for r in recordings))
+        skipped = sum(t.recording_skipped for t in tracks)
+        if skipped:
+            parts.append(f"recording_skipped={skipped}")
+        return " ".join(parts)
+
+
+def handlers_of(stream_class: type) -> dict:
+    """EVENTS with each method looked up: once per class instead of once per message (a name
+    the class lacks is refused at start-up: checked_stream_class())."""
+    return {event: getattr(stream_class, name, None) for event, name in stream_class.EVENTS.items()}
+
+
+MediaStream.handlers = handlers_of(MediaStream)
+
+
+# --- Talking back: the ready modes of a <Connect><Stream> ----------------------------------
+
+class EchoStream(MediaStream):
+    """--echo: the caller hears themselves, each chunk as it arrives, with a mark every
+    second that says when Twilio played it: the first test of a bidirectional stream."""
+    talks_back = True
+
+    def on_media(self, data: dict) -> None:
+        inbound = self.tracks["inbound"]
+        received = inbound.messages
+        super().on_media(data)
+        if inbound.messages > received:  # a chunk of the caller's, taken (not bad, not a duplicate)
+            # Its own mu-law, checked already: encoding it from PCM again would cost 10 us a chunk.
+            self.play_ulaw(binascii.a2b_base64(data["media"]["payload"]))
+            if inbound.messages % 50 == 0:
+                self.mark(f"second-{inbound.messages // 50}")
+
+
+BARGE_IN_DBFS = -35.0  # inbound louder than this ... (speech on a phone line is about -30 to -15, a quiet line -60)
+BARGE_IN_MS = 200      # ... for this long while the greeting plays: the caller talks over it
+
+
+@dataclass(eq=False)
+class GreetStream(MediaStream):
+    """--greet FILE.wav: plays the greeting when the stream starts, with a mark at its end;
+    a caller who talks over it (barge-in) cuts it off with a clear."""
+    talks_back = True
+    loud_ms: int = 0
+    barge_ins: int = 0
+
+    def on_start(self, data: dict) -> None:
+        super().on_start(data)
+        self.play_ulaw(self.runtime.greeting)
+        self.mark("greeting")
+
+    def on_audio(self, track: str, timestamp: int, pcm: bytes) -> None:
+        if track != "inbound" or not self.queued_seconds:
+            self.loud_ms = 0
+            return
+        self.loud_ms = self.loud_ms + len(pcm) // 16 if pcm16_dbfs(pcm) > BARGE_IN_DBFS else 0
+        if self.loud_ms >= BARGE_IN_MS:
+            self.loud_ms = 0
+            self.barge_ins += 1
+            self.emit(BargeIn, queued_seconds=self.queued_seconds)
+            self.clear()
+
+    def summary(self) -> str:
+        return f"{super().summary()} barge_ins={self.barge_ins}"
+
+
+# --- Transcripts (--transcribe): a recognizer on this machine, imported only when switched on ---
+
+FRAME_BYTES = 320            # 20 ms of 8 kHz 16-bit PCM: what voice activity is decided on
+SPEECH_END_MS = 500          # this much non-speech after speech ends an utterance
+PREROLL_MS = 200             # audio kept from before speech is heard: the first syllable's onset
+MIN_SPEECH_MS = 200          # less voiced audio than this is a click or a breath: not recognized
+MAX_UTTERANCE_SECONDS = 10   # longer speech is cut into pieces this long
+PARTIAL_EVERY_MS = 1000      # --transcript-partials: a partial line this often while someone speaks
+TRANSCRIPT_QUEUE = 16        # utterances waiting for recognition, per process; beyond, the oldest is dropped
+TRACK_QUEUE = 3              # ... and per track: one track sending faster than it is heard crowds out no other
+TRANSCRIPT_WAIT_SECONDS = 10  # at a stream's end, what its last utterances' recognition may take (at shutdown: 2)
+WINDOW_SECONDS, WINDOW_PADDING_SECONDS = 10, 3  # the model's window: utterance + padding, never under 10 s
+
+
+@dataclass(eq=False)
+class Utterance:
+    transcript: "TrackTranscript"
+    at: float                 # seconds from the stream's first audio
+    pcm: bytes                # 8 kHz 16-bit
+    partial: bool = False
+
+
+class WhisperRecognizer:
+    """Whisper (faster-whisper on CTranslate2): the words in 8 kHz 16-bit speech. Loaded at
+    start-up, where a model that cannot load stops the server with one line."""
+
+    def __init__(self, model_name: str, threads: int):
+        import numpy
+        from faster_whisper import WhisperModel
+        from faster_whisper.tokenizer import Tokenizer
+        self.numpy = numpy
+        try:
+            # int8: a quarter of the memory, and faster on a CPU; one core for each recognition
+            self.whisper = WhisperModel(model_name, device="cpu", compute_type="int8", cpu_threads=1,
+                                        num_workers=threads)
+            self.tokenizer = Tokenizer(self.whisper.hf_tokenizer, self.whisper.model.is_multilingual,
+                                       task="transcribe", language="en")
+            self(bytes(8000))  # a broken model fails here, not on the first call
+        except Exception as exc:  # whatever faster-whisper, huggingface_hub or CTranslate2 raise
+            hint = "" if os.path.isdir(os.path.expanduser(model_name)) else \
+                " (a model name is downloaded from huggingface.co on first use; offline, give a model directory)"
+            raise SettingsError(f"--transcribe-model (TRANSCRIBE_MODEL): cannot load {model_name!r}{hint}: "
+                                f"{type(exc).__name__}: {first_sentences(str(exc), 300)}") from None
+
+    def __call__(self, pcm: bytes) -> str:
+        """On a native thread. Whisper's window is cut to the utterance plus padding (a 30 s
+        window costs 3x as much; under 10 s it repeats itself)."""
+        import ctranslate2
+        from faster_whisper.audio import pad_or_trim
+        np = self.numpy
+        samples = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768
+        audio = np.interp(np.arange(2 * len(samples)) / 2, np.arange(len(samples)), samples).astype(np.float32)
+        features = self.whisper.feature_extractor(audio)
+        frames = 100 * min(30, max(WINDOW_SECONDS, len(pcm) / 16000 + WINDOW_PADDING_SECONDS))
+        features = np.ascontiguousarray(pad_or_trim(features, int(frames))[None])
+        encoded = self.whisper.model.encode(ctranslate2.StorageView.from_array(features))
+        prompt = [*self.tokenizer.sot_sequence, self.tokenizer.no_timestamps]
+        tokens = self.whisper.model.generate(encoded, [prompt], beam_size=5, suppress_blank=True, suppress_tokens=[-1],
+                                             max_length=int(20 + 10 * len(pcm) / 16000))[0].sequences_ids[0]
+        return self.tokenizer.decode([token for token in tokens if token < self.tokenizer.eot]).strip()
+
+
+class Transcriber:
+    """One per process: `recognize` (pcm -> text, WhisperRecognizer unless a test gives its
+    own) runs on native threads, which CTranslate2 lets run without the GIL, so no call's
+    greenlet waits for it; utterances wait in one bounded queue, and when recognition falls
+    behind the oldest waiting one is dropped and counted."""
+
+    def __init__(self, recognize: Callable[[bytes], str], threads: int):
+        self.recognize = recognize
+        self.threads = gevent.threadpool.ThreadPool(threads)
+        self.waiting: deque[Utterance] = deque()
+        self.arrived = gevent.event.Event()
+        for _ in range(threads):
+            gevent.spawn(self.recognize_waiting)
+
+    def submit(self, utterance: Utterance) -> None:
+        transcript = utterance.transcript
+        if utterance.partial:
+            if not self.waiting:  # a partial line only costs idle time
+                self.waiting.append(utterance)
+                self.arrived.set()
+            return
+        if any(waiting.partial for waiting in self.waiting):  # whole utterances go first
+            self.waiting = deque(waiting for waiting in self.waiting if not waiting.partial)
+        same_track = [waiting for waiting in self.waiting if waiting.transcript is transcript]
+        if len(same_track) >= TRACK_QUEUE:
+            self.drop(same_track[0])
+        elif len(self.waiting) >= TRANSCRIPT_QUEUE:
+            self.drop(self.waiting[0])
+        transcript.pending += 1
+        self.waiting.append(utterance)
+        self.arrived.set()
+
+    def drop(self, utterance: Utterance) -> None:
+        self.waiting.remove(utterance)
+        utterance.transcript.dropped_one()
+
+    def forget(self, transcript: "TrackTranscript") -> None:
+        """A transcript's utterances still waiting: its call has ended."""
+        self.waiting = deque(waiting for waiting in self.waiting if waiting.transcript is not transcript)
+
+    def recognize_waiting(self) -> None:
+        while True:
+            while not self.waiting:
+                self.arrived.clear()
+                self.arrived.wait()
+            utterance = self.waiting.popleft()
+            try:
+                text = self.threads.apply(self.recognize, (utterance.pcm,))
+            except Exception as exc:  # a model that fails on some audio: that utterance only
+                utterance.transcript.stream.warn(f"transcript recognition failed: {type(exc).__name__}: "
+                                                 f"{printable(str(exc), 200)}")
+                text = ""
+            utterance.transcript.heard(utterance, text)
+
+
+class TrackTranscript:
+    """One track's speech, cut into utterances where voice activity (WebRTC's detector, on
+    the 8 kHz audio) pauses, and the words recognized in them, as Transcribed events."""
+
+    def __init__(self, stream: "MediaStream", track: str):
+        import webrtcvad
+        self.stream, self.track = stream, track
+        self.transcriber: Transcriber = stream.runtime.transcriber  # type: ignore[assignment]
+        self.partials = stream.runtime.settings.transcript_partials
+        self.vad = webrtcvad.Vad(2)  # 0-3: how sure it must be that a frame is speech
+        self.rest = b""             # less than a frame, left from the last chunk
+        self.preroll: deque[bytes] = deque(maxlen=PREROLL_MS // 20)
+        self.speech: bytearray | None = None  # the utterance being heard
+        self.start_ms = self.voiced_ms = self.silent_ms = self.partial_ms = 0
+        self.pending = 0            # utterances submitted, not yet heard
+        self.utterances = self.dropped = 0
+        self.all_heard = gevent.event.Event()
+        self.closed = False         # its call has ended: what comes back now is too late
+
+    def feed(self, at_ms: int, pcm: bytes) -> None:
+        """A chunk of the track: `at_ms` from the stream's first audio."""
+        data = self.rest + pcm if self.rest else pcm
+        at_ms -= len(self.rest) // 16
+        for offset in range(0, len(data) - FRAME_BYTES + 1, FRAME_BYTES):
+            self.frame(at_ms + offset // 16, data[offset:offset + FRAME_BYTES])
+        self.rest = data[len(data) - len(data) % FRAME_BYTES:]
+
+    def frame(self, at_ms: int, frame: bytes) -> None:
+        voiced = self.vad.is_speech(frame, 8000)
+        if self.speech is None:
+            self.preroll.append(frame)
+            if voiced:
+                self.start_ms = at_ms - 20 * (len(self.preroll) - 1)
+                self.speech = bytearray().join(self.preroll)
+                self.preroll.clear()
+                self.voiced_ms, self.silent_ms, self.partial_ms = 20, 0, at_ms
+            return
+        self.speech += frame
+        self.voiced_ms += 20 if voiced else 0
+        self.silent_ms = 0 if voiced else self.silent_ms + 20
+        if self.silent_ms >= SPEECH_END_MS or len(self.speech) >= MAX_UTTERANCE_SECONDS * 16000:
+            self.end_utterance()
+        elif self.partials and at_ms - self.partial_ms >= PARTIAL_EVERY_MS:
+            self.partial_ms = at_ms
+            self.transcriber.submit(Utterance(self, self.start_ms / 1000, bytes(self.speech), partial=True))
+
+    def end_utterance(self) -> None:
+        if self.speech is not None and self.voiced_ms >= MIN_SPEECH_MS:
+            self.transcriber.submit(Utterance(self, self.start_ms / 1000, bytes(self.speech)))
+        self.speech = None
+
+    def heard(self, utterance: Utterance, text: str) -> None:
+        if self.closed:
+            return
+        if utterance.partial:
+            if text and self.speech is not None:  # still speaking
+                self.stream.emit(Transcribed, track=self.track, at=utterance.at, text=text, partial=True)
+            return
+        if text:
+            self.utterances += 1
+            self.stream.emit(Transcribed, track=self.track, at=utterance.at, text=text)
+        self.one_less_pending()
+
+    def dropped_one(self) -> None:
+        self.dropped += 1
+        self.stream.warn(f"transcript track={self.track}: recognition is behind, the oldest utterance waiting "
+                         f"was dropped ({TRANSCRIPT_QUEUE} waiting; see --transcribe-threads)")
+        self.one_less_pending()
+
+    def one_less_pending(self) -> None:
+        self.pending -= 1
+        if not self.pending:
+            self.all_heard.set()
+
+    def close(self) -> None:
+        """Its call has ended: what was not heard by now is counted as dropped."""
+        self.closed = True
+        self.transcriber.forget(self)
+        if self.pending:
+            self.dropped += self.pending
+            self.stream.warn(f"transcript track={self.track}: {self.pending} utterance(s) not recognized before "
+                             "the call ended")
+
+
+def end_transcripts(transcripts: list[TrackTranscript], ws: "MediaWebSocket | None") -> None:
+    """A call's last words recognized before its summary: what was still being said is
+    sent, and every utterance is heard within TRANSCRIPT_WAIT_SECONDS, or within the time a
+    shutdown leaves (STREAM_END_SECONDS); what is left is counted as dropped."""
+    for transcript in transcripts:
+        transcript.end_utterance()
+    if ws is not None:
+        ws.last_received = math.inf  # waiting for recognition is not the client being idle
+    runtime = transcripts[0].stream.runtime
+    deadline = STREAM_END_SECONDS - 1 if runtime.shutting_down else TRANSCRIPT_WAIT_SECONDS
+    try:
+        with gevent.Timeout(deadline, False):
+            for transcript in transcripts:
+                while transcript.pending:
+                    transcript.all_heard.clear()
+                    transcript.all_heard.wait()
+    except (gevent.GreenletExit, IdleTimeout):  # the server is stopping: the summary and the files first
+        pass
+    for transcript in transcripts:
+        transcript.close()
+
+
+# --- Sinks: what consumes call events ------------------------------------------------------
+
+class Console:
+    """The console's lines about calls, one per event, as the README's "What you see" lists
+    them. Warnings, which any client can cause at will, go through the runtime's throttle."""
+
+    def __init__(self, stream_warnings: LogThrottle):
+        self.stream_warnings = stream_warnings
+        self.lines: dict[type, Callable[[Any], None]] = {
+            Accepted: lambda e: log.info("Connection accepted %s", e.label),
+            Connected: lambda e: log.info("%s connected protocol=%s version=%s", e.label, e.protocol, e.version),
+            Started: self.started,
+            FirstMedia: lambda e: log.info("%s first media track=%s: %d bytes of audio per message (%d ms)",
+                                           e.label, e.track, e.size, e.size // 8),
+            Level: lambda e: log.info("%s level track=%s %s", e.label, e.track, level_meter(e.mean_square)),
+            Dtmf: lambda e: log.info("%s dtmf digit=%s", e.label, e.digit),
+            MarkEchoed: lambda e: log.info("%s mark name='%s' %s after=%.0fms", e.label, e.name,
+                                           "cancelled" if e.cancelled else "played", e.waited_ms),
+            BargeIn: lambda e: log.info("%s barge-in: the caller spoke over %.2f s of audio still to play: clear",
+                                        e.label, e.queued_seconds),
+            UnknownEvent: lambda e: log.info("%s unknown event '%s': ignored", e.label, e.event),
+            Stopped: lambda e: log.info("%s stop", e.label),
+            Transcribed: lambda e: log.info('%s transcript%s track=%s at=%.2fs text="%s"', e.label,
+                                            "-partial" if e.partial else "", e.track, e.at, quoted(e.text)),
+            Warned: lambda e: self.stream_warnings.warning("%s %s", e.label, e.message),
+            Failed: lambda e: log.warning("%s handler error: %s: %s (traceback at --log-level debug)", e.label,
+                                          type(e.error).__name__, printable(str(e.error), 200),
+                                          exc_info=e.error if log.isEnabledFor(logging.DEBUG) else None),
+            Ended: lambda e: log.info("%s", e.summary),
+        }
+
+    def __call__(self, event: CallEvent) -> None:
+        line = self.lines.get(type(event))
+        if line:
+            line(event)
+
+    @staticmethod
+    def started(event: Started) -> None:
+        log.info("%s start call=%s tracks=%s format=%s params=%s", event.label, event.call_sid,
+                 printable(",".join(event.tracks), 100), event.media_format,
+                 printable(",".join(event.parameters), 300) or "-")
+        log.debug("%s customParameters=%s", event.label, printable(repr(event.parameters), 2000))
+
+
+class TranscriptFiles:
+    """With --record and --transcribe: each track's transcript beside its recording,
+    RECORD_DIR/<recording's name>.txt, a line per utterance, on disk as soon as it is heard."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.files: dict[tuple[int, str], Any] = {}  # (id of the stream, track): its open file
+
+    def __call__(self, event: CallEvent) -> None:
+        if isinstance(event, Transcribed) and not event.partial:
+            self.write(event)
+        elif isinstance(event, Ended):
+            for key in [key for key in self.files if key[0] == id(event.stream)]:
+                self.files.pop(key).close()
+
+    def write(self, event: Transcribed) -> None:
+        stream = event.stream
+        try:
+            file = self.files.get((id(stream), event.track))
+            if file is None:
+                recording = stream.tracks[event.track].recording
+                name = recording.path[:-4] if recording else os.path.join(
+                    self.folder, f"{safe_name(stream.stream_sid or '-')}_{event.track}")
+                file = self.files[id(stream), event.track] = open(name + ".txt", "a", encoding="utf-8",
+                                                                   opener=private)
+            file.write(f"{event.at:.2f}s {printable(event.text, 2000)}\n")
+            file.flush()  # complete on disk whenever and however the call ends
+        except OSError as exc:
+            stream.warn(f"transcript file track={event.track}: {exc}")
+
+
+# --- Metrics: Prometheus, with the official client, imported only with --metrics-port -----
+
+METRICS_EVERY_SECONDS = 1  # open streams' counts are added this often; a stream's last ones as it ends
+METRICS_CONNECTIONS = 8    # scrapes served at once; more wait in the backlog, holding no descriptor of ours
+
+
+class Metrics:
+    """This process's streams counted for Prometheus, a sink of call events: each stream's
+    counts, as its summary has them, are added as it ends and every METRICS_EVERY_SECONDS
+    while it is open, so counting costs nothing per message. Under gunicorn each worker writes them to
+    PROMETHEUS_MULTIPROC_DIR and the master serves their sum (serve_metrics_of_workers)."""
+
+    def __init__(self):
+        from prometheus_client import (GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry,
+                                       Counter, Gauge, disable_created_metrics)
+        disable_created_metrics()  # a <name>_created series beside each count: no dashboard needs it
+        self.registry = CollectorRegistry()  # this runtime's own: a test may make several in one process
+        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):  # the process's memory, CPU, GC
+            self.registry.register(standard)
+
+        def counter(name, help_text, *labels):
+            return Counter(f"mediastreams_{name}", help_text, labels, registry=self.registry)
+
+        self.streams_open = Gauge("mediastreams_streams_open", "streams open now", multiprocess_mode="livesum",
+                                  registry=self.registry)
+        self.streams_ended = counter("streams_ended", "streams ended, by how (the summary's ended=)", "ended")
+        self.media_messages = counter("media_messages", "media messages received", "track")
+        self.audio_seconds = counter("audio_seconds", "seconds of audio received", "track")
+        self.gaps = counter("gaps", "places where audio went missing (timestamps jumped)", "track")
+        self.duplicates = counter("duplicate_messages", "messages received twice (same sequenceNumber)")
+        self.out_of_order = counter("out_of_order_messages", "messages received after a later one")
+        self.bad_messages = counter("bad_messages", "messages skipped, by why (the summary's bad_<kind>=)", "kind")
+        self.handshakes_refused = counter("handshakes_refused", "connections refused before the WebSocket opened",
+                                          "status", "reason")
+        self.recordings = counter("recordings", "WAV files closed, and those stopped early (disk, limit)", "result")
+        self.sent_messages = counter("sent_media_messages", "media messages sent back (<Connect><Stream>)")
+        self.marks = counter("marks", "marks sent, and their echoes: played or cancelled by a clear", "state")
+        self.clears = counter("clears", "clear messages sent")
+        self.open: dict[int, tuple] = {}  # id() of each open stream: (the stream, the counts added so far)
+        self.adder: gevent.Greenlet | None = None
+
+    def __call__(self, event: CallEvent) -> None:
+        """The sink: a stream is counted from its Accepted event to its Ended one."""
+        if isinstance(event, Accepted):
+            self.opened(event.stream)
+        elif isinstance(event, Ended):
+            self.closed(event.stream)
+
+    def opened(self, stream: "MediaStream") -> None:
+        self.open[id(stream)] = (stream, {})
+        self.streams_open.inc()
+        if self.adder is None:
+            self.adder = gevent.spawn(self.add_open_streams_counts)
+
+    def closed(self, stream: "MediaStream") -> None:
+        self.add_counts(stream, self.open.pop(id(stream))[1])
+        self.streams_open.dec()
+        self.streams_ended.labels(stream.ended).inc()
+        for track in stream.tracks.values():
+            if track.recording:
+                self.recordings.labels("written").inc()
+            if track.recording_stopped:
+                self.recordings.labels("stopped").inc()
+
+    def add_open_streams_counts(self) -> None:
+        while True:
+            gevent.sleep(METRICS_EVERY_SECONDS)
+            for n, (stream, added) in enumerate(list(self.open.values()), 1):
+                self.add_counts(stream, added)
+                if n % 100 == 0:
+                    gevent.sleep(0)  # 1000 streams' counts in one go would hold up their audio for 10 ms
+
+    def add_counts(self, stream: "MediaStream", added: dict) -> None:
+        """What `stream` counted since `added` (updated) was taken."""
+        played_back = stream.played_back
+        now = {(self.duplicates, ()): stream.duplicates, (self.out_of_order, ()): stream.out_of_order,
+               (self.sent_messages, ()): played_back.messages, (self.clears, ()): played_back.clears,
+               (self.marks, ("sent",)): played_back.marks_sent, (self.marks, ("played",)): played_back.marks_played,
+               (self.marks, ("cancelled",)): played_back.marks_cancelled}
+        for track in stream.tracks.values():
+            now[self.media_messages, (track.name,)] = track.messages
+            now[self.audio_seconds, (track.name,)] = track.bytes / 8000
+            now[self.gaps, (track.name,)] = track.gaps
+        for kind, count in stream.bad.items():
+            now[self.bad_messages, (kind,)] = count
+        for (metric, labels), value in now.items():
+            more = value - added.get((metric, labels), 0)
+            if more:
+                (metric.labels(*labels) if labels else metric).inc(more)
+                added[metric, labels] = value
+
+
+# --- Runtime: what one process shares ------------------------------------------------------
+
+STREAM_END_SECONDS = 3  # what open streams get at shutdown to end and make their summaries
+
+
+@dataclass(eq=False)
+class Runtime:
+    """What every call of one process shares, made once by create_runtime() and handed to
+    what needs it (each stream, its socket, the handshake checks, the transcripts), never
+    read from module globals. Call events go through emit() to every sink in `sinks`."""
+    settings: Settings
+    stream_class: type
+    max_streams: int                   # --max-streams, or fewer if this process's file limit cannot carry it
+    greeting: bytes = b""              # --greet's audio, as mu-law
+    transcriber: Transcriber | None = None
+    metrics: Metrics | None = None
+    sinks: list[Callable[[CallEvent], None]] = field(default_factory=list)
+    open_websockets: set = field(default_factory=set)
+    handshaking: dict = field(default_factory=dict)  # connections sending a request, oldest first: their greenlets
+    unfinished_bytes: int = 0          # what half-received messages hold, all streams together
+    loop_behind: bool = False          # the event loop is late: listen-only streams are read every --read-interval-ms
+    shutting_down: bool = False
+    connection_warnings: LogThrottle = field(default_factory=lambda: LogThrottle("warnings about connections", 10))
+    stream_warnings: LogThrottle = field(default_factory=lambda: LogThrottle("stream warnings", 200))
+    watchers: list = field(default_factory=list)  # the idle sweeper and the event loop's watcher, once needed
+    hub: Any = field(default_factory=gevent.get_hub, repr=False)
+    pending: deque = field(default_factory=deque)  # events made in the event loop's callback, not delivered yet
+    pending_arrived: gevent.event.Event = field(default_factory=gevent.event.Event)
+    deliverer: "gevent.Greenlet | None" = None
+
+    def emit(self, event: CallEvent) -> None:
+        """Hand `event` to every sink, in the order events were made. An event made in the
+        event loop's own callback (a first chunk, a level, a warning about a media message)
+        is delivered from a greenlet instead: a sink (a logging handler of yours) may wait."""
+        if gevent.getcurrent() is self.hub:
+            self.pending.append(event)
+            if self.deliverer is None:
+                self.deliverer = gevent.spawn(self.deliver_pending_events)
+            self.pending_arrived.set()
+            return
+        while self.pending:
+            self.deliver(self.pending.popleft())
+        self.deliver(event)
+
+    def deliver(self, event: CallEvent) -> None:
+        for sink in self.sinks:
+            sink(event)
+
+    def deliver_pending_events(self) -> None:
+        while True:
+            self.pending_arrived.wait()
+            self.pending_arrived.clear()
+            while self.pending:
+                try:
+                    self.deliver(self.pending.popleft())
+                except Exception as exc:  # a sink's bug: the next events are still delivered
+                    log.warning("delivering a call event: %s: %s", type(exc).__name__, printable(str(exc), 200))
+
+    def watch(self) -> None:
+        """The idle sweeper and the event loop's watcher, started with the first stream."""
+        if not self.watchers:
+            if self.settings.idle_timeout > 0:
+                self.watchers.append(gevent.spawn(sweep_idle_websockets, self))
+            if self.settings.read_interval_ms > 0:
+                self.watchers.append(gevent.spawn(watch_the_event_loop, self))
+
+    def end_open_streams(self, why: str) -> None:
+        """New streams are refused; each open one makes its summary (ended=shutdown), closed with 1001."""
+        self.shutting_down = True
+        log.info("%s: shutting down, %d open stream(s)", why, len(self.open_websockets))
+        try:
+            gevent.killall([ws.greenlet for ws in self.open_websockets], block=True, timeout=STREAM_END_SECONDS)
+        except gevent.Timeout:  # a slow finish() of your own: stop anyway
+            log.warning("%d stream(s) still ending after %d s: stopping without waiting for them",
+                        len(self.open_websockets), STREAM_END_SECONDS)
+
+
+def create_runtime(settings: Settings, stream_class: type | None = None, *,
+                   recognize: Callable[[bytes], str] | None = None, max_streams: int | None = None) -> Runtime:
+    """A process's runtime, for these settings: your stream class (`stream_class`, else
+    STREAM_CLASS, else MediaStream) checked, the greeting read, the recording directory
+    checked, the recognizer loaded (`recognize` instead of Whisper: tests) and the sinks made.
+    `max_streams`: what reserve_file_descriptors() found this process can carry. Raises
+    SettingsError, with one line for the user."""
+    chosen = checked_stream_class(stream_class, "stream_class") if stream_class else \
+        load_stream_class(settings.stream_class)
+    greeting = read_greeting(settings.greet)
+    serving = talking_back_mode(settings, chosen)
+    check_record_dir(settings.record)
+    transcriber = None
+    if settings.transcribe:
+        recognizer = recognize or WhisperRecognizer(settings.transcribe_model, settings.transcribe_threads)
+        transcriber = Transcriber(recognizer, settings.transcribe_threads)
+    metrics = Metrics() if settings.metrics_port else None
+    runtime = Runtime(settings, serving or MediaStream, max_streams or settings.max_streams, greeting, transcriber,
+                      metrics)
+    runtime.sinks.append(Console(runtime.stream_warnings))
+    if metrics:
+        runtime.sinks.append(metrics)
+    if transcriber and settings.record:
+        runtime.sinks.append(TranscriptFiles(settings.record))
+    return runtime
+
+
+def load_stream_class(name: str | None) -> type:
+    """STREAM_CLASS, `module:Class`: the MediaStream subclass gunicorn's workers use."""
+    if not name:
+        return MediaStream
+    module_name, _, class_name = name.partition(":")
+    if not module_name or not class_name:
+        raise SettingsError(f"STREAM_CLASS: {name!r} is not module:Class, such as process_audio:Transcribing")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # whatever the user's module raises: one line, no traceback
+        raise SettingsError(f"STREAM_CLASS: cannot load {name!r}: {type(exc).__name__}: {exc}") from None
+    stream_class = getattr(module, class_name, None)
+    if stream_class is None:  # the module's own name, not __main__'s when it is app.py itself
+        raise SettingsError(f"STREAM_CLASS: cannot load {name!r}: module {module_name!r} has no {class_name!r}")
+    return checked_stream_class(stream_class, f"STREAM_CLASS: {name!r}")
+
+
+HOOKS = {"setup": (), "on_audio": ("track", "timestamp", "pcm"), "on_mark_echo": ("name", "cancelled", "waited_ms")}
+
+
+def checked_stream_class(stream_class, name: str) -> type:
+    """Your class, refused at start-up with one line where a mistake can be seen in it
+    already, rather than costing calls: not a MediaStream, an EVENTS entry naming no method,
+    a hook or event method that cannot take what the server hands it, a constructor that
+    cannot take the server's arguments."""
+    if not (isinstance(stream_class, type) and issubclass(stream_class, MediaStream)):
+        raise SettingsError(f"{name} is not a subclass of app.MediaStream")
+    class_name = stream_class.__name__
+    for event, method_name in stream_class.EVENTS.items():
+        if not callable(getattr(stream_class, method_name, None)):
+            raise SettingsError(f"{name}: {class_name}.EVENTS names {method_name!r} for {event!r}, but "
+                                f"{class_name} has no such method")
+    calls = {method_name: ("data",) for method_name in stream_class.EVENTS.values()} | HOOKS
+    for method_name, arguments in calls.items():
+        try:
+            inspect.signature(getattr(stream_class, method_name)).bind(None, *arguments)
+        except TypeError:
+            raise SettingsError(f"{name}: {class_name}.{method_name}() must take (self{''.join(', ' + a for a in arguments)})") from None
+        except ValueError:  # no signature to read (a builtin): trust it
+            pass
+    try:
+        inspect.signature(stream_class).bind(None, remote="", ws=None)
+    except TypeError:
+        raise SettingsError(f"{name}: {class_name}() must take (runtime, remote=, ws=) as app.MediaStream does: set "
+                            "per-call state up in setup(), not __init__") from None
+    return stream_class
+
+
+def find_stream_class_module(name: str | None) -> None:
+    """STREAM_CLASS's module exists, checked where your code should not run (gunicorn's
+    master): only its parent package, if it has one, is imported."""
+    module_name = (name or "").partition(":")[0]
+    try:
+        found = not module_name or importlib.util.find_spec(module_name) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise SettingsError(f"STREAM_CLASS: cannot load {name!r}: no module named {module_name!r}")
+
+
+def talking_back_mode(settings: Settings, stream_class: type | None) -> type | None:
+    """The stream class to serve: --echo's or --greet's, or your class, which may subclass
+    the one its mode names; each decides what a stream plays back. None: not known yet."""
+    modes = [(flag, mode) for flag, mode, on in (("--echo", EchoStream, settings.echo),
+                                                  ("--greet", GreetStream, settings.greet)) if on]
+    if len(modes) > 1:
+        raise SettingsError("--echo and --greet: choose one, each decides what the stream plays back")
+    if stream_class and issubclass(stream_class, GreetStream) and not settings.greet:
+        raise SettingsError(f"{stream_class.__name__} plays a greeting: give it one with --greet (GREET)")
+    if not modes:
+        return stream_class
+    flag, mode = modes[0]
+    if stream_class and stream_class is not MediaStream and not issubclass(stream_class, mode):
+        raise SettingsError(f"{flag} and your stream class {stream_class.__name__}: choose one, or subclass "
+                            f"app.{mode.__name__}")
+    return stream_class if stream_class and issubclass(stream_class, mode) else mode
+
+
+@functools.lru_cache(maxsize=4)  # read once: gunicorn's workers, forked later, use the master's copy
+def read_greeting(path: str | None) -> bytes:
+    """--greet's WAV file as mu-law, read once at start-up: a file that is not there or not
+    8000 Hz mono 16-bit PCM stops the server with the command that converts it."""
+    if not path:
+        return b""
+    convert = f"it must be 8000 Hz mono 16-bit PCM: sox {shlex.quote(path)} -r 8000 -c 1 -b 16 greeting.wav"
+    try:
+        with wave.open(path, "rb") as wav:
+            found = (wav.getframerate(), wav.getnchannels(), wav.getsampwidth())
+            pcm = wav.readframes(wav.getnframes())
+    except OSError as exc:
+        raise SettingsError(f"--greet (GREET): cannot read {path!r}: {exc.strerror or exc}") from None
+    except (EOFError, wave.Error) as exc:  # not a WAV file, or mu-law, float, extensible...
+        raise SettingsError(f"--greet (GREET): {path!r} is not PCM audio ({exc or 'no data'}); {convert}") from None
+    if found != (8000, 1, 2):
+        raise SettingsError(f"--greet (GREET): {path!r} is {found[0]} Hz, {found[1]} channel(s), "
+                            f"{8 * found[2]}-bit; {convert}")
+    if not pcm:
+        raise SettingsError(f"--greet (GREET): {path!r} holds no audio")
+    return pcm16_to_ulaw(pcm)
+
+
+def check_record_dir(path: str | None) -> None:
+    """Fail at start-up, not on the first call, when recordings cannot be written."""
+    if not path:
+        return
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)  # recordings are calls: for the server's user only
+        with tempfile.TemporaryFile(dir=path) as probe:
+            probe.write(b"probe")
+    except OSError as exc:
+        raise SettingsError(f"--record (RECORD_DIR): cannot write recordings to {path!r}: "
+                            f"{exc.strerror or exc}. Pick another directory or fix its permissions.") from None
+
+
+# --- The Flask app, as in the tutorial ----------------------------------------------------
+
+class Sockets(flask_sockets.Sockets):
+    """flask-sockets 0.2.1 with its two edges on today's Werkzeug filed off."""
+
+    def init_app(self, app):
+        app.wsgi_app = SocketMiddleware(app.wsgi_app, app, self)
+
+    def add_url_rule(self, rule, _, f, **options):
+        # flask-sockets 0.2.1 adds a plain Rule; Werkzeug >= 2 then raises WebsocketMismatch
+        # for every WebSocket request, after the 101 has gone out (upstream PR #82).
+        self.url_map.add(Rule(rule, endpoint=f, websocket=True))
+
+
+class SocketMiddleware(flask_sockets.SocketMiddleware):
+    def __call__(self, environ, start_response):
+        # A plain HTTP request to a WebSocket rule makes Werkzeug raise WebsocketMismatch (a
+        # 500 through flask-sockets); send it to Flask's own routes instead.
+        if environ.get("wsgi.websocket") is None:
+            return self.wsgi_app(environ, start_response)
+        try:
+            # websocket=True: gevent-websocket upgrades on any Connection header holding
+            # "upgrade", Werkzeug only on an exact token, and the 101 has gone out already.
+            handler, values = self.ws.url_map.bind_to_environ(environ).match(websocket=True)
+        except HTTPException:
+            return self.wsgi_app(environ, start_response)
+        # flask-sockets' own __call__, without its `except KeyError` (which hands a handler's
+        # KeyError on to Flask) and without keeping the WebsocketMismatch that Flask's HTTP
+        # routes raise for this request: its traceback made a reference cycle per call.
+        with self.app.app_context(), self.app.request_context(environ) as context:
+            context.request.routing_exception = None
+            handler(environ["wsgi.websocket"], **values)
+        return []
+
+
+app = Flask(__name__)
+sockets = Sockets(app)
+
+
+def runtime_of(flask_app: Flask) -> Runtime:
+    """The runtime install() gave the app: main() and each gunicorn worker make one."""
+    return flask_app.extensions["mediastreams"]
+
+
+def install(runtime: Runtime) -> None:
+    app.extensions["mediastreams"] = runtime
+
+
+@app.route("/")
+def index():
+    public_url = runtime_of(current_app).settings.public_url
+    if public_url:
+        where = f"wss://{public_host(public_url)}/media (--public-url)"
+    else:  # a browser may have come through ngrok (TLS) or straight here (no TLS): Twilio needs the first
+        where = (f"wss://{request.host}/media through a TLS proxy such as ngrok (Twilio connects only to wss://), "
+                 f"ws://{request.host}/media without one")
+    return f"Twilio Media Streams server is up. WebSocket: {where}\n", 200, {"Content-Type": "text/plain"}
+
+
+@app.route("/healthz")
+def healthz():
+    """For a load balancer: 503 while this process would refuse a new call, so it sends none here."""
+    runtime = runtime_of(current_app)
+    if runtime.shutting_down:
+        return "shutting down\n", 503, {"Content-Type": "text/plain"}
+    streams = len(runtime.open_websockets)
+    if streams >= runtime.max_streams:
+        return f"full streams={streams} (--max-streams)\n", 503, {"Content-Type": "text/plain"}
+    return f"ok streams={streams}\n", 200, {"Content-Type": "text/plain"}
+
+
+@app.route("/media")
+def media_without_upgrade():
+    return (f"/media is a WebSocket endpoint: use <Stream url=\"wss://{request.host}/media\"/> "
+            "in TwiML, not a browser.\n", 426, {"Content-Type": "text/plain", "Upgrade": "websocket"})
+
+
+# The tutorial's loop: receive a message, handle it, until `stop` or the socket closes.
+
+CLOSE_CODE_WHEN_ENDED = {"stop": 1000, "idle": 1000, "disconnect": 1000, "shutdown": 1001, "error": 1011}
+
+
+@sockets.route("/media")
+def media(ws):
+    runtime = ws.runtime
+    stream = runtime.stream_class(runtime, remote=request.remote_addr or "?", ws=ws)
+    ws.hand_media_to(stream)  # media handled by the event loop as it lands; receive() returns the rest, in order
+    try:
+        while not ws.closed:
+            message = ws.receive()
+            if message is None:  # the socket closed, or broke the WebSocket protocol: no `stop`
+                stream.end("error" if ws.error else "disconnect", ws.error)
+                break
+            if stream.handle(message) == "stop":
+                break
+    except Stalled as stalled:  # the client reads nothing of what we send
+        stream.end("stalled", str(stalled))
+    except IdleTimeout as idle:
+        stream.end("idle", str(idle))
+    except gevent.GreenletExit:
+        stream.end("shutdown")
+    except Exception as exc:  # a bug in one stream's handling ends that stream, not the server
+        stream.fail(exc)
+    finally:
+        try:
+            stream.finish_audio()  # the chunks still waiting for your on_audio(), before your finish() runs
+            stream.finish()
+        finally:
+            ws.close(CLOSE_CODE_WHEN_ENDED.get(stream.ended, 1000))
+
+
+# --- Who may stream: the handshake checks -------------------------------------------------
+
+def refusal(runtime: Runtime, environ: dict) -> tuple[str, str, str] | None:
+    """(HTTP status, kind, reason) for a WebSocket handshake we refuse before the 101, else None:
+    one that breaks RFC 6455 4.2.1 (gevent-websocket would answer it with a traceback or a
+    garbled status), or one that Twilio did not sign, or one over a limit."""
+    if environ.get("REQUEST_METHOD") != "GET":
+        return "405 Method Not Allowed", "not_get", "a WebSocket handshake is a GET"
+    if environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
+        return "400 Bad Request", "not_http11", "a WebSocket handshake is an HTTP/1.1 request"
+    if "upgrade" not in environ.get("HTTP_CONNECTION", "").lower():
+        return "400 Bad Request", "no_upgrade", "Connection: Upgrade missing"
+    if environ.get("HTTP_SEC_WEBSOCKET_VERSION") != "13":
+        return "426 Upgrade Required", "websocket_version", "Sec-WebSocket-Version must be 13"
+    try:
+        key_length = len(base64.b64decode(environ.get("HTTP_SEC_WEBSOCKET_KEY", ""), validate=True))
+    except binascii.Error:
+        key_length = 0
+    if key_length != 16:
+        return "400 Bad Request", "websocket_key", "Sec-WebSocket-Key is not 16 bytes in base64"
+    path = environ.get("PATH_INFO", "")
+    if not sockets.url_map.bind("localhost", url_scheme="ws").test(path):
+        return "404 Not Found", "path", "no WebSocket route here (Twilio's <Stream> URL must end in /media)"
+    settings = runtime.settings
+    if settings.auth_token:
+        signature = environ.get("HTTP_X_TWILIO_SIGNATURE")
+        if not signature:
+            return "403 Forbidden", "no_signature", "missing X-Twilio-Signature"
+        host = public_host(settings.public_url) or environ.get("HTTP_HOST", "")
+        query = environ.get("QUERY_STRING")
+        if not signature_is_valid(settings.auth_token, host, path + ("?" + query if query else ""), signature):
+            return ("403 Forbidden", "bad_signature",
+                    f"X-Twilio-Signature does not match wss://{printable(host + path, 200)}")
+    if runtime.shutting_down:
+        return "503 Service Unavailable", "shutting_down", "the server is shutting down"
+    if len(runtime.open_websockets) >= runtime.max_streams:
+        return ("503 Service Unavailable", "max_streams",
+                f"{runtime.max_streams} streams open already (--max-streams)")
+    return None
+
+
+def forwarded_client(environ: dict, proxies: int) -> str | None:
+    """The client's address as the outermost of our `proxies` trusted proxies saw it: the
+    proxies-th address from the right of X-Forwarded-For (each proxy appends the address it
+    got the request from), as Werkzeug's ProxyFix(x_for=proxies). None if there are fewer."""
+    addresses = [address.strip() for address in environ.get("HTTP_X_FORWARDED_FOR", "").split(",")]
+    if len(addresses) < proxies:
+        return None
+    try:
+        address = ipaddress.ip_address(addresses[-proxies])
+    except ValueError:
+        return None
+    return None if getattr(address, "scope_id", None) else str(address)  # "fe80::1%<any text>": no
+
+
+def twilio_signature(auth_token: str, url: str) -> str:
+    """X-Twilio-Signature of a WebSocket handshake: HMAC-SHA1 of the URL alone, base64."""
+    digest = hmac.new(auth_token.encode(), url.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+def signature_is_valid(auth_token: str, host: str, path: str, signature: str) -> bool:
+    """Checks wss://host/path as given, without its port and with the default one, as
+    Twilio's own validator accepts either; every candidate is compared in constant time."""
+    name, colon, port = host.rpartition(":")
+    hostname = name if colon and port.isdigit() else host
+    candidates = {f"wss://{host}{path}", f"wss://{hostname}{path}", f"wss://{hostname}:443{path}"}
+    given = signature.encode("latin-1", "replace")
+    valid = False
+    for url in candidates:
+        valid |= hmac.compare_digest(twilio_signature(auth_token, url).encode(), given)
+    return valid
+
+
+def public_host(public_url: str | None) -> str | None:
+    """The host[:port] of --public-url, which may be given with or without a scheme."""
+    if not public_url:
+        return None
+    return urlsplit(public_url if "//" in public_url else "//" + public_url).netloc
+
+
 # --- Library adapters: gevent-websocket and gunicorn --------------------------------------
 
+BEHIND_MS = 50            # an event loop this late: the process cannot keep up, batch listen-only reads
+CAUGHT_UP_SECONDS = 5     # an event loop on time this long: every message read as it lands again
+ON_TIME_MS = 10           # lateness below this counts as on time
+LOOP_CHECK_SECONDS = 0.05  # how often the event loop's lateness is measured
+MAX_HANDSHAKES = 100      # connections still sending their request; beyond, the oldest is dropped
+UNFINISHED_BYTES_LIMIT = 32 << 20  # what all streams' half-received messages may hold together
+SPARE_FILES = 64          # descriptors beyond sockets and recordings: listener, logs, imports
 RECV_BYTES = 4096   # ten Twilio messages; 64 KiB reads fragmented the heap: RSS grew by the round
 CLOSE_TIMEOUT = 2   # seconds we wait for the client's side of the closing handshake
 SEND_BATCH = 16384   # bytes of frames the writer hands the socket at a time
@@ -1750,7 +2232,7 @@ class MediaWebSocket(WebSocket):
     after our close frame it waits, a bounded moment, for the client's, so a client still
     sending reads our close code instead of a TCP reset. `error` says why a connection was
     failed (None when the client closed or went away); `held` is what its half-received
-    message holds, counted in unfinished_bytes.
+    message holds, counted in the runtime's unfinished_bytes.
 
     Sending never waits: what is sent joins `outbox` (frames, and audio that is framed only
     as the socket takes it), which goes to the socket at once as far as the kernel takes it;
@@ -1761,18 +2243,19 @@ class MediaWebSocket(WebSocket):
     nothing more is read from the client until it has taken half of it: a client that sends
     and never reads is held back by TCP, not by our memory.
 
-    With `handle_as_it_lands` (the stream's handle(), set by media()), the greenlet waiting
+    With `handle_as_it_lands` (the stream's handle_media(): hand_media_to()), the greenlet waiting
     in receive() for bytes is not woken for each message: the event loop reads them and
     handles each media message itself (on_readable), and wakes the greenlet only for the
     rest: other events, the end of the connection, replies to send, an error to raise."""
 
-    __slots__ = ("parser", "error", "last_received", "greenlet", "fill", "held", "outbox", "queued", "writer",
-                 "taken", "broken", "talks_back", "hub", "readable", "drained", "handle_as_it_lands", "landed",
-                 "recv")
+    __slots__ = ("runtime", "parser", "error", "last_received", "greenlet", "fill", "held", "outbox", "queued",
+                 "writer", "taken", "broken", "talks_back", "hub", "readable", "drained", "handle_as_it_lands",
+                 "landed", "recv")
 
     def __init__(self, environ, stream, handler):
         super().__init__(environ, stream, handler)
-        self.parser = FrameParser(settings.max_message_bytes)
+        self.runtime: Runtime = handler.runtime
+        self.parser = FrameParser(self.runtime.settings.max_message_bytes)
         self.error = None
         self.last_received = time.monotonic()
         self.greenlet = gevent.getcurrent()
@@ -1789,7 +2272,7 @@ class MediaWebSocket(WebSocket):
         # True: the last read emptied the kernel's buffer (wait for bytes); False: it left more
         # (the event loop's turn first); None: the loop has just gone round (read at once)
         self.drained: bool | None = True
-        self.handle_as_it_lands = None
+        self.handle_as_it_lands: Callable[[str | bytes], str | None] | None = None
         self.landed: str | bytes | Exception | None = None  # what on_readable leaves to receive()
         # The event loop reads only a plain socket: TLS (gunicorn's --certfile) may have to wait
         # for the rest of a record, and holds bytes of its own that the socket does not show.
@@ -1851,8 +2334,8 @@ class MediaWebSocket(WebSocket):
                 if self.queued > OUTBOX_LIMIT and self.writer is not None:
                     self.wait_until_taken()
                     continue
-                if loop_behind and not parser.buffer and not self.talks_back:
-                    gevent.sleep(settings.read_interval_ms / 1000)  # one wake-up for what gathered meanwhile
+                if self.runtime.loop_behind and not parser.buffer and not self.talks_back:
+                    gevent.sleep(self.runtime.settings.read_interval_ms / 1000)  # one wake-up for what gathered
                     self.drained = None
                 elif self.handle_as_it_lands and self.recv and self.drained and self.fill == self.read_when_ready:
                     self.wait_handling_media()
@@ -1867,6 +2350,12 @@ class MediaWebSocket(WebSocket):
                 return None
             self.last_received = time.monotonic()
             parser.feed(data)
+
+    def hand_media_to(self, stream: "MediaStream") -> None:
+        """From now on the event loop handles `stream`'s media messages as they land, if what it
+        runs for them is this module's own code (MediaStream.media_in_event_loop)."""
+        if stream.media_in_event_loop:
+            self.handle_as_it_lands = stream.handle_media
 
     def wait_handling_media(self) -> None:
         """Wait in the event loop, which handles the media messages that land meanwhile."""
@@ -1890,23 +2379,18 @@ class MediaWebSocket(WebSocket):
             self.last_received = time.monotonic()
             self.drained = len(data) < RECV_BYTES
             parser.feed(data)
+            handle = self.handle_as_it_lands
             try:
-                while (message := parser.next_message()) is not None:
-                    if self.handle_as_it_lands(message, only="media") not in ("media", None):
+                while handle and (message := parser.next_message()) is not None:
+                    if handle(message) not in ("media", None):
                         self.landed = message
                         break
-            except gevent.exceptions.BlockingSwitchOutError:
-                stream_class = type(self.handle_as_it_lands.__self__)
-                stream_class.media_in_event_loop = False  # this call is lost; the next ones are read by their greenlets
-                self.landed = RuntimeError(  # media()'s warning shows 200 characters
-                    f"{stream_class.__name__} waited on gevent in the event loop (a sleep, lock, full queue, network "
-                    "I/O, a network log handler): set media_in_event_loop = False on it; its next calls are read by "
-                    "their greenlets")
             except Exception as exc:  # a bug in the handling: raised in the stream's greenlet
                 self.landed = exc
             if not (self.landed is not None or parser.outgoing  # a pong, or a close frame: no longer OPEN
                     or len(parser.buffer) > RECV_BYTES or parser.fragments is not None or self.held
-                    or self.queued > OUTBOX_LIMIT and self.writer is not None or loop_behind and not self.talks_back):
+                    or self.queued > OUTBOX_LIMIT and self.writer is not None
+                    or self.runtime.loop_behind and not self.talks_back):
                 return
         else:
             self.drained = False  # receive() reads the end, or the error, itself
@@ -1922,18 +2406,16 @@ class MediaWebSocket(WebSocket):
     def hold_unfinished(self) -> None:
         """Count what this stream's half-received message holds; when all streams together
         hold more than UNFINISHED_BYTES_LIMIT, fail the connection that asks for more (1009)."""
-        global unfinished_bytes
         held = len(self.parser.buffer) + len(self.parser.fragments or b"")
-        unfinished_bytes += held - self.held
+        self.runtime.unfinished_bytes += held - self.held
         self.held = held
-        if unfinished_bytes > UNFINISHED_BYTES_LIMIT and held:
+        if self.runtime.unfinished_bytes > UNFINISHED_BYTES_LIMIT and held:
             self.parser.fail(1009, f"half-received messages of all streams over the "
                                    f"{UNFINISHED_BYTES_LIMIT >> 20} MiB limit")
             self.release_unfinished()
 
     def release_unfinished(self) -> None:
-        global unfinished_bytes
-        unfinished_bytes -= self.held
+        self.runtime.unfinished_bytes -= self.held
         self.held = 0
 
     def __del__(self):
@@ -1991,7 +2473,7 @@ class MediaWebSocket(WebSocket):
                 self.queued -= len(item)
             else:
                 counted = queued_bytes(item)
-                data += item.frames(SEND_BATCH - len(data))
+                data += b"".join(server_frame(Opcode.TEXT, message) for message in item.messages(SEND_BATCH - len(data)))
                 self.queued -= counted - queued_bytes(item)
                 if item.done:
                     outbox.popleft()
@@ -2100,23 +2582,23 @@ class Stalled(IdleTimeout):
     """Thrown into a stream's greenlet when its client has taken nothing we sent for STALL_SECONDS."""
 
 
-def sweep_idle_websockets() -> None:
+def sweep_idle_websockets(runtime: Runtime) -> None:
     # One greenlet for all streams: a timeout on every socket read would cost a timer per message.
+    idle_timeout = runtime.settings.idle_timeout
     while True:
-        gevent.sleep(min(1.0, settings.idle_timeout / 4))
-        silent_since = time.monotonic() - settings.idle_timeout
-        for ws in list(open_websockets):
+        gevent.sleep(min(1.0, idle_timeout / 4))
+        silent_since = time.monotonic() - idle_timeout
+        for ws in list(runtime.open_websockets):
             if ws.last_received < silent_since:
                 ws.last_received = math.inf  # thrown once
-                gevent.kill(ws.greenlet, IdleTimeout(f"nothing received for {settings.idle_timeout:g} s"))
+                gevent.kill(ws.greenlet, IdleTimeout(f"nothing received for {idle_timeout:g} s"))
 
 
-def watch_the_event_loop() -> None:
+def watch_the_event_loop(runtime: Runtime) -> None:
     """Batching's trigger. While the event loop runs BEHIND_MS late, this process cannot
     handle messages as fast as they come: listen-only streams are then read every
     --read-interval-ms (one wake-up for several messages costs less), until the loop has
     been on time for CAUGHT_UP_SECONDS. Otherwise no read waits."""
-    global loop_behind
     on_time_since = time.monotonic()
     while True:
         asleep_at = time.monotonic()
@@ -2125,48 +2607,20 @@ def watch_the_event_loop() -> None:
         late_ms = (now - asleep_at - LOOP_CHECK_SECONDS) * 1000
         if late_ms >= ON_TIME_MS:
             on_time_since = now
-        if late_ms >= BEHIND_MS and not loop_behind:
-            loop_behind = True
+        if late_ms >= BEHIND_MS and not runtime.loop_behind:
+            runtime.loop_behind = True
             log.warning("event loop %.0f ms late with %d streams open: this process cannot keep up; reading "
                         "listen-only streams every %g ms (--read-interval-ms) until it can",
-                        late_ms, len(open_websockets), settings.read_interval_ms)
-        elif loop_behind and now - on_time_since >= CAUGHT_UP_SECONDS:
-            loop_behind = False
+                        late_ms, len(runtime.open_websockets), runtime.settings.read_interval_ms)
+        elif runtime.loop_behind and now - on_time_since >= CAUGHT_UP_SECONDS:
+            runtime.loop_behind = False
             log.info("event loop on time for %d s with %d streams open: reading each message as it lands again",
-                     CAUGHT_UP_SECONDS, len(open_websockets))
+                     CAUGHT_UP_SECONDS, len(runtime.open_websockets))
 
 
 class HandshakeTimeout(Exception):
     """Thrown into a connection's greenlet when its HTTP request is not complete in time, or
     when it is the oldest of more than MAX_HANDSHAKES incomplete ones."""
-
-
-class LogThrottle:
-    """Warnings that any client can cause at will: at most `per_second` lines a second. The
-    others are counted, and the count is said in one line a second later."""
-
-    def __init__(self, what: str, per_second: int):
-        self.what = what
-        self.per_second = per_second
-        self.second = self.shown = self.hidden = 0
-
-    def warning(self, message: str, *args) -> None:
-        second = int(time.monotonic())
-        if second != self.second:
-            self.flush()
-            self.second, self.shown = second, 0
-        if self.shown < self.per_second:
-            self.shown += 1
-            log.warning(message, *args)
-        else:
-            self.hidden += 1
-            if self.hidden == 1:
-                gevent.spawn_later(1, self.flush)
-
-    def flush(self) -> None:
-        if self.hidden:
-            log.warning("%d more %s not shown (at most %d a second)", self.hidden, self.what, self.per_second)
-            self.hidden = 0
 
 
 BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
@@ -2180,6 +2634,12 @@ class MediaStreamHandler(WebSocketHandler):
     A connection carries one request, without a body: nothing holds it after its answer."""
 
     evicted = False  # dropped as the oldest of too many: its HandshakeTimeout is on its way
+    runtime: Runtime  # serving() makes the class that serves one
+
+    @classmethod
+    def serving(cls, runtime: Runtime) -> type["MediaStreamHandler"]:
+        """This handler for a server of `runtime`'s: pywsgi and gunicorn take a class."""
+        return type(cls.__name__, (cls,), {"runtime": runtime})
 
     def handle(self):
         try:
@@ -2187,7 +2647,7 @@ class MediaStreamHandler(WebSocketHandler):
         except HandshakeTimeout:
             pass  # came too late to matter: the connection is over
         finally:
-            handshaking.pop(self, None)
+            self.runtime.handshaking.pop(self, None)
 
     def read_requestline(self):
         if self.rfile.peek(1)[:1] == TLS_HANDSHAKE:  # no line will come: it waits for our TLS answer
@@ -2203,25 +2663,26 @@ class MediaStreamHandler(WebSocketHandler):
         return True
 
     def handle_one_request(self):
+        handshaking, timeout = self.runtime.handshaking, self.runtime.settings.handshake_timeout
         handshaking[self] = gevent.getcurrent()
         if len(handshaking) > MAX_HANDSHAKES:
             oldest = next(iter(handshaking))
             oldest.evicted = True
             gevent.kill(handshaking.pop(oldest), HandshakeTimeout(  # does not wait for it
                 f"the oldest of more than {MAX_HANDSHAKES} connections still sending a request"))
-        self.deadline = gevent.Timeout.start_new(settings.handshake_timeout, HandshakeTimeout(
-            f"no complete HTTP request within {settings.handshake_timeout:g} s (--handshake-timeout)"))
+        self.deadline = gevent.Timeout.start_new(timeout, HandshakeTimeout(
+            f"no complete HTTP request within {timeout:g} s (--handshake-timeout)"))
         try:
             return super().handle_one_request()
         except HandshakeTimeout as exc:  # while the request line was read: pywsgi passes on only the rest
             return self._handle_client_error(exc)
         finally:
             self.deadline.close()
-            handshaking.pop(self, None)
+            self.runtime.handshaking.pop(self, None)
 
     def handle_one_response(self):
         self.deadline.close()  # the request is in: from here on, a stream's own limits apply
-        handshaking.pop(self, None)
+        self.runtime.handshaking.pop(self, None)
         if self.evicted:  # dropped just as its request came in: the exception must land here, not in a call
             try:
                 gevent.sleep(0)
@@ -2233,8 +2694,9 @@ class MediaStreamHandler(WebSocketHandler):
 
     def get_environ(self):
         environ = super().get_environ()
-        if settings.trusted_proxies:
-            environ["REMOTE_ADDR"] = forwarded_client(environ, settings.trusted_proxies) or environ["REMOTE_ADDR"]
+        proxies = self.runtime.settings.trusted_proxies
+        if proxies:
+            environ["REMOTE_ADDR"] = forwarded_client(environ, proxies) or environ["REMOTE_ADDR"]
         return environ
 
     def _handle_client_error(self, ex):
@@ -2242,6 +2704,7 @@ class MediaStreamHandler(WebSocketHandler):
         # (an IndexError for "HTTP/1", an HTTPException for over 100 headers) and logs the
         # request line, so a client could fill the log at will.
         remote = self.client_address[0] if self.client_address else "?"
+        metrics, connection_warnings = self.runtime.metrics, self.runtime.connection_warnings
         if isinstance(ex, HandshakeTimeout):
             connection_warnings.warning("dropped connection remote=%s reason=%s", remote, ex)
             if metrics:
@@ -2261,15 +2724,15 @@ class MediaStreamHandler(WebSocketHandler):
         return "400", BAD_REQUEST
 
     def upgrade_websocket(self):
-        global idle_sweeper, loop_watcher
         if self.environ.get("HTTP_UPGRADE", "").lower() != "websocket":
             return super().upgrade_websocket()
-        refused = refusal(self.environ)
+        runtime = self.runtime
+        refused = refusal(runtime, self.environ)
         if refused:
             status, kind, reason = refused
-            if metrics:
-                metrics.handshakes_refused.labels(status.split()[0], kind).inc()
-            connection_warnings.warning("refused WebSocket remote=%s path=%s status=%s reason=%s",
+            if runtime.metrics:
+                runtime.metrics.handshakes_refused.labels(status.split()[0], kind).inc()
+            runtime.connection_warnings.warning("refused WebSocket remote=%s path=%s status=%s reason=%s",
                                         self.environ.get("REMOTE_ADDR"),
                                         printable(self.environ.get("PATH_INFO", ""), 100), status.split()[0], reason)
             self.start_response(status, [("Content-Type", "text/plain"), ("Connection", "close"),
@@ -2278,30 +2741,100 @@ class MediaStreamHandler(WebSocketHandler):
         result = super().upgrade_websocket()
         self.registered = getattr(self, "websocket", None)  # set only when upgraded
         if self.registered:
-            open_websockets.add(self.registered)
-            if idle_sweeper is None and settings.idle_timeout > 0:
-                idle_sweeper = gevent.spawn(sweep_idle_websockets)
-            if loop_watcher is None and settings.read_interval_ms > 0:
-                loop_watcher = gevent.spawn(watch_the_event_loop)
+            runtime.open_websockets.add(self.registered)
+            runtime.watch()
         return result
 
     def run_application(self):
         try:
             super().run_application()
         finally:
-            open_websockets.discard(self.__dict__.pop("registered", None))
+            self.runtime.open_websockets.discard(self.__dict__.pop("registered", None))
+
+
+# --- Start-up and main() ------------------------------------------------------------------
+
+class ConsoleHandler(logging.StreamHandler):
+    """Our console's handler: stderr, a timestamp and the level on each line."""
+
+
+def setup_logging(level: str, worker: bool = False) -> None:
+    """One console handler on our logger, whoever runs us (python app.py or gunicorn), beside
+    any of yours; a gunicorn worker's lines say which worker (its process id) they come from."""
+    console = next((handler for handler in log.handlers if isinstance(handler, ConsoleHandler)), None)
+    if console is None:
+        console = ConsoleHandler(sys.stderr)
+        log.addHandler(console)
+        log.propagate = False
+    tag = "worker=%(process)d " if worker else ""
+    console.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s {tag}%(message)s"))
+    log.setLevel(level)
+    startup_log.setLevel(logging.INFO)
+
+
+def reserve_file_descriptors(settings: Settings) -> int:
+    """Raise this process's limit on open files toward the hard one, so --max-streams can be
+    reached: the streams this process can carry, fewer (with a warning) when even the hard
+    limit cannot carry --max-streams."""
+    per_stream = 1 + (len(TRACK_NAMES) if settings.record else 0)  # the socket, a WAV file per track
+    needed = settings.max_streams * per_stream + MAX_HANDSHAKES + SPARE_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):  # macOS refuses more than OPEN_MAX whatever the hard limit
+            pass
+    can_carry = (soft - MAX_HANDSHAKES - SPARE_FILES) // per_stream
+    if soft == resource.RLIM_INFINITY or can_carry >= settings.max_streams:
+        return settings.max_streams
+    if can_carry < 1:
+        raise SettingsError(f"--max-streams (MAX_STREAMS): this process may open only {soft} files "
+                            f"(ulimit -n), not enough for one stream")
+    log.warning("--max-streams lowered from %d to %d: this process may open %d files (ulimit -n), and "
+                "each stream takes %d", settings.max_streams, can_carry, soft, per_stream)
+    return can_carry
+
+
+def use_our_websocket() -> None:
+    """gevent-websocket builds each connection's socket from its module's name `WebSocket`
+    (WebSocketHandler.upgrade_connection): make it ours. Its logger would print client
+    input, without a timestamp; MediaStreamHandler checks every handshake before the
+    library sees it. tests/test_setup.py fails if the library stops reading that name."""
+    geventwebsocket.handler.WebSocket = MediaWebSocket  # type: ignore[misc]
+    logging.getLogger("geventwebsocket.handler").propagate = False
+
+
+def configure(argv: list[str] | None = None, environ=os.environ, stream_class=None,
+              worker: bool = False) -> Runtime:
+    """Read and check the settings, then make this process serve with them: the one place
+    start-up happens, for main() and for each gunicorn worker. Returns the runtime, which
+    the app now serves; raises SettingsError."""
+    settings = read_settings(argv, environ)
+    setup_logging(settings.log_level, worker)
+    runtime = create_runtime(settings, stream_class, max_streams=reserve_file_descriptors(settings))
+    use_our_websocket()
+    install(runtime)
+    return runtime
+
+
+def cannot_listen(setting: str, host: str, port: int, exc: OSError) -> SettingsError:
+    reason = exc.args[1] if len(exc.args) == 2 else str(exc)  # not strerror: gevent adds the address to it
+    return SettingsError(f"{setting}: cannot listen on {host}:{port}: {reason}")
 
 
 try:
     from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
 except ImportError:  # gunicorn is optional: only `gunicorn -k app.GunicornWorker` needs it
-    GeventWebSocketWorker = None
+    GeventWebSocketWorker = None  # type: ignore[assignment,misc]
 else:
     class GunicornWorker(GeventWebSocketWorker):
         """gevent-websocket's gunicorn worker with our handler (signatures, limits), configured
         from the environment, ending open calls with a summary when gunicorn stops it."""
-        wsgi_handler = MediaStreamHandler
+        wsgi_handler = MediaStreamHandler  # load_wsgi() sets the one serving this worker's runtime
         quitting = False  # handle_quit() has begun
+        runtime: Runtime
 
         class server_class(GeventWebSocketWorker.server_class):  # gunicorn's PyWSGIServer
             def close(self):
@@ -2311,16 +2844,16 @@ else:
                 # answer new callers "connection refused" for the whole drain. Left open, it
                 # answers them 503 (refusal()) until this worker's calls have ended and it
                 # exits, closing it.
-                global shutting_down
                 if self.closed:
                     return
+                runtime = self.handler_class.runtime
                 if self.master_listens(self.socket):
                     super().close()
                     log.info("SIGTERM: draining, %d open stream(s); new ones go to the other workers",
-                             len(open_websockets))
-                elif not shutting_down:
-                    shutting_down = True
-                    log.info("SIGTERM: draining, %d open stream(s); new ones get 503", len(open_websockets))
+                             len(runtime.open_websockets))
+                elif not runtime.shutting_down:
+                    runtime.shutting_down = True
+                    log.info("SIGTERM: draining, %d open stream(s); new ones get 503", len(runtime.open_websockets))
 
             @staticmethod
             def master_listens(listener) -> bool:
@@ -2345,7 +2878,7 @@ else:
                 check_record_dir(checked.record)
                 read_greeting(checked.greet)  # and kept, for the workers: a file gone later stops no worker
                 talking_back_mode(checked, None)
-                find_stream_class_module(environ.get("STREAM_CLASS"))
+                find_stream_class_module(checked.stream_class)
                 setup_logging(checked.log_level)
                 if checked.metrics_port:
                     serve_metrics_of_workers(checked.host, checked.metrics_port)
@@ -2357,10 +2890,11 @@ else:
         def load_wsgi(self):
             # In each worker, after gevent's patching and gunicorn's --env, before serving.
             try:
-                configure([], worker=True)
+                self.runtime = configure([], worker=True)
             except SettingsError as error:  # STREAM_CLASS: only a worker imports your module
                 print(f"app.py: error: {error}", file=sys.stderr, flush=True)
                 sys.exit(3)  # gunicorn's "worker failed to boot": it stops instead of retrying
+            self.wsgi_handler = MediaStreamHandler.serving(self.runtime)
             super().load_wsgi()
 
         def handle_exit(self, sig, frame):
@@ -2370,7 +2904,7 @@ else:
                 return
             super().handle_exit(sig, frame)  # alive = False: run() drains, exits once no call is left
             ending_at = self.cfg.graceful_timeout - STREAM_END_SECONDS - 1
-            gevent.spawn_later(max(0.0, ending_at), end_open_streams, "SIGTERM")
+            gevent.spawn_later(max(0.0, ending_at), self.runtime.end_open_streams, "SIGTERM")
 
         def handle_quit(self, sig, frame):
             # SIGINT, SIGQUIT (Ctrl-C on gunicorn): a quick exit, after the summaries. Once only:
@@ -2382,103 +2916,18 @@ else:
             self.quitting = True
 
             def quit_after_summaries():
-                end_open_streams(signal.Signals(sig).name)
+                self.runtime.end_open_streams(signal.Signals(sig).name)
                 GeventWebSocketWorker.handle_quit(self, sig, frame)
 
             gevent.spawn(quit_after_summaries)
 
 
-def cannot_listen(setting: str, host: str, port: int, exc: OSError) -> SettingsError:
-    reason = exc.args[1] if len(exc.args) == 2 else str(exc)  # not strerror: gevent adds the address to it
-    return SettingsError(f"{setting}: cannot listen on {host}:{port}: {reason}")
-
-
-# --- Metrics: Prometheus, with the official client, imported only with --metrics-port -----
-
-METRICS_EVERY_SECONDS = 1  # open streams' counts are added this often; a stream's last ones as it ends
-METRICS_CONNECTIONS = 8    # scrapes served at once; more wait in the backlog, holding no descriptor of ours
-
-
-class Metrics:
-    """This process's streams counted for Prometheus: each stream's counts, as its summary
-    has them, are added as it ends and every METRICS_EVERY_SECONDS while it is open, so
-    counting costs nothing per message. Under gunicorn each worker writes them to
-    PROMETHEUS_MULTIPROC_DIR and the master serves their sum (serve_metrics_of_workers)."""
-
-    def __init__(self):
-        from prometheus_client import Counter, Gauge, disable_created_metrics
-        disable_created_metrics()  # a <name>_created series beside each count: no dashboard needs it
-
-        def counter(name, help_text, *labels):
-            return Counter(f"mediastreams_{name}", help_text, labels)
-
-        self.streams_open = Gauge("mediastreams_streams_open", "streams open now", multiprocess_mode="livesum")
-        self.streams_ended = counter("streams_ended", "streams ended, by how (the summary's ended=)", "ended")
-        self.media_messages = counter("media_messages", "media messages received", "track")
-        self.audio_seconds = counter("audio_seconds", "seconds of audio received", "track")
-        self.gaps = counter("gaps", "places where audio went missing (timestamps jumped)", "track")
-        self.duplicates = counter("duplicate_messages", "messages received twice (same sequenceNumber)")
-        self.out_of_order = counter("out_of_order_messages", "messages received after a later one")
-        self.bad_messages = counter("bad_messages", "messages skipped, by why (the summary's bad_<kind>=)", "kind")
-        self.handshakes_refused = counter("handshakes_refused", "connections refused before the WebSocket opened",
-                                          "status", "reason")
-        self.recordings = counter("recordings", "WAV files closed, and those stopped early (disk, limit)", "result")
-        self.sent_messages = counter("sent_media_messages", "media messages sent back (<Connect><Stream>)")
-        self.marks = counter("marks", "marks sent, and their echoes: played or cancelled by a clear", "state")
-        self.clears = counter("clears", "clear messages sent")
-        self.open: dict[int, tuple] = {}  # id() of each open stream: (the stream, the counts added so far)
-        self.adder: gevent.Greenlet | None = None
-
-    def opened(self, stream: "MediaStream") -> None:
-        self.open[id(stream)] = (stream, {})
-        self.streams_open.inc()
-        if self.adder is None:
-            self.adder = gevent.spawn(self.add_open_streams_counts)
-
-    def closed(self, stream: "MediaStream") -> None:
-        self.add_counts(stream, self.open.pop(id(stream))[1])
-        self.streams_open.dec()
-        self.streams_ended.labels(stream.ended).inc()
-        for track in stream.tracks.values():
-            if track.recording:
-                self.recordings.labels("written").inc()
-            if track.recording_stopped:
-                self.recordings.labels("stopped").inc()
-
-    def add_open_streams_counts(self) -> None:
-        while True:
-            gevent.sleep(METRICS_EVERY_SECONDS)
-            for n, (stream, added) in enumerate(list(self.open.values()), 1):
-                self.add_counts(stream, added)
-                if n % 100 == 0:
-                    gevent.sleep(0)  # 1000 streams' counts in one go would hold up their audio for 10 ms
-
-    def add_counts(self, stream: "MediaStream", added: dict) -> None:
-        """What `stream` counted since `added` (updated) was taken."""
-        played_back = stream.played_back
-        now = {(self.duplicates, ()): stream.duplicates, (self.out_of_order, ()): stream.out_of_order,
-               (self.sent_messages, ()): played_back.messages, (self.clears, ()): played_back.clears,
-               (self.marks, ("sent",)): played_back.marks_sent, (self.marks, ("played",)): played_back.marks_played,
-               (self.marks, ("cancelled",)): played_back.marks_cancelled}
-        for track in stream.tracks.values():
-            now[self.media_messages, (track.name,)] = track.messages
-            now[self.audio_seconds, (track.name,)] = track.bytes / 8000
-            now[self.gaps, (track.name,)] = track.gaps
-        for kind, count in stream.bad.items():
-            now[self.bad_messages, (kind,)] = count
-        for (metric, labels), value in now.items():
-            more = value - added.get((metric, labels), 0)
-            if more:
-                (metric.labels(*labels) if labels else metric).inc(more)
-                added[metric, labels] = value
-
-
-def serve_metrics(host: str, port: int) -> None:
+def serve_metrics(host: str, port: int, metrics: Metrics) -> None:
     """`python app.py --metrics-port`: this process's metrics, on a listener of their own
     (not /metrics on the app's port, which ngrok publishes), served by the event loop."""
     import prometheus_client
-    server = pywsgi.WSGIServer((host, port), prometheus_client.make_wsgi_app(), spawn=Pool(METRICS_CONNECTIONS),
-                               log=None, error_log=log)
+    server = pywsgi.WSGIServer((host, port), prometheus_client.make_wsgi_app(metrics.registry),
+                               spawn=Pool(METRICS_CONNECTIONS), log=None, error_log=log)
     try:
         server.start()
     except OSError as exc:
@@ -2490,10 +2939,9 @@ def serve_metrics_of_workers(host: str, port: int) -> None:
     """gunicorn's master: the sum of its workers' metrics (prometheus-client's multiprocess
     mode), from a thread of its own; the workers inherit PROMETHEUS_MULTIPROC_DIR. Once:
     gunicorn checks its configuration again on SIGHUP, while workers write their files."""
-    global workers_metrics_served
-    if workers_metrics_served:
+    if serve_metrics_of_workers.served:
         return
-    workers_metrics_served = True
+    serve_metrics_of_workers.served = True  # type: ignore[attr-defined]
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if folder:  # the files of an earlier run would be added to this one's
         for stale in glob.glob(os.path.join(folder, "*.db")):
@@ -2519,40 +2967,10 @@ def serve_metrics_of_workers(host: str, port: int) -> None:
     startup_log.info("Metrics for Prometheus at http://localhost:%d/metrics, all workers together", port)
 
 
-# --- Module state: what every stream of this process shares -------------------------------
-
-settings = read_settings([], environ={})  # the defaults until configure() runs
-settings.stream_class = MediaStream
-open_websockets: set[MediaWebSocket] = set()
-handshaking: dict[MediaStreamHandler, gevent.Greenlet] = {}  # connections sending a request, oldest first
-unfinished_bytes = 0  # what half-received messages hold, all streams together (UNFINISHED_BYTES_LIMIT)
-connection_warnings = LogThrottle("warnings about connections", per_second=10)
-stream_warnings = LogThrottle("stream warnings", per_second=200)
-idle_sweeper: gevent.Greenlet | None = None
-loop_watcher: gevent.Greenlet | None = None
-metrics: "Metrics | None" = None  # --metrics-port
-workers_metrics_served = False  # gunicorn's master serves its workers' metrics
-transcriber: Transcriber | None = None  # --transcribe
-loop_behind = False  # the event loop is late: listen-only streams are read every --read-interval-ms
-shutting_down = False
-STREAM_END_SECONDS = 3  # what open streams get at shutdown to end and log their summaries
+serve_metrics_of_workers.served = False  # type: ignore[attr-defined]
 
 
-# --- main ---------------------------------------------------------------------------------
-
-def end_open_streams(why: str) -> None:
-    """New streams are refused; each open one logs its summary (ended=shutdown), closed with 1001."""
-    global shutting_down
-    shutting_down = True
-    log.info("%s: shutting down, %d open stream(s)", why, len(open_websockets))
-    try:
-        gevent.killall([ws.greenlet for ws in open_websockets], block=True, timeout=STREAM_END_SECONDS)
-    except gevent.Timeout:  # a slow finish() of your own: stop anyway
-        log.warning("%d stream(s) still ending after %d s: stopping without waiting for them",
-                    len(open_websockets), STREAM_END_SECONDS)
-
-
-def log_startup_notes(settings: argparse.Namespace) -> None:
+def log_startup_notes(settings: Settings) -> None:
     if not settings.auth_token:
         log.warning("TWILIO_AUTH_TOKEN is not set: anyone who knows this URL can stream to it. "
                     "Set it to your Auth Token to accept only handshakes signed by Twilio.")
@@ -2569,20 +2987,22 @@ def log_startup_notes(settings: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None, stream_class: type | None = None) -> None:
     """Serve until SIGINT or SIGTERM; `stream_class`: your MediaStream subclass."""
     try:
-        configure(argv, stream_class=stream_class)
+        runtime = configure(argv, stream_class=stream_class)
+        settings = runtime.settings
         # A connection a greenlet, no more than the streams and the handshakes we allow: beyond,
         # connections wait in the kernel's backlog and hold no file descriptor of ours.
-        connections = Pool(settings.max_streams + MAX_HANDSHAKES)
-        server = pywsgi.WSGIServer((settings.host, settings.port), app, handler_class=MediaStreamHandler,
-                                   spawn=connections, log=None, error_log=log)
+        connections = Pool(runtime.max_streams + MAX_HANDSHAKES)
+        server = pywsgi.WSGIServer((settings.host, settings.port), app,
+                                   handler_class=MediaStreamHandler.serving(runtime), spawn=connections, log=None,
+                                   error_log=log)
         try:
             server.start()
         except OSError as exc:
             setting = "--host (HOST)" if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL \
                 else "--port (PORT)"
             raise cannot_listen(setting, settings.host, settings.port, exc) from None
-        if settings.metrics_port:
-            serve_metrics(settings.host, settings.metrics_port)
+        if runtime.metrics and settings.metrics_port:
+            serve_metrics(settings.host, settings.metrics_port, runtime.metrics)
     except SettingsError as error:
         print(f"app.py: error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -2597,17 +3017,17 @@ def main(argv: list[str] | None = None, stream_class: type | None = None) -> Non
     def shutdown(signum: int) -> None:
         # Still accepting while open streams end: a new caller gets 503 (refusal()), where
         # stop_accepting() left it unanswered in the kernel's backlog until stop() reset it.
-        end_open_streams(signal.Signals(signum).name)
+        runtime.end_open_streams(signal.Signals(signum).name)
         server.stop(timeout=1)
-        connection_warnings.flush()
-        stream_warnings.flush()
+        runtime.connection_warnings.flush()
+        runtime.stream_warnings.flush()
 
     gevent.signal_handler(signal.SIGTERM, shutdown, signal.SIGTERM)
     gevent.signal_handler(signal.SIGINT, shutdown, signal.SIGINT)
     server.serve_forever()
-    if transcriber:  # a recognition still running on its native thread would abort the interpreter's exit
+    if runtime.transcriber:  # a recognition still running on its native thread would abort the interpreter's exit
         with gevent.Timeout(STREAM_END_SECONDS, False):
-            transcriber.threads.join()
+            runtime.transcriber.threads.join()
     log.info("Stopped")
 
 

@@ -21,6 +21,12 @@ SETTINGS_VARIABLES = (*(variable for _, variable, *_ in app.OPTIONS), "TWILIO_AU
 LISTENING = r"Listening on http://[^ ]+:(\d+)"
 
 
+def runtime(stream_class=None, **settings) -> "app.Runtime":
+    """A runtime in this process, with any settings (Settings' names: record=str(tmp_path)):
+    what a test needs to drive a MediaStream, a MediaWebSocket or a handshake without a server."""
+    return app.create_runtime(app.Settings(**settings), stream_class)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -140,23 +146,27 @@ def run_at_once(play, calls, timeout=60.0):
 
 @pytest.fixture
 def start_server(tmp_path):
-    """Start servers with extra flags, environment, a command or a script of the test's
-    (`script=` Python source run with the flags); all are stopped after the test."""
+    """Start servers with extra flags, environment or a command; `server=NAME` runs one of
+    tests/servers.py's, `script=` Python source of the test's (the README's examples), each
+    with the flags. All are stopped after the test."""
     servers = []
 
-    def start(*args, script=None, **options):
-        if script:  # a program of the test's own that imports app: `python script.py ARGS`
+    def start(*args, script=None, server=None, **options):
+        if server:  # app.py with a stream class or a change of tests/servers.py's
+            options["command"] = [sys.executable, "-m", "tests.servers", server, "--host", "127.0.0.1", "--port", "0",
+                                  *args]
+        elif script:  # a program of its own that imports app: `python script.py ARGS`
             path = tmp_path / f"script_{len(servers)}.py"
             path.write_text(script)
             options["command"] = [sys.executable, str(path), "--host", "127.0.0.1", "--port", "0", *args]
             options["env"] = {"PYTHONPATH": str(ROOT), **options.get("env", {})}
-        server = Server(tmp_path, *args, **options)
-        servers.append(server)
-        return server
+        started = Server(tmp_path, *args, **options)
+        servers.append(started)
+        return started
 
     yield start
-    for server in servers:
-        server.stop()
+    for started in servers:
+        started.stop()
 
 
 @pytest.fixture

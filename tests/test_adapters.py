@@ -23,17 +23,20 @@ from geventwebsocket.websocket import Stream, WebSocket
 from werkzeug.test import EnvironBuilder
 
 import app
+from tests.conftest import runtime
 from tests.twilio_sim import close_code, frame, read_frames
 
 
 class FakeHandler:
-    """What WebSocket needs of gevent-websocket's handler: a socket, its rfile, a logger."""
+    """What WebSocket needs of gevent-websocket's handler: a socket, its rfile, a logger, and
+    for ours the runtime its handler serves."""
 
-    def __init__(self, sock):
+    def __init__(self, sock, serving=None):
         self.socket = sock
         self.rfile = sock.makefile("rb", -1)
         self.server = SimpleNamespace(application=None)
         self.logger = logging.getLogger("test-adapters")
+        self.runtime = serving or runtime()
 
 
 def tcp_pair():
@@ -46,8 +49,8 @@ def tcp_pair():
     return server, client
 
 
-def websocket(cls, sock):
-    handler = FakeHandler(sock)
+def websocket(cls, sock, serving=None):
+    handler = FakeHandler(sock, serving)
     return cls({}, Stream(handler), handler)
 
 
@@ -107,10 +110,10 @@ def random_stream(rng):
     return out
 
 
-def run(cls, data):
+def run(cls, data, serving=None):
     """Messages `cls` returns for `data` (until None), and the bytes it sends back."""
     ours, theirs = gsocket.socketpair()
-    ws = websocket(cls, ours)
+    ws = websocket(cls, ours, serving)
     sender = gevent.spawn(lambda: (theirs.sendall(data), theirs.shutdown(gsocket.SHUT_WR)))
     received = []
     while len(received) < 50:
@@ -238,6 +241,11 @@ def test_a_finished_call_leaves_no_call_state_in_reference_cycles():
     class GoneWebSocket:  # a call whose client went away at once
         closed = False
         error = None
+        greenlet = None
+        runtime = runtime()
+
+        def hand_media_to(self, stream):
+            pass
 
         def receive(self):
             return None
@@ -272,7 +280,7 @@ def test_a_connection_dropped_as_its_request_came_in_takes_the_exception_before_
     which lands at its next switch. If its last bytes came in the same turn of the event loop,
     it has read them and would answer, or upgrade, and the exception land in the call (a
     101, then 1011). It must land before anything is answered."""
-    handler = object.__new__(app.MediaStreamHandler)  # what handle_one_response needs of it
+    handler = object.__new__(app.MediaStreamHandler.serving(runtime()))  # what handle_one_response needs of it
     handler.deadline, handler.client_address, handler.evicted = gevent.Timeout(), ("192.0.2.1", 5), True
     answered = []
     handler.run_application = lambda: answered.append("answered")
@@ -298,11 +306,10 @@ class TalkingBack(app.MediaWebSocket):
 def test_listen_only_streams_are_read_in_batches_only_while_the_loop_is_behind(monkeypatch, behind, cls, batched):
     naps = []
     real_sleep = gevent.sleep
-    monkeypatch.setattr(app.settings, "read_interval_ms", 100)
-    monkeypatch.setattr(app, "loop_behind", behind)
-    monkeypatch.setattr(app, "open_websockets", {object() for _ in range(500)})  # how many does not matter
+    serving = runtime(read_interval_ms=100)
+    serving.loop_behind = behind
     monkeypatch.setattr(gevent, "sleep", lambda seconds=0, *args: (naps.append(seconds), real_sleep(0))[1])
-    received, _ = run(cls, b"".join(frame(0x1, b"message %d" % i) for i in range(3)))
+    received, _ = run(cls, b"".join(frame(0x1, b"message %d" % i) for i in range(3)), serving)
     assert received == ["message 0", "message 1", "message 2", None]
     assert (0.1 in naps) == batched
 
@@ -346,19 +353,19 @@ def test_a_message_costs_one_recv_not_a_failed_one_first():
 def test_batching_starts_when_the_event_loop_is_late_and_stops_once_it_is_on_time(monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="mediastreams")
     monkeypatch.setattr(app, "CAUGHT_UP_SECONDS", 0.3)
-    monkeypatch.setattr(app, "loop_behind", False)
-    watcher = gevent.spawn(app.watch_the_event_loop)
+    serving = runtime()
+    watcher = gevent.spawn(app.watch_the_event_loop, serving)
     try:
         gevent.sleep(0.2)
-        assert not app.loop_behind, "an idle loop is on time"
+        assert not serving.loop_behind, "an idle loop is on time"
         time.sleep(0.12)  # blocks the whole event loop, as more work than the process can do would
         gevent.sleep(0.1)
-        assert app.loop_behind
+        assert serving.loop_behind
         assert "this process cannot keep up; reading listen-only streams every 100 ms" in caplog.text
         deadline = time.monotonic() + 5
-        while app.loop_behind and time.monotonic() < deadline:
+        while serving.loop_behind and time.monotonic() < deadline:
             gevent.sleep(0.05)
-        assert not app.loop_behind
+        assert not serving.loop_behind
         assert "reading each message as it lands again" in caplog.text
     finally:
         watcher.kill()

@@ -11,7 +11,7 @@ import wave
 import pytest
 
 import app
-from tests.conftest import ROOT
+from tests.conftest import ROOT, runtime
 from tests.twilio_sim import CHUNK, Call, encode_ulaw, read_wav, tone, write_wav
 
 
@@ -65,7 +65,7 @@ def test_level_meter_reads_pure_tones_right(frequency):
     chunks = encode_ulaw(tone(1.0, frequency, amplitude=0.25))
     decoded = [app.ULAW_TO_LINEAR[code] for code in chunks]
     expected = 10 * math.log10(sum(x * x for x in decoded) / len(decoded) / 32768 ** 2)
-    stream, track = app.MediaStream(remote="test"), app.Track("inbound")
+    stream, track = app.MediaStream(runtime(), remote="test"), app.Track("inbound")
     track.next_level_at = math.inf  # no line, no reset: read what it gathered
     for start in range(0, len(chunks), CHUNK):
         track.messages += 1  # as on_media counts each message before metering it
@@ -77,7 +77,7 @@ def test_level_meter_reads_pure_tones_right(frequency):
 def test_level_meter_survives_a_chunk_shorter_than_its_offset():
     """A 1-byte payload at a message whose sampling offset is past it samples nothing; if a
     level line is due then, there is nothing to divide by."""
-    stream, track = app.MediaStream(remote="test"), app.Track("inbound")
+    stream, track = app.MediaStream(runtime(), remote="test"), app.Track("inbound")
     track.messages, track.next_level_at = 2, 1.0  # a line is due, nothing sampled since the last
     stream.meter(track, b"\xff")
     assert track.next_level_at > 1.0

@@ -80,39 +80,19 @@ def test_a_message_over_the_limit_in_fragments_gets_1009(start_server):
     assert "message over the 1024-byte limit" in server.log()
 
 
-CRASHING_SERVER = """
-import sys
-
-import app
-
-
-class CrashingStream(app.MediaStream):
-    wants_pcm = True
-    media_in_event_loop = MEDIA_IN_EVENT_LOOP
-    chunks = 0
-
-    def on_audio(self, track, timestamp, pcm):
-        self.chunks += 1
-        if self.chunks == 10:
-            raise RuntimeError("bug in on_audio")
-
-
-app.main(sys.argv[1:], stream_class=CrashingStream)
-"""
-
-
-@pytest.mark.parametrize("in_event_loop", [True, False], ids=["bug-in-the-event-loop", "bug-in-the-greenlet"])
-def test_1011_when_a_bug_ends_the_stream_with_a_valid_wav_and_a_summary(start_server, tmp_path, in_event_loop):
-    server = start_server("--record", str(tmp_path / "rec"),
-                          script=CRASHING_SERVER.replace("MEDIA_IN_EVENT_LOOP", str(in_event_loop)))
+def test_1011_when_a_bug_ends_the_stream_with_a_valid_wav_and_a_summary(start_server, tmp_path):
+    """A bug in your on_audio() (tests/servers.py's Crashing, at its 10th chunk) ends that
+    call: 1011, a summary, a valid recording of what came, and no traceback; others go on."""
+    server = start_server("--record", str(tmp_path / "rec"), server="crashing")
     call = Call()
     audio = encode_ulaw(tone(0.4))
     assert server.stream([call.connected(), call.start(), *call.play({"inbound": audio})]) == 1011
     summary = server.summary(call.stream_sid)
-    assert summary["ended"] == "error" and summary["media"] == "10"
+    media = int(summary["media"])
+    assert summary["ended"] == "error" and 10 <= media <= 20
     assert f"stream={call.stream_sid} handler error: RuntimeError: bug in on_audio" in server.log()
     assert "Traceback" not in server.log()
-    assert samples(tmp_path / "rec" / f"{call.stream_sid}_inbound.wav") == decoded(audio[:10 * CHUNK])
+    assert samples(tmp_path / "rec" / f"{call.stream_sid}_inbound.wav") == decoded(audio[:media * CHUNK])
     next_call = Call()  # the server goes on serving other calls
     assert server.stream(next_call.session(stop=True)) == 1000
     assert server.summary(next_call.stream_sid)["ended"] == "stop"

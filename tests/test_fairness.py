@@ -19,13 +19,6 @@ from tests.twilio_sim import CHUNK, Call, WSClient, decode_ulaw, encode_ulaw, fr
 SILENCE = b"\xff" * CHUNK
 CLOSE_1000 = frame(0x8, struct.pack("!H", 1000))
 
-# A server whose closing wait is a minute: a close that waits for bytes the client already sent shows.
-PATIENT_SERVER = """
-import sys
-import app
-app.CLOSE_TIMEOUT = 60
-app.main(sys.argv[1:])
-"""
 
 
 def read_to_the_end(sock, timeout=10.0):
@@ -69,7 +62,7 @@ def fin_after_stop(client, call):
 @pytest.mark.parametrize("end", [end_in_one_segment, whole_call_in_one_segment, close_crossing_ours,
                                  close_after_ours, fin_after_stop], ids=lambda end: end.__name__.replace("_", "-"))
 def test_a_call_that_ends_as_twilio_ends_it_is_closed_at_once(start_server, end):
-    server = start_server("--quiet-levels", script=PATIENT_SERVER)
+    server = start_server("--quiet-levels", server="patient")
     client, call = server.connect(), Call()
     if end is not whole_call_in_one_segment:
         client.send_all(call.session(media=3))
@@ -186,12 +179,6 @@ def test_while_one_client_floods_another_call_connects_and_completes(unix_gunico
 
 # --- Memory: what a client that reads nothing makes us queue is bounded --------------------
 
-STALL_IN_2_S = """
-import sys
-import app
-app.STALL_SECONDS = 2
-app.main(sys.argv[1:])
-"""
 
 
 def flood_until_held_back(client, block, cap=256 << 20):
@@ -222,7 +209,7 @@ def test_a_client_that_floods_and_never_reads_is_held_back_then_dropped(start_se
     """Pongs, or the echo of every chunk, pile up for a client that reads nothing: the server
     stops reading from it at OUTBOX_LIMIT, so TCP holds it back, and drops it once it has
     taken nothing for STALL_SECONDS (2 s here), with a summary."""
-    server = start_server("--quiet-levels", *flags, script=STALL_IN_2_S)
+    server = start_server("--quiet-levels", *flags, server="stalls-in-2-s")
     idle_mib = rss_mib(server.process.pid)
     client, call = server.connect(), Call()
     client.send_all(call.session(media=1))
@@ -244,24 +231,10 @@ def test_a_client_that_floods_and_never_reads_is_held_back_then_dropped(start_se
 
 # --- Marks are found by name --------------------------------------------------------------
 
-MANY_MARKS = """
-import sys
-import app
-
-class ManyMarks(app.MediaStream):
-    talks_back = True
-
-    def on_start(self, data):
-        super().on_start(data)
-        for n in range(10_000):
-            self.mark(f"sent-{n}")
-
-app.main(sys.argv[1:], stream_class=ManyMarks)
-"""
 
 
 def test_echoes_of_marks_never_sent_cost_no_scan_of_those_outstanding(start_server):
-    server = start_server("--quiet-levels", script=MANY_MARKS)
+    server = start_server("--quiet-levels", server="many-marks")
     client, call = server.connect(), Call()
     reader = threading.Thread(target=read_to_the_end, args=(client.sock, 60), daemon=True)
     client.send_all(call.session())

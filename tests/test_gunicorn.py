@@ -171,23 +171,11 @@ def test_a_setting_that_cannot_work_stops_gunicorn_with_one_line(env, error):
     assert out.stderr.count(error) == 1 and "Traceback" not in out.stderr
 
 
-SLOW_FINISH = """
-import gevent
-
-import app
-
-
-class SlowStream(app.MediaStream):
-    def finish(self):
-        gevent.sleep(30)  # a finish() of your own that never ends in time
-        super().finish()
-"""
 
 
 def test_a_stream_that_will_not_end_does_not_hold_up_ctrl_c(start_server, tmp_path):
-    (tmp_path / "slow_stream.py").write_text(SLOW_FINISH)
     server = start_server(command=gunicorn_command("-w", "1", "--graceful-timeout", "20"), ready=GUNICORN_READY,
-                          env={"STREAM_CLASS": "slow_stream:SlowStream", "PYTHONPATH": str(tmp_path)})
+                          env={"STREAM_CLASS": "tests.servers:SlowFinish"})
     server.wait_for(r"Booting worker")
     client, call = server.open_call()
     server.wait_for(rf"stream={call.stream_sid} start")

@@ -205,24 +205,12 @@ def test_twenty_concurrent_calls_each_get_their_own_exact_counts(server):
         assert summary["bad"] == ("1" if i % 3 == 0 else "0")
 
 
-BEHIND_FOR_A_MOMENT = """
-import time
-import app
-
-class Blocking(app.MediaStream):
-    def on_start(self, data):
-        super().on_start(data)
-        if self.stream_sid.endswith("0"):
-            time.sleep(0.2)  # the whole process stops: its event loop runs late, as in an overload
-
-app.main(stream_class=Blocking)
-"""
 
 
 def test_streams_read_in_batches_while_the_process_is_behind_are_still_counted_exactly(start_server):
     # While the event loop runs late each stream is read every --read-interval-ms: frames
     # split across reads, bad input and stops must come through that path as one by one.
-    server = start_server("--read-interval-ms", "150", script=BEHIND_FOR_A_MOMENT)
+    server = start_server("--read-interval-ms", "150", server="blocking")
     calls = [Call(stream_sid=f"MZ{n:031x}1") for n in range(59)] + [Call(stream_sid="MZ" + "0" * 32)]
     clients = [server.connect() for _ in calls]
     for call, client in zip(calls, clients):

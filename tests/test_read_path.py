@@ -17,54 +17,15 @@ from tests.twilio_sim import CHUNK, Call, encode_ulaw, frame, tone
 
 SILENCE = b"\xff" * CHUNK
 
-WHERE_EACH_EVENT_RAN = """
-import sys
-import gevent
-import app
-
-class Watched(app.MediaStream):
-    {flag}
-    EVENTS = {{**app.MediaStream.EVENTS, "custom": "on_custom"}}
-    seen = None
-
-    def note(self, what):
-        where = "loop" if gevent.getcurrent() is gevent.get_hub() else "greenlet"
-        self.seen = (self.seen or []) + [f"{{what}}@{{where}}"]
-
-    def on_media(self, data):
-        super().on_media(data)
-        self.note("media" + data["media"]["chunk"])
-
-    def on_dtmf(self, data):
-        super().on_dtmf(data)
-        self.note("dtmf" + data["dtmf"]["digit"])
-
-    def on_custom(self, data):
-        self.note("custom")
-        app.log.info("%s custom", self.label)  # then its greenlet waits for bytes, with no switch between
-
-    def on_stop(self, data):
-        super().on_stop(data)
-        app.log.info("%s handled %s", self.label, " ".join(self.seen))
-
-app.main(sys.argv[1:], stream_class=Watched)
-"""
-
-
-@pytest.mark.parametrize("flag, media_at", [("media_in_event_loop = True", "loop"), ("", "greenlet")],
-                         ids=["says-its-media-code-never-waits", "own-media-code-by-default"])
-def test_every_message_is_handled_in_the_order_sent_in_the_event_loop_or_the_greenlet(start_server, flag, media_at):
-    server = start_server("--quiet-levels", script=WHERE_EACH_EVENT_RAN.format(flag=flag))
-    call = Call()
-    client = server.connect()
-    client.send_all(call.session())
-    server.wait_for(rf"stream={call.stream_sid} start")  # what comes with the handshake is read by the greenlet
+def sent_in_bursts(server, call, client, media_at, audio_at):
+    """Three bursts, each in one TCP write: media, a dtmf, bad input and an event of the
+    class's own. What each message should have been handled by, in order."""
     sent = []
     for burst in range(3):  # each burst in one TCP write: the event loop reads them in one go
         data = b""
         for n in range(4):
             data += frame(0x1, call.media("inbound", SILENCE, 20 * (call.chunks + 1)).encode())
-            sent.append(f"media{call.chunks}@{media_at}")
+            sent.append(f"media{call.chunks}@{media_at}" if media_at else f"audio{20 * call.chunks}@{audio_at}")
         data += frame(0x1, call.dtmf(str(burst)).encode())
         sent.append(f"dtmf{burst}@greenlet")
         data += frame(0x1, b"not json")  # bad input on the way changes nothing
@@ -72,77 +33,99 @@ def test_every_message_is_handled_in_the_order_sent_in_the_event_loop_or_the_gre
         sent.append("custom@greenlet")
         client.send_raw(data)
         server.wait_for(rf"stream={call.stream_sid} custom", count=burst + 1)  # not read along with the next
-    client.send_all([call.media("inbound", SILENCE, 20 * (call.chunks + 1)), call.stop()])
-    sent.append(f"media{call.chunks}@{media_at}")
-    assert client.wait_closed() == 1000
-    assert server.wait_for(rf"stream={call.stream_sid} handled (.*)").group(1).split() == sent
-    summary = server.summary(call.stream_sid)
-    assert (summary["media"], summary["bad"], summary["ended"]) == ("13", "3", "stop")
+    return sent
 
 
-WAITS_IN_ON_AUDIO = """
-import sys
-import gevent
-import app
-
-class Waiting(app.MediaStream):
-    {flag}
-    wants_pcm = True
-
-    def on_audio(self, track, timestamp, pcm):
-        if timestamp == 200:
-            gevent.sleep(0.01)  # a gevent wait: fine in a greenlet, impossible in the event loop
-
-app.main(sys.argv[1:], stream_class=Waiting)
-"""
-
-
-@pytest.mark.parametrize("flag", ["media_in_event_loop = True", ""], ids=["says-it-never-waits", "by-default"])
-def test_a_media_handler_that_waits_ends_only_one_call_if_it_claimed_it_never_does(start_server, flag):
-    server = start_server("--quiet-levels", script=WAITS_IN_ON_AUDIO.format(flag=flag))
-    call, other, later = Call(), Call(), Call()
-    other_client = server.connect()
-    other_client.send_all(other.session(media=5))
-    client = server.connect()
+def test_a_class_with_media_code_of_its_own_has_every_message_handled_in_its_greenlet_in_order(start_server):
+    server = start_server("--quiet-levels", server="watched-own-media")
+    call, client = Call(), server.connect()
     client.send_all(call.session())
-    server.wait_for(rf"stream={call.stream_sid} start")  # its greenlet waits: what follows is media only
-    client.send_all([*(call.media("inbound", SILENCE, 20 * (n + 1)) for n in range(20)), call.stop()])
-    code = client.wait_closed()
-    other_client.send_all([*(other.media("inbound", SILENCE, 20 * (6 + n)) for n in range(4)), other.stop()])
-    assert other_client.wait_closed() == 1000
-    assert server.summary(other.stream_sid)["media"] == "9", "the other call goes on"
+    server.wait_for(rf"stream={call.stream_sid} start")
+    sent = sent_in_bursts(server, call, client, media_at="greenlet", audio_at=None)
+    client.send(call.stop())
+    assert client.wait_closed() == 1000
+    handled = server.wait_for(rf"stream={call.stream_sid} handled (.*)").group(1).split()
+    assert [what for what in handled if not what.startswith("audio")] == sent
     summary = server.summary(call.stream_sid)
-    if flag:
-        assert (code, summary["ended"], summary["media"]) == (1011, "error", "10")
-        assert (f"stream={call.stream_sid} handler error: RuntimeError: Waiting waited on gevent in the event loop "
-                "(a sleep, lock, full queue, network I/O, a network log handler): set media_in_event_loop = False on "
-                "it; its next calls are read by their greenlets (traceback") in server.log()
-    else:
-        assert (code, summary["ended"], summary["media"]) == (1000, "stop", "20")
-    assert server.stream(later.session(media=20, stop=True)) == 1000, "a later call of the class waits in its greenlet"
-    assert server.summary(later.stream_sid)["media"] == "20"
-    assert "Traceback" not in server.log()
+    assert (summary["media"], summary["bad"], summary["ended"]) == ("12", "3", "stop")
 
 
-def test_a_subclass_with_media_code_of_its_own_is_handled_in_its_greenlet_unless_it_says_otherwise():
-    class Meter(app.MediaStream):  # its own media code only in what on_media calls: still the loop's
-        def meter(self, track, ulaw):
+def test_your_on_audio_runs_in_the_calls_audio_greenlet_never_the_event_loop_each_chunk_in_order(start_server):
+    """Media messages are handled by the event loop as they land (the server's own code);
+    each chunk then reaches your on_audio() in a greenlet of the call's, where it may wait."""
+    server = start_server("--quiet-levels", server="watched")
+    call, client = Call(), server.connect()
+    client.send_all(call.session())
+    server.wait_for(rf"stream={call.stream_sid} start")
+    sent = sent_in_bursts(server, call, client, media_at=None, audio_at="audio")
+    client.send(call.stop())
+    assert client.wait_closed() == 1000
+    handled = server.wait_for(rf"stream={call.stream_sid} handled (.*)").group(1).split()
+    assert [what for what in handled if what.startswith("audio")] == [what for what in sent if what.startswith("audio")]
+    assert [what for what in handled if not what.startswith("audio")] == [w for w in sent if not w.startswith("audio")]
+    summary = server.summary(call.stream_sid)
+    assert (summary["media"], summary["bad"], summary["audio_dropped"]) == ("12", "3", "0")
+
+
+@pytest.mark.parametrize("name", ["waits", "watched-own-media"])
+def test_a_class_that_waits_on_gevent_in_its_audio_or_its_media_code_loses_no_call(start_server, name):
+    """The ways a class lost calls while the event loop ran its code: a wait in on_audio(),
+    in a helper it overrides (meter()), in a bounded queue's put()."""
+    server = start_server("--quiet-levels", server=name)
+    calls = [Call() for _ in range(3)]
+    for call in calls:
+        assert server.stream(call.session(media=50, stop=True)) == 1000
+        summary = server.summary(call.stream_sid)
+        assert (summary["ended"], summary["media"], summary["audio_dropped"]) == ("stop", "50", "0")
+    assert "Traceback" not in server.log() and "handler error" not in server.log()
+
+
+def test_a_logging_handler_that_waits_never_runs_in_the_event_loop(start_server):
+    """What the event loop's callback makes (a first chunk, a warning) reaches the sinks, the
+    console's logging handlers among them, from a greenlet, where a handler of yours may wait."""
+    server = start_server(server="waiting-log-handler")
+    call, client = Call(), server.connect()
+    client.send_all(call.session())
+    server.wait_for(rf"stream={call.stream_sid} start")  # its greenlet waits: the event loop reads what follows
+    client.send_all([*(call.media("inbound", SILENCE, 20 * (n + 1)) for n in range(60)), "not json", call.stop()])
+    assert client.wait_closed() == 1000
+    summary = server.summary(call.stream_sid)
+    assert (summary["ended"], summary["media"], summary["bad"]) == ("stop", "60", "1")
+    assert f"stream={call.stream_sid} first media" in server.log() and "handler error" not in server.log()
+
+
+def test_an_on_audio_that_falls_behind_drops_chunks_counted_and_the_call_goes_on(start_server):
+    server = start_server("--quiet-levels", "--idle-timeout", "0", server="slow")  # 50 ms a chunk of 20 ms
+    call, other = Call(), Call()
+    assert server.stream(call.session(media=400, stop=True)) == 1000  # 8 s of audio, sent at once
+    summary = server.summary(call.stream_sid, timeout=20)
+    dropped = int(summary["audio_dropped"])
+    assert summary["ended"] == "stop" and summary["media"] == "400"
+    assert 400 - app.AUDIO_QUEUE_CHUNKS - 150 <= dropped < 400, "what waited beyond the queue, and what the end left"
+    assert server.log().count(f"stream={call.stream_sid} Slow.on_audio() is 250 chunks behind") == 1
+    assert server.stream(other.session(media=5, stop=True)) == 1000, "the server goes on"
+
+
+def test_media_in_the_event_loop_for_this_modules_own_code_only():
+    """Decided when a class is made: the event loop handles its media messages when what it
+    runs for them is app.py's own code. A class's own on_audio() never runs there at all."""
+    class Hooks(app.MediaStream):  # hooks only: its media still the loop's, its on_audio() in a greenlet
+        def setup(self):
             pass
-
-    class Hearing(app.MediaStream):
-        wants_pcm = True
 
         def on_audio(self, track, timestamp, pcm):
             pass
 
-    class Quick(Hearing):
-        media_in_event_loop = True
-
-    class QuickChild(Quick):
         def on_dtmf(self, data):
             pass
 
-    class ChildWithItsOwn(Quick):
+    class Meter(app.MediaStream):  # a helper of the media code, its own
+        def meter(self, track, ulaw):
+            pass
+
+    class Claims(app.MediaStream):  # the flag of old: ignored, and harmless
+        media_in_event_loop = True
+
         def on_media(self, data):
             super().on_media(data)
 
@@ -152,26 +135,25 @@ def test_a_subclass_with_media_code_of_its_own_is_handled_in_its_greenlet_unless
         def on_media_message(self, data):
             pass
 
-    class AudioMixin:
-        def on_audio(self, track, timestamp, pcm):
+    class MediaMixin:
+        def on_media(self, data):
             pass
 
-    class Mixed(AudioMixin, app.MediaStream):
-        wants_pcm = True
+    class Mixed(MediaMixin, app.MediaStream):
+        pass
 
-    class Logged(app.MediaStream):  # handle() of its own, perhaps written before `only` existed
+    class Logged(app.MediaStream):
         def handle(self, message):
             return super().handle(message)
 
     class Echoing(app.EchoStream):
         pass
 
-    assert app.MediaStream.media_in_event_loop and Meter.media_in_event_loop
-    assert not Hearing.media_in_event_loop
-    assert Quick.media_in_event_loop and QuickChild.media_in_event_loop
-    assert not ChildWithItsOwn.media_in_event_loop
-    assert not Remapped.media_in_event_loop and not Mixed.media_in_event_loop and not Logged.media_in_event_loop
+    assert Hooks.media_in_event_loop and Hooks.audio_in_greenlet and Hooks.wants_pcm
+    assert not any(cls.media_in_event_loop for cls in (Meter, Claims, Remapped, Mixed, Logged))
+    assert app.MediaStream.media_in_event_loop and not app.MediaStream.audio_in_greenlet
     assert app.EchoStream.media_in_event_loop and app.GreetStream.media_in_event_loop and Echoing.media_in_event_loop
+    assert not app.GreetStream.audio_in_greenlet, "the server's own on_audio() runs as each chunk lands"
 
 
 def test_pcm_reaches_on_audio_in_the_event_loop_exactly(start_server, tmp_path):
@@ -196,37 +178,10 @@ def test_a_ping_between_media_messages_is_answered_at_once(server):
     assert server.ending(client, call) == (1000, "stop", "2")
 
 
-BURSTS_WHILE_BEHIND = """
-import sys
-import time
-import app
-
-class Bursts(app.MediaStream):
-    media_in_event_loop = True
-
-    def on_start(self, data):
-        super().on_start(data)
-        self.behind_at = []
-        if self.stream_sid.endswith("0"):
-            time.sleep(0.2)  # the whole process stops: its event loop runs late, as in an overload
-
-    def on_media(self, data):
-        super().on_media(data)
-        if app.loop_behind:
-            self.behind_at.append(time.monotonic())
-
-    def on_stop(self, data):
-        super().on_stop(data)
-        at = self.behind_at  # a burst: 4 or more handled within 2 ms, after a pause
-        bursts = sum(at[i + 3] - at[i] < 0.002 and (i == 0 or at[i] - at[i - 1] > 0.01) for i in range(len(at) - 3))
-        app.log.info("%s bursts=%d of %d", self.label, bursts, len(at))
-
-app.main(sys.argv[1:], stream_class=Bursts)
-"""
 
 
 def test_a_stream_read_by_the_event_loop_is_read_in_batches_once_the_process_falls_behind(start_server):
-    server = start_server("--quiet-levels", "--read-interval-ms", "200", script=BURSTS_WHILE_BEHIND)
+    server = start_server("--quiet-levels", "--read-interval-ms", "200", server="bursts")
     call, stalling = Call(stream_sid="MZ" + "1" * 32), Call(stream_sid="MZ" + "0" * 32)
     client, _ = server.open_call(call)
     server.wait_for(rf"stream={call.stream_sid} start")
@@ -283,54 +238,10 @@ def test_calls_over_gunicorns_own_tls_are_read_whole_by_their_greenlets(start_se
     assert "Traceback" not in server.log()
 
 
-NO_CYCLES = """
-import base64, gc, os, sys
-import gevent, gevent.socket
-from gevent import pywsgi
-import app
-from tests.twilio_sim import Call, frame
-
-class Crashing(app.MediaStream):
-    media_in_event_loop = True
-
-    def on_media(self, data):
-        super().on_media(data)
-        if self.tracks["inbound"].messages == 2 and self.call_sid.endswith("crash"):
-            raise ValueError("a bug in the event loop")
-
-app.configure(["--quiet-levels", "--log-level", "ERROR"], stream_class=Crashing)
-server = pywsgi.WSGIServer(("127.0.0.1", 0), app.app, handler_class=app.MediaStreamHandler, log=None)
-server.start()
-gc.collect()
-gc.disable()
-gc.set_debug(gc.DEBUG_SAVEALL)
-for n in range(4):
-    call = Call()
-    call.call_sid += "crash" if n % 2 else ""
-    client = gevent.socket.create_connection(("127.0.0.1", server.server_port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    client.sendall(("GET /media HTTP/1.1\\r\\nHost: x\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\n"
-                    f"Sec-WebSocket-Key: {key}\\r\\nSec-WebSocket-Version: 13\\r\\n\\r\\n").encode())
-    while b"\\r\\n\\r\\n" not in client.recv(4096):
-        pass
-    client.sendall(b"".join(frame(0x1, m.encode()) for m in call.session()))
-    gevent.sleep(0.1)  # its greenlet waits: the media that follows is handled by the event loop
-    client.sendall(b"".join(frame(0x1, call.media("inbound", b"\\xff" * 160, 20 * n).encode()) for n in (1, 2, 3)))
-    gevent.sleep(0.2)
-    client.close()  # no stop, no close frame: the call ends when the server reads the end
-    gevent.sleep(0.2)
-gc.collect()
-kept = sorted({type(o).__name__ for o in gc.garbage
-               if isinstance(o, (app.MediaStream, app.MediaWebSocket, app.Track, BaseException))})
-print("kept:", kept)
-"""
-
-
-def test_calls_that_hang_up_or_fail_in_the_event_loop_leave_no_reference_cycles(tmp_path):
+def test_calls_that_hang_up_or_fail_leave_no_reference_cycles():
     """A call's objects must go when it ends, not at the oldest collection: no cycle through
-    the connection (fill, handle_as_it_lands) or an exception raised from the event loop."""
-    script = tmp_path / "no_cycles.py"
-    script.write_text(NO_CYCLES)
-    done = subprocess.run([sys.executable, str(script)], env=clean_environment({"PYTHONPATH": str(ROOT)}),
+    the connection (fill, handle_as_it_lands), its audio greenlet, or the exception a bug in
+    on_audio() raised into the call (tests/servers.py's no_cycles())."""
+    done = subprocess.run([sys.executable, "-m", "tests.servers", "no-cycles"], cwd=ROOT, env=clean_environment(),
                           capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "kept: []", done.stdout + done.stderr[-3000:]

@@ -53,20 +53,11 @@ def test_flask_sockets_still_needs_our_websocket_rule_fix():
     assert ours.match("/media")[0] is app.media
 
 
-BROKEN_APP = """
-import flask_sockets
-import app
-
-app.Sockets.add_url_rule = flask_sockets.Sockets.add_url_rule
-app.sockets.url_map = flask_sockets.Map()
-app.sockets.route("/media")(app.media)
-app.main()
-"""
 
 
 def test_without_the_rule_fix_every_stream_is_lost(start_server):
     """The tutorial's failure, reproduced: flask-sockets' own add_url_rule on today's Werkzeug."""
-    server = start_server(script=BROKEN_APP)
+    server = start_server(server="without-the-rule-fix")
     call = Call()
     try:
         server.stream(call.session(stop=True))

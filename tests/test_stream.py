@@ -8,19 +8,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import app
-from tests.twilio_sim import CHUNK, Call, encode_ulaw, read_frames, tone
+from tests.conftest import runtime
+from tests.twilio_sim import CHUNK, Call, encode_ulaw, tone
 
 SILENCE = b"\xff" * CHUNK
 
 
-@pytest.fixture(autouse=True)
-def unthrottled(monkeypatch):
-    """Each test its own budget of warning lines: the fuzz test spends the process's."""
-    monkeypatch.setattr(app, "stream_warnings", app.LogThrottle("stream warnings", per_second=10_000))
+RUNTIME = runtime()
+RUNTIME.stream_warnings.per_second = 10 ** 9  # the fuzz test would spend a real budget of warning lines
 
 
 def handled(messages, stream_class=app.MediaStream):
-    stream = stream_class(remote="test")
+    stream = stream_class(RUNTIME, remote="test")
     for message in messages:
         stream.handle(message)
     return stream
@@ -47,8 +46,8 @@ class SentMessages(list):
         return not self.closed
 
     def send_audio(self, playback) -> bool:
-        while not self.closed and (frames := playback.frames(1 << 20)):
-            self.extend(json.loads(payload) for _, payload in read_frames(frames))
+        while not self.closed and (messages := playback.messages(1 << 20)):
+            self.extend(map(json.loads, messages))
         return not self.closed
 
     def talk_back(self) -> None:
@@ -60,7 +59,7 @@ class SentMessages(list):
 
 def test_handle_returns_each_event_and_counts_the_call():
     call = Call()
-    stream = app.MediaStream(remote="test", ws=SentMessages())
+    stream = app.MediaStream(RUNTIME, remote="test", ws=SentMessages())
     events = [stream.handle(m) for m in call.session(media=3)]
     stream.mark("m")
     events += [stream.handle(m) for m in [call.dtmf("5"), call.mark("m"), call.stop()]]
@@ -222,21 +221,21 @@ def test_a_subclass_overrides_an_events_method():
     assert handled([*call.session(), call.dtmf("4"), call.dtmf("2")], Digits).digits == "42"
 
 
-def test_pcm_reaches_on_audio_only_when_the_class_asks_for_it():
+def test_overriding_on_audio_is_enough_to_get_every_chunk_as_pcm_in_order():
     class Listener(app.MediaStream):
-        def on_audio(self, track, timestamp, pcm):
-            self.heard = getattr(self, "heard", []) + [(track, timestamp, pcm)]
+        def setup(self):
+            self.heard = []
 
-    class Hearing(Listener):
-        wants_pcm = True
+        def on_audio(self, track, timestamp, pcm):
+            self.heard.append((track, timestamp, pcm))
 
     audio = encode_ulaw(tone(0.04))
     call = Call()
-    messages = [call.connected(), call.start(), *call.play({"inbound": audio})]
-    assert not hasattr(handled(messages, Listener), "heard")
-    call = Call()
-    heard = handled([call.connected(), call.start(), *call.play({"inbound": audio})], Hearing).heard
-    assert heard == [("inbound", 20 * (n + 1), app.ulaw_to_pcm16(audio[n * CHUNK:(n + 1) * CHUNK])) for n in range(2)]
+    stream = handled([call.connected(), call.start(), *call.play({"inbound": audio})], Listener)
+    stream.finish()  # what waits for on_audio() in its greenlet is handled before the summary
+    assert stream.heard == [("inbound", 20 * (n + 1), app.ulaw_to_pcm16(audio[n * CHUNK:(n + 1) * CHUNK]))
+                            for n in range(2)]
+    assert summary(stream)["audio_dropped"] == "0"
 
 
 # Fuzzing: no message a client can send ends a call or breaks the next message's handling.

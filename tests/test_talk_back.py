@@ -8,24 +8,13 @@ import sys
 import pytest
 
 import app
-from tests.conftest import ROOT, run_at_once
+from tests.conftest import ROOT, run_at_once, runtime
 from tests.test_adapters import tcp_pair, websocket
 from tests.test_settings import run_app
 from tests.test_stream import SentMessages
 from tests.twilio_sim import CHUNK, Call, Player, decode_ulaw, encode_ulaw, play_connect_call, tone, write_wav
 
 QUIET = [sample // 300 for sample in tone(3.0)]  # about -65 dBFS: a quiet line
-ONE_SECOND_THEN_A_MARK = """
-import app
-
-class OneSecond(app.MediaStream):
-    def on_start(self, data):
-        super().on_start(data)
-        self.play(bytes(16000))  # 1 s of silence, at once
-        self.mark("one-second")
-
-app.main(stream_class=OneSecond)
-"""
 
 
 def connect_call(server, samples, **options):
@@ -41,7 +30,7 @@ def played_back(summary):
 
 def started(stream_class=app.MediaStream, tracks=("inbound",)):
     call = Call(tracks=tracks)
-    stream = stream_class(remote="test", ws=SentMessages())
+    stream = stream_class(runtime(), remote="test", ws=SentMessages())
     for message in call.session():
         stream.handle(message)
     return stream, call
@@ -96,9 +85,9 @@ def test_a_mark_echo_of_a_name_never_sent_is_counted_once_it_comes_twice():
 
 
 def test_the_ready_modes_are_read_as_each_message_lands_from_the_first():
-    assert app.EchoStream(remote="test", ws=SentMessages()).ws.talking_back
-    assert app.GreetStream(remote="test", ws=SentMessages()).ws.talking_back
-    assert not hasattr(app.MediaStream(remote="test", ws=SentMessages()).ws, "talking_back"), "until it sends"
+    assert app.EchoStream(runtime(), remote="test", ws=SentMessages()).ws.talking_back
+    assert app.GreetStream(runtime(), remote="test", ws=SentMessages()).ws.talking_back
+    assert not hasattr(app.MediaStream(runtime(), remote="test", ws=SentMessages()).ws, "talking_back"), "until it sends"
 
 
 def test_a_start_stream_with_the_outbound_track_refuses_to_send_with_one_warning(caplog):
@@ -113,7 +102,7 @@ def test_a_start_stream_with_the_outbound_track_refuses_to_send_with_one_warning
 
 
 def test_nothing_is_sent_before_start_or_after_the_socket_closed():
-    stream = app.MediaStream(remote="test", ws=SentMessages())
+    stream = app.MediaStream(runtime(), remote="test", ws=SentMessages())
     stream.play(bytes(320))
     assert stream.ws == [] and stream.played_back.unsent == 1
     call = Call()
@@ -161,7 +150,7 @@ def test_the_command_line_echo_gives_back_the_wav_it_was_given(start_server, tmp
 
 
 def test_a_mark_is_echoed_once_the_audio_before_it_has_played(start_server):
-    server = start_server(script=ONE_SECOND_THEN_A_MARK)
+    server = start_server(server="one-second")
     player, code, call = connect_call(server, QUIET[:CHUNK * 10], jitter_ms=0)
     after = int(server.wait_for(rf"stream={call.stream_sid} mark name='one-second' played after=(\d+)ms").group(1))
     assert 1000 <= after <= 1150  # played, not at once: the slack is for a shared, loaded machine
@@ -238,25 +227,10 @@ def test_a_caller_who_hangs_up_mid_greeting_leaves_a_right_summary_and_no_traceb
     assert "Traceback" not in server.log()
 
 
-SENDS_AFTER_THE_END = """
-import gevent
-import app
-
-class Late(app.MediaStream):
-    def on_start(self, data):
-        super().on_start(data)
-        self.clear()  # nothing queued: Twilio has nothing to clear, no harm
-
-    def on_stop(self, data):
-        super().on_stop(data)
-        gevent.spawn_later(0.2, self.play, bytes(3200))  # the call is over by then
-
-app.main(stream_class=Late)
-"""
 
 
 def test_sending_after_the_call_ended_is_one_warning_not_a_crash(start_server):
-    server = start_server(script=SENDS_AFTER_THE_END)
+    server = start_server(server="late")
     player, code, call = connect_call(server, QUIET[:CHUNK * 5])
     assert code == 1000 and player.clears == 1
     assert server.summary(call.stream_sid)["clears"] == "1"
@@ -264,32 +238,10 @@ def test_sending_after_the_call_ended_is_one_warning_not_a_crash(start_server):
     assert "Traceback" not in server.log()
 
 
-TWO_GREENLETS = """
-import gevent
-import app
-
-class TwoVoices(app.MediaStream):
-    def on_start(self, data):
-        super().on_start(data)
-        self.ws.handler.socket.setsockopt(app.socket.SOL_SOCKET, app.socket.SO_SNDBUF, 4096)  # a slow network
-        self.voices = [gevent.spawn(self.speak, voice) for voice in (1, 2)]
-
-    def speak(self, voice):
-        for n in range(1500):  # 30 s of audio each, sent as fast as the socket takes it
-            self.play_ulaw(bytes([voice]) + n.to_bytes(2, "big") + bytes(157))
-            if n % 100 == 0:
-                gevent.sleep(0)
-
-    def on_stop(self, data):
-        gevent.joinall(self.voices)
-        super().on_stop(data)
-
-app.main(stream_class=TwoVoices)
-"""
 
 
 def test_two_greenlets_sending_at_once_never_interleave_frames(start_server):
-    server = start_server(script=TWO_GREENLETS)
+    server = start_server(server="two-voices")
     client, call = server.open_call()
     app.time.sleep(0.3)  # not reading yet: the sends queue
     client.send(call.stop())  # the call is over: what was not yet framed is dropped, what was goes whole
@@ -329,20 +281,10 @@ def test_the_simulator_flags_what_twilio_would_refuse():
     ]
 
 
-EXTRA_FIELD = """
-import app
-
-class Chatty(app.MediaStream):
-    def on_start(self, data):
-        super().on_start(data)
-        self.send({"event": "media", "streamSid": self.stream_sid, "media": {"payload": "/w==", "track": "x"}})
-
-app.main(stream_class=Chatty)
-"""
 
 
 def test_the_simulator_command_warns_of_each_refused_message_and_fails(start_server):
-    server = start_server(script=EXTRA_FIELD)
+    server = start_server(server="chatty")
     out = subprocess.run([sys.executable, "-m", "tests.twilio_sim", server.url, "--connect", "--seconds", "0.2"],
                          cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert out.returncode == 1

@@ -77,25 +77,10 @@ def test_silence_and_a_quiet_line_give_no_transcript(transcribing):
     assert " transcript track=" not in server.log()
 
 
-STALLED = """
-import os, sys, time, app
-app.TRANSCRIPT_QUEUE = 1
-app.TRANSCRIPT_WAIT_SECONDS = float(os.environ.get("TRANSCRIPT_WAIT_SECONDS", "10"))
-recognize = app.Transcriber.recognize
-
-def stalled(self, pcm):
-    if len(pcm) > 8000:  # not the start-up check
-        time.sleep(1.5)
-    return recognize(self, pcm)
-
-app.Transcriber.recognize = stalled
-sys.argv[0] = "app.py"
-app.main()
-"""
 
 
 def test_a_stalled_recognizer_drops_the_oldest_utterances_and_the_call_is_untouched(transcribing, tmp_path):
-    server = transcribing("--idle-timeout", "1", script=STALLED)  # waiting for recognition is not being idle
+    server = transcribing("--idle-timeout", "1", server="stalled-recognizer")  # waiting for recognition is not being idle
     call, other = Call(), Call()
     speech = speech_ulaw() * 3  # six utterances, sent faster than they can be recognized
     client = server.connect()
@@ -166,7 +151,7 @@ def test_without_the_recognizer_installed_the_error_names_the_pip_command():
 
 
 def test_a_result_that_comes_after_its_call_ended_is_dropped_and_the_recognizer_goes_on(transcribing):
-    server = transcribing(script=STALLED, env={"TRANSCRIPT_WAIT_SECONDS": "0.5"})
+    server = transcribing(server="stalled-recognizer", env={"TRANSCRIPT_WAIT_SECONDS": "0.5"})
     late, next_call = Call(), Call()
     client = server.connect()
     client.send_all([*late.session(audio={"inbound": speech_ulaw()}), late.stop()])
@@ -208,7 +193,7 @@ def test_sigterm_with_many_calls_mid_sentence_logs_every_summary_and_closes_ever
 
 
 def test_calls_waiting_for_recognition_when_the_server_stops_end_within_its_time_with_summaries(transcribing):
-    server = transcribing(script=STALLED)
+    server = transcribing(server="stalled-recognizer")
     waiting, talking = Call(), Call()
     speech = speech_ulaw()
     first = server.connect()
