@@ -71,7 +71,7 @@ from werkzeug.routing import Rule
 try:
     from orjson import dumps as json_dumps, loads as json_loads  # 3x faster than the stdlib on Twilio's messages
 except ImportError:
-    from json import dumps, loads as json_loads
+    from json import dumps, loads as json_loads  # type: ignore[assignment]
 
     def json_dumps(message: dict) -> bytes:  # type: ignore[misc]
         return dumps(message, separators=(",", ":")).encode()
@@ -446,6 +446,7 @@ class WavTrack:
 
     def __init__(self, path: str, file):
         self.path = path
+        self.file = file
         self.samples = 0
         self.silent_samples = 0     # of them, silence written where the timestamps jumped
         self.closed = False
@@ -488,11 +489,10 @@ class WavTrack:
 
     def close(self) -> None:
         self.closed = True
-        file = self.wav._file
         try:
             self.wav.close()
         finally:
-            file.close()
+            self.file.close()
 
 
 # --- WebSocket frames, without I/O (RFC 6455) ---------------------------------------------
@@ -1341,7 +1341,7 @@ class MediaStream:
         return " ".join(parts)
 
 
-def handlers_of(stream_class: type) -> dict:
+def handlers_of(stream_class: type[MediaStream]) -> dict:
     """EVENTS with each method looked up: once per class instead of once per message (a name
     the class lacks is refused at start-up: checked_stream_class())."""
     return {event: getattr(stream_class, name, None) for event, name in stream_class.EVENTS.items()}
@@ -2216,6 +2216,11 @@ STALL_SECONDS = 10   # a client that takes none of what we send for this long is
 OUTBOX_LIMIT = 1 << 20  # bytes waiting to be sent to a client beyond which we stop reading from it
 
 
+def nothing_more(size: int) -> bytes:
+    """A connection's reader once it is over."""
+    return b""
+
+
 def queued_bytes(item: "bytes | Playback") -> int:
     """What an item of the outbox counts toward OUTBOX_LIMIT: a frame its length; audio to play
     at most the SEND_BATCH framed from it at a time, since its mu-law is the stream's own (a
@@ -2251,6 +2256,7 @@ class MediaWebSocket(WebSocket):
     __slots__ = ("runtime", "parser", "error", "last_received", "greenlet", "fill", "held", "outbox", "queued",
                  "writer", "taken", "broken", "talks_back", "hub", "readable", "drained", "handle_as_it_lands",
                  "landed", "recv")
+    closed: bool  # the library's WebSocket has this slot, and those let_go() empties
 
     def __init__(self, environ, stream, handler):
         super().__init__(environ, stream, handler)
@@ -2316,7 +2322,7 @@ class MediaWebSocket(WebSocket):
                     try:
                         raise landed
                     finally:
-                        landed = None  # its traceback holds this frame: no cycle through the local
+                        del landed  # its traceback holds this frame: no cycle through the local
                 return landed
             if parser.buffer:  # what the last read brought: a message, the start of one, or more
                 message = parser.next_message()
@@ -2344,7 +2350,7 @@ class MediaWebSocket(WebSocket):
             except OSError:
                 data = b""
             if not data:  # the client went away without a close frame
-                self.closed = True
+                self.closed = True  # type: ignore[misc]  # a slot of the library's WebSocket
                 self.release_unfinished()
                 self.abandon_sending()
                 return None
@@ -2369,7 +2375,7 @@ class MediaWebSocket(WebSocket):
         # The event loop's callback while the greenlet waits: no switch to it and back per
         # message. Its work is receive()'s, for media; anything else is left to receive().
         try:
-            data = self.recv(RECV_BYTES)
+            data = self.recv(RECV_BYTES)  # type: ignore[misc]  # set: only a plain socket is read here
         except BlockingIOError:
             return
         except OSError:
@@ -2501,9 +2507,11 @@ class MediaWebSocket(WebSocket):
         that takes nothing for STALL_SECONDS holds what we queue for it: it is dropped."""
         try:
             while self.outbox and not self.broken:
-                data = self.next_bytes()
-                with gevent.Timeout(STALL_SECONDS, False):
+                data, sent = self.next_bytes(), False
+                with gevent.Timeout(STALL_SECONDS, False):  # False: the timeout ends the block, raises nothing
                     sock.sendall(data)
+                    sent = True
+                if sent:
                     self.taken.set()
                     continue
                 self.abandon_sending()
@@ -2542,7 +2550,7 @@ class MediaWebSocket(WebSocket):
         # b"bye" as code 25193), no code at all without a reason, and never waits for the reply.
         if self.closed:  # the client went away (receive() saw it): nothing to say to it
             return self.let_go()
-        self.closed = True
+        self.closed = True  # type: ignore[misc]  # a slot of the library's WebSocket
         self.last_received = math.inf  # the closing wait is bounded here, not by the idle sweeper
         parser = self.parser
         parser.close(code, message.decode(errors="replace") if isinstance(message, bytes) else message)
@@ -2570,8 +2578,8 @@ class MediaWebSocket(WebSocket):
         """The connection is over: nothing here refers back to it or to its stream (fill,
         handle_as_it_lands), so the call's objects go at once, not at the oldest collection."""
         self.readable.close()
-        self.fill = self.handle_as_it_lands = None
-        self.stream = self.raw_write = self.raw_read = self.environ = None
+        self.fill, self.handle_as_it_lands = nothing_more, None
+        self.stream = self.raw_write = self.raw_read = self.environ = None  # type: ignore[misc]  # the library's slots
 
 
 class IdleTimeout(Exception):
@@ -2802,7 +2810,7 @@ def use_our_websocket() -> None:
     (WebSocketHandler.upgrade_connection): make it ours. Its logger would print client
     input, without a timestamp; MediaStreamHandler checks every handshake before the
     library sees it. tests/test_setup.py fails if the library stops reading that name."""
-    geventwebsocket.handler.WebSocket = MediaWebSocket  # type: ignore[misc]
+    geventwebsocket.handler.WebSocket = MediaWebSocket
     logging.getLogger("geventwebsocket.handler").propagate = False
 
 
@@ -2827,13 +2835,14 @@ def cannot_listen(setting: str, host: str, port: int, exc: OSError) -> SettingsE
 try:
     from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
 except ImportError:  # gunicorn is optional: only `gunicorn -k app.GunicornWorker` needs it
-    GeventWebSocketWorker = None  # type: ignore[assignment,misc]
+    GeventWebSocketWorker = None
 else:
     class GunicornWorker(GeventWebSocketWorker):
         """gevent-websocket's gunicorn worker with our handler (signatures, limits), configured
         from the environment, ending open calls with a summary when gunicorn stops it."""
         wsgi_handler = MediaStreamHandler  # load_wsgi() sets the one serving this worker's runtime
         quitting = False  # handle_quit() has begun
+        metrics_served = False  # gunicorn's master serves its workers' metrics (check_config)
         runtime: Runtime
 
         class server_class(GeventWebSocketWorker.server_class):  # gunicorn's PyWSGIServer
@@ -2880,8 +2889,9 @@ else:
                 talking_back_mode(checked, None)
                 find_stream_class_module(checked.stream_class)
                 setup_logging(checked.log_level)
-                if checked.metrics_port:
+                if checked.metrics_port and not cls.metrics_served:  # once: gunicorn checks again on SIGHUP
                     serve_metrics_of_workers(checked.host, checked.metrics_port)
+                    cls.metrics_served = True
             except SettingsError as error:
                 print(f"app.py: error: {error}", file=sys.stderr, flush=True)
                 sys.exit(2)
@@ -2937,17 +2947,14 @@ def serve_metrics(host: str, port: int, metrics: Metrics) -> None:
 
 def serve_metrics_of_workers(host: str, port: int) -> None:
     """gunicorn's master: the sum of its workers' metrics (prometheus-client's multiprocess
-    mode), from a thread of its own; the workers inherit PROMETHEUS_MULTIPROC_DIR. Once:
-    gunicorn checks its configuration again on SIGHUP, while workers write their files."""
-    if serve_metrics_of_workers.served:
-        return
-    serve_metrics_of_workers.served = True  # type: ignore[attr-defined]
-    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    mode), from a thread of its own; the workers inherit PROMETHEUS_MULTIPROC_DIR."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or ""
     if folder:  # the files of an earlier run would be added to this one's
         for stale in glob.glob(os.path.join(folder, "*.db")):
             os.unlink(stale)
     else:
-        folder = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mediastreams-metrics-")
+        folder = tempfile.mkdtemp(prefix="mediastreams-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
     class LiveWorkers(multiprocess.MultiProcessCollector):
@@ -2966,8 +2973,6 @@ def serve_metrics_of_workers(host: str, port: int) -> None:
         raise cannot_listen("--metrics-port (METRICS_PORT)", host, port, exc) from None
     startup_log.info("Metrics for Prometheus at http://localhost:%d/metrics, all workers together", port)
 
-
-serve_metrics_of_workers.served = False  # type: ignore[attr-defined]
 
 
 def log_startup_notes(settings: Settings) -> None:

@@ -240,9 +240,16 @@ def wait_until(condition, timeout=10.0):
         gevent.sleep(0.001)
 
 
+def check_sequence_with_a_bug(self, data):
+    if data["event"] == "media":
+        raise ValueError("a bug in the event loop's handling")
+    return True
+
+
 def no_cycles():
-    """Four calls served in this process, two that hang up and two whose on_audio() fails,
-    none closed with a close frame; then what of them the garbage collector found in cycles."""
+    """Six calls served in this process, none closed with a close frame: two hang up, two
+    fail in on_audio(), two in the event loop's handling (a bug put in app.py's check_sequence());
+    then what of them the garbage collector found in cycles."""
     import base64
     import gc
 
@@ -258,8 +265,10 @@ def no_cycles():
     gc.collect()
     gc.disable()
     gc.set_debug(gc.DEBUG_SAVEALL)
-    for n in range(4):
-        runtime.stream_class = Crashing if n % 2 else app.MediaStream
+    check_sequence = app.MediaStream.check_sequence
+    for n in range(6):
+        runtime.stream_class = Crashing if n % 3 == 1 else app.MediaStream
+        app.MediaStream.check_sequence = check_sequence_with_a_bug if n % 3 == 2 else check_sequence
         call = Call()
         client = gevent.socket.create_connection(("127.0.0.1", server.server_port))
         key = base64.b64encode(os.urandom(16)).decode()
