@@ -1,0 +1,195 @@
+"""Per-call logic in process, through a runtime built with the settings each test needs: no
+server, no socket. Recording, the greeting and barge-in, transcripts (with a recognizer of
+the test's), the handshake checks, and the call events that every console line, metric and
+transcript file comes from."""
+import wave
+from dataclasses import FrozenInstanceError
+
+import gevent
+import pytest
+
+import app
+from tests.conftest import ROOT, runtime
+from tests.test_audio import samples
+from tests.test_stream import SentMessages
+from tests.twilio_sim import CHUNK, Call, decode_ulaw, encode_ulaw, read_wav, tone, write_wav
+
+
+class Events(list):
+    """A sink of the test's: every event the runtime delivers."""
+
+    def __call__(self, event):
+        self.append(event)
+
+    def of(self, kind):
+        return [event for event in self if isinstance(event, kind)]
+
+
+def call_on(serving, messages, stream_class=None, ws=None):
+    """A stream of the runtime's class (or `stream_class`), fed `messages`, finished."""
+    stream = (stream_class or serving.stream_class)(serving, remote="test", ws=ws)
+    for message in messages:
+        stream.handle(message)
+    stream.finish()
+    return stream
+
+
+def test_settings_are_frozen_and_read_settings_gives_the_defaults_as_settings_does():
+    assert app.read_settings([], environ={}) == app.Settings()
+    with pytest.raises(FrozenInstanceError):
+        app.Settings().port = 80
+
+
+def test_a_runtime_carries_what_start_up_derived_without_changing_the_settings():
+    serving = app.create_runtime(app.Settings(max_streams=1000), max_streams=92)
+    assert (serving.max_streams, serving.settings.max_streams) == (92, 1000)
+
+
+def test_every_observable_thing_about_a_call_is_one_event_in_order():
+    serving, events = runtime(), Events()
+    serving.sinks.append(events)
+    call = Call()
+    stream = call_on(serving, [*call.session(media=3), call.dtmf("7"), "not json", '{"event": "new"}', call.stop()])
+    assert [type(event).__name__ for event in events] == [
+        "Accepted", "Connected", "Started", "FirstMedia", "Dtmf", "Warned", "UnknownEvent", "Stopped", "Ended"]
+    assert all(event.stream is stream for event in events)
+    started, = events.of(app.Started)
+    assert (started.call_sid, started.tracks, started.media_format) == (call.call_sid, ("inbound",), "audio/x-mulaw/8000/1")
+    assert events.of(app.Dtmf)[0].digit == "7" and events[0].label == "remote=test"
+    assert events.of(app.Ended)[0].summary.startswith(f"summary stream={call.stream_sid} call={call.call_sid} "
+                                                      "ended=stop duration=")
+
+
+def test_a_recording_holds_every_chunk_with_silence_where_the_timestamps_jumped(tmp_path):
+    serving = runtime(record=str(tmp_path / "rec"))
+    call = Call()
+    audio = encode_ulaw(tone(0.2))
+    media = [call.media("inbound", audio[n * CHUNK:(n + 1) * CHUNK], 20 * (n + 1) + (40 if n >= 5 else 0))
+             for n in range(10)]  # 40 ms missing after the fifth chunk
+    stream = call_on(serving, [call.connected(), call.start(), *media, call.stop()])
+    path = tmp_path / "rec" / f"{call.stream_sid}_inbound.wav"
+    expected = decode_ulaw(audio[:5 * CHUNK]) + [0] * 320 + decode_ulaw(audio[5 * CHUNK:])
+    assert samples(path) == expected
+    assert stream.tracks["inbound"].gaps == 1 and path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_recording_stops_at_max_recording_seconds_and_the_call_goes_on(tmp_path):
+    serving, events = runtime(record=str(tmp_path), max_recording_seconds=0.1), Events()
+    serving.sinks.append(events)
+    call = Call()
+    stream = call_on(serving, call.session(media=10, stop=True))
+    assert stream.tracks["inbound"].messages == 10 and stream.tracks["inbound"].recording.seconds == 0.1
+    assert [e.message for e in events.of(app.Warned)] == [
+        "recording stopped track=inbound: --max-recording-seconds 0.1 reached"]
+
+
+def greeting_file(tmp_path, seconds=1.0):
+    path = tmp_path / "greeting.wav"
+    write_wav(path, tone(seconds, 300.0))
+    return path
+
+
+def test_the_greeting_plays_with_a_mark_at_its_end(tmp_path):
+    serving = runtime(greet=str(greeting_file(tmp_path)))
+    assert serving.stream_class is app.GreetStream
+    call, sent = Call(), SentMessages()
+    stream = call_on(serving, call.session(), ws=sent)
+    greeting = encode_ulaw(read_wav(greeting_file(tmp_path)))
+    media = [app.base64.b64decode(m["media"]["payload"]) for m in sent if m["event"] == "media"]
+    assert b"".join(media) == greeting and len(media) == 50
+    assert sent[-1] == {"event": "mark", "streamSid": call.stream_sid, "mark": {"name": "greeting"}}
+    assert stream.played_back.marks_sent == 1
+
+
+def test_a_caller_who_talks_over_the_greeting_clears_it_once(tmp_path):
+    serving, events = runtime(greet=str(greeting_file(tmp_path, seconds=5.0))), Events()
+    serving.sinks.append(events)
+    call, sent = Call(), SentMessages()
+    loud = encode_ulaw(tone(0.4, amplitude=0.5))  # 400 ms over the -35 dBFS barge-in threshold
+    stream = call_on(serving, [*call.session(audio={"inbound": loud}), call.mark("greeting"), call.stop()], ws=sent)
+    assert [m["event"] for m in sent].count("clear") == 1 and stream.barge_ins == 1
+    barge_in, = events.of(app.BargeIn)
+    assert 4.0 < barge_in.queued_seconds <= 5.0
+    echo, = events.of(app.MarkEchoed)
+    assert (echo.name, echo.cancelled) == ("greeting", True)
+    assert stream.summary().endswith("barge_ins=1")
+
+
+def test_transcripts_with_a_recognizer_of_the_tests_become_events_and_a_file(tmp_path):
+    heard = []
+
+    def recognize(pcm):
+        heard.append(len(pcm))
+        return f"an utterance of {len(pcm) // 16} ms"
+
+    serving = app.create_runtime(app.Settings(transcribe=True, record=str(tmp_path)), recognize=recognize)
+    events = Events()
+    serving.sinks.append(events)
+    call = Call()
+    with wave.open(str(ROOT / "tests" / "speech" / "two_sentences.wav"), "rb") as speech:
+        audio = app.pcm16_to_ulaw(speech.readframes(speech.getnframes()))
+    stream = call_on(serving, [*call.session(audio={"inbound": audio}), call.stop()])
+    lines = [(event.track, event.text) for event in events.of(app.Transcribed)]
+    assert len(lines) == 2 and len(heard) >= 2 and all(track == "inbound" for track, _ in lines)
+    written = (tmp_path / f"{call.stream_sid}_inbound.txt").read_text().splitlines()
+    assert [line.split(" ", 1)[1] for line in written] == [text for _, text in lines]
+    assert "transcript=2 transcript_dropped=0" in stream.summary()
+
+
+def test_a_stream_class_whose_mistakes_show_when_it_is_made_is_refused_in_one_line():
+    class Missing(app.MediaStream):
+        EVENTS = {**app.MediaStream.EVENTS, "custom": "on_custom"}
+
+    class WrongAudio(app.MediaStream):
+        def on_audio(self, pcm):
+            pass
+
+    class OwnInit(app.MediaStream):
+        def __init__(self):
+            pass
+
+    messages = {Missing: "stream_class: Missing.EVENTS names 'on_custom' for 'custom', but Missing has no such method",
+                WrongAudio: "stream_class: WrongAudio.on_audio() must take (self, track, timestamp, pcm)",
+                OwnInit: "stream_class: OwnInit() must take (runtime, remote=, ws=) as app.MediaStream does: set "
+                         "per-call state up in setup(), not __init__"}
+    for stream_class, message in messages.items():
+        with pytest.raises(app.SettingsError) as refused:
+            app.create_runtime(app.Settings(), stream_class)
+        assert str(refused.value) == message
+
+
+SIGNED_URL = "wss://media.example.com/media"
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+def handshake(**headers):
+    environ = {"REQUEST_METHOD": "GET", "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_CONNECTION": "Upgrade",
+               "HTTP_UPGRADE": "websocket", "HTTP_SEC_WEBSOCKET_VERSION": "13", "PATH_INFO": "/media",
+               "HTTP_SEC_WEBSOCKET_KEY": "dGhlIHNhbXBsZSBub25jZQ==", "HTTP_HOST": "10.0.0.5:5000"}
+    environ.update({f"HTTP_{name.upper()}": value for name, value in headers.items()})
+    return environ
+
+
+def test_who_may_stream_is_decided_from_the_runtime_alone():
+    serving = runtime(auth_token=TOKEN, public_url="https://media.example.com", max_streams=1)
+    signature = app.twilio_signature(TOKEN, SIGNED_URL)
+    assert app.refusal(serving, handshake(x_twilio_signature=signature)) is None
+    assert app.refusal(serving, handshake())[1] == "no_signature"
+    assert app.refusal(serving, handshake(x_twilio_signature="x"))[1] == "bad_signature"
+    assert app.refusal(serving, {**handshake(x_twilio_signature=signature), "PATH_INFO": "/other"})[1] == "path"
+    serving.open_websockets.add(object())
+    assert app.refusal(serving, handshake(x_twilio_signature=signature))[:2] == ("503 Service Unavailable",
+                                                                                 "max_streams")
+    serving.open_websockets.clear()
+    serving.shutting_down = True
+    assert app.refusal(serving, handshake(x_twilio_signature=signature))[1] == "shutting_down"
+
+
+def test_events_made_in_the_event_loops_callback_reach_the_sinks_from_a_greenlet_in_order():
+    serving, where = runtime(), []
+    serving.sinks.append(lambda event: where.append((type(event).__name__, gevent.getcurrent() is serving.hub)))
+    stream = app.MediaStream(serving, remote="test")
+    serving.hub.loop.run_callback(stream.warn, "made in the event loop")  # as on_readable's work is
+    gevent.sleep(0)  # the hub runs the callback; the sinks get the event from their greenlet
+    stream.emit(app.Stopped)  # made in a greenlet: after the one before it
+    assert where == [("Accepted", False), ("Warned", False), ("Stopped", False)]
