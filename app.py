@@ -399,13 +399,16 @@ def linear_to_ulaw(sample: int) -> int:
     return ~(sign | exponent << 4 | (magnitude >> (exponent + 3)) & 0x0F) & 0xFF
 
 
-# Indexed by a sample read as unsigned: 0..32767, then -32768..-1.
-_ULAW_OF_SAMPLE = bytes(linear_to_ulaw(sample - 65536 if sample > 32767 else sample) for sample in range(65536))
+@functools.cache  # made on first use, not at import: 60 ms of every process's start-up otherwise
+def ulaw_of_sample() -> bytes:
+    """The mu-law byte of each 16-bit sample, indexed by the sample read as unsigned:
+    0..32767, then -32768..-1."""
+    return bytes(linear_to_ulaw(sample - 65536 if sample > 32767 else sample) for sample in range(65536))
 
 
 def pcm16_to_ulaw(pcm: bytes) -> bytes:
     """16-bit little-endian PCM to mu-law bytes, by table."""
-    return bytes(map(_ULAW_OF_SAMPLE.__getitem__, pcm16_samples(pcm, "H")))
+    return bytes(map(ulaw_of_sample().__getitem__, pcm16_samples(pcm, "H")))
 
 
 def pcm16_samples(pcm: bytes, typecode: str = "h") -> array:

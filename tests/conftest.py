@@ -51,7 +51,11 @@ class Server:
         command = command or [sys.executable, "app.py", "--host", "127.0.0.1", "--port", "0", *args]
         self.process = subprocess.Popen(command, cwd=ROOT, env=clean_environment(env), stdout=self.log_file,
                                         stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
-        match = self.wait_for(ready, start_timeout)
+        try:
+            match = self.wait_for(ready, start_timeout)
+        except AssertionError:  # it did not start: it must not outlive the test either
+            self.stop()
+            raise
         self.port = int(match.group(1))
         self.http_url = f"http://127.0.0.1:{self.port}"
         self.url = f"ws://127.0.0.1:{self.port}/media"

@@ -171,8 +171,6 @@ def test_a_setting_that_cannot_work_stops_gunicorn_with_one_line(env, error):
     assert out.stderr.count(error) == 1 and "Traceback" not in out.stderr
 
 
-
-
 def test_a_stream_that_will_not_end_does_not_hold_up_ctrl_c(start_server, tmp_path):
     server = start_server(command=gunicorn_command("-w", "1", "--graceful-timeout", "20"), ready=GUNICORN_READY,
                           env={"STREAM_CLASS": "tests.servers:SlowFinish"})
@@ -209,7 +207,7 @@ def test_a_greeting_file_gone_later_does_not_stop_a_restarted_worker(start_serve
 
 
 def test_the_masters_lines_are_stamped_and_each_workers_lines_name_it(start_server):
-    server = start_server(command=gunicorn_command("-w", "2"), ready=GUNICORN_READY,
+    server = start_server(command=gunicorn_command("-w", "1"), ready=GUNICORN_READY,
                           env={"METRICS_PORT": str(free_port())})
     line = server.wait_for(r".*Metrics for Prometheus at http://localhost:\d+/metrics, all workers together").group(0)
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO    Metrics", line), line

@@ -205,8 +205,6 @@ def test_twenty_concurrent_calls_each_get_their_own_exact_counts(server):
         assert summary["bad"] == ("1" if i % 3 == 0 else "0")
 
 
-
-
 def test_streams_read_in_batches_while_the_process_is_behind_are_still_counted_exactly(start_server):
     # While the event loop runs late each stream is read every --read-interval-ms: frames
     # split across reads, bad input and stops must come through that path as one by one.

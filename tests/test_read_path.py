@@ -178,8 +178,6 @@ def test_a_ping_between_media_messages_is_answered_at_once(server):
     assert server.ending(client, call) == (1000, "stop", "2")
 
 
-
-
 def test_a_stream_read_by_the_event_loop_is_read_in_batches_once_the_process_falls_behind(start_server):
     server = start_server("--quiet-levels", "--read-interval-ms", "200", server="bursts")
     call, stalling = Call(stream_sid="MZ" + "1" * 32), Call(stream_sid="MZ" + "0" * 32)

@@ -53,8 +53,6 @@ def test_flask_sockets_still_needs_our_websocket_rule_fix():
     assert ours.match("/media")[0] is app.media
 
 
-
-
 def test_without_the_rule_fix_every_stream_is_lost(start_server):
     """The tutorial's failure, reproduced: flask-sockets' own add_url_rule on today's Werkzeug."""
     server = start_server(server="without-the-rule-fix")

@@ -227,8 +227,6 @@ def test_a_caller_who_hangs_up_mid_greeting_leaves_a_right_summary_and_no_traceb
     assert "Traceback" not in server.log()
 
 
-
-
 def test_sending_after_the_call_ended_is_one_warning_not_a_crash(start_server):
     server = start_server(server="late")
     player, code, call = connect_call(server, QUIET[:CHUNK * 5])
@@ -238,12 +236,11 @@ def test_sending_after_the_call_ended_is_one_warning_not_a_crash(start_server):
     assert "Traceback" not in server.log()
 
 
-
-
 def test_two_greenlets_sending_at_once_never_interleave_frames(start_server):
     server = start_server(server="two-voices")
     client, call = server.open_call()
-    app.time.sleep(0.3)  # not reading yet: the sends queue
+    server.wait_for(rf"stream={call.stream_sid} voice 1 has queued 100 chunks")  # not read yet: the sends queue
+    server.wait_for(rf"stream={call.stream_sid} voice 2 has queued 100 chunks")
     client.send(call.stop())  # the call is over: what was not yet framed is dropped, what was goes whole
     chunks = {1: [], 2: []}
     while (frame := client.recv_frame())[0] == 0x1:
@@ -279,8 +276,6 @@ def test_the_simulator_flags_what_twilio_would_refuse():
         "31951 media: payload is not base64",
         "31950 binary frame of 160 bytes: Twilio accepts JSON text only",
     ]
-
-
 
 
 def test_the_simulator_command_warns_of_each_refused_message_and_fails(start_server):

@@ -77,8 +77,6 @@ def test_silence_and_a_quiet_line_give_no_transcript(transcribing):
     assert " transcript track=" not in server.log()
 
 
-
-
 def test_a_stalled_recognizer_drops_the_oldest_utterances_and_the_call_is_untouched(transcribing, tmp_path):
     server = transcribing("--idle-timeout", "1", server="stalled-recognizer")  # waiting for recognition is not being idle
     call, other = Call(), Call()
