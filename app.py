@@ -2,7 +2,7 @@
 
 Run: python app.py  (then `ngrok http 5000` and point a TwiML <Stream url="wss://<ngrok host>/media"/> here)
 
-The file, top to bottom, each part using only those above it:
+The file, top to bottom: small pieces first, the wiring last.
   Settings           every flag and its environment variable: read_settings() -> a frozen Settings
   Text and audio     log-safe text, mu-law to PCM and back, levels, WAV recordings
   WebSocket frames   RFC 6455 without I/O: bytes in, messages and replies out
@@ -14,8 +14,8 @@ The file, top to bottom, each part using only those above it:
   Runtime            what one process shares, made by create_runtime(settings)
   The Flask app      the tutorial's app, Sockets (fixed for today's Werkzeug) and the /media loop
   Who may stream     the handshake checks: Twilio's signature, client addresses behind proxies, the limits
-  Library adapters   gevent-websocket and gunicorn, made to use all of the above
-  Start-up, main()   configure(): settings, logging, file limits, the runtime; serving until a signal
+  Library adapters   gevent-websocket made to use all of the above: the socket, the handler, the patch
+  Start-up, main()   configure() (settings, logging, file limits, the runtime), gunicorn's worker, main()
 Your own processing: subclass MediaStream, then app.main(stream_class=YourStream) (README).
 """
 import argparse
@@ -1307,7 +1307,7 @@ class MediaStream:
         self.finish_audio()
         transcripts = [track.transcript for track in self.tracks.values() if track.transcript]
         if transcripts:
-            end_transcripts(transcripts, self.ws)
+            end_transcripts(transcripts)
         for track in self.tracks.values():
             self.stop_recording(track)
         self.emit(Ended, summary=self.summary())
@@ -1604,14 +1604,12 @@ class TrackTranscript:
                              "the call ended")
 
 
-def end_transcripts(transcripts: list[TrackTranscript], ws: "MediaWebSocket | None") -> None:
+def end_transcripts(transcripts: list[TrackTranscript]) -> None:
     """A call's last words recognized before its summary: what was still being said is
     sent, and every utterance is heard within TRANSCRIPT_WAIT_SECONDS, or within the time a
     shutdown leaves (STREAM_END_SECONDS); what is left is counted as dropped."""
     for transcript in transcripts:
         transcript.end_utterance()
-    if ws is not None:
-        ws.last_received = math.inf  # waiting for recognition is not the client being idle
     runtime = transcripts[0].stream.runtime
     deadline = STREAM_END_SECONDS - 1 if runtime.shutting_down else TRANSCRIPT_WAIT_SECONDS
     try:
@@ -2258,7 +2256,7 @@ class MediaWebSocket(WebSocket):
 
     __slots__ = ("runtime", "parser", "error", "last_received", "greenlet", "fill", "held", "outbox", "queued",
                  "writer", "taken", "broken", "talks_back", "hub", "readable", "drained", "handle_as_it_lands",
-                 "landed", "recv")
+                 "landed", "recv", "receiving")
     closed: bool  # the library's WebSocket has this slot, and those let_go() empties
 
     def __init__(self, environ, stream, handler):
@@ -2268,6 +2266,7 @@ class MediaWebSocket(WebSocket):
         self.error = None
         self.last_received = time.monotonic()
         self.greenlet = gevent.getcurrent()
+        self.receiving = False    # in receive(): waiting for the client's next message
         self.fill = self.first_fill
         self.held = 0
         self.outbox: deque = deque()  # frames (bytes) and audio still to be framed (Playback), in order
@@ -2317,6 +2316,13 @@ class MediaWebSocket(WebSocket):
     def receive(self):
         if self.closed:
             raise WebSocketError("Connection is already closed")
+        self.receiving = True  # while it is, and only then, a silent client is idle (sweep_idle_websockets)
+        try:
+            return self.next_message()
+        finally:
+            self.receiving = False
+
+    def next_message(self):
         parser = self.parser
         while True:
             if self.landed is not None:
@@ -2554,7 +2560,6 @@ class MediaWebSocket(WebSocket):
         if self.closed:  # the client went away (receive() saw it): nothing to say to it
             return self.let_go()
         self.closed = True  # type: ignore[misc]  # a slot of the library's WebSocket
-        self.last_received = math.inf  # the closing wait is bounded here, not by the idle sweeper
         parser = self.parser
         parser.close(code, message.decode(errors="replace") if isinstance(message, bytes) else message)
         try:
@@ -2600,7 +2605,7 @@ def sweep_idle_websockets(runtime: Runtime) -> None:
         gevent.sleep(min(1.0, idle_timeout / 4))
         silent_since = time.monotonic() - idle_timeout
         for ws in list(runtime.open_websockets):
-            if ws.last_received < silent_since:
+            if ws.receiving and ws.last_received < silent_since:
                 ws.last_received = math.inf  # thrown once
                 gevent.kill(ws.greenlet, IdleTimeout(f"nothing received for {idle_timeout:g} s"))
 
@@ -2763,6 +2768,15 @@ class MediaStreamHandler(WebSocketHandler):
             self.runtime.open_websockets.discard(self.__dict__.pop("registered", None))
 
 
+def use_our_websocket() -> None:
+    """gevent-websocket builds each connection's socket from its module's name `WebSocket`
+    (WebSocketHandler.upgrade_connection): make it ours. Its logger would print client
+    input, without a timestamp; MediaStreamHandler checks every handshake before the
+    library sees it. tests/test_adapters.py fails if the library stops reading that name."""
+    geventwebsocket.handler.WebSocket = MediaWebSocket
+    logging.getLogger("geventwebsocket.handler").propagate = False
+
+
 # --- Start-up and main() ------------------------------------------------------------------
 
 class ConsoleHandler(logging.StreamHandler):
@@ -2806,15 +2820,6 @@ def reserve_file_descriptors(settings: Settings) -> int:
     log.warning("--max-streams lowered from %d to %d: this process may open %d files (ulimit -n), and "
                 "each stream takes %d", settings.max_streams, can_carry, soft, per_stream)
     return can_carry
-
-
-def use_our_websocket() -> None:
-    """gevent-websocket builds each connection's socket from its module's name `WebSocket`
-    (WebSocketHandler.upgrade_connection): make it ours. Its logger would print client
-    input, without a timestamp; MediaStreamHandler checks every handshake before the
-    library sees it. tests/test_setup.py fails if the library stops reading that name."""
-    geventwebsocket.handler.WebSocket = MediaWebSocket
-    logging.getLogger("geventwebsocket.handler").propagate = False
 
 
 def configure(argv: list[str] | None = None, environ=os.environ, stream_class=None,
