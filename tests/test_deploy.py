@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import urllib.parse
@@ -103,22 +104,27 @@ def test_healthz_counts_open_streams_and_says_503_when_full(start_server):
 
 # --- Behind nginx, over TLS ------------------------------------------------------------------
 
-def readme_location_block() -> str:
-    """The `location /media { ... }` block of the README's nginx configuration, as written."""
+def readme_location_blocks() -> str:
+    """The `location` blocks of the README's nginx configuration (/media, /healthz), as written."""
     config = re.search(r"```nginx\n(.*?)```", README, re.DOTALL).group(1)
-    start = config.index("location /media {")
-    depth = 0
-    for end, char in enumerate(config[start:], start):
-        depth += {"{": 1, "}": -1}.get(char, 0)
-        if char == "}" and depth == 0:
-            return config[start:end + 1]
-    raise AssertionError("the README's location /media block does not close")
+    blocks = []
+    for start in (match.start() for match in re.finditer(r"^ *location ", config, re.MULTILINE)):
+        depth = 0
+        for end, char in enumerate(config[start:], start):
+            depth += {"{": 1, "}": -1}.get(char, 0)
+            if char == "}" and depth == 0:
+                blocks.append(config[start:end + 1])
+                break
+        else:
+            raise AssertionError("a location block of the README's does not close")
+    assert len(blocks) == 2, blocks
+    return "\n".join(blocks)
 
 
 @pytest.fixture
 def nginx(tmp_path, certificate, background):
     """start(upstream port): a real nginx terminating TLS on a free port in front of it, with
-    the README's location block verbatim; returns its port."""
+    the README's location blocks verbatim; returns its port."""
     binary = program("nginx")
 
     def start(upstream_port: int) -> int:
@@ -141,7 +147,7 @@ http {{
         ssl_certificate {cert};
         ssl_certificate_key {key};
         proxy_bind 127.0.0.5;  # our server sees the proxy at another address than the caller's
-{readme_location_block()}
+{readme_location_blocks()}
     }}
 }}
 """)
@@ -179,6 +185,9 @@ def test_a_signed_wss_call_through_nginx_as_the_readme_configures_it(start_serve
     assert "403" in forged.stderr
     server.wait_for(rf"refused WebSocket remote=127\.0\.0\.1 path=/media status=403 reason=X-Twilio-Signature does "
                     rf"not match wss://localhost:{port}/media")
+    context = ssl.create_default_context(cafile=str(certificate[0]))
+    health = urllib.request.urlopen(f"https://localhost:{port}/healthz", context=context, timeout=10)
+    assert (health.status, health.read()) == (200, b"ok streams=0\n"), "the balancer reaches /healthz through nginx"
 
 
 # --- Client addresses behind proxies ------------------------------------------------------------

@@ -76,6 +76,13 @@ def test_the_simulator_plays_a_paced_call(start_server):
     assert float(summary["duration"].rstrip("s")) >= 0.9, "paced at 20 ms per message"
 
 
+def test_the_readme_is_for_users_and_its_two_commands_come_first():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 450, "benchmarks, dated tables and the reasons behind internals go to tests/README.md"
+    commands = [n for n, line in enumerate(lines) if line.startswith("python3 -m venv .venv")]
+    assert len(commands) == 2 and commands[-1] < 40
+
+
 def test_ci_runs_the_readme_test_command_word_for_word():
     readme = (ROOT / "README.md").read_text()
     command = re.search(r"```sh\n(.*pytest.*)\n```", readme).group(1)

