@@ -44,6 +44,7 @@ import argparse
 import base64
 import functools
 import json
+import math
 import os
 import re
 import resource
@@ -437,6 +438,8 @@ def one_round(port: int, pid: int, calls: int, seconds: float, echo: bool = Fals
         result.update(echo_figures(streams))
     if arrivals_dir is not None:
         result.update(delivery_figures(streams, arrivals_dir))
+    elif not echo:  # --plain: nothing notes the arrivals
+        result.update(delivery_p50=math.nan, delivery_p99=math.nan, delivery_max=math.nan, lost=0)
     return result
 
 
@@ -476,7 +479,7 @@ def wait_for_sockets(pid: int, count: int, timeout: float = 10.0) -> None:
 def bench(name: str, args, ours_args: list[str] = ()) -> dict:
     """One server process through every count of --calls, --rounds rounds each."""
     folder = Path(tempfile.mkdtemp(prefix="bench-"))
-    log_path, arrivals_dir = folder / "server.log", None if args.echo else folder / "arrivals"
+    log_path, arrivals_dir = folder / "server.log", None if args.echo or args.plain else folder / "arrivals"
     if arrivals_dir:
         arrivals_dir.mkdir()
     process, port = start_server(name, log_path, list(ours_args), args.echo, args.server_cpu, arrivals_dir)
@@ -634,6 +637,9 @@ def main(argv=None):
                              '--ours="--quiet-levels" (default: one run, no flags); "none": skip')
     parser.add_argument("--echo", action="store_true",
                         help="servers that play each chunk back (our --echo, Node's echo peer): round trips")
+    parser.add_argument("--plain", action="store_true",
+                        help="our server with its own MediaStream, not tests/bench_stream.py's on_audio() class, "
+                             "and the peers: CPU and closing only, no delivery figures (nothing notes arrivals)")
     parser.add_argument("--pin", default="1,0" if len(os.sched_getaffinity(0)) >= 2 else "no",
                         help="SERVER,CLIENT: the CPUs the server and this client run on, as taskset -c "
                              "(default 1,0 on two cores or more); no: not pinned")

@@ -1,8 +1,9 @@
-"""The stream class tests/bench_load.py runs our server with: it notes when each chunk
-reaches on_audio() and, when the stream ends, writes ARRIVALS_DIR/<streamSid>.bin, pairs of
-float64 (the chunk's media timestamp in ms, its arrival on time.monotonic()), the format the
-peers in tests/peers/ write too. The note costs an append; wants_pcm adds the PCM decode
-that any on_audio() pays (about 0.8 µs a message)."""
+"""The stream class tests/bench_load.py runs our server with: a class of yours as far as
+app.py can tell, it notes when each chunk reaches its on_audio() (in the call's audio
+greenlet) and, when the stream ends, writes ARRIVALS_DIR/<streamSid>.bin, pairs of float64
+(the chunk's media timestamp in ms, its arrival on time.monotonic()), the format the peers
+in tests/peers/ write too. The note costs an append; what any on_audio() pays comes on top:
+the PCM decode and the hand-over to the audio greenlet."""
 import os
 import time
 from array import array
@@ -15,8 +16,6 @@ ARRIVALS_DIR = os.environ.get("ARRIVALS_DIR")
 
 @dataclass(eq=False)
 class ArrivalTimes(app.MediaStream):
-    wants_pcm = True
-    media_in_event_loop = True  # on_audio() only appends
     arrivals: array = field(default_factory=lambda: array("d"))
 
     def on_audio(self, track: str, timestamp: int, pcm: bytes) -> None:

@@ -302,7 +302,8 @@ SERVERS = {  # name: (what to change first, the stream class)
     "watched": (None, Watched), "watched-own-media": (None, WatchedWithItsOwnMedia), "waits": (None, Waits),
     "slow": (slow, Slow), "crashing": (None, Crashing), "bursts": (None, Bursts), "blocking": (None, Blocking),
     "one-second": (None, OneSecond), "late": (None, Late), "two-voices": (None, TwoVoices), "chatty": (None, Chatty),
-    "stalled-recognizer": (stalled_recognizer, None), "waiting-log-handler": (waiting_log_handler, None), "without-the-rule-fix": (without_the_rule_fix, None),
+    "stalled-recognizer": (stalled_recognizer, None), "waiting-log-handler": (waiting_log_handler, None),
+    "without-the-rule-fix": (without_the_rule_fix, None),
 }
 
 if __name__ == "__main__" and sys.argv[1] == "no-cycles":

@@ -124,7 +124,7 @@ def test_media_in_the_event_loop_for_this_modules_own_code_only():
             pass
 
     class Claims(app.MediaStream):  # the flag of old: ignored, and harmless
-        media_in_event_loop = True
+        _media_in_event_loop = True
 
         def on_media(self, data):
             super().on_media(data)
@@ -149,11 +149,11 @@ def test_media_in_the_event_loop_for_this_modules_own_code_only():
     class Echoing(app.EchoStream):
         pass
 
-    assert Hooks.media_in_event_loop and Hooks.audio_in_greenlet and Hooks.wants_pcm
-    assert not any(cls.media_in_event_loop for cls in (Meter, Claims, Remapped, Mixed, Logged))
-    assert app.MediaStream.media_in_event_loop and not app.MediaStream.audio_in_greenlet
-    assert app.EchoStream.media_in_event_loop and app.GreetStream.media_in_event_loop and Echoing.media_in_event_loop
-    assert not app.GreetStream.audio_in_greenlet, "the server's own on_audio() runs as each chunk lands"
+    assert Hooks._media_in_event_loop and Hooks._audio_in_greenlet and Hooks.wants_pcm
+    assert not any(cls._media_in_event_loop for cls in (Meter, Claims, Remapped, Mixed, Logged))
+    assert app.MediaStream._media_in_event_loop and not app.MediaStream._audio_in_greenlet
+    assert app.EchoStream._media_in_event_loop and app.GreetStream._media_in_event_loop and Echoing._media_in_event_loop
+    assert not app.GreetStream._audio_in_greenlet, "the server's own on_audio() runs as each chunk lands"
 
 
 def test_pcm_reaches_on_audio_in_the_event_loop_exactly(start_server, tmp_path):
