@@ -899,6 +899,10 @@ class AudioGreenlet:
     def finish(self, seconds: float) -> int:
         """From the call's greenlet: the chunks waiting handled within `seconds`, then the
         greenlet ends; the chunks left unhandled."""
+        if self.waiting and not self.chunks:  # idle (most calls as they end): ended at once, no turn of the loop
+            self.greenlet.parent = gevent.getcurrent()  # where it goes once it has ended: back here
+            self.greenlet.throw(greenlet.GreenletExit)
+            return 0
         self.chunks.append(None)  # the end, behind the chunks waiting
         self.wake()
         with gevent.Timeout(seconds, False):
