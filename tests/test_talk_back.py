@@ -101,16 +101,17 @@ def test_a_start_stream_with_the_outbound_track_refuses_to_send_with_one_warning
     assert summary_of(stream)["unsent"] == "6"
 
 
-def test_nothing_is_sent_before_start_or_after_the_socket_closed():
+def test_nothing_is_sent_before_start_or_after_the_socket_closed_and_each_call_says_whether_it_went():
     stream = app.MediaStream(runtime(), remote="test", ws=SentMessages())
-    stream.play(bytes(320))
+    assert stream.play(bytes(320)) is False
     assert stream.ws == [] and stream.played_back.unsent == 1
     call = Call()
     for message in call.session():
         stream.handle(message)
+    assert (stream.play(bytes(320)), stream.mark("m"), stream.clear()) == (True, True, True)
     stream.ws.closed = True
-    stream.clear()
-    assert stream.played_back.unsent == 2 and stream.played_back.clears == 0
+    assert (stream.play(bytes(320)), stream.mark("m"), stream.clear()) == (False, False, False)
+    assert stream.played_back.unsent == 4 and stream.played_back.clears == 1
 
 
 def summary_of(stream):
