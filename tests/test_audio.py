@@ -60,16 +60,20 @@ def test_level_meter_reads_dbfs():
 
 @pytest.mark.parametrize("frequency", [1000.0, 500.0, 2000.0, 440.0, 333.0])
 def test_level_meter_reads_pure_tones_right(frequency):
-    """The meter samples part of each chunk to stay cheap; a tone whose period divides its
-    stride (1 kHz is 8 samples) must not fool it into reading one point of the wave."""
-    chunks = encode_ulaw(tone(1.0, frequency, amplitude=0.25))
+    """The meter reads part of the chunks, and part of each, to stay cheap; a tone whose
+    period divides its stride (1 kHz is 8 samples) must not fool it into reading one point
+    of the wave."""
+    chunks = encode_ulaw(tone(2.0, frequency, amplitude=0.25))
     decoded = [app.ULAW_TO_LINEAR[code] for code in chunks]
     expected = 10 * math.log10(sum(x * x for x in decoded) / len(decoded) / 32768 ** 2)
-    stream, track = app.MediaStream(runtime(), remote="test"), app.Track("inbound")
-    track.next_level_at = math.inf  # no line, no reset: read what it gathered
-    for start in range(0, len(chunks), CHUNK):
-        track.messages += 1  # as on_media counts each message before metering it
-        stream.meter(track, chunks[start:start + CHUNK])
+    call = Call()
+    stream = app.MediaStream(runtime(), remote="test")
+    for message in call.session():
+        stream.handle(message)
+    track = stream.tracks["inbound"]
+    for n, start in enumerate(range(0, len(chunks), CHUNK)):
+        stream.handle(call.media("inbound", chunks[start:start + CHUNK], 20 * n))
+        track.next_level_at = math.inf  # no line, no reset: read what it gathered
     measured = 10 * math.log10(track.energy / track.energy_samples / 32768 ** 2)
     assert measured == pytest.approx(expected, abs=0.5)
 
