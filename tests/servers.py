@@ -22,8 +22,8 @@ def patient():
     app.CLOSE_TIMEOUT = 60
 
 
-def stalls_in_2_s():
-    app.STALL_SECONDS = 2
+def stalls_in_4_s():
+    app.STALL_SECONDS = 4  # long enough for a flood to fill the kernel's buffers on a busy machine first
 
 
 class ManyMarks(app.MediaStream):
@@ -298,7 +298,7 @@ def no_cycles():
 
 
 SERVERS = {  # name: (what to change first, the stream class)
-    "patient": (patient, None), "stalls-in-2-s": (stalls_in_2_s, None), "many-marks": (None, ManyMarks),
+    "patient": (patient, None), "stalls-in-4-s": (stalls_in_4_s, None), "many-marks": (None, ManyMarks),
     "watched": (None, Watched), "watched-own-media": (None, WatchedWithItsOwnMedia), "waits": (None, Waits),
     "slow": (slow, Slow), "crashing": (None, Crashing), "bursts": (None, Bursts), "blocking": (None, Blocking),
     "one-second": (None, OneSecond), "late": (None, Late), "two-voices": (None, TwoVoices), "chatty": (None, Chatty),
