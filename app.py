@@ -11,6 +11,7 @@ The file, top to bottom: small pieces first, the wiring last.
   Talking back       the ready modes of a <Connect><Stream>: --echo and --greet (with barge-in)
   Transcripts        --transcribe: utterances by voice activity, a recognizer on native threads
   Sinks              the consumers of call events: console lines, metrics, transcript files
+  The floor          --floor-port: every live call on one page, /events (a feed), /calls; the page itself
   Runtime            what one process shares, made by create_runtime(settings)
   The Flask app      the tutorial's app, Sockets (fixed for today's Werkzeug) and the /media loop
   Who may stream     the handshake checks: Twilio's signature, client addresses behind proxies, the limits
@@ -21,6 +22,7 @@ Your own processing: subclass MediaStream, then app.main(stream_class=YourStream
 import argparse
 import base64
 import binascii
+import datetime
 import enum
 import errno
 import functools
@@ -55,6 +57,7 @@ import flask_sockets
 import gevent
 import gevent.event
 import gevent.exceptions
+import gevent.queue
 import gevent.socket
 import gevent.threadpool
 import greenlet
@@ -143,6 +146,13 @@ def a_model(raw: str) -> str:
     return a_name(raw)
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def a_port_or_none(raw: str) -> int | None:
     return number_from(int, 1, 65535)(raw) if raw else None
 
@@ -205,6 +215,11 @@ OPTIONS = (  # flag, environment variable, default, reader (its ValueError says 
      "with --transcribe: also a partial line every second while someone speaks (more CPU)"),
     ("--trusted-proxies", "TRUSTED_PROXIES", "0", number_from(int, 0, 10),
      "proxies in front of this server (nginx: 1) whose X-Forwarded-For names the client; 0: trust none"),
+    ("--floor-port", "FLOOR_PORT", "", a_port_or_none,
+     "serve the floor, every live call on one page, at http://FLOOR_HOST:FLOOR_PORT/ (and its feed at "
+     "/events), a listener of its own"),
+    ("--floor-host", "FLOOR_HOST", "127.0.0.1", a_name,
+     "interface the floor listens on; any but this machine's own needs FLOOR_TOKEN"),
     ("--metrics-port", "METRICS_PORT", "", a_port_or_none,
      "serve Prometheus metrics at http://HOST:METRICS_PORT/metrics, a listener of its own "
      f"(needs: {METRICS_PIP})"),
@@ -235,6 +250,9 @@ class Settings:
     transcript_partials: bool = False
     trusted_proxies: int = 0
     metrics_port: int | None = None
+    floor_port: int | None = None
+    floor_host: str = "127.0.0.1"
+    floor_token: str | None = None    # FLOOR_TOKEN: what every request to the floor must carry
     auth_token: str | None = None     # TWILIO_AUTH_TOKEN: only handshakes Twilio signed with it
     stream_class: str | None = None   # STREAM_CLASS: module:Class, your MediaStream subclass
 
@@ -267,6 +285,12 @@ def read_settings(argv: list[str] | None = None, environ=os.environ) -> Settings
     if token and not (token.isprintable() and token.strip() == token):
         raise SettingsError("TWILIO_AUTH_TOKEN: has spaces or control characters: no signature would match")
     values["stream_class"] = environ.get("STREAM_CLASS") or None
+    floor_token = values["floor_token"] = environ.get("FLOOR_TOKEN") or None
+    if floor_token and not (len(floor_token) >= 16 and re.fullmatch(r"[A-Za-z0-9._~+/=-]+", floor_token)):
+        raise SettingsError("FLOOR_TOKEN: at least 16 letters, digits or -._~+/= (it goes into a cookie)")
+    if values["floor_port"] and not floor_token and not is_loopback(values["floor_host"]):
+        raise SettingsError(f"--floor-host (FLOOR_HOST) {values['floor_host']}: the floor shows callers and "
+                            "their words; anywhere but 127.0.0.1 it needs FLOOR_TOKEN")
     if values["transcribe"] and not all(map(importlib.util.find_spec, ("faster_whisper", "webrtcvad"))):
         raise SettingsError(f"--transcribe (TRANSCRIBE) needs the speech recognizer: {TRANSCRIBE_PIP}")
     if values["metrics_port"] and not importlib.util.find_spec("prometheus_client"):
@@ -1842,6 +1866,333 @@ class Metrics:
                 added[metric, labels] = value
 
 
+# --- The floor: every live call on one page and one feed (--floor-port) ---------------------
+
+FLOOR_EVENTS_KEPT = 10_000      # the feed's latest events, for a client that resumes (Last-Event-ID)
+FLOOR_ENDED_KEPT = 200          # ended calls still listed ...
+FLOOR_ENDED_SECONDS = 600       # ... for this long
+FLOOR_CALL_LINES = 500          # per call: transcript lines, key presses, marks and warnings kept for its page
+FLOOR_CLIENT_QUEUE = 2000       # events waiting for one feed client; beyond, it is dropped (and resumes)
+FLOOR_CONNECTIONS = 64          # pages and feeds served at once
+FLOOR_KEEPALIVE_SECONDS = 15    # a comment line on a quiet feed: proxies and browsers keep it open
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def summary_fields(summary: str) -> dict[str, str]:
+    """The summary line's key=value pairs."""
+    return dict(part.split("=", 1) for part in summary.split()[1:] if "=" in part)
+
+
+class Floor:
+    """A sink of call events: the open and recently ended calls of this process, and the feed
+    of their events as JSON objects (type, stream, call, server, time, and the fields of
+    each kind), numbered for Last-Event-ID. The page, /events and /calls read it."""
+
+    def __init__(self, server: str):
+        self.server = server
+        self.calls: dict[str, dict] = {}          # stream SID: the call as the page shows it
+        self.ended: deque = deque()                # SIDs of ended calls, oldest first
+        self.events: deque = deque(maxlen=FLOOR_EVENTS_KEPT)
+        self.last_id = 0
+        self.clients: set = set()                  # each feed's gevent queue
+        self.kinds: dict[type, Callable[[Any], dict]] = {
+            Started: lambda e: {"type": "start", "tracks": list(e.tracks), "parameters": e.parameters,
+                                "format": e.media_format},
+            Level: lambda e: {"type": "level", "track": e.track, "dbfs": round(dbfs(e.mean_square), 1)},
+            Transcribed: lambda e: {"type": "transcript", "track": e.track, "offset": round(e.at, 2),
+                                    "text": e.text, "partial": e.partial},
+            Dtmf: lambda e: {"type": "dtmf", "digit": e.digit},
+            MarkEchoed: lambda e: {"type": "mark", "name": e.name, "cancelled": e.cancelled,
+                                   "waited_ms": round(e.waited_ms)},
+            BargeIn: lambda e: {"type": "barge_in", "queued_seconds": round(e.queued_seconds, 2)},
+            Warned: lambda e: {"type": "warning", "message": e.message},
+            Stopped: lambda e: {"type": "stop"},
+            Ended: lambda e: {"type": "end", **summary_fields(e.summary)},
+        }
+
+    def __call__(self, event: CallEvent) -> None:
+        kind = self.kinds.get(type(event))
+        sid = event.stream.stream_sid
+        if kind is None or sid is None:  # before `start` a call has no SID to be shown by
+            return
+        record = {"type": "", "stream": sid, "call": event.stream.call_sid, "server": self.server,
+                  "time": utc_now(), **kind(event)}
+        self.publish(record)
+
+    def publish(self, record: dict) -> None:
+        """One event of any process (this one's, or another's through Redis): into the
+        calls' state and out to every feed."""
+        self.last_id += 1
+        record["id"] = self.last_id
+        self.update(record)
+        self.events.append(record)
+        for client in list(self.clients):
+            if client.qsize() >= FLOOR_CLIENT_QUEUE:  # a feed that does not read: dropped, it resumes from its last id
+                self.clients.discard(client)
+                client.put(None)
+            else:
+                client.put(record)
+
+    def update(self, record: dict) -> None:
+        sid, kind = record["stream"], record["type"]
+        call = self.calls.get(sid)
+        if call is None:
+            parameters = record.get("parameters") or {}
+            call = self.calls[sid] = {
+                "stream": sid, "call": record["call"], "server": record["server"], "since": record["time"],
+                "from": parameters.get("From") or record["call"], "parameters": parameters,
+                "tracks": record.get("tracks", []), "levels": {}, "words": "", "lines": [], "ended": None}
+        if kind == "level":
+            call["levels"][record["track"]] = record["dbfs"]
+        elif kind == "end":
+            call["ended"] = {"time": record["time"], "how": record.get("ended"), "summary": {
+                k: v for k, v in record.items() if k not in ("id", "type", "stream", "call", "server", "time")}}
+            call["levels"] = {}
+            self.ended.append(sid)
+            self.forget_old_calls()
+        elif kind in ("transcript", "dtmf", "mark", "warning", "barge_in", "stop"):
+            if kind == "transcript":
+                if record["partial"]:
+                    return
+                call["words"] = record["text"]
+            call["lines"].append(record)
+            del call["lines"][:-FLOOR_CALL_LINES]
+
+    def forget_old_calls(self) -> None:
+        cutoff = (datetime.datetime.now(datetime.timezone.utc)
+                  - datetime.timedelta(seconds=FLOOR_ENDED_SECONDS)).isoformat(timespec="milliseconds")[:23]
+        while self.ended and (len(self.ended) > FLOOR_ENDED_KEPT
+                              or self.calls[self.ended[0]]["ended"]["time"][:23] < cutoff):
+            self.calls.pop(self.ended.popleft(), None)
+
+    def snapshot(self) -> dict:
+        """/calls: the open calls, newest first, then the ended ones, the last to end first."""
+        self.forget_old_calls()
+        return {"server": self.server, "time": utc_now(), "last_id": self.last_id,
+                "open": sorted((call for call in self.calls.values() if not call["ended"]),
+                               key=lambda call: call["since"], reverse=True),
+                "ended": [self.calls[sid] for sid in reversed(self.ended)]}
+
+    def since(self, last_id: int | None) -> list[dict] | None:
+        """The events after `last_id`, if they are all still kept; None: start again."""
+        if last_id is None or last_id > self.last_id:
+            return None
+        if last_id == self.last_id:
+            return []
+        if not self.events or self.events[0]["id"] > last_id + 1:
+            return None
+        return [record for record in self.events if record["id"] > last_id]
+
+
+def sse(record: dict, kind: str | None = None) -> bytes:
+    """One Server-Sent Event: its id (Last-Event-ID), its kind if not `message`, its JSON."""
+    head = f"id: {record['id']}\n" + (f"event: {kind}\n" if kind else "")
+    return head.encode() + b"data: " + json_dumps(record) + b"\n\n"
+
+
+class FloorApp:
+    """The floor's WSGI app, on a listener of its own: `/` the page, `/events` the feed
+    (Server-Sent Events), `/calls` one JSON document. With FLOOR_TOKEN every request needs
+    it: `Authorization: Bearer <token>`, or `?token=` once (a browser keeps it in a cookie)."""
+
+    def __init__(self, floor: Floor, token: str | None):
+        self.floor, self.token = floor, token
+
+    def __call__(self, environ: dict, start_response) -> Any:
+        path, query = environ.get("PATH_INFO", "/"), environ.get("QUERY_STRING", "")
+        given = dict(part.partition("=")[::2] for part in query.split("&") if part).get("token")
+        headers = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
+        if self.token:
+            if not self.allowed(environ, given):
+                start_response("401 Unauthorized", headers + [("Content-Type", "text/plain; charset=utf-8"),
+                                                              ("WWW-Authenticate", "Bearer")])
+                return [b"the floor needs its token (FLOOR_TOKEN): Authorization: Bearer <token>, or ?token=\n"]
+            if given:
+                headers.append(("Set-Cookie", f"floor_token={self.token}; HttpOnly; SameSite=Strict; Path=/"))
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", headers + [("Allow", "GET")])
+            return [b""]
+        if path == "/":
+            start_response("200 OK", headers + [("Content-Type", "text/html; charset=utf-8"),
+                                                ("Content-Security-Policy", FLOOR_PAGE_POLICY)])
+            return [FLOOR_PAGE.encode()]
+        if path == "/calls":
+            start_response("200 OK", headers + [("Content-Type", "application/json")])
+            return [json_dumps(self.floor.snapshot())]
+        if path == "/events":
+            start_response("200 OK", headers + [("Content-Type", "text/event-stream"), ("X-Accel-Buffering", "no")])
+            return self.feed(environ.get("HTTP_LAST_EVENT_ID"))
+        start_response("404 Not Found", headers + [("Content-Type", "text/plain")])
+        return [b"not found: the floor serves /, /events and /calls\n"]
+
+    def allowed(self, environ: dict, given: str | None) -> bool:
+        cookies = dict(part.strip().partition("=")[::2] for part in environ.get("HTTP_COOKIE", "").split(";"))
+        offered = [given, cookies.get("floor_token"), environ.get("HTTP_AUTHORIZATION", "").removeprefix("Bearer ")]
+        wanted = self.token.encode() if self.token else b""
+        return any(hmac.compare_digest(candidate.encode(), wanted) for candidate in offered if candidate)
+
+    def feed(self, last_event_id: str | None):
+        """The open calls first (a `snapshot` event), or, resuming, the events missed; then
+        every event as it happens."""
+        floor = self.floor
+        queue: gevent.queue.Queue = gevent.queue.Queue()
+        floor.clients.add(queue)  # before the snapshot: nothing falls between the two
+        try:
+            missed = floor.since(int(last_event_id) if last_event_id and last_event_id.isdecimal() else None)
+            if missed is None:
+                yield sse({"id": floor.last_id, **floor.snapshot()}, "snapshot")
+            for record in missed or ():
+                yield sse(record)
+            shown = floor.last_id
+            while True:
+                try:
+                    record = queue.get(timeout=FLOOR_KEEPALIVE_SECONDS)
+                except gevent.queue.Empty:
+                    yield b": keep-alive\n\n"
+                    continue
+                if record is None:  # it fell FLOOR_CLIENT_QUEUE behind: it reconnects, and resumes
+                    return
+                if record["id"] > shown:
+                    yield sse(record)
+        finally:
+            floor.clients.discard(queue)
+
+
+# --- The floor's page: plain HTML, CSS and JavaScript, nothing fetched from elsewhere -------
+# Whatever a client sent (parameters, SIDs, words) is set with textContent, never as markup,
+# and the page's policy allows no script but this one (its hash) and no connection but ours.
+
+FLOOR_SCRIPT = r"""
+"use strict";
+const calls = new Map();
+let selected = null, drawing = false;
+const $ = (id) => document.getElementById(id);
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  return node;
+}
+const clock = (iso) => iso ? new Date(iso).toLocaleTimeString() : "";
+const KEPT = 500;
+function apply(r) {
+  let call = calls.get(r.stream);
+  if (!call) {
+    const p = r.parameters || {};
+    call = {stream: r.stream, call: r.call, server: r.server, since: r.time, from: p.From || r.call,
+            parameters: p, tracks: r.tracks || [], levels: {}, words: "", lines: [], ended: null};
+    calls.set(r.stream, call);
+  }
+  if (r.type === "level") call.levels[r.track] = r.dbfs;
+  else if (r.type === "end") {
+    const summary = Object.assign({}, r);
+    for (const key of ["id", "type", "stream", "call", "server", "time"]) delete summary[key];
+    call.ended = {time: r.time, how: r.ended, summary: summary};
+    call.levels = {};
+  } else if (["transcript", "dtmf", "mark", "warning", "barge_in", "stop"].includes(r.type)) {
+    if (r.type === "transcript") { if (r.partial) return; call.words = r.text; }
+    call.lines.push(r);
+    if (call.lines.length > KEPT) call.lines.splice(0, call.lines.length - KEPT);
+  }
+}
+function bar(track, dbfs) {
+  const box = el("span", "level");
+  box.title = track + " " + dbfs + " dBFS";
+  const fill = el("span", "fill " + track);
+  fill.style.width = Math.max(0, Math.min(100, (dbfs + 60) * 100 / 60)) + "%";
+  box.append(el("span", "track", track === "inbound" ? "in" : "out"), fill);
+  return box;
+}
+function row(call) {
+  const tr = el("tr", call.ended ? "ended" : "open");
+  tr.dataset.stream = call.stream;
+  if (call.stream === selected) tr.classList.add("selected");
+  tr.append(el("td", "who", call.from), el("td", "since", clock(call.since)));
+  const levels = el("td", "levels");
+  for (const [track, dbfs] of Object.entries(call.levels)) levels.append(bar(track, dbfs));
+  tr.append(levels, el("td", "words", call.words));
+  tr.append(el("td", "state", call.ended ? "ended " + (call.ended.how || "") + " " + clock(call.ended.time) : "live"));
+  tr.addEventListener("click", () => { selected = call.stream; draw(); });
+  return tr;
+}
+function detail(call) {
+  const box = $("detail");
+  box.replaceChildren();
+  if (!call) { box.append(el("p", "hint", "Click a call to follow it.")); return; }
+  box.append(el("h2", null, call.from), el("p", "sids", call.stream + " · " + call.call + " · " + call.server));
+  const params = el("dl", "params");
+  for (const [name, value] of Object.entries(call.parameters)) params.append(el("dt", null, name), el("dd", null, value));
+  box.append(params);
+  const lines = el("ol", "conversation");
+  for (const r of call.lines) {
+    const li = el("li", r.type + (r.track ? " " + r.track : ""));
+    li.append(el("time", null, clock(r.time)));
+    if (r.type === "transcript") li.append(el("b", null, r.track === "inbound" ? "caller" : "agent"), el("span", null, r.text));
+    else if (r.type === "dtmf") li.append(el("span", null, "pressed " + r.digit));
+    else if (r.type === "mark") li.append(el("span", null, "mark " + r.name + (r.cancelled ? " cancelled" : " played")));
+    else if (r.type === "warning") li.append(el("span", null, "warning: " + r.message));
+    else if (r.type === "barge_in") li.append(el("span", null, "the caller spoke over the audio"));
+    else li.append(el("span", null, r.type));
+    lines.append(li);
+  }
+  box.append(lines);
+  if (call.ended) {
+    const summary = el("dl", "summary");
+    for (const [name, value] of Object.entries(call.ended.summary)) summary.append(el("dt", null, name), el("dd", null, value));
+    box.append(el("h3", null, "ended " + (call.ended.how || "")), summary);
+  }
+}
+function draw() {
+  drawing = false;
+  const all = [...calls.values()].sort((a, b) => (!!a.ended - !!b.ended) || (a.since < b.since ? 1 : -1));
+  $("calls").replaceChildren(...all.map(row));
+  $("count").textContent = all.filter((c) => !c.ended).length + " live";
+  detail(calls.get(selected));
+}
+const later = () => { if (!drawing) { drawing = true; requestAnimationFrame(draw); } };
+const feed = new EventSource("events");
+feed.addEventListener("snapshot", (e) => {
+  const s = JSON.parse(e.data);
+  calls.clear();
+  for (const call of [...s.open, ...s.ended]) calls.set(call.stream, call);
+  later();
+});
+feed.onmessage = (e) => { apply(JSON.parse(e.data)); later(); };
+feed.onerror = () => { $("count").textContent = "reconnecting…"; };
+"""
+
+FLOOR_PAGE_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; connect-src 'self'; "
+                     f"script-src 'sha256-{base64.b64encode(hashlib.sha256(FLOOR_SCRIPT.encode()).digest()).decode()}'")
+
+FLOOR_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Calls: the floor</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body { font: 14px system-ui, sans-serif; margin: 0; display: flex; height: 100vh; color: #222; }
+main { flex: 3; overflow: auto; padding: 1em; } aside { flex: 2; overflow: auto; padding: 1em; background: #f6f6f6; }
+table { border-collapse: collapse; width: 100%; } td { padding: .4em .6em; border-bottom: 1px solid #ddd; }
+tr { cursor: pointer; } tr.selected { background: #e6f0ff; } tr.ended { color: #888; }
+.level { display: inline-block; width: 6em; height: .8em; background: #eee; margin-right: .4em; position: relative; }
+.level .fill { position: absolute; left: 1.6em; top: 0; bottom: 0; background: #3a3; max-width: calc(100% - 1.6em); }
+.level .fill.outbound { background: #36c; } .level .track { font-size: 70%; }
+.words { max-width: 30em; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.conversation { list-style: none; padding: 0; } .conversation li { margin: .3em 0; }
+.conversation time { color: #888; margin-right: .5em; } .conversation b { margin-right: .5em; }
+.conversation .outbound { text-align: right; } .conversation .warning { color: #a40; }
+dt { font-weight: bold; float: left; clear: left; margin-right: .5em; } dd { margin: 0; }
+.sids { color: #888; font-size: 85%; }
+</style></head>
+<body><main><h1>Calls <small id="count"></small></h1>
+<table><thead><tr><th>who</th><th>since</th><th>level</th><th>latest words</th><th></th></tr></thead>
+<tbody id="calls"></tbody></table></main>
+<aside id="detail"></aside>
+<script>""" + FLOOR_SCRIPT + """</script></body></html>
+"""
+
+
 # --- Runtime: what one process shares ------------------------------------------------------
 
 STREAM_END_SECONDS = 3  # what open streams get at shutdown to end and make their summaries
@@ -1858,6 +2209,7 @@ class Runtime:
     greeting: bytes = b""              # --greet's audio, as mu-law
     transcriber: Transcriber | None = None
     metrics: Metrics | None = None
+    floor: "Floor | None" = None
     sinks: list[Callable[[CallEvent], None]] = field(default_factory=list)
     open_websockets: set = field(default_factory=set)
     handshaking: dict = field(default_factory=dict)  # connections sending a request, oldest first: their greenlets
@@ -1941,6 +2293,9 @@ def create_runtime(settings: Settings, stream_class: type | None = None, *,
     runtime.sinks.append(Console(runtime.stream_warnings))
     if metrics:
         runtime.sinks.append(metrics)
+    if settings.floor_port:
+        runtime.floor = Floor(f"{socket.gethostname()}:{os.getpid()}")
+        runtime.sinks.append(runtime.floor)
     if transcriber and settings.record:
         runtime.sinks.append(TranscriptFiles(settings.record))
     return runtime
@@ -2949,6 +3304,9 @@ else:
                 read_greeting(checked.greet)  # and kept, for the workers: a file gone later stops no worker
                 talking_back_mode(checked, None)
                 find_stream_class_module(checked.stream_class)
+                if checked.floor_port and cfg.workers > 1:
+                    raise SettingsError(f"--floor-port (FLOOR_PORT) with {cfg.workers} workers: each would show only "
+                                        "its own calls, on one port; run one worker (-w 1)")
                 setup_logging(checked.log_level)
                 if checked.metrics_port and not cls.metrics_served:  # once: gunicorn checks again on SIGHUP
                     serve_metrics_of_workers(checked.host, checked.metrics_port)
@@ -2966,6 +3324,12 @@ else:
                 print(f"app.py: error: {error}", file=sys.stderr, flush=True)
                 sys.exit(3)  # gunicorn's "worker failed to boot": it stops instead of retrying
             self.wsgi_handler = MediaStreamHandler.serving(self.runtime)
+            settings = self.runtime.settings
+            if self.runtime.floor and settings.floor_port:
+                try:  # a reload's new worker, while the old one drains: the floor waits, its calls do not
+                    serve_floor(settings.floor_host, settings.floor_port, self.runtime.floor, settings.floor_token)
+                except SettingsError as error:
+                    log.warning("%s: this worker serves calls without it", error)
             super().load_wsgi()
 
         def handle_exit(self, sig, frame):
@@ -3004,6 +3368,20 @@ def serve_metrics(host: str, port: int, metrics: Metrics) -> None:
     except OSError as exc:
         raise cannot_listen("--metrics-port (METRICS_PORT)", host, port, exc) from None
     startup_log.info("Metrics for Prometheus at http://localhost:%d/metrics", server.server_port)
+
+
+def serve_floor(host: str, port: int, floor: Floor, token: str | None) -> None:
+    """--floor-port: the floor, on a listener of its own (never the media port that ngrok
+    and nginx publish), served by the event loop."""
+    server = pywsgi.WSGIServer((host, port), FloorApp(floor, token), spawn=Pool(FLOOR_CONNECTIONS), log=None,
+                               error_log=log)
+    try:
+        server.start()
+    except OSError as exc:
+        raise cannot_listen("--floor-port (FLOOR_PORT)", host, port, exc) from None
+    shown = f"[{host}]" if ":" in host else host
+    startup_log.info("The floor at http://%s:%d/ (its feed at /events)%s", shown, server.server_port,
+                     ", FLOOR_TOKEN needed" if token else "")
 
 
 def serve_metrics_of_workers(host: str, port: int) -> None:
@@ -3069,6 +3447,8 @@ def main(argv: list[str] | None = None, stream_class: type | None = None) -> Non
             raise cannot_listen(setting, settings.host, settings.port, exc) from None
         if runtime.metrics and settings.metrics_port:
             serve_metrics(settings.host, settings.metrics_port, runtime.metrics)
+        if runtime.floor and settings.floor_port:
+            serve_floor(settings.floor_host, settings.floor_port, runtime.floor, settings.floor_token)
     except SettingsError as error:
         print(f"app.py: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,322 @@
+"""The floor (--floor-port): every live call on one page, one feed (/events, Server-Sent
+Events) and one JSON document (/calls), on a listener of its own; private by default."""
+import datetime
+import http.client
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import wave
+
+import gevent
+import pytest
+
+import app
+from tests.conftest import ROOT, clean_environment, free_port, gunicorn_command
+from tests.test_runtime import call_on
+from tests.test_settings import run_app
+from tests.twilio_sim import Call
+
+TOKEN = "s3cret-floor-token-0123456789"
+HTML_FROM = '+1555"/><img src=x onerror=alert(1)>'
+FIELDS = {"type", "stream", "call", "server", "time", "id"}
+
+
+def parsed_time(text):
+    assert text.endswith("Z"), text
+    return datetime.datetime.fromisoformat(text[:-1] + "+00:00")
+
+
+# --- In process: the floor as a sink of call events ------------------------------------------
+
+def floor_runtime(**settings):
+    return app.create_runtime(app.Settings(floor_port=1, **settings), recognize=lambda pcm: "I want my money back")
+
+
+def test_a_call_becomes_the_floors_events_and_its_page_state(tmp_path):
+    serving = floor_runtime(transcribe=True)
+    floor = serving.floor
+    call = Call(params={"From": HTML_FROM})
+    with wave.open(str(ROOT / "tests" / "speech" / "two_sentences.wav"), "rb") as speech:
+        audio = app.pcm16_to_ulaw(speech.readframes(speech.getnframes()))
+    call_on(serving, [*call.session(audio={"inbound": audio}), call.dtmf("4"), call.stop()])
+    records = list(floor.events)
+    assert [r["id"] for r in records] == list(range(1, len(records) + 1))
+    assert all(FIELDS <= set(r) for r in records) and all(r["stream"] == call.stream_sid for r in records)
+    assert all(r["call"] == call.call_sid and r["server"] == floor.server for r in records)
+    times = [parsed_time(r["time"]) for r in records]
+    assert times == sorted(times)
+    kinds = [r["type"] for r in records]
+    assert kinds[0] == "start" and kinds[-1] == "end" and {"dtmf", "stop"} <= set(kinds)  # the last words may follow stop
+    start = records[0]
+    assert start["parameters"] == {"From": HTML_FROM} and start["tracks"] == ["inbound"]
+    transcripts = [r for r in records if r["type"] == "transcript"]
+    assert len(transcripts) == 2 and all(r["track"] == "inbound" and r["text"] == "I want my money back"
+                                         for r in transcripts)
+    assert 0 < transcripts[0]["offset"] < transcripts[1]["offset"]
+    end = records[-1]
+    assert (end["ended"], end["media"], end["transcript"]) == ("stop", str(-(-len(audio) // 160)), "2")
+    snapshot = floor.snapshot()
+    assert snapshot["open"] == [] and len(snapshot["ended"]) == 1
+    shown = snapshot["ended"][0]
+    assert (shown["from"], shown["words"], shown["ended"]["how"]) == (HTML_FROM, "I want my money back", "stop")
+    assert sorted(line["type"] for line in shown["lines"]) == ["dtmf", "stop", "transcript", "transcript"]
+    json.dumps(snapshot)  # one JSON document, as /calls serves it
+
+
+def test_levels_show_while_a_call_is_open_and_it_is_listed_from_its_start():
+    serving = floor_runtime()
+    call = Call()
+    stream = app.MediaStream(serving, remote="test")
+    for message in call.session(media=3):
+        stream.handle(message)
+    assert serving.floor.snapshot()["open"][0]["stream"] == call.stream_sid
+    stream.emit(app.Level, track="inbound", mean_square=32768 ** 2 / 2)
+    assert serving.floor.calls[call.stream_sid]["levels"] == {"inbound": -3.0}
+    stream.handle(call.stop())
+    stream.finish()
+    assert serving.floor.snapshot()["open"] == [] and serving.floor.calls[call.stream_sid]["levels"] == {}
+
+
+def test_a_client_resumes_from_its_last_event_id_while_the_floor_still_holds_what_followed(monkeypatch):
+    monkeypatch.setattr(app, "FLOOR_EVENTS_KEPT", 5)
+    floor = app.Floor("test")
+    for n in range(8):
+        floor.publish({"type": "dtmf", "stream": "MZ1", "call": "CA1", "server": "test", "time": app.utc_now(),
+                       "digit": str(n)})
+    assert [r["id"] for r in floor.since(5)] == [6, 7, 8] and floor.since(8) == []
+    assert floor.since(2) is None, "3 is no longer held: start again from a snapshot"
+    assert floor.since(9) is None, "an id from another run"
+
+
+def test_ended_calls_are_listed_for_a_while_then_forgotten(monkeypatch):
+    monkeypatch.setattr(app, "FLOOR_ENDED_KEPT", 2)
+    serving = floor_runtime()
+    calls = [Call() for _ in range(3)]
+    for call in calls:
+        call_on(serving, call.session(media=1, stop=True))
+    assert [c["stream"] for c in serving.floor.snapshot()["ended"]] == [calls[2].stream_sid, calls[1].stream_sid]
+
+
+def test_a_feed_client_that_does_not_read_is_dropped_and_the_others_are_untouched(monkeypatch):
+    monkeypatch.setattr(app, "FLOOR_CLIENT_QUEUE", 10)
+    floor = app.Floor("test")
+    slow, fast = gevent.queue.Queue(), gevent.queue.Queue()
+    floor.clients |= {slow, fast}
+    for n in range(30):
+        floor.publish({"type": "dtmf", "stream": "MZ1", "call": "CA1", "server": "test", "time": "", "digit": "1"})
+        while fast.qsize():
+            fast.get()
+    assert slow not in floor.clients and fast in floor.clients
+    assert [slow.get() for _ in range(slow.qsize())][-1] is None, "told to go: it reconnects and resumes"
+
+
+# --- A real server, a real HTTP client -----------------------------------------------------
+
+class Feed:
+    """/events read as a browser's EventSource does, on a thread: the events so far."""
+
+    def __init__(self, port, **headers):
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.connection.request("GET", "/events", headers=headers)
+        self.response = self.connection.getresponse()
+        self.events, self.changed = [], threading.Condition()
+        threading.Thread(target=self.read, daemon=True).start()
+
+    def read(self):
+        kind, data, last_id = "message", [], None
+        try:
+            for raw in self.response:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    data.append(line[6:])
+                elif line.startswith("id: "):
+                    last_id = int(line[4:])
+                elif not line and data:
+                    with self.changed:
+                        self.events.append((kind, last_id, json.loads("\n".join(data))))
+                        self.changed.notify_all()
+                    kind, data = "message", []
+        except (OSError, ValueError, AttributeError):  # closed by the test (http.client: fp None)
+            pass
+
+    def wait_for(self, predicate, timeout=10):
+        with self.changed:
+            assert self.changed.wait_for(lambda: any(predicate(*event) for event in self.events), timeout), self.events
+            return next(event for event in self.events if predicate(*event))
+
+    def close(self):
+        self.connection.sock.shutdown(socket.SHUT_RDWR)  # the reader's buffer holds a lock close() would wait on
+        self.connection.close()
+
+
+def get(port, path, **headers):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request("GET", path, headers=headers)
+    response = connection.getresponse()
+    return response.status, dict(response.getheaders()), response.read()
+
+
+@pytest.fixture
+def floor_server(start_server):
+    port = free_port()
+    server = start_server("--floor-port", str(port))
+    server.floor_port = port
+    return server
+
+
+def test_a_call_reaches_the_feed_as_it_happens_and_calls_lists_it(floor_server):
+    server, port = floor_server, floor_server.floor_port
+    feed = Feed(port)
+    kind, _, snapshot = feed.wait_for(lambda kind, *_: kind == "snapshot")
+    assert snapshot["open"] == [] and snapshot["server"]
+    call = Call(params={"From": HTML_FROM, "CallerName": "Ada"})
+    client = server.connect()
+    client.send_all(call.session(media=60))
+    _, _, start = feed.wait_for(lambda kind, _, r: r.get("type") == "start")
+    assert start["parameters"] == {"From": HTML_FROM, "CallerName": "Ada"}, "values reach the private floor"
+    assert f"params=From,CallerName" in server.wait_for(rf"stream={call.stream_sid} start .*").group(0), \
+        "the console keeps logging names only"
+    assert HTML_FROM not in server.log()
+    status, headers, body = get(port, "/calls")
+    listed = json.loads(body)
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert [c["from"] for c in listed["open"]] == [HTML_FROM]
+    client.send_all([call.dtmf("9"), call.stop()])
+    assert client.wait_closed() == 1000
+    _, end_id, end = feed.wait_for(lambda kind, _, r: r.get("type") == "end")
+    assert (end["ended"], end["media"]) == ("stop", "60")
+    kinds = [r["type"] for kind, _, r in feed.events if kind == "message"]
+    assert kinds[0] == "start" and kinds[-3:] == ["dtmf", "stop", "end"]
+    ids = [event_id for kind, event_id, _ in feed.events if kind == "message"]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    feed.close()
+
+    resumed = Feed(port, **{"Last-Event-ID": str(start["id"])})
+    resumed.wait_for(lambda kind, event_id, r: event_id == end_id)
+    assert [event_id for _, event_id, _ in resumed.events] == [i for i in ids if i > start["id"]], \
+        "what followed its last event, with no snapshot"
+    resumed.close()
+    again = Feed(port, **{"Last-Event-ID": "999999"})
+    _, _, snapshot = again.wait_for(lambda kind, *_: kind == "snapshot")
+    assert [c["ended"]["how"] for c in snapshot["ended"]] == ["stop"], "an unknown id: the snapshot again"
+    again.close()
+
+
+def test_the_page_is_whole_offline_and_sets_what_clients_sent_as_text(floor_server):
+    status, headers, body = get(floor_server.floor_port, "/")
+    page = body.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    policy = headers["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy and "'unsafe-inline'" not in \
+        policy.split("script-src")[1]
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page), "nothing fetched from elsewhere"
+    assert "innerHTML" not in page and "insertAdjacentHTML" not in page and "document.write" not in page
+    assert "textContent" in page and 'new EventSource("events")' in page
+    assert get(floor_server.floor_port, "/nothing")[0] == 404
+
+
+def test_with_a_token_every_request_needs_it_and_a_browser_keeps_it_in_a_cookie(start_server):
+    port = free_port()
+    server = start_server("--floor-port", str(port), "--floor-host", "0.0.0.0", env={"FLOOR_TOKEN": TOKEN})
+    for path in ("/", "/events", "/calls"):
+        assert get(port, path)[0] == 401
+        assert get(port, path, Authorization="Bearer wrong-token-wrong-token")[0] == 401
+    assert get(port, "/calls", Authorization=f"Bearer {TOKEN}")[0] == 200
+    status, headers, _ = get(port, f"/?token={TOKEN}")
+    assert status == 200 and "HttpOnly" in headers["Set-Cookie"]
+    cookie = headers["Set-Cookie"].split(";")[0]
+    assert get(port, "/calls", Cookie=cookie)[0] == 200
+    assert get(port, "/calls", Cookie="floor_token=nope")[0] == 401
+    assert TOKEN not in server.log()
+
+
+@pytest.mark.parametrize("args, env, says", [
+    (["--floor-host", "0.0.0.0"], {}, "anywhere but 127.0.0.1 it needs FLOOR_TOKEN"),
+    ([], {"FLOOR_TOKEN": "short"}, "FLOOR_TOKEN: at least 16"),
+    ([], {"FLOOR_TOKEN": "a token; with spaces"}, "FLOOR_TOKEN: at least 16"),
+])
+def test_a_floor_that_would_show_calls_to_anyone_is_refused_at_start_up(args, env, says):
+    code, _, err = run_app("--port", "0", "--floor-port", str(free_port()), *args, env=env)
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_floor_port_taken_is_one_line(floor_server):
+    code, _, err = run_app("--port", "0", "--floor-port", str(floor_server.floor_port))
+    assert code == 2 and "--floor-port (FLOOR_PORT): cannot listen" in err
+
+
+def test_several_gunicorn_workers_refuse_the_floor_in_one_line():
+    env = clean_environment({"FLOOR_PORT": str(free_port())})
+    out = subprocess.run(gunicorn_command("-w", "2", "-b", f"127.0.0.1:{free_port()}"), cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "--floor-port (FLOOR_PORT) with 2 workers" in out.stderr
+
+
+# --- The page in a real browser: Debian's Chromium, through selenium and Debian's driver -----
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run "
+                    "installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # Debian's driver: nothing downloaded
+    yield driver
+    driver.quit()
+
+
+def test_the_page_shows_each_call_live_its_words_as_text_and_ends_it(floor_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.common.exceptions import StaleElementReferenceException
+    server = floor_server
+    wait = WebDriverWait(browser, 10, ignored_exceptions=(StaleElementReferenceException,))  # rows are redrawn
+    browser.get(f"http://127.0.0.1:{server.floor_port}/")
+    wait.until(lambda b: b.find_element(By.ID, "count").text == "0 live")
+    call, other = Call(params={"From": HTML_FROM}), Call(params={"From": "+15550002"})
+    client, other_client = server.connect(), server.connect()
+    client.send_all(call.session(media=60))
+    other_client.send_all(other.session(media=5))
+    wait.until(lambda b: b.find_element(By.ID, "count").text == "2 live")
+    callers = wait.until(lambda b: sorted(cell.text for cell in b.find_elements(By.CSS_SELECTOR, "#calls .who")))
+    assert callers == sorted([HTML_FROM, "+15550002"]), "the caller's number as text"
+    assert browser.find_elements(By.CSS_SELECTOR, "#calls img, #detail img") == [], "never markup"
+    timestamps = iter(range(1220, 60_000, 20))
+
+    def level_shown(b):  # a level line comes once a second while audio flows: keep it flowing till then
+        client.send(call.media("inbound", b"\x10" * 160, next(timestamps)))
+        return b.find_elements(By.CSS_SELECTOR, "#calls tr.open .level .fill")
+
+    wait.until(level_shown)
+    def clicked(b):
+        row, = [row for row in b.find_elements(By.CSS_SELECTOR, "#calls tr")
+                if row.find_element(By.CLASS_NAME, "who").text == HTML_FROM]
+        row.click()
+        return HTML_FROM in b.find_element(By.ID, "detail").text
+
+    wait.until(clicked)
+    client.send_all([call.dtmf("7"), call.stop()])
+    assert client.wait_closed() == 1000
+    wait.until(lambda b: b.find_element(By.ID, "count").text == "1 live")
+    wait.until(lambda b: "pressed 7" in b.find_element(By.ID, "detail").text)
+    detail = browser.find_element(By.ID, "detail").text
+    assert HTML_FROM in detail and "ended stop" in detail and "media" in detail
+    ended = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#calls tr.ended").text)
+    assert ended.startswith(HTML_FROM) and "ended stop" in ended
+    assert browser.get_log("browser") == [], "no script error, nothing the policy refused"
+    other_client.send_all([other.stop()])
