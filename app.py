@@ -51,7 +51,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import flask_sockets
 import gevent
@@ -286,8 +286,8 @@ def read_settings(argv: list[str] | None = None, environ=os.environ) -> Settings
         raise SettingsError("TWILIO_AUTH_TOKEN: has spaces or control characters: no signature would match")
     values["stream_class"] = environ.get("STREAM_CLASS") or None
     floor_token = values["floor_token"] = environ.get("FLOOR_TOKEN") or None
-    if floor_token and not (len(floor_token) >= 16 and re.fullmatch(r"[A-Za-z0-9._~+/=-]+", floor_token)):
-        raise SettingsError("FLOOR_TOKEN: at least 16 letters, digits or -._~+/= (it goes into a cookie)")
+    if floor_token and not (len(floor_token) >= 16 and re.fullmatch(r"[A-Za-z0-9._~-]+", floor_token)):
+        raise SettingsError("FLOOR_TOKEN: at least 16 letters, digits or -._~ (it goes into URLs and a cookie as it is)")
     if values["floor_port"] and not floor_token and not is_loopback(values["floor_host"]):
         raise SettingsError(f"--floor-host (FLOOR_HOST) {values['floor_host']}: the floor shows callers and "
                             "their words; anywhere but 127.0.0.1 it needs FLOOR_TOKEN")
@@ -2003,7 +2003,7 @@ class FloorApp:
 
     def __call__(self, environ: dict, start_response) -> Any:
         path, query = environ.get("PATH_INFO", "/"), environ.get("QUERY_STRING", "")
-        given = dict(part.partition("=")[::2] for part in query.split("&") if part).get("token")
+        given = (parse_qs(query).get("token") or [None])[0]
         headers = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
         if self.token:
             if not self.allowed(environ, given):
@@ -2172,13 +2172,14 @@ FLOOR_PAGE = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
 body { font: 14px system-ui, sans-serif; margin: 0; display: flex; height: 100vh; color: #222; }
-main { flex: 3; overflow: auto; padding: 1em; } aside { flex: 2; overflow: auto; padding: 1em; background: #f6f6f6; }
+main { flex: 3; min-width: 0; overflow: auto; padding: 1em; } aside { flex: 2; overflow: auto; padding: 1em; background: #f6f6f6; }
 table { border-collapse: collapse; width: 100%; } td { padding: .4em .6em; border-bottom: 1px solid #ddd; }
 tr { cursor: pointer; } tr.selected { background: #e6f0ff; } tr.ended { color: #888; }
 .level { display: inline-block; width: 6em; height: .8em; background: #eee; margin-right: .4em; position: relative; }
 .level .fill { position: absolute; left: 1.6em; top: 0; bottom: 0; background: #3a3; max-width: calc(100% - 1.6em); }
 .level .fill.outbound { background: #36c; } .level .track { font-size: 70%; }
-.words { max-width: 30em; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.words, .who { max-width: 30em; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.who { max-width: 14em; } .since, .state { white-space: nowrap; }
 .conversation { list-style: none; padding: 0; } .conversation li { margin: .3em 0; }
 .conversation time { color: #888; margin-right: .5em; } .conversation b { margin-right: .5em; }
 .conversation .outbound { text-align: right; } .conversation .warning { color: #a40; }
