@@ -16,7 +16,7 @@ import gevent
 import pytest
 
 import app
-from tests.conftest import ROOT, clean_environment, free_port, gunicorn_command
+from tests.conftest import GUNICORN_READY, ROOT, clean_environment, free_port, gunicorn_command
 from tests.test_runtime import call_on
 from tests.test_settings import run_app
 from tests.twilio_sim import Call
@@ -320,3 +320,14 @@ def test_the_page_shows_each_call_live_its_words_as_text_and_ends_it(floor_serve
     assert ended.startswith(HTML_FROM) and "ended stop" in ended
     assert browser.get_log("browser") == [], "no script error, nothing the policy refused"
     other_client.send_all([other.stop()])
+
+
+def test_one_gunicorn_worker_serves_the_floor_of_its_calls(start_server):
+    port = free_port()
+    server = start_server(command=gunicorn_command("-w", "1"), ready=GUNICORN_READY, env={"FLOOR_PORT": str(port)})
+    server.wait_for(r"The floor at http://127.0.0.1:\d+/")
+    call = Call(params={"From": "+15550003"})
+    assert server.stream(call.session(media=3, stop=True)) == 1000
+    server.summary(call.stream_sid)
+    ended = json.loads(get(port, "/calls")[2])["ended"]
+    assert [(c["from"], c["ended"]["how"]) for c in ended] == [("+15550003", "stop")]
