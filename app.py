@@ -2173,13 +2173,14 @@ FLOOR_PAGE = """<!doctype html>
 <style>
 body { font: 14px system-ui, sans-serif; margin: 0; display: flex; height: 100vh; color: #222; }
 main { flex: 3; min-width: 0; overflow: auto; padding: 1em; } aside { flex: 2; overflow: auto; padding: 1em; background: #f6f6f6; }
-table { border-collapse: collapse; width: 100%; } td { padding: .4em .6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; width: 100%; table-layout: fixed; }
+td { padding: .4em .6em; border-bottom: 1px solid #ddd; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+th:nth-child(2) { width: 7em; } th:nth-child(3) { width: 7.5em; } th:nth-child(5) { width: 11em; }
+td.levels { white-space: normal; }
 tr { cursor: pointer; } tr.selected { background: #e6f0ff; } tr.ended { color: #888; }
 .level { display: inline-block; width: 6em; height: .8em; background: #eee; margin-right: .4em; position: relative; }
 .level .fill { position: absolute; left: 1.6em; top: 0; bottom: 0; background: #3a3; max-width: calc(100% - 1.6em); }
 .level .fill.outbound { background: #36c; } .level .track { font-size: 70%; }
-.words, .who { max-width: 30em; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-.who { max-width: 14em; } .since, .state { white-space: nowrap; }
 .conversation { list-style: none; padding: 0; } .conversation li { margin: .3em 0; }
 .conversation time { color: #888; margin-right: .5em; } .conversation b { margin-right: .5em; }
 .conversation .outbound { text-align: right; } .conversation .warning { color: #a40; }
