@@ -1894,23 +1894,23 @@ class Floor:
     def __init__(self, server: str):
         self.server = server
         self.calls: dict[str, dict] = {}          # stream SID: the call as the page shows it
-        self.ended: deque = deque()                # SIDs of ended calls, oldest first
+        self.ended: deque = deque()                # (SID, time.monotonic()) of each ended call, oldest first
         self.events: deque = deque(maxlen=FLOOR_EVENTS_KEPT)
         self.last_id = 0
         self.clients: set = set()                  # each feed's gevent queue
-        self.kinds: dict[type, Callable[[Any], dict]] = {
-            Started: lambda e: {"type": "start", "tracks": list(e.tracks), "parameters": e.parameters,
-                                "format": e.media_format},
-            Level: lambda e: {"type": "level", "track": e.track, "dbfs": round(dbfs(e.mean_square), 1)},
-            Transcribed: lambda e: {"type": "transcript", "track": e.track, "offset": round(e.at, 2),
-                                    "text": e.text, "partial": e.partial},
-            Dtmf: lambda e: {"type": "dtmf", "digit": e.digit},
-            MarkEchoed: lambda e: {"type": "mark", "name": e.name, "cancelled": e.cancelled,
-                                   "waited_ms": round(e.waited_ms)},
-            BargeIn: lambda e: {"type": "barge_in", "queued_seconds": round(e.queued_seconds, 2)},
-            Warned: lambda e: {"type": "warning", "message": e.message},
-            Stopped: lambda e: {"type": "stop"},
-            Ended: lambda e: {"type": "end", **summary_fields(e.summary)},
+        self.kinds: dict[type, tuple[str, Callable[[Any], dict]]] = {  # an event's type, and its fields
+            Started: ("start", lambda e: {"tracks": list(e.tracks), "parameters": e.parameters,
+                                          "format": e.media_format}),
+            Level: ("level", lambda e: {"track": e.track, "dbfs": round(dbfs(e.mean_square), 1)}),
+            Transcribed: ("transcript", lambda e: {"track": e.track, "offset": round(e.at, 2), "text": e.text,
+                                                   "partial": e.partial}),
+            Dtmf: ("dtmf", lambda e: {"digit": e.digit}),
+            MarkEchoed: ("mark", lambda e: {"name": e.name, "cancelled": e.cancelled,
+                                            "waited_ms": round(e.waited_ms)}),
+            BargeIn: ("barge_in", lambda e: {"queued_seconds": round(e.queued_seconds, 2)}),
+            Warned: ("warning", lambda e: {"message": e.message}),
+            Stopped: ("stop", lambda e: {}),
+            Ended: ("end", lambda e: summary_fields(e.summary)),
         }
 
     def __call__(self, event: CallEvent) -> None:
@@ -1918,9 +1918,9 @@ class Floor:
         sid = event.stream.stream_sid
         if kind is None or sid is None:  # before `start` a call has no SID to be shown by
             return
-        record = {"type": "", "stream": sid, "call": event.stream.call_sid, "server": self.server,
-                  "time": utc_now(), **kind(event)}
-        self.publish(record)
+        name, fields = kind
+        self.publish({"type": name, "stream": sid, "call": event.stream.call_sid, "server": self.server,
+                      "time": utc_now(), **fields(event)})
 
     def publish(self, record: dict) -> None:
         """One event of any process (this one's, or another's through Redis): into the
@@ -1951,7 +1951,7 @@ class Floor:
             call["ended"] = {"time": record["time"], "how": record.get("ended"), "summary": {
                 k: v for k, v in record.items() if k not in ("id", "type", "stream", "call", "server", "time")}}
             call["levels"] = {}
-            self.ended.append(sid)
+            self.ended.append((sid, time.monotonic()))
             self.forget_old_calls()
         elif kind in ("transcript", "dtmf", "mark", "warning", "barge_in", "stop"):
             if kind == "transcript":
@@ -1962,11 +1962,9 @@ class Floor:
             del call["lines"][:-FLOOR_CALL_LINES]
 
     def forget_old_calls(self) -> None:
-        cutoff = (datetime.datetime.now(datetime.timezone.utc)
-                  - datetime.timedelta(seconds=FLOOR_ENDED_SECONDS)).isoformat(timespec="milliseconds")[:23]
-        while self.ended and (len(self.ended) > FLOOR_ENDED_KEPT
-                              or self.calls[self.ended[0]]["ended"]["time"][:23] < cutoff):
-            self.calls.pop(self.ended.popleft(), None)
+        cutoff = time.monotonic() - FLOOR_ENDED_SECONDS
+        while self.ended and (len(self.ended) > FLOOR_ENDED_KEPT or self.ended[0][1] < cutoff):
+            self.calls.pop(self.ended.popleft()[0], None)
 
     def snapshot(self) -> dict:
         """/calls: the open calls, newest first, then the ended ones, the last to end first."""
@@ -1974,7 +1972,7 @@ class Floor:
         return {"server": self.server, "time": utc_now(), "last_id": self.last_id,
                 "open": sorted((call for call in self.calls.values() if not call["ended"]),
                                key=lambda call: call["since"], reverse=True),
-                "ended": [self.calls[sid] for sid in reversed(self.ended)]}
+                "ended": [self.calls[sid] for sid, _ in reversed(self.ended)]}
 
     def since(self, last_id: int | None) -> list[dict] | None:
         """The events after `last_id`, if they are all still kept; None: start again."""

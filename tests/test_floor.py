@@ -7,9 +7,7 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import threading
-import time
 import wave
 
 import gevent
@@ -181,7 +179,7 @@ def test_a_call_reaches_the_feed_as_it_happens_and_calls_lists_it(floor_server):
     client.send_all(call.session(media=60))
     _, _, start = feed.wait_for(lambda kind, _, r: r.get("type") == "start")
     assert start["parameters"] == {"From": HTML_FROM, "CallerName": "Ada"}, "values reach the private floor"
-    assert f"params=From,CallerName" in server.wait_for(rf"stream={call.stream_sid} start .*").group(0), \
+    assert "params=From,CallerName" in server.wait_for(rf"stream={call.stream_sid} start .*").group(0), \
         "the console keeps logging names only"
     assert HTML_FROM not in server.log()
     status, headers, body = get(port, "/calls")
@@ -331,3 +329,4 @@ def test_one_gunicorn_worker_serves_the_floor_of_its_calls(start_server):
     server.summary(call.stream_sid)
     ended = json.loads(get(port, "/calls")[2])["ended"]
     assert [(c["from"], c["ended"]["how"]) for c in ended] == [("+15550003", "stop")]
+
