@@ -2040,11 +2040,11 @@ class FloorApp:
         floor.clients.add(queue)  # before the snapshot: nothing falls between the two
         try:
             missed = floor.since(int(last_event_id) if last_event_id and last_event_id.isdecimal() else None)
+            shown = floor.last_id  # what the snapshot, or the events missed, cover: the queue has what follows
             if missed is None:
-                yield sse({"id": floor.last_id, **floor.snapshot()}, "snapshot")
+                yield sse({"id": shown, **floor.snapshot()}, "snapshot")
             for record in missed or ():
                 yield sse(record)
-            shown = floor.last_id
             while True:
                 try:
                     record = queue.get(timeout=FLOOR_KEEPALIVE_SECONDS)

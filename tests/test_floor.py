@@ -330,3 +330,12 @@ def test_one_gunicorn_worker_serves_the_floor_of_its_calls(start_server):
     ended = json.loads(get(port, "/calls")[2])["ended"]
     assert [(c["from"], c["ended"]["how"]) for c in ended] == [("+15550003", "stop")]
 
+
+def test_an_event_made_while_a_feed_sends_its_snapshot_follows_it():
+    floor = app.Floor("test")
+    feed = app.FloorApp(floor, None).feed(None)
+    assert next(feed).startswith(b"id: 0\nevent: snapshot\n")
+    floor.publish({"type": "dtmf", "stream": "MZ1", "call": "CA1", "server": "test", "time": "", "digit": "1"})
+    assert next(feed).startswith(b"id: 1\ndata: "), "not skipped as if the snapshot had it"
+    feed.close()
+    assert floor.clients == set()
