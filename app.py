@@ -45,6 +45,7 @@ import struct
 import sys
 import tempfile
 import time
+import types
 import wave
 from array import array
 from collections import deque
@@ -172,8 +173,24 @@ def a_url_or_none(raw: str) -> str | None:
     return raw
 
 
+def a_redis_url_or_none(raw: str) -> str | None:
+    """redis://[:password@]host[:port][/db], rediss:// (TLS) or unix:///path (redis-py's own forms)."""
+    if not raw:
+        return None
+    try:
+        parts = urlsplit(raw)
+        _ = parts.port  # one that is not a number: ValueError
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("redis", "rediss", "unix") or \
+            not (parts.path if parts.scheme == "unix" else parts.hostname):
+        raise ValueError("a Redis URL: redis://host:6379/0, rediss://:password@host:6380/0 or unix:///path")
+    return raw
+
+
 TRANSCRIBE_PIP = "pip install faster-whisper==1.2.1 webrtcvad-wheels==2.0.14.post1"
 METRICS_PIP = "pip install prometheus-client==0.26.0"
+REDIS_PIP = "pip install redis==8.1.0"
 
 OPTIONS = (  # flag, environment variable, default, reader (its ValueError says what it wants), help
     ("--host", "HOST", "0.0.0.0", a_name, "interface to listen on"),
@@ -220,6 +237,14 @@ OPTIONS = (  # flag, environment variable, default, reader (its ValueError says 
      "/events), a listener of its own"),
     ("--floor-host", "FLOOR_HOST", "127.0.0.1", a_name,
      "interface the floor listens on; any but this machine's own needs FLOOR_TOKEN"),
+    ("--redis-url", "REDIS_URL", "", a_redis_url_or_none,
+     "publish every call's events to this Redis (the stream mediastreams:events), and show every process's "
+     f"calls on the floor (needs: {REDIS_PIP})"),
+    ("--redis-max-events", "REDIS_MAX_EVENTS", "100000", number_from(int, 1000, 100_000_000),
+     "with --redis-url: the events the Redis stream keeps, the oldest trimmed (about 300 bytes each)"),
+    ("--floor-only", "FLOOR_ONLY", "0", yes_or_no,
+     "serve only the floor (--floor-port), of the calls of every process that publishes to --redis-url: "
+     "no media port"),
     ("--metrics-port", "METRICS_PORT", "", a_port_or_none,
      "serve Prometheus metrics at http://HOST:METRICS_PORT/metrics, a listener of its own "
      f"(needs: {METRICS_PIP})"),
@@ -252,6 +277,9 @@ class Settings:
     metrics_port: int | None = None
     floor_port: int | None = None
     floor_host: str = "127.0.0.1"
+    redis_url: str | None = None
+    redis_max_events: int = 100_000
+    floor_only: bool = False
     floor_token: str | None = None    # FLOOR_TOKEN: what every request to the floor must carry
     auth_token: str | None = None     # TWILIO_AUTH_TOKEN: only handshakes Twilio signed with it
     stream_class: str | None = None   # STREAM_CLASS: module:Class, your MediaStream subclass
@@ -291,6 +319,11 @@ def read_settings(argv: list[str] | None = None, environ=os.environ) -> Settings
     if values["floor_port"] and not floor_token and not is_loopback(values["floor_host"]):
         raise SettingsError(f"--floor-host (FLOOR_HOST) {values['floor_host']}: the floor shows callers and "
                             "their words; anywhere but 127.0.0.1 it needs FLOOR_TOKEN")
+    if values["floor_only"] and not (values["floor_port"] and values["redis_url"]):
+        raise SettingsError("--floor-only (FLOOR_ONLY) serves the floor of the calls other processes publish: "
+                            "it needs --floor-port (FLOOR_PORT) and --redis-url (REDIS_URL)")
+    if values["redis_url"] and not importlib.util.find_spec("redis"):
+        raise SettingsError(f"--redis-url (REDIS_URL) needs the Redis client: {REDIS_PIP}")
     if values["transcribe"] and not all(map(importlib.util.find_spec, ("faster_whisper", "webrtcvad"))):
         raise SettingsError(f"--transcribe (TRANSCRIBE) needs the speech recognizer: {TRANSCRIBE_PIP}")
     if values["metrics_port"] and not importlib.util.find_spec("prometheus_client"):
@@ -1812,6 +1845,8 @@ class Metrics:
         self.sent_messages = counter("sent_media_messages", "media messages sent back (<Connect><Stream>)")
         self.marks = counter("marks", "marks sent, and their echoes: played or cancelled by a clear", "state")
         self.clears = counter("clears", "clear messages sent")
+        self.floor_events_dropped = counter("floor_events_dropped", "call events that never reached Redis "
+                                            "(--redis-url): it was down, slow or refusing")
         self.open: dict[int, tuple] = {}  # id() of each open stream: (the stream, the counts added so far)
         self.adder: gevent.Greenlet | None = None
 
@@ -1886,10 +1921,36 @@ def summary_fields(summary: str) -> dict[str, str]:
     return dict(part.split("=", 1) for part in summary.split()[1:] if "=" in part)
 
 
+FLOOR_KINDS: dict[type, tuple[str, Callable[[Any], dict]]] = {  # an event's type on the floor, and its fields
+    Started: ("start", lambda e: {"tracks": list(e.tracks), "parameters": e.parameters, "format": e.media_format}),
+    Level: ("level", lambda e: {"track": e.track, "dbfs": round(dbfs(e.mean_square), 1)}),
+    Transcribed: ("transcript", lambda e: {"track": e.track, "offset": round(e.at, 2), "text": e.text,
+                                           "partial": e.partial}),
+    Dtmf: ("dtmf", lambda e: {"digit": e.digit}),
+    MarkEchoed: ("mark", lambda e: {"name": e.name, "cancelled": e.cancelled, "waited_ms": round(e.waited_ms)}),
+    BargeIn: ("barge_in", lambda e: {"queued_seconds": round(e.queued_seconds, 2)}),
+    Warned: ("warning", lambda e: {"message": e.message}),
+    Stopped: ("stop", lambda e: {}),
+    Ended: ("end", lambda e: summary_fields(e.summary)),
+}
+
+
+def floor_record(event: CallEvent, server: str) -> dict | None:
+    """A call event as the floor and the Redis stream carry it: type, stream, call, server,
+    time and the fields of its kind. None: not shown (before `start` a call has no SID)."""
+    kind = FLOOR_KINDS.get(type(event))
+    sid = event.stream.stream_sid
+    if kind is None or sid is None:
+        return None
+    name, fields = kind
+    return {"type": name, "stream": sid, "call": event.stream.call_sid, "server": server, "time": utc_now(),
+            **fields(event)}
+
+
 class Floor:
-    """A sink of call events: the open and recently ended calls of this process, and the feed
-    of their events as JSON objects (type, stream, call, server, time, and the fields of
-    each kind), numbered for Last-Event-ID. The page, /events and /calls read it."""
+    """A sink of call events: the open and recently ended calls of this process (or, with
+    --redis-url, of every process: follow_redis() publishes what they sent), and the feed of
+    their events, numbered for Last-Event-ID. The page, /events and /calls read it."""
 
     def __init__(self, server: str):
         self.server = server
@@ -1898,29 +1959,11 @@ class Floor:
         self.events: deque = deque(maxlen=FLOOR_EVENTS_KEPT)
         self.last_id = 0
         self.clients: set = set()                  # each feed's gevent queue
-        self.kinds: dict[type, tuple[str, Callable[[Any], dict]]] = {  # an event's type, and its fields
-            Started: ("start", lambda e: {"tracks": list(e.tracks), "parameters": e.parameters,
-                                          "format": e.media_format}),
-            Level: ("level", lambda e: {"track": e.track, "dbfs": round(dbfs(e.mean_square), 1)}),
-            Transcribed: ("transcript", lambda e: {"track": e.track, "offset": round(e.at, 2), "text": e.text,
-                                                   "partial": e.partial}),
-            Dtmf: ("dtmf", lambda e: {"digit": e.digit}),
-            MarkEchoed: ("mark", lambda e: {"name": e.name, "cancelled": e.cancelled,
-                                            "waited_ms": round(e.waited_ms)}),
-            BargeIn: ("barge_in", lambda e: {"queued_seconds": round(e.queued_seconds, 2)}),
-            Warned: ("warning", lambda e: {"message": e.message}),
-            Stopped: ("stop", lambda e: {}),
-            Ended: ("end", lambda e: summary_fields(e.summary)),
-        }
 
     def __call__(self, event: CallEvent) -> None:
-        kind = self.kinds.get(type(event))
-        sid = event.stream.stream_sid
-        if kind is None or sid is None:  # before `start` a call has no SID to be shown by
-            return
-        name, fields = kind
-        self.publish({"type": name, "stream": sid, "call": event.stream.call_sid, "server": self.server,
-                      "time": utc_now(), **fields(event)})
+        record = floor_record(event, self.server)
+        if record is not None:
+            self.publish(record)
 
     def publish(self, record: dict) -> None:
         """One event of any process (this one's, or another's through Redis): into the
@@ -2193,6 +2236,184 @@ dt { font-weight: bold; float: left; clear: left; margin-right: .5em; } dd { mar
 """
 
 
+# --- The floor across processes: one Redis stream (--redis-url) ------------------------------
+# Every process adds its calls' events to one Redis stream; every floor reads all of it, as
+# would another program of yours (XREADGROUP: the README). redis-py is imported only here.
+
+REDIS_STREAM = "mediastreams:events"  # each entry: one field, `event`, the floor's JSON record
+REDIS_QUEUE = 10_000          # events waiting for Redis; beyond, the oldest are dropped (levels beyond half)
+REDIS_BATCH = 500             # events sent, or read, in one round trip
+REDIS_TIMEOUT_SECONDS = 5     # a command still unanswered after this long: Redis counts as down
+REDIS_RETRY_SECONDS = (0.1, 5.0)   # after a failure, wait this long before the next try, doubling up to this
+REDIS_WARN_SECONDS = 60       # while Redis stays down: a warning this often, with what was dropped
+
+
+def connect_redis(url: str) -> Any:
+    """A redis-py client on gevent's sockets: `python app.py` does not monkey-patch (gunicorn's
+    worker does), so redis-py's connection module is handed gevent's socket and ssl, and a
+    command waits as a greenlet does, never holding up the event loop. One client for each
+    greenlet that uses one: redis-py's pool locks belong to the thread, not the greenlet."""
+    import gevent.ssl
+    import redis
+    import redis.connection
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    def create_default_context() -> gevent.ssl.SSLContext:  # gevent.ssl's own is the stdlib's: it blocks
+        context = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_CLIENT)
+        context.load_default_certs()
+        return context
+
+    redis.connection.socket = gevent.socket
+    redis.connection.ssl = types.SimpleNamespace(**{  # type: ignore[assignment]
+        **vars(gevent.ssl), "create_default_context": create_default_context})
+    return redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_SECONDS, retry=Retry(NoBackoff(), 0),
+                                socket_connect_timeout=REDIS_TIMEOUT_SECONDS, health_check_interval=0)
+
+
+def shown_redis_url(url: str) -> str:
+    """The URL without its password, for the console."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=f"{parts.username or ''}:***@{parts.hostname}" + (
+        f":{parts.port}" if parts.port else "")).geturl() if parts.password else url
+
+
+class RedisDown:
+    """What a greenlet that talks to Redis says while it cannot: one warning as Redis goes
+    down, then at most one every REDIS_WARN_SECONDS, one line when it is back; and how long
+    to wait before the next try (back-off)."""
+
+    def __init__(self, url: str, doing: str):
+        self.url, self.doing = shown_redis_url(url), doing
+        self.since: float | None = None
+        self.warned_at = 0.0
+        self.retry = REDIS_RETRY_SECONDS[0]
+
+    def failed(self, exc: Exception, dropped: int | None = None) -> None:
+        now = time.monotonic()
+        if self.since is None or now - self.warned_at >= REDIS_WARN_SECONDS:
+            down = f"still down after {now - self.since:.0f} s" if self.since else "down"
+            log.warning("Redis at %s %s (%s: %s): %s%s; trying again", self.url, down, type(exc).__name__,
+                        printable(str(exc), 200), self.doing, "" if dropped is None else f", {dropped} dropped so far")
+            self.warned_at = now
+        self.since = self.since or now
+        gevent.sleep(self.retry)
+        self.retry = min(self.retry * 2, REDIS_RETRY_SECONDS[1])
+
+    def worked(self, dropped: int | None = None) -> None:
+        if self.since is not None:
+            log.info("Redis at %s is back after %.0f s%s", self.url, time.monotonic() - self.since,
+                     "" if dropped is None else f"; {dropped} event(s) dropped while it was down")
+        self.since, self.retry = None, REDIS_RETRY_SECONDS[0]
+
+
+class RedisPublisher:
+    """A sink: this process's call events, as the floor's records, added to the Redis stream
+    by a greenlet of its own (start()). A call never waits for Redis: while it is down,
+    slow or refusing, events wait in a bounded queue, and what does not fit is dropped and
+    counted (mediastreams_floor_events_dropped_total)."""
+
+    def __init__(self, url: str, server: str, max_events: int, metrics: "Metrics | None" = None):
+        self.url, self.server, self.max_events, self.metrics = url, server, max_events, metrics
+        self.queue: deque = deque()
+        self.queued = gevent.event.Event()
+        self.sent = gevent.event.Event()  # nothing waits, nothing is on its way
+        self.dropped = 0
+        self.greenlet: gevent.Greenlet | None = None
+
+    def __call__(self, event: CallEvent) -> None:
+        record = floor_record(event, self.server)
+        if record is None:
+            return
+        if len(self.queue) >= REDIS_QUEUE // 2 and record["type"] == "level":  # the next second's level will do
+            self.drop(1)
+            return
+        if len(self.queue) >= REDIS_QUEUE:  # the floor catches up on what happened last
+            self.queue.popleft()
+            self.drop(1)
+        self.queue.append(record)
+        self.queued.set()
+        self.sent.clear()
+        self.start()
+
+    def drop(self, count: int) -> None:
+        self.dropped += count
+        if self.metrics:
+            self.metrics.floor_events_dropped.inc(count)
+
+    def start(self) -> None:
+        if self.greenlet is None:
+            self.greenlet = gevent.spawn(self.publish_forever)
+
+    def flush(self, timeout: float) -> None:
+        """At exit: the last events (the summaries of the calls just ended) sent, within `timeout`."""
+        if self.greenlet is not None:
+            self.sent.wait(timeout)
+
+    def publish_forever(self) -> None:
+        import redis
+        down = RedisDown(self.url, f"the floor's events wait for it, up to {REDIS_QUEUE}")
+        dropped_before = 0
+        client = None
+        while True:
+            try:
+                client = client or connect_redis(self.url)
+                client.ping()  # at start-up, an unreachable Redis is a warning then, not at the first call
+                down.worked(self.dropped - dropped_before)
+                while True:
+                    while not self.queue:
+                        self.sent.set()
+                        self.queued.clear()
+                        self.queued.wait()
+                    batch = [self.queue.popleft() for _ in range(min(REDIS_BATCH, len(self.queue)))]
+                    pipe = client.pipeline(transaction=False)
+                    for record in batch:
+                        pipe.xadd(REDIS_STREAM, {"event": json_dumps(record)}, maxlen=self.max_events,
+                                  approximate=True)
+                    try:
+                        pipe.execute()
+                    except BaseException:  # not sent, or not known to be: sent again (at least once)
+                        self.queue.extendleft(reversed(batch))
+                        raise
+            except (redis.RedisError, OSError) as exc:
+                if client is not None:
+                    client.close()
+                    client = None
+                if down.since is None:
+                    dropped_before = self.dropped
+                down.failed(exc, self.dropped - dropped_before)
+
+
+def follow_redis(url: str, floor: Floor) -> None:
+    """A floor's greenlet: every process's events from the Redis stream (from its oldest
+    kept, so calls already open are shown), onto this floor; after Redis was down, on from
+    the last one read."""
+    import redis
+    down = RedisDown(url, "the floor shows nothing new until it is back")
+    skipped = LogThrottle("Redis entries that are not call events", 1)
+    last, client = "0-0", None
+    while True:
+        try:
+            client = client or connect_redis(url)
+            read = client.xread({REDIS_STREAM: last}, count=REDIS_BATCH, block=1000)
+            down.worked()
+        except (redis.RedisError, OSError) as exc:
+            if client is not None:
+                client.close()
+                client = None
+            down.failed(exc)
+            continue
+        for _stream, entries in read or ():
+            for entry_id, fields in entries:
+                last = entry_id
+                try:
+                    record = json_loads(fields[b"event"])
+                    floor.publish(record)
+                except (KeyError, TypeError, ValueError, AttributeError):  # another program's entry
+                    skipped.warning("Redis stream %s: entry %s is not a call event: skipped", REDIS_STREAM,
+                                    printable(entry_id.decode("ascii", "replace"), 40))
+        gevent.sleep(0)  # a floor catching up on 100,000 events lets its pages in between batches
+
+
 # --- Runtime: what one process shares ------------------------------------------------------
 
 STREAM_END_SECONDS = 3  # what open streams get at shutdown to end and make their summaries
@@ -2210,6 +2431,7 @@ class Runtime:
     transcriber: Transcriber | None = None
     metrics: Metrics | None = None
     floor: "Floor | None" = None
+    publisher: "RedisPublisher | None" = None
     sinks: list[Callable[[CallEvent], None]] = field(default_factory=list)
     open_websockets: set = field(default_factory=set)
     handshaking: dict = field(default_factory=dict)  # connections sending a request, oldest first: their greenlets
@@ -2293,8 +2515,13 @@ def create_runtime(settings: Settings, stream_class: type | None = None, *,
     runtime.sinks.append(Console(runtime.stream_warnings))
     if metrics:
         runtime.sinks.append(metrics)
+    server = f"{socket.gethostname()}:{os.getpid()}"
     if settings.floor_port:
-        runtime.floor = Floor(f"{socket.gethostname()}:{os.getpid()}")
+        runtime.floor = Floor(server)
+    if settings.redis_url and not settings.floor_only:  # every floor, this one too, reads them from Redis
+        runtime.publisher = RedisPublisher(settings.redis_url, server, settings.redis_max_events, metrics)
+        runtime.sinks.append(runtime.publisher)
+    elif runtime.floor:
         runtime.sinks.append(runtime.floor)
     if transcriber and settings.record:
         runtime.sinks.append(TranscriptFiles(settings.record))
@@ -3304,9 +3531,10 @@ else:
                 read_greeting(checked.greet)  # and kept, for the workers: a file gone later stops no worker
                 talking_back_mode(checked, None)
                 find_stream_class_module(checked.stream_class)
-                if checked.floor_port and cfg.workers > 1:
+                if checked.floor_port and cfg.workers > 1 and not checked.redis_url:
                     raise SettingsError(f"--floor-port (FLOOR_PORT) with {cfg.workers} workers: each would show only "
-                                        "its own calls, on one port; run one worker (-w 1)")
+                                        "its own calls; set REDIS_URL (every worker's calls on one floor) or run "
+                                        "one worker (-w 1)")
                 setup_logging(checked.log_level)
                 if checked.metrics_port and not cls.metrics_served:  # once: gunicorn checks again on SIGHUP
                     serve_metrics_of_workers(checked.host, checked.metrics_port)
@@ -3325,12 +3553,16 @@ else:
                 sys.exit(3)  # gunicorn's "worker failed to boot": it stops instead of retrying
             self.wsgi_handler = MediaStreamHandler.serving(self.runtime)
             settings = self.runtime.settings
+            if self.runtime.publisher:
+                self.runtime.publisher.start()
             if self.runtime.floor and settings.floor_port:
-                try:  # a reload's new worker, while the old one drains: the floor waits, its calls do not
-                    serve_floor(settings.floor_host, settings.floor_port, self.runtime.floor, settings.floor_token)
-                except SettingsError as error:
-                    log.warning("%s: this worker serves calls without it", error)
+                gevent.spawn(serve_floor_once_free, self.runtime)
             super().load_wsgi()
+
+        def run(self):
+            super().run()  # returns once this worker's calls have ended: their last events go to Redis
+            if self.runtime.publisher:
+                self.runtime.publisher.flush(1)
 
         def handle_exit(self, sig, frame):
             # SIGTERM: gunicorn lets calls go on for --graceful-timeout, then kills the worker
@@ -3370,18 +3602,42 @@ def serve_metrics(host: str, port: int, metrics: Metrics) -> None:
     startup_log.info("Metrics for Prometheus at http://localhost:%d/metrics", server.server_port)
 
 
-def serve_floor(host: str, port: int, floor: Floor, token: str | None) -> None:
+FLOOR_BIND_RETRY_SECONDS = 5  # under gunicorn: how often a worker tries the floor's port another one holds
+
+
+def serve_floor(runtime: Runtime) -> None:
     """--floor-port: the floor, on a listener of its own (never the media port that ngrok
-    and nginx publish), served by the event loop."""
-    server = pywsgi.WSGIServer((host, port), FloorApp(floor, token), spawn=Pool(FLOOR_CONNECTIONS), log=None,
-                               error_log=log)
+    and nginx publish), served by the event loop; with --redis-url, of every process's calls."""
+    settings, floor = runtime.settings, runtime.floor
+    assert floor is not None and settings.floor_port
+    host, port = settings.floor_host, settings.floor_port
+    server = pywsgi.WSGIServer((host, port), FloorApp(floor, settings.floor_token), spawn=Pool(FLOOR_CONNECTIONS),
+                               log=None, error_log=log)
     try:
         server.start()
     except OSError as exc:
         raise cannot_listen("--floor-port (FLOOR_PORT)", host, port, exc) from None
+    if settings.redis_url:
+        gevent.spawn(follow_redis, settings.redis_url, floor)
     shown = f"[{host}]" if ":" in host else host
-    startup_log.info("The floor at http://%s:%d/ (its feed at /events)%s", shown, server.server_port,
-                     ", FLOOR_TOKEN needed" if token else "")
+    startup_log.info("The floor at http://%s:%d/ (its feed at /events)%s%s", shown, server.server_port,
+                     ", every process's calls from Redis" if settings.redis_url else "",
+                     ", FLOOR_TOKEN needed" if settings.floor_token else "")
+
+
+def serve_floor_once_free(runtime: Runtime) -> None:
+    """Under gunicorn: the worker that gets the floor's port serves the floor. Another (with
+    REDIS_URL, or a reload's new worker while the old one drains) tries again every few
+    seconds, and takes over when that one exits. Its calls never wait for it."""
+    said = False
+    while True:
+        try:
+            return serve_floor(runtime)
+        except SettingsError as error:
+            if not said:
+                log.info("%s: another worker serves the floor, this one takes over if it stops", error)
+                said = True
+            gevent.sleep(FLOOR_BIND_RETRY_SECONDS)
 
 
 def serve_metrics_of_workers(host: str, port: int) -> None:
@@ -3426,6 +3682,27 @@ def log_startup_notes(settings: Settings) -> None:
                  "that rewrites Host, give --public-url)")
     if settings.record:
         log.info("Recording every stream to %s", os.path.abspath(settings.record))
+    if settings.redis_url:
+        log.info("Publishing every call's events to Redis at %s, stream %s (its latest %d kept: "
+                 "--redis-max-events)", shown_redis_url(settings.redis_url), REDIS_STREAM, settings.redis_max_events)
+
+
+def media_server(runtime: Runtime) -> pywsgi.WSGIServer:
+    """The app on --host and --port, listening."""
+    settings = runtime.settings
+    # A connection a greenlet, no more than the streams and the handshakes we allow: beyond,
+    # connections wait in the kernel's backlog and hold no file descriptor of ours.
+    connections = Pool(runtime.max_streams + MAX_HANDSHAKES)
+    server = pywsgi.WSGIServer((settings.host, settings.port), app,
+                               handler_class=MediaStreamHandler.serving(runtime), spawn=connections, log=None,
+                               error_log=log)
+    try:
+        server.start()
+    except OSError as exc:
+        setting = "--host (HOST)" if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL \
+            else "--port (PORT)"
+        raise cannot_listen(setting, settings.host, settings.port, exc) from None
+    return server
 
 
 def main(argv: list[str] | None = None, stream_class: type | None = None) -> None:
@@ -3433,25 +3710,24 @@ def main(argv: list[str] | None = None, stream_class: type | None = None) -> Non
     try:
         runtime = configure(argv, stream_class=stream_class)
         settings = runtime.settings
-        # A connection a greenlet, no more than the streams and the handshakes we allow: beyond,
-        # connections wait in the kernel's backlog and hold no file descriptor of ours.
-        connections = Pool(runtime.max_streams + MAX_HANDSHAKES)
-        server = pywsgi.WSGIServer((settings.host, settings.port), app,
-                                   handler_class=MediaStreamHandler.serving(runtime), spawn=connections, log=None,
-                                   error_log=log)
-        try:
-            server.start()
-        except OSError as exc:
-            setting = "--host (HOST)" if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL \
-                else "--port (PORT)"
-            raise cannot_listen(setting, settings.host, settings.port, exc) from None
+        server = None if settings.floor_only else media_server(runtime)
         if runtime.metrics and settings.metrics_port:
             serve_metrics(settings.host, settings.metrics_port, runtime.metrics)
-        if runtime.floor and settings.floor_port:
-            serve_floor(settings.floor_host, settings.floor_port, runtime.floor, settings.floor_token)
+        if runtime.floor:
+            serve_floor(runtime)
     except SettingsError as error:
         print(f"app.py: error: {error}", file=sys.stderr)
         sys.exit(2)
+    if runtime.publisher:
+        runtime.publisher.start()
+    if server is None:
+        startup_log.info("Only the floor (--floor-only): no media port")
+        stopped = gevent.event.Event()
+        gevent.signal_handler(signal.SIGTERM, stopped.set)
+        gevent.signal_handler(signal.SIGINT, stopped.set)
+        stopped.wait()
+        log.info("Stopped")
+        return
     port = server.server_port
     if settings.host in ("0.0.0.0", "::", ""):
         where, host = f"all interfaces: {settings.host or '0.0.0.0'}", "localhost"
@@ -3471,6 +3747,8 @@ def main(argv: list[str] | None = None, stream_class: type | None = None) -> Non
     gevent.signal_handler(signal.SIGTERM, shutdown, signal.SIGTERM)
     gevent.signal_handler(signal.SIGINT, shutdown, signal.SIGINT)
     server.serve_forever()
+    if runtime.publisher:
+        runtime.publisher.flush(1)
     if runtime.transcriber:  # a recognition still running on its native thread would abort the interpreter's exit
         with gevent.Timeout(STREAM_END_SECONDS, False):
             runtime.transcriber.threads.join()
