@@ -192,6 +192,7 @@ def test_while_redis_is_down_events_beyond_the_queue_are_dropped_counted_and_sai
     for _ in range(12):  # a level waits only while the queue is less than half full
         publisher(app.Level(stream, "test", track="inbound", mean_square=1))
     assert publisher.dropped == 82 and len(publisher.queue) == 20
+    assert not any(r["type"] == "level" for r in publisher.queue), "levels go first, before any other event"
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "down" in warnings[0] and "trying again" in warnings[0], warnings
     publisher.greenlet.kill()
@@ -316,14 +317,16 @@ def test_the_readmes_xreadgroup_example_follows_the_stream_at_least_once(start_s
 
 def test_a_floor_waiting_on_redis_holds_up_nothing_else_in_its_process(redis):
     floor = app.Floor("test")
+    redis.cli("XADD", app.REDIS_STREAM, "*", "event", json.dumps(  # before the floor starts: it reads it too
+        {"type": "dtmf", "stream": "MZ1", "call": "CA1", "server": "other", "time": "", "digit": "3"}))
     follower = gevent.spawn(app.follow_redis, redis.url, floor)  # in XREAD, a second at a time, on gevent's sockets
     ticks = []
     ticker = gevent.spawn(lambda: [(ticks.append(1), gevent.sleep(0.01)) for _ in iter(int, 1)])
     gevent.sleep(2.5)
     assert len(ticks) > 50, "the event loop was held up while the floor waited for Redis"
-    redis.cli("XADD", app.REDIS_STREAM, "*", "event", json.dumps(
-        {"type": "dtmf", "stream": "MZ1", "call": "CA1", "server": "other", "time": "", "digit": "3"}))
     redis.cli("XADD", app.REDIS_STREAM, "*", "event", "not json")
+    redis.cli("XADD", app.REDIS_STREAM, "*", "event", json.dumps(
+        {"type": "dtmf", "stream": "MZ1", "call": "CA1", "server": "other", "time": "", "digit": "4"}))
     gevent.sleep(0.5)
-    assert [r["digit"] for r in floor.events] == ["3"], "an entry of another program's is skipped"
+    assert [r["digit"] for r in floor.events] == ["3", "4"], "from the oldest kept; another program's entry skipped"
     gevent.killall([follower, ticker])
