@@ -34,9 +34,9 @@ def follow(port: int, arrivals: list, stop: threading.Event) -> None:
     for raw in response:
         if stop.is_set():
             return
-        if raw.startswith(b"data: ") and b'"snapshot"' not in raw[:40]:
+        if raw.startswith(b"data: "):
             record = json.loads(raw[6:])
-            if "type" in record and "time" in record and "open" not in record:
+            if "type" in record:  # an event, not the snapshot
                 arrivals.append((record["type"], time.time(), record["time"]))
 
 
