@@ -176,6 +176,27 @@ def test_redis_killed_mid_call_costs_the_call_nothing_and_the_floor_catches_up(s
     assert server.log().count("WARNING Redis") == 1, "one warning, not one per event or per try"
 
 
+def test_a_redis_that_refuses_writes_loses_no_event_and_is_said_down_once(start_server, redis):
+    floor = floor_only(start_server, redis.url)
+    server = start_server("--redis-url", redis.url)
+    call = Call(params={"From": "+15550007"})
+    client = server.connect()
+    client.send_all(call.session(media=5))
+    wait_until(lambda: calls_of(floor.floor_port)["open"])
+    redis.cli("CONFIG", "SET", "maxmemory", "1")  # out of memory: every write refused, reads still answered
+    client.send_all([call.dtmf("5"), call.stop()])
+    assert client.wait_closed() == 1000
+    server.wait_for(r"WARNING Redis at .* down \(OutOfMemoryError: .*maxmemory.*\): the floor.s events wait for it")
+    time.sleep(1)  # several tries, each refused
+    assert calls_of(floor.floor_port)["ended"] == []
+    redis.cli("CONFIG", "SET", "maxmemory", "0")
+    ended = wait_until(lambda: calls_of(floor.floor_port)["ended"])
+    assert [line["digit"] for line in ended[0]["lines"] if line["type"] == "dtmf"] == ["5"], "the refused batch, sent again"
+    assert ended[0]["ended"]["how"] == "stop"
+    server.wait_for(r"INFO    Redis at .* is back after \d+ s; 0 event\(s\) dropped while it was down")
+    assert server.log().count("WARNING Redis") == 1, "one warning for the outage, not one per try"
+
+
 def test_while_redis_is_down_events_beyond_the_queue_are_dropped_counted_and_said_once(monkeypatch, caplog):
     monkeypatch.setattr(app, "REDIS_QUEUE", 20)
     serving = app.create_runtime(app.Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", metrics_port=1))
