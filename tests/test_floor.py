@@ -320,6 +320,45 @@ def test_the_page_shows_each_call_live_its_words_as_text_and_ends_it(floor_serve
     other_client.send_all([other.stop()])
 
 
+def test_the_page_lists_open_calls_newest_first_then_ended_ones_the_last_to_end_first(floor_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.common.exceptions import StaleElementReferenceException
+    server = floor_server
+    wait = WebDriverWait(browser, 10, ignored_exceptions=(StaleElementReferenceException,))
+    browser.get(f"http://127.0.0.1:{server.floor_port}/")
+    wait.until(lambda b: b.find_element(By.ID, "count").text == "0 live")
+    calls = {name: Call(params={"From": name}) for name in ("+15550011", "+15550012", "+15550013")}
+    clients = {}
+    for name, call in calls.items():  # one after another: each is the newest when it starts
+        clients[name] = server.connect()
+        clients[name].send_all(call.session(media=2))
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#calls tr")) == len(clients))
+
+    def rows(b):
+        return [(row.find_element(By.CLASS_NAME, "who").text, row.get_attribute("class").split()[0])
+                for row in b.find_elements(By.CSS_SELECTOR, "#calls tr")]
+
+    def end(name):
+        clients[name].send_all([calls[name].stop()])
+        assert clients[name].wait_closed() == 1000
+
+    assert rows(browser) == [("+15550013", "open"), ("+15550012", "open"), ("+15550011", "open")]
+    end("+15550012")
+    wait.until(lambda b: b.find_element(By.ID, "count").text == "2 live")
+    wanted = [("+15550013", "open"), ("+15550011", "open"), ("+15550012", "ended")]
+    wait.until(lambda b: rows(b) == wanted)
+    end("+15550013")
+    wanted = [("+15550011", "open"), ("+15550013", "ended"), ("+15550012", "ended")]
+    wait.until(lambda b: rows(b) == wanted)
+    browser.refresh()  # the same order from the snapshot
+    wait.until(lambda b: b.find_element(By.ID, "count").text == "1 live")
+    assert rows(browser) == wanted
+    end("+15550011")
+    wait.until(lambda b: rows(b) == [("+15550011", "ended"), ("+15550013", "ended"), ("+15550012", "ended")])
+    assert browser.get_log("browser") == []
+
+
 def test_one_gunicorn_worker_serves_the_floor_of_its_calls(start_server):
     port = free_port()
     server = start_server(command=gunicorn_command("-w", "1"), ready=GUNICORN_READY, env={"FLOOR_PORT": str(port)})
