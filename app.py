@@ -1910,6 +1910,8 @@ FLOOR_CALL_LINES = 500          # per call: transcript lines, key presses, marks
 FLOOR_CLIENT_QUEUE = 2000       # events waiting for one feed client; beyond, it is dropped (and resumes)
 FLOOR_CONNECTIONS = 64          # pages and feeds served at once
 FLOOR_KEEPALIVE_SECONDS = 15    # a comment line on a quiet feed: proxies and browsers keep it open
+FLOOR_SILENT_SECONDS = 60       # with Redis, an open call none of whose events came for this long is
+                                # ended `lost` (its process was killed, its machine is gone)
 
 
 def utc_now() -> str:
@@ -1959,6 +1961,8 @@ class Floor:
         self.events: deque = deque(maxlen=FLOOR_EVENTS_KEPT)
         self.last_id = 0
         self.clients: set = set()                  # each feed's gevent queue
+        self.heard: dict[str, float] = {}          # stream SID of each open call: time.monotonic() of its last event
+        self.checked_silence_at = 0.0
 
     def __call__(self, event: CallEvent) -> None:
         record = floor_record(event, self.server)
@@ -1988,13 +1992,19 @@ class Floor:
                 "stream": sid, "call": record["call"], "server": record["server"], "since": record["time"],
                 "from": parameters.get("From") or record["call"], "parameters": parameters,
                 "tracks": record.get("tracks", []), "levels": {}, "words": "", "lines": [], "ended": None}
+        elif call["ended"] and call["ended"]["how"] == "lost" and kind != "end":  # not lost after all
+            call["ended"] = None
+            self.ended = deque(item for item in self.ended if item[0] != sid)
+        if call["ended"] is None:
+            self.heard[sid] = time.monotonic()
         if kind == "level":
             call["levels"][record["track"]] = record["dbfs"]
         elif kind == "end":
             call["ended"] = {"time": record["time"], "how": record.get("ended"), "summary": {
                 k: v for k, v in record.items() if k not in ("id", "type", "stream", "call", "server", "time")}}
             call["levels"] = {}
-            self.ended.append((sid, time.monotonic()))
+            if self.heard.pop(sid, None) is not None:
+                self.ended.append((sid, time.monotonic()))
             self.forget_old_calls()
         elif kind in ("transcript", "dtmf", "mark", "warning", "barge_in", "stop"):
             if kind == "transcript":
@@ -2003,6 +2013,20 @@ class Floor:
                 call["words"] = record["text"]
             call["lines"].append(record)
             del call["lines"][:-FLOOR_CALL_LINES]
+
+    def end_silent_calls(self) -> None:
+        """A call whose process was killed, or whose machine is gone, sends no `end`: once
+        none of its events came for FLOOR_SILENT_SECONDS, this floor ends it, `lost` (an event
+        of its own, on this floor's feed only). Called only while Redis is read, and caught up."""
+        now = time.monotonic()
+        if now - self.checked_silence_at < 1:
+            return
+        self.checked_silence_at = now
+        for sid, heard in list(self.heard.items()):
+            if now - heard > FLOOR_SILENT_SECONDS:
+                call = self.calls[sid]
+                self.publish({"type": "end", "stream": sid, "call": call["call"], "server": call["server"],
+                              "time": utc_now(), "ended": "lost", "silent_seconds": round(now - heard)})
 
     def forget_old_calls(self) -> None:
         cutoff = time.monotonic() - FLOOR_ENDED_SECONDS
@@ -2135,6 +2159,9 @@ function apply(r) {
     add(call);
   }
   changed.add(call);
+  if (call.ended && call.ended.how === "lost" && r.type !== "end") {  // its process was not gone after all
+    call.ended = null; live++; ended--; call.moved = true;
+  }
   if (r.type === "level") call.levels[r.track] = r.dbfs;
   else if (r.type === "end") {
     const summary = Object.assign({}, r);
@@ -2176,7 +2203,7 @@ function row(call) {  // open calls newest first, then ended ones, the last to e
 function place(call, table) {
   if (call.tr && !call.moved) return;
   const firstEnded = table.querySelector("tr.ended");
-  if (!call.tr) table.insertBefore(row(call), call.ended ? firstEnded : table.firstChild);
+  if (!call.tr || !call.ended) table.insertBefore(call.tr || row(call), call.ended ? firstEnded : table.firstChild);
   else if (firstEnded !== call.tr) table.insertBefore(call.tr, firstEnded);
   call.moved = false;
 }
@@ -2453,6 +2480,8 @@ def follow_redis(url: str, floor: Floor) -> None:
                 client = connect_redis(url)
                 client.set_response_callback("XREAD", lambda reply, **options: reply)  # no dict made per entry
             read = client.xread({REDIS_STREAM: last}, count=REDIS_BATCH, block=1000)
+            if down.since is not None:  # what the calls sent meanwhile comes now: none is lost for it
+                floor.heard = dict.fromkeys(floor.heard, time.monotonic())
             down.worked()
         except (redis.RedisError, OSError) as exc:
             if client is not None:
@@ -2471,6 +2500,8 @@ def follow_redis(url: str, floor: Floor) -> None:
                 except (KeyError, TypeError, ValueError, AttributeError):  # another program's entry
                     skipped.warning("Redis stream %s: entry %s is not a call event: skipped", REDIS_STREAM,
                                     printable(entry_id.decode("ascii", "replace"), 40))
+        if not behind:
+            floor.end_silent_calls()
         gevent.sleep(0 if behind else REDIS_GATHER_SECONDS)  # a round trip for many events; catching up, pages get in
 
 
@@ -3695,7 +3726,8 @@ def serve_floor_once_free(runtime: Runtime) -> None:
             return serve_floor(runtime)
         except SettingsError as error:
             if not said:
-                log.info("%s: another worker serves the floor, this one takes over if it stops", error)
+                log.info("%s: another worker (or another program) holds it; this worker tries again every %d s", error,
+                         FLOOR_BIND_RETRY_SECONDS)
                 said = True
             gevent.sleep(FLOOR_BIND_RETRY_SECONDS)
 

@@ -283,7 +283,7 @@ def test_several_gunicorn_workers_with_redis_show_every_call_on_one_floor(start_
     server = start_server(command=gunicorn_command("-w", "2"), ready=GUNICORN_READY, env=env)
     server.wait_for(r"Booting worker", count=2)
     server.wait_for(r"The floor at http://127.0.0.1:\d+/ \(its feed at /events\), every process's calls from Redis")
-    server.wait_for(r"another worker serves the floor, this one takes over if it stops")
+    server.wait_for(r"another worker \(or another program\) holds it; this worker tries again every 5 s")
     calls = [Call(params={"From": f"+1555000{n}"}) for n in range(6)]
     clients = [server.connect() for _ in calls]
     for client, call in zip(clients, calls):
@@ -351,3 +351,44 @@ def test_a_floor_waiting_on_redis_holds_up_nothing_else_in_its_process(redis):
     gevent.sleep(0.5)
     assert [r["digit"] for r in floor.events] == ["3", "4"], "from the oldest kept; another program's entry skipped"
     gevent.killall([follower, ticker])
+
+
+def test_the_calls_of_a_killed_process_are_ended_lost_on_the_floor(start_server, redis):
+    floor = floor_only(start_server, redis.url, server="silent-after-2-s")
+    server = start_server("--redis-url", redis.url)
+    call, other = Call(params={"From": "+15550021"}), Call(params={"From": "+15550022"})
+    client, other_client = server.connect(), server.connect()
+    client.send_all(call.session(media=5))
+    other_client.send_all([*other.session(media=5), other.stop()])
+    assert other_client.wait_closed() == 1000
+    wait_until(lambda: len(calls_of(floor.floor_port)["ended"]) == 1)
+    server.process.kill()  # SIGKILL: no summary, no `end`
+    ended = wait_until(lambda: len(calls_of(floor.floor_port)["ended"]) == 2 and calls_of(floor.floor_port)["ended"])
+    assert [(c["from"], c["ended"]["how"]) for c in ended] == [("+15550021", "lost"), ("+15550022", "stop")]
+    assert calls_of(floor.floor_port)["open"] == []
+
+
+def test_a_lost_call_that_is_heard_again_is_open_again_and_an_outage_loses_no_call(monkeypatch, redis):
+    floor = app.Floor("test")
+    start = {"type": "start", "stream": "MZ1", "call": "CA1", "server": "other", "time": "", "tracks": ["inbound"],
+             "parameters": {}}
+    floor.publish(dict(start))
+    floor.heard["MZ1"] -= app.FLOOR_SILENT_SECONDS + 1
+    floor.end_silent_calls()
+    lost = floor.snapshot()["ended"]
+    assert [(c["stream"], c["ended"]["how"]) for c in lost] == [("MZ1", "lost")] and floor.events[-1]["ended"] == "lost"
+    floor.publish({"type": "level", "stream": "MZ1", "call": "CA1", "server": "other", "time": "", "track": "inbound",
+                   "dbfs": -20.0})
+    assert [c["stream"] for c in floor.snapshot()["open"]] == ["MZ1"] and floor.snapshot()["ended"] == []
+
+    monkeypatch.setattr(app, "FLOOR_SILENT_SECONDS", 1)
+    follower = gevent.spawn(app.follow_redis, redis.url, floor)
+    gevent.sleep(0.5)
+    redis.kill()
+    gevent.sleep(2)  # longer than a call may stay silent: but nothing could be heard from anyone
+    redis.start()
+    wait_until(lambda: (gevent.sleep(0.1), floor.heard["MZ1"] > time.monotonic() - 0.5)[1])
+    assert floor.calls["MZ1"]["ended"] is None, "Redis was down: its calls are given their time again"
+    gevent.sleep(1.5)
+    assert floor.calls["MZ1"]["ended"]["how"] == "lost", "then, still silent, it is lost"
+    follower.kill()
