@@ -2291,7 +2291,7 @@ body { font: 14px system-ui, sans-serif; margin: 0; display: flex; height: 100vh
 main { flex: 3; min-width: 0; overflow: auto; padding: 1em; } aside { flex: 2; overflow: auto; padding: 1em; background: #f6f6f6; }
 table { border-collapse: collapse; width: 100%; table-layout: fixed; }
 td { padding: .4em .6em; border-bottom: 1px solid #ddd; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-th:nth-child(2) { width: 7em; } th:nth-child(3) { width: 7.5em; } th:nth-child(5) { width: 11em; }
+th:nth-child(2) { width: 7em; } th:nth-child(3) { width: 7.5em; } th:nth-child(5) { width: 13em; }
 td.levels { white-space: normal; }
 tr { cursor: pointer; } tr.selected { background: #e6f0ff; } tr.ended { color: #888; }
 .level { display: inline-block; width: 6em; height: .8em; background: #eee; margin-right: .4em; position: relative; }

@@ -221,7 +221,7 @@ def test_a_client_that_floods_and_never_reads_is_held_back_then_dropped(start_se
     grown_mib = rss_mib(server.process.pid) - idle_mib
     assert held_back, f"the server read {sent >> 20} MiB and never stopped reading"
     assert grown_mib < 100, f"the server grew by {grown_mib:.0f} MiB"
-    summary = server.summary(call.stream_sid)
+    summary = server.summary(call.stream_sid, timeout=30)  # the client's buffers fill first: slower on a busy machine
     assert summary["ended"] == "stalled"
     if kind == "ping":  # the echo's flood repeats its sequence numbers: its warnings run out first
         assert f"stream={call.stream_sid} the client took nothing we sent for 4 s" in server.log()

@@ -258,14 +258,20 @@ def test_a_floor_only_process_takes_no_calls(start_server, redis):
         socket.create_connection(("127.0.0.1", port), timeout=2)
 
 
-def test_tls_and_a_password_work_and_the_password_is_never_shown(start_server, tmp_path):
-    cert, key = make_certificate(tmp_path, "redis", "IP:127.0.0.1")
-    password = "pa55-word-0123456789"
-    tls = Redis(tmp_path, "--tls-port", str(tls_port := free_port()), "--tls-cert-file", str(cert),
+def tls_redis(folder, password):
+    """A redis-server with a password, on TLS (its certificate made here) and on plain TCP (for
+    redis-cli); and the rediss:// URL of it."""
+    cert, key = make_certificate(folder, "redis", "IP:127.0.0.1")
+    tls = Redis(folder, "--tls-port", str(tls_port := free_port()), "--tls-cert-file", str(cert),
                 "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
                 password=password)
+    return tls, f"rediss://:{password}@127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"
+
+
+def test_tls_and_a_password_work_and_the_password_is_never_shown(start_server, tmp_path):
+    password = "pa55-word-0123456789"
+    tls, url = tls_redis(tmp_path, password)
     try:
-        url = f"rediss://:{password}@127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"
         floor = floor_only(start_server, url)
         server = start_server(env={"REDIS_URL": url})
         call = Call(params={"From": "+15550004"})
@@ -392,3 +398,21 @@ def test_a_lost_call_that_is_heard_again_is_open_again_and_an_outage_loses_no_ca
     gevent.sleep(1.5)
     assert floor.calls["MZ1"]["ended"]["how"] == "lost", "then, still silent, it is lost"
     follower.kill()
+
+
+def test_a_floor_waiting_on_redis_over_tls_holds_up_nothing_else_in_its_process(tmp_path):
+    tls, url = tls_redis(tmp_path, "pa55-word-0123456789")
+    floor = app.Floor("test")
+    follower = gevent.spawn(app.follow_redis, url, floor)  # in XREAD over TLS, on gevent's ssl
+    ticks = []
+    ticker = gevent.spawn(lambda: [(ticks.append(1), gevent.sleep(0.01)) for _ in iter(int, 1)])
+    try:
+        gevent.sleep(2.5)
+        assert len(ticks) > 50, "the event loop was held up while the floor waited for Redis over TLS"
+        tls.cli("XADD", app.REDIS_STREAM, "*", "event", json.dumps(
+            {"type": "dtmf", "stream": "MZ1", "call": "CA1", "server": "other", "time": "", "digit": "6"}))
+        wait_until(lambda: (gevent.sleep(0.1), list(floor.events))[1])
+        assert [r["digit"] for r in floor.events] == ["6"]
+    finally:
+        gevent.killall([follower, ticker])
+        tls.kill()
