@@ -188,6 +188,10 @@ def a_redis_url_or_none(raw: str) -> str | None:
     return raw
 
 
+def an_alerts_file(raw: str) -> "Alerts | None":
+    return Alerts.read(raw) if raw else None
+
+
 TRANSCRIBE_PIP = "pip install faster-whisper==1.2.1 webrtcvad-wheels==2.0.14.post1"
 METRICS_PIP = "pip install prometheus-client==0.26.0"
 REDIS_PIP = "pip install redis==8.1.0 hiredis==3.5.0"  # hiredis: redis-py parses replies in C, a third of the CPU
@@ -230,6 +234,9 @@ OPTIONS = (  # flag, environment variable, default, reader (its ValueError says 
      "with --transcribe: utterances recognized at once, each on a native thread and a core of its own"),
     ("--transcript-partials", "TRANSCRIPT_PARTIALS", "0", yes_or_no,
      "with --transcribe: also a partial line every second while someone speaks (more CPU)"),
+    ("--alerts", "ALERTS", "", an_alerts_file,
+     "with --transcribe: a file of `category: phrase, phrase` lines; a transcript line that says a phrase "
+     "raises an alert of its category (a console line, an event, a metric)"),
     ("--trusted-proxies", "TRUSTED_PROXIES", "0", number_from(int, 0, 10),
      "proxies in front of this server (nginx: 1) whose X-Forwarded-For names the client; 0: trust none"),
     ("--floor-port", "FLOOR_PORT", "", a_port_or_none,
@@ -273,6 +280,7 @@ class Settings:
     transcribe_model: str = "tiny.en"
     transcribe_threads: int = 1
     transcript_partials: bool = False
+    alerts: "Alerts | None" = None
     trusted_proxies: int = 0
     metrics_port: int | None = None
     floor_port: int | None = None
@@ -326,6 +334,8 @@ def read_settings(argv: list[str] | None = None, environ=os.environ) -> Settings
         raise SettingsError(f"--redis-url (REDIS_URL) needs the Redis client: {REDIS_PIP}")
     if values["transcribe"] and not all(map(importlib.util.find_spec, ("faster_whisper", "webrtcvad"))):
         raise SettingsError(f"--transcribe (TRANSCRIBE) needs the speech recognizer: {TRANSCRIBE_PIP}")
+    if values["alerts"] and not values["transcribe"]:
+        raise SettingsError("--alerts (ALERTS) reads what is said: it needs --transcribe (TRANSCRIBE=1)")
     if values["metrics_port"] and not importlib.util.find_spec("prometheus_client"):
         raise SettingsError(f"--metrics-port (METRICS_PORT) needs the Prometheus client: {METRICS_PIP}")
     return Settings(**values)
@@ -808,6 +818,15 @@ class Transcribed(CallEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class Alerted(CallEvent):
+    """A transcript line said a phrase of an --alerts category."""
+    track: str
+    category: str
+    phrase: str                       # as the alerts file has it
+    text: str                         # the transcript line
+
+
+@dataclass(frozen=True, slots=True)
 class Warned(CallEvent):
     message: str
 
@@ -1026,6 +1045,7 @@ class MediaStream:
     played_back: PlayedBack = field(default_factory=PlayedBack)
     listen_only: str | None = None  # why nothing may be sent back: warned once, then only counted
     audio_dropped: int = 0          # chunks your on_audio() was too far behind to take
+    alerts: int = 0                 # --alerts raised by what was said
     audio: AudioGreenlet | None = field(default=None, repr=False)  # where your on_audio() runs
 
     def __init_subclass__(cls, **kwargs):
@@ -1443,6 +1463,7 @@ class MediaStream:
             transcripts = [t.transcript for t in tracks if t.transcript]
             parts.append(f"transcript={sum(t.utterances for t in transcripts)} "
                          f"transcript_dropped={sum(t.dropped for t in transcripts)}")
+            parts += [f"alerts={self.alerts}"] if self.runtime.settings.alerts else []
         recordings = [t.recording for t in tracks if t.recording]
         if recordings:
             parts.append("recordings=" + ",".join(f"{r.path}:{r.seconds:.2f}s" for r in recordings))
@@ -1689,6 +1710,10 @@ class TrackTranscript:
         if text:
             self.utterances += 1
             self.stream.emit(Transcribed, track=self.track, at=utterance.at, text=text)
+            alerts = self.stream.runtime.settings.alerts
+            for category, phrase in alerts.said(text) if alerts else ():
+                self.stream.alerts += 1
+                self.stream.emit(Alerted, track=self.track, category=category, phrase=phrase, text=text)
         self.one_less_pending()
 
     def dropped_one(self) -> None:
@@ -1732,6 +1757,86 @@ def end_transcripts(transcripts: list[TrackTranscript]) -> None:
         transcript.close()
 
 
+# --- Alerts (--alerts): the phrases that matter, in what is said ----------------------------
+
+NUMBER_WORDS = {word: n for n, word in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen".split())} | {word: 10 * n for n, word in enumerate(
+        "twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)}
+NUMBER_SCALES = {"hundred": 100, "thousand": 1000}
+
+
+def digits_for_numbers(words: list[str]) -> list[str]:
+    """Numbers said in words, as digits: "forty two" 42, "two hundred" 200; "one two" stays
+    two numbers (1 2), as a phone number or an order's digits are said."""
+    out: list[str] = []
+    value, tens = None, False  # the number being read; whether its last word was a ten (or a scale)
+    for word in words:
+        n = NUMBER_WORDS.get(word)
+        if n is not None and value is not None and tens and n < 10:
+            value, tens = value + n, False
+        elif n is not None:
+            if value is not None:
+                out.append(str(value))
+            value, tens = n, n >= 20
+        elif word in NUMBER_SCALES and value is not None:
+            value, tens = value * NUMBER_SCALES[word], True
+        else:
+            if value is not None:
+                out.append(str(value))
+            value = None
+            out.append(word)
+    return out + ([str(value)] if value is not None else [])
+
+
+def matchable(text: str) -> str:
+    """Text as phrases are matched in it: lower case, words only (punctuation and hyphens are
+    spaces, "don't" is "dont", "1,000" is "1000"), numbers as digits; spaces around."""
+    text = re.sub(r"(?<=\d)[,.](?=\d{3}\b)", "", text.casefold().replace("'", "").replace("\u2019", ""))
+    return " " + " ".join(digits_for_numbers(re.sub(r"[\W_]+", " ", text).split())) + " "
+
+
+@dataclass(frozen=True)
+class Alerts:
+    """--alerts FILE: each category and the phrases that raise it, one category a line:
+    `refund: refund, money back, charged twice` (blank lines and # comments are skipped)."""
+    path: str
+    categories: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]  # (category, ((phrase, matchable), ...))
+
+    @classmethod
+    def read(cls, path: str) -> "Alerts":
+        try:
+            with open(path, encoding="utf-8") as file:
+                lines = file.read().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"a file it can read ({getattr(exc, 'strerror', None) or exc})") from None
+        categories: dict[str, tuple] = {}
+        for number, line in enumerate(lines, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            name, colon, rest = (part.strip() for part in line.partition(":"))
+            phrases = tuple((phrase.strip(), matchable(phrase)) for phrase in rest.split(","))
+            wrong = ("no `:` after a category" if not colon
+                     else "the category is not one word" if not re.fullmatch(r"[\w.-]+", name)
+                     else f"`{name}` is on an earlier line too" if name in categories
+                     else "a phrase with no word in it" if any(not m.strip() for _, m in phrases) else None)
+            if wrong:
+                raise ValueError(f"a file of `category: phrase, phrase` lines: line {number}, "
+                                 f"{printable(line.strip(), 80)!r}: {wrong}")
+            categories[name] = phrases
+        return cls(path, tuple(categories.items()))
+
+    def said(self, text: str) -> list[tuple[str, str]]:
+        """(category, phrase) for each category one of whose phrases `text` says: the longest."""
+        words = matchable(text)
+        found = []
+        for category, phrases in self.categories:
+            said = [(len(pattern), phrase) for phrase, pattern in phrases if pattern in words]
+            if said:
+                found.append((category, max(said)[1]))
+        return found
+
+
 # --- Sinks: what consumes call events ------------------------------------------------------
 
 class Console:
@@ -1756,6 +1861,8 @@ class Console:
             Stopped: lambda e: log.info("%s stop", e.label),
             Transcribed: lambda e: log.info('%s transcript%s track=%s at=%.2fs text="%s"', e.label,
                                             "-partial" if e.partial else "", e.track, e.at, quoted(e.text)),
+            Alerted: lambda e: log.info('%s alert track=%s category=%s phrase="%s" text="%s"', e.label, e.track,
+                                        e.category, quoted(e.phrase), quoted(e.text)),
             Warned: lambda e: self.stream_warnings.warning("%s %s", e.label, e.message),
             Failed: lambda e: log.warning("%s handler error: %s: %s (traceback at --log-level debug)", e.label,
                                           type(e.error).__name__, printable(str(e.error), 200),
@@ -1845,6 +1952,7 @@ class Metrics:
         self.sent_messages = counter("sent_media_messages", "media messages sent back (<Connect><Stream>)")
         self.marks = counter("marks", "marks sent, and their echoes: played or cancelled by a clear", "state")
         self.clears = counter("clears", "clear messages sent")
+        self.alerts = counter("alerts", "alerts raised (--alerts), by category", "category")
         self.floor_events_dropped = counter("floor_events_dropped", "call events that never reached Redis "
                                             "(--redis-url): it was down, slow or refusing")
         self.open: dict[int, tuple] = {}  # id() of each open stream: (the stream, the counts added so far)
@@ -1856,6 +1964,8 @@ class Metrics:
             self.opened(event.stream)
         elif isinstance(event, Ended):
             self.closed(event.stream)
+        elif isinstance(event, Alerted):
+            self.alerts.labels(event.category).inc()
 
     def opened(self, stream: "MediaStream") -> None:
         self.open[id(stream)] = (stream, {})
@@ -1931,6 +2041,7 @@ FLOOR_KINDS: dict[type, tuple[str, Callable[[Any], dict]]] = {  # an event's typ
     Dtmf: ("dtmf", lambda e: {"digit": e.digit}),
     MarkEchoed: ("mark", lambda e: {"name": e.name, "cancelled": e.cancelled, "waited_ms": round(e.waited_ms)}),
     BargeIn: ("barge_in", lambda e: {"queued_seconds": round(e.queued_seconds, 2)}),
+    Alerted: ("alert", lambda e: {"track": e.track, "category": e.category, "phrase": e.phrase, "text": e.text}),
     Warned: ("warning", lambda e: {"message": e.message}),
     Stopped: ("stop", lambda e: {}),
     Ended: ("end", lambda e: summary_fields(e.summary)),
@@ -1991,7 +2102,8 @@ class Floor:
             call = self.calls[sid] = {
                 "stream": sid, "call": record["call"], "server": record["server"], "since": record["time"],
                 "from": parameters.get("From") or record["call"], "parameters": parameters,
-                "tracks": record.get("tracks", []), "levels": {}, "words": "", "lines": [], "ended": None}
+                "tracks": record.get("tracks", []), "levels": {}, "words": "", "lines": [], "alerts": 0,
+                "ended": None}
         elif call["ended"] and call["ended"]["how"] == "lost" and kind != "end":  # not lost after all
             call["ended"] = None
             self.ended = deque(item for item in self.ended if item[0] != sid)
@@ -2006,11 +2118,12 @@ class Floor:
             if self.heard.pop(sid, None) is not None:
                 self.ended.append((sid, time.monotonic()))
             self.forget_old_calls()
-        elif kind in ("transcript", "dtmf", "mark", "warning", "barge_in", "stop"):
+        elif kind in ("transcript", "alert", "dtmf", "mark", "warning", "barge_in", "stop"):
             if kind == "transcript":
                 if record["partial"]:
                     return
                 call["words"] = record["text"]
+            call["alerts"] += kind == "alert"
             call["lines"].append(record)
             del call["lines"][:-FLOOR_CALL_LINES]
 
@@ -2034,11 +2147,12 @@ class Floor:
             self.calls.pop(self.ended.popleft()[0], None)
 
     def snapshot(self) -> dict:
-        """/calls: the open calls, newest first, then the ended ones, the last to end first."""
+        """/calls: the open calls, those with alerts first, newest first; then the ended ones,
+        the last to end first."""
         self.forget_old_calls()
         return {"server": self.server, "time": utc_now(), "last_id": self.last_id,
                 "open": sorted((call for call in self.calls.values() if not call["ended"]),
-                               key=lambda call: call["since"], reverse=True),
+                               key=lambda call: (call["alerts"] > 0, call["since"]), reverse=True),
                 "ended": [self.calls[sid] for sid, _ in reversed(self.ended)]}
 
     def since(self, last_id: int | None) -> list[dict] | None:
@@ -2155,7 +2269,7 @@ function apply(r) {
   if (!call) {
     const p = r.parameters || {};
     call = {stream: r.stream, call: r.call, server: r.server, since: r.time, from: p.From || r.call,
-            parameters: p, tracks: r.tracks || [], levels: {}, words: "", lines: [], ended: null};
+            parameters: p, tracks: r.tracks || [], levels: {}, words: "", lines: [], alerts: 0, ended: null};
     add(call);
   }
   changed.add(call);
@@ -2169,8 +2283,9 @@ function apply(r) {
     if (!call.ended) { live--; ended++; call.moved = true; }
     call.ended = {time: r.time, how: r.ended, summary: summary};
     call.levels = {};
-  } else if (["transcript", "dtmf", "mark", "warning", "barge_in", "stop"].includes(r.type)) {
+  } else if (["transcript", "alert", "dtmf", "mark", "warning", "barge_in", "stop"].includes(r.type)) {
     if (r.type === "transcript") { if (r.partial) return; call.words = r.text; }
+    if (r.type === "alert" && !call.alerts++ && !call.ended) call.moved = true;  // up, among the calls with alerts
     call.lines.push(r);
     if (call.lines.length > KEPT) call.lines.splice(0, call.lines.length - KEPT);
   }
@@ -2200,23 +2315,26 @@ function row(call) {  // open calls newest first, then ended ones, the last to e
   });
   return tr;
 }
-function place(call, table) {
+function place(call, table) {  // open calls with alerts, then the others, newest first; then ended ones, the last to end first
   if (call.tr && !call.moved) return;
   const firstEnded = table.querySelector("tr.ended");
-  if (!call.tr || !call.ended) table.insertBefore(call.tr || row(call), call.ended ? firstEnded : table.firstChild);
+  const before = call.ended ? firstEnded : call.alerts ? table.firstChild : table.querySelector("tr.open:not(.alerted)") || firstEnded;
+  if (!call.tr || !call.ended) table.insertBefore(call.tr || row(call), before === call.tr ? call.tr.nextSibling : before);
   else if (firstEnded !== call.tr) table.insertBefore(call.tr, firstEnded);
   call.moved = false;
 }
 function set(node, key, value) { if (node[key] !== value) node[key] = value; }  // unchanged: no layout
 function refresh(call) {
   const cells = call.cells;
-  set(call.tr, "className", (call.ended ? "ended" : "open") + (call.stream === selected ? " selected" : ""));
+  set(call.tr, "className", (call.ended ? "ended" : "open") + (call.alerts ? " alerted" : "") +
+                            (call.stream === selected ? " selected" : ""));
   set(cells.who, "textContent", String(call.from));
   set(cells.since, "textContent", clock(call.since));
   if (call.ended && cells.levels.firstChild) { cells.levels.replaceChildren(); call.bars = {}; }
   for (const [track, dbfs] of Object.entries(call.levels)) (call.bars[track] ||= bar(cells.levels, track))(dbfs);
   set(cells.words, "textContent", call.words);
-  set(cells.state, "textContent", call.ended ? "ended " + (call.ended.how || "") + " " + clock(call.ended.time) : "live");
+  const alerts = call.alerts ? " · " + call.alerts + (call.alerts > 1 ? " alerts" : " alert") : "";
+  set(cells.state, "textContent", (call.ended ? "ended " + (call.ended.how || "") + " " + clock(call.ended.time) : "live") + alerts);
 }
 function detail(call) {
   const box = $("detail");
@@ -2231,6 +2349,7 @@ function detail(call) {
     const li = el("li", r.type + (r.track ? " " + r.track : ""));
     li.append(el("time", null, clock(r.time)));
     if (r.type === "transcript") li.append(el("b", null, r.track === "inbound" ? "caller" : "agent"), el("span", null, r.text));
+    else if (r.type === "alert") li.append(el("b", null, "alert " + r.category), el("span", null, "“" + r.phrase + "”"));
     else if (r.type === "dtmf") li.append(el("span", null, "pressed " + r.digit));
     else if (r.type === "mark") li.append(el("span", null, "mark " + r.name + (r.cancelled ? " cancelled" : " played")));
     else if (r.type === "warning") li.append(el("span", null, "warning: " + r.message));
@@ -2300,6 +2419,7 @@ tr { cursor: pointer; } tr.selected { background: #e6f0ff; } tr.ended { color: #
 .conversation { list-style: none; padding: 0; } .conversation li { margin: .3em 0; }
 .conversation time { color: #888; margin-right: .5em; } .conversation b { margin-right: .5em; }
 .conversation .outbound { text-align: right; } .conversation .warning { color: #a40; }
+tr.alerted td.state, .conversation .alert { color: #b00; font-weight: bold; }
 dt { font-weight: bold; float: left; clear: left; margin-right: .5em; } dd { margin: 0; }
 .sids { color: #888; font-size: 85%; }
 </style></head>
