@@ -194,6 +194,7 @@ def an_alerts_file(raw: str) -> "Alerts | None":
 
 TRANSCRIBE_PIP = "pip install faster-whisper==1.2.1 webrtcvad-wheels==2.0.14.post1"
 METRICS_PIP = "pip install prometheus-client==0.26.0"
+MOOD_PIP = "pip install vaderSentiment==3.3.2"
 REDIS_PIP = "pip install redis==8.1.0 hiredis==3.5.0"  # hiredis: redis-py parses replies in C, a third of the CPU
 
 OPTIONS = (  # flag, environment variable, default, reader (its ValueError says what it wants), help
@@ -237,6 +238,9 @@ OPTIONS = (  # flag, environment variable, default, reader (its ValueError says 
     ("--alerts", "ALERTS", "", an_alerts_file,
      "with --transcribe: a file of `category: phrase, phrase` lines; a transcript line that says a phrase "
      "raises an alert of its category (a console line, an event, a metric)"),
+    ("--mood", "MOOD", "0", yes_or_no,
+     "with --transcribe: score each transcript line from -1 (angry, fed up) to +1 (pleased), VADER with a "
+     f"call center's own words (needs: {MOOD_PIP})"),
     ("--trusted-proxies", "TRUSTED_PROXIES", "0", number_from(int, 0, 10),
      "proxies in front of this server (nginx: 1) whose X-Forwarded-For names the client; 0: trust none"),
     ("--floor-port", "FLOOR_PORT", "", a_port_or_none,
@@ -281,6 +285,7 @@ class Settings:
     transcribe_threads: int = 1
     transcript_partials: bool = False
     alerts: "Alerts | None" = None
+    mood: bool = False
     trusted_proxies: int = 0
     metrics_port: int | None = None
     floor_port: int | None = None
@@ -336,6 +341,10 @@ def read_settings(argv: list[str] | None = None, environ=os.environ) -> Settings
         raise SettingsError(f"--transcribe (TRANSCRIBE) needs the speech recognizer: {TRANSCRIBE_PIP}")
     if values["alerts"] and not values["transcribe"]:
         raise SettingsError("--alerts (ALERTS) reads what is said: it needs --transcribe (TRANSCRIBE=1)")
+    if values["mood"] and not values["transcribe"]:
+        raise SettingsError("--mood (MOOD) reads what is said: it needs --transcribe (TRANSCRIBE=1)")
+    if values["mood"] and not importlib.util.find_spec("vaderSentiment"):
+        raise SettingsError(f"--mood (MOOD) needs VADER's lexicon: {MOOD_PIP}")
     if values["metrics_port"] and not importlib.util.find_spec("prometheus_client"):
         raise SettingsError(f"--metrics-port (METRICS_PORT) needs the Prometheus client: {METRICS_PIP}")
     return Settings(**values)
@@ -815,6 +824,7 @@ class Transcribed(CallEvent):
     at: float                         # seconds from the stream's first audio
     text: str
     partial: bool = False
+    mood: float | None = None         # --mood: -1 (angry, fed up) to +1 (pleased)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1464,6 +1474,7 @@ class MediaStream:
             parts.append(f"transcript={sum(t.utterances for t in transcripts)} "
                          f"transcript_dropped={sum(t.dropped for t in transcripts)}")
             parts += [f"alerts={self.alerts}"] if self.runtime.settings.alerts else []
+            parts += [f"mood_{t.track}={sum(t.moods) / len(t.moods):.2f}" for t in transcripts if t.moods]
         recordings = [t.recording for t in tracks if t.recording]
         if recordings:
             parts.append("recordings=" + ",".join(f"{r.path}:{r.seconds:.2f}s" for r in recordings))
@@ -1558,7 +1569,7 @@ class WhisperRecognizer:
     """Whisper (faster-whisper on CTranslate2): the words in 8 kHz 16-bit speech. Loaded at
     start-up, where a model that cannot load stops the server with one line."""
 
-    def __init__(self, model_name: str, threads: int):
+    def __init__(self, model_name: str, threads: int, hint: str = ""):
         import numpy
         from faster_whisper import WhisperModel
         from faster_whisper.tokenizer import Tokenizer
@@ -1569,6 +1580,8 @@ class WhisperRecognizer:
                                         num_workers=threads)
             self.tokenizer = Tokenizer(self.whisper.hf_tokenizer, self.whisper.model.is_multilingual,
                                        task="transcribe", language="en")
+            # `hint`: text as if said just before (Whisper's prompt), which makes its words likelier
+            self.prompt = [self.tokenizer.sot_prev, *self.tokenizer.encode(" " + hint)[-223:]] if hint else []
             self(bytes(8000))  # a broken model fails here, not on the first call
         except Exception as exc:  # whatever faster-whisper, huggingface_hub or CTranslate2 raise
             hint = "" if os.path.isdir(os.path.expanduser(model_name)) else \
@@ -1588,9 +1601,9 @@ class WhisperRecognizer:
         frames = 100 * min(30, max(WINDOW_SECONDS, len(pcm) / 16000 + WINDOW_PADDING_SECONDS))
         features = np.ascontiguousarray(pad_or_trim(features, int(frames))[None])
         encoded = self.whisper.model.encode(ctranslate2.StorageView.from_array(features))
-        prompt = [*self.tokenizer.sot_sequence, self.tokenizer.no_timestamps]
+        prompt = [*self.prompt, *self.tokenizer.sot_sequence, self.tokenizer.no_timestamps]
         tokens = self.whisper.model.generate(encoded, [prompt], beam_size=5, suppress_blank=True, suppress_tokens=[-1],
-                                             max_length=int(20 + 10 * len(pcm) / 16000))[0].sequences_ids[0]
+                                             max_length=len(self.prompt) + int(20 + 10 * len(pcm) / 16000))[0].sequences_ids[0]
         return self.tokenizer.decode([token for token in tokens if token < self.tokenizer.eot]).strip()
 
 
@@ -1665,6 +1678,7 @@ class TrackTranscript:
         self.start_ms = self.voiced_ms = self.silent_ms = self.partial_ms = 0
         self.pending = 0            # utterances submitted, not yet heard
         self.utterances = self.dropped = 0
+        self.moods: list[float] = []  # --mood: each line's score
         self.all_heard = gevent.event.Event()
         self.closed = False         # its call has ended: what comes back now is too late
 
@@ -1709,7 +1723,10 @@ class TrackTranscript:
             return
         if text:
             self.utterances += 1
-            self.stream.emit(Transcribed, track=self.track, at=utterance.at, text=text)
+            mood = self.stream.runtime.mood(text) if self.stream.runtime.mood else None
+            if mood is not None:
+                self.moods.append(mood)
+            self.stream.emit(Transcribed, track=self.track, at=utterance.at, text=text, mood=mood)
             alerts = self.stream.runtime.settings.alerts
             for category, phrase in alerts.said(text) if alerts else ():
                 self.stream.alerts += 1
@@ -1758,6 +1775,8 @@ def end_transcripts(transcripts: list[TrackTranscript]) -> None:
 
 
 # --- Alerts (--alerts): the phrases that matter, in what is said ----------------------------
+
+ALERTS_HINT_WHISPER = False  # the phrases as Whisper's prompt: measured by tests/bench_words.py --hint
 
 NUMBER_WORDS = {word: n for n, word in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
@@ -1827,14 +1846,74 @@ class Alerts:
         return cls(path, tuple(categories.items()))
 
     def said(self, text: str) -> list[tuple[str, str]]:
-        """(category, phrase) for each category one of whose phrases `text` says: the longest."""
+        """(category, phrase) for each category one of whose phrases `text` says: the longest.
+        A one-word phrase matches two words that make it too: Whisper hears "chargeback" as
+        "charge back"."""
         words = matchable(text)
+        tokens = words.split()
+        joined = " " + " ".join(a + b for a, b in zip(tokens, tokens[1:])) + " "
         found = []
         for category, phrases in self.categories:
-            said = [(len(pattern), phrase) for phrase, pattern in phrases if pattern in words]
+            said = [(len(pattern), phrase) for phrase, pattern in phrases
+                    if pattern in words or pattern.count(" ") == 2 and pattern in joined]
             if said:
                 found.append((category, max(said)[1]))
         return found
+
+
+# --- Mood (--mood): how each line sounds, from -1 (angry, fed up) to +1 (pleased) -----------
+# VADER (a general English lexicon and its rules: negation, "very", capitals, "!") scores
+# "I have been on hold for 40 minutes and nobody can tell me anything" 0.0 and "I would like
+# to cancel my account, please" +0.42. On calls, these words matter too, on VADER's scale
+# (-4 to +4 a word): each phrase a line says (matched as --alerts phrases are) adds its own.
+
+MOOD_RULES = {
+    # kept waiting, on hold
+    "on hold": -2.0, "been waiting": -2.0, "kept waiting": -2.5, "still waiting": -2.0, "waiting for": -1.0,
+    "an hour": -1.0, "for hours": -1.5, "all day": -1.5, "for ages": -1.5, "minutes": -0.7,
+    # nobody helping
+    "nobody": -1.5, "no one": -1.5, "cant tell me": -1.5, "cant help": -2.0, "not helping": -2.0,
+    "no help": -2.0, "hung up on": -2.5, "transferred": -1.0, "transferring": -1.0, "waste of time": -2.5,
+    "you promised": -1.5, "called me back": -0.5,
+    # charged wrongly, or twice
+    "charged twice": -2.5, "charged me twice": -2.5, "double charged": -2.5, "overcharged": -2.5,
+    "wrong amount": -2.0, "extra charge": -1.5, "never ordered": -1.5, "didnt order": -1.5,
+    "refund": -1.5, "money back": -1.5,
+    # cancelling, leaving
+    "cancel my": -1.0, "close my account": -2.0, "switch to": -1.0, "switching": -1.0,
+    "another provider": -1.5, "going elsewhere": -2.0,
+    # again, still
+    "still": -1.0, "again": -1.0, "second time": -1.0, "third time": -2.0, "every time": -1.0,
+    "keep calling": -2.0, "already called": -1.5, "already told": -1.5,
+    # asking for someone else
+    "manager": -1.5, "supervisor": -1.5, "someone else": -1.5, "real person": -2.0, "a human": -1.5,
+    # a request is not a liking ("I would like to cancel")
+    "would like": -1.5, "id like": -1.5,
+    # what went right
+    "fixed": 2.0, "works now": 2.5, "working now": 2.5, "sorted": 1.5, "solved": 2.0, "you helped": 2.0,
+    "that helps": 1.5, "made my day": 3.0, "what i needed": 2.0,
+}
+MOOD_NEUTRAL_WORDS = ("please", "yes", "yeah", "ok", "okay", "sure", "well", "true", "help", "no", "kind", "free",
+                      "number", "accept", "promised", "holiday", "holidays")  # "my account number", "do you accept"
+
+
+class Mood:
+    """--mood: a transcript line's score, -1 to +1: VADER's, with MOOD_RULES added to its sum
+    and MOOD_NEUTRAL_WORDS (politeness, answers, requests) weighing nothing."""
+
+    def __init__(self):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        self.vader = SentimentIntensityAnalyzer()
+        for word in MOOD_NEUTRAL_WORDS:
+            self.vader.lexicon.pop(word, None)
+        self.rules = [(matchable(phrase), valence) for phrase, valence in MOOD_RULES.items()]
+
+    def __call__(self, text: str) -> float:
+        compound = self.vader.polarity_scores(text)["compound"]
+        total = compound * math.sqrt(15 / max(1e-6, 1 - compound * compound))  # VADER's sum, before it normalized it
+        words = matchable(text)
+        total += sum(valence for phrase, valence in self.rules if phrase in words)
+        return round(total / math.sqrt(total * total + 15), 2)  # normalized as VADER does
 
 
 # --- Sinks: what consumes call events ------------------------------------------------------
@@ -1859,8 +1938,9 @@ class Console:
                                         e.label, e.queued_seconds),
             UnknownEvent: lambda e: log.info("%s unknown event '%s': ignored", e.label, e.event),
             Stopped: lambda e: log.info("%s stop", e.label),
-            Transcribed: lambda e: log.info('%s transcript%s track=%s at=%.2fs text="%s"', e.label,
-                                            "-partial" if e.partial else "", e.track, e.at, quoted(e.text)),
+            Transcribed: lambda e: log.info('%s transcript%s track=%s at=%.2fs text="%s"%s', e.label,
+                                            "-partial" if e.partial else "", e.track, e.at, quoted(e.text),
+                                            "" if e.mood is None else f" mood={e.mood:.2f}"),
             Alerted: lambda e: log.info('%s alert track=%s category=%s phrase="%s" text="%s"', e.label, e.track,
                                         e.category, quoted(e.phrase), quoted(e.text)),
             Warned: lambda e: self.stream_warnings.warning("%s %s", e.label, e.message),
@@ -2017,6 +2097,7 @@ FLOOR_EVENTS_KEPT = 10_000      # the feed's latest events, for a client that re
 FLOOR_ENDED_KEPT = 200          # ended calls still listed ...
 FLOOR_ENDED_SECONDS = 600       # ... for this long
 FLOOR_CALL_LINES = 500          # per call: transcript lines, key presses, marks and warnings kept for its page
+FLOOR_MOODS_KEPT = 12           # per call and track: the moods of its latest lines, its trend on the page
 FLOOR_CLIENT_QUEUE = 2000       # events waiting for one feed client; beyond, it is dropped (and resumes)
 FLOOR_CONNECTIONS = 64          # pages and feeds served at once
 FLOOR_KEEPALIVE_SECONDS = 15    # a comment line on a quiet feed: proxies and browsers keep it open
@@ -2037,7 +2118,7 @@ FLOOR_KINDS: dict[type, tuple[str, Callable[[Any], dict]]] = {  # an event's typ
     Started: ("start", lambda e: {"tracks": list(e.tracks), "parameters": e.parameters, "format": e.media_format}),
     Level: ("level", lambda e: {"track": e.track, "dbfs": round(dbfs(e.mean_square), 1)}),
     Transcribed: ("transcript", lambda e: {"track": e.track, "offset": round(e.at, 2), "text": e.text,
-                                           "partial": e.partial}),
+                                           "partial": e.partial, **({} if e.mood is None else {"mood": e.mood})}),
     Dtmf: ("dtmf", lambda e: {"digit": e.digit}),
     MarkEchoed: ("mark", lambda e: {"name": e.name, "cancelled": e.cancelled, "waited_ms": round(e.waited_ms)}),
     BargeIn: ("barge_in", lambda e: {"queued_seconds": round(e.queued_seconds, 2)}),
@@ -2103,7 +2184,7 @@ class Floor:
                 "stream": sid, "call": record["call"], "server": record["server"], "since": record["time"],
                 "from": parameters.get("From") or record["call"], "parameters": parameters,
                 "tracks": record.get("tracks", []), "levels": {}, "words": "", "lines": [], "alerts": 0,
-                "ended": None}
+                "moods": {}, "ended": None}
         elif call["ended"] and call["ended"]["how"] == "lost" and kind != "end":  # not lost after all
             call["ended"] = None
             self.ended = deque(item for item in self.ended if item[0] != sid)
@@ -2123,6 +2204,10 @@ class Floor:
                 if record["partial"]:
                     return
                 call["words"] = record["text"]
+                if "mood" in record:  # --mood: each speaker's trend, their latest lines
+                    trend = call["moods"].setdefault(record["track"], [])
+                    trend.append(record["mood"])
+                    del trend[:-FLOOR_MOODS_KEPT]
             call["alerts"] += kind == "alert"
             call["lines"].append(record)
             del call["lines"][:-FLOOR_CALL_LINES]
@@ -2249,7 +2334,7 @@ FLOOR_SCRIPT = r"""
 // Each call keeps its row; an event marks its call changed, and the next frame redraws only
 // the rows of changed calls (a whole table of 1,000 rows took 0.8 s to rebuild in Chromium).
 const calls = new Map(), changed = new Set();
-const KEPT = 500, ENDED_KEPT = 200;
+const KEPT = 500, ENDED_KEPT = 200, MOODS = 12;
 let selected = null, drawing = false, live = 0, ended = 0;
 const $ = (id) => document.getElementById(id);
 function el(tag, className, text) {
@@ -2269,7 +2354,7 @@ function apply(r) {
   if (!call) {
     const p = r.parameters || {};
     call = {stream: r.stream, call: r.call, server: r.server, since: r.time, from: p.From || r.call,
-            parameters: p, tracks: r.tracks || [], levels: {}, words: "", lines: [], alerts: 0, ended: null};
+            parameters: p, tracks: r.tracks || [], levels: {}, words: "", lines: [], alerts: 0, moods: {}, ended: null};
     add(call);
   }
   changed.add(call);
@@ -2284,7 +2369,11 @@ function apply(r) {
     call.ended = {time: r.time, how: r.ended, summary: summary};
     call.levels = {};
   } else if (["transcript", "alert", "dtmf", "mark", "warning", "barge_in", "stop"].includes(r.type)) {
-    if (r.type === "transcript") { if (r.partial) return; call.words = r.text; }
+    if (r.type === "transcript") {
+      if (r.partial) return;
+      call.words = r.text;
+      if (typeof r.mood === "number") (call.moods[r.track] ||= []).push(r.mood) > MOODS && call.moods[r.track].shift();
+    }
     if (r.type === "alert" && !call.alerts++ && !call.ended) call.moved = true;  // up, among the calls with alerts
     call.lines.push(r);
     if (call.lines.length > KEPT) call.lines.splice(0, call.lines.length - KEPT);
@@ -2303,7 +2392,7 @@ function row(call) {  // open calls newest first, then ended ones, the last to e
   const tr = call.tr = el("tr");
   tr.dataset.stream = call.stream;
   call.cells = {who: el("td", "who"), since: el("td", "since"), levels: el("td", "levels"),
-                words: el("td", "words"), state: el("td", "state")};
+                words: el("td", "words"), mood: el("td", "mood"), state: el("td", "state")};
   call.bars = {};
   tr.append(...Object.values(call.cells));
   tr.addEventListener("click", () => {
@@ -2333,8 +2422,23 @@ function refresh(call) {
   if (call.ended && cells.levels.firstChild) { cells.levels.replaceChildren(); call.bars = {}; }
   for (const [track, dbfs] of Object.entries(call.levels)) (call.bars[track] ||= bar(cells.levels, track))(dbfs);
   set(cells.words, "textContent", call.words);
+  const moods = JSON.stringify(call.moods || {});
+  if (call.shownMoods !== moods) { call.shownMoods = moods; cells.mood.replaceChildren(...trends(call.moods || {})); }
   const alerts = call.alerts ? " · " + call.alerts + (call.alerts > 1 ? " alerts" : " alert") : "";
   set(cells.state, "textContent", (call.ended ? "ended " + (call.ended.how || "") + " " + clock(call.ended.time) : "live") + alerts);
+}
+function mark(mood) {  // a line's mood: red (-1) to green (+1)
+  const box = el("span", "m");
+  box.style.background = "hsl(" + Math.round(60 + 60 * mood) + ", 70%, 45%)";
+  box.title = String(mood);
+  return box;
+}
+function trends(moods) {  // each speaker's latest lines, oldest first
+  return Object.entries(moods).map(([track, scores]) => {
+    const line = el("div", "trend", track === "inbound" ? "caller " : "agent ");
+    line.append(...scores.map(mark));
+    return line;
+  });
 }
 function detail(call) {
   const box = $("detail");
@@ -2348,7 +2452,10 @@ function detail(call) {
   for (const r of call.lines) {
     const li = el("li", r.type + (r.track ? " " + r.track : ""));
     li.append(el("time", null, clock(r.time)));
-    if (r.type === "transcript") li.append(el("b", null, r.track === "inbound" ? "caller" : "agent"), el("span", null, r.text));
+    if (r.type === "transcript") {
+      li.append(el("b", null, r.track === "inbound" ? "caller" : "agent"), el("span", null, r.text));
+      if (typeof r.mood === "number") li.append(" ", mark(r.mood), el("small", "mood", " " + r.mood.toFixed(2)));
+    }
     else if (r.type === "alert") li.append(el("b", null, "alert " + r.category), el("span", null, "“" + r.phrase + "”"));
     else if (r.type === "dtmf") li.append(el("span", null, "pressed " + r.digit));
     else if (r.type === "mark") li.append(el("span", null, "mark " + r.name + (r.cancelled ? " cancelled" : " played")));
@@ -2407,10 +2514,12 @@ FLOOR_PAGE = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
 body { font: 14px system-ui, sans-serif; margin: 0; display: flex; height: 100vh; color: #222; }
-main { flex: 3; min-width: 0; overflow: auto; padding: 1em; } aside { flex: 2; overflow: auto; padding: 1em; background: #f6f6f6; }
+main { flex: 3; min-width: 0; overflow: auto; padding: 1em; } aside { flex: 1.5; overflow: auto; padding: 1em; background: #f6f6f6; }
 table { border-collapse: collapse; width: 100%; table-layout: fixed; }
 td { padding: .4em .6em; border-bottom: 1px solid #ddd; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-th:nth-child(2) { width: 7em; } th:nth-child(3) { width: 7.5em; } th:nth-child(5) { width: 13em; }
+th:nth-child(2) { width: 6em; } th:nth-child(3) { width: 7em; } th:nth-child(5) { width: 5em; }
+th:nth-child(6) { width: 10em; } .m { display: inline-block; width: .5em; height: .8em; margin-right: 1px; }
+.trend { font-size: 70%; white-space: nowrap; } .conversation .mood { color: #888; }
 td.levels { white-space: normal; }
 tr { cursor: pointer; } tr.selected { background: #e6f0ff; } tr.ended { color: #888; }
 .level { display: inline-block; width: 6em; height: .8em; background: #eee; margin-right: .4em; position: relative; }
@@ -2424,7 +2533,7 @@ dt { font-weight: bold; float: left; clear: left; margin-right: .5em; } dd { mar
 .sids { color: #888; font-size: 85%; }
 </style></head>
 <body><main><h1>Calls <small id="count"></small></h1>
-<table><thead><tr><th>who</th><th>since</th><th>level</th><th>latest words</th><th></th></tr></thead>
+<table><thead><tr><th>who</th><th>since</th><th>level</th><th>latest words</th><th>mood</th><th></th></tr></thead>
 <tbody id="calls"></tbody></table></main>
 <aside id="detail"></aside>
 <script>""" + FLOOR_SCRIPT + """</script></body></html>
@@ -2640,6 +2749,7 @@ class Runtime:
     max_streams: int                   # --max-streams, or fewer if this process's file limit cannot carry it
     greeting: bytes = b""              # --greet's audio, as mu-law
     transcriber: Transcriber | None = None
+    mood: "Mood | None" = None         # --mood: a transcript line's score
     metrics: Metrics | None = None
     floor: "Floor | None" = None
     publisher: "RedisPublisher | None" = None
@@ -2718,11 +2828,13 @@ def create_runtime(settings: Settings, stream_class: type | None = None, *,
     check_record_dir(settings.record)
     transcriber = None
     if settings.transcribe:
-        recognizer = recognize or WhisperRecognizer(settings.transcribe_model, settings.transcribe_threads)
+        hint = ", ".join(phrase for _, phrases in settings.alerts.categories for phrase, _ in phrases) \
+            if settings.alerts and ALERTS_HINT_WHISPER else ""
+        recognizer = recognize or WhisperRecognizer(settings.transcribe_model, settings.transcribe_threads, hint)
         transcriber = Transcriber(recognizer, settings.transcribe_threads)
     metrics = Metrics() if settings.metrics_port else None
     runtime = Runtime(settings, serving or MediaStream, max_streams or settings.max_streams, greeting, transcriber,
-                      metrics)
+                      Mood() if settings.mood else None, metrics)
     runtime.sinks.append(Console(runtime.stream_warnings))
     if metrics:
         runtime.sinks.append(metrics)

@@ -26,6 +26,10 @@ def stalls_in_4_s():
     app.STALL_SECONDS = 4  # long enough for a flood to fill the kernel's buffers on a busy machine first
 
 
+def hinted():
+    app.ALERTS_HINT_WHISPER = True  # tests/bench_words.py --hint
+
+
 def silent_after_2_s():
     app.FLOOR_SILENT_SECONDS = 2  # a floor ends a call it heard nothing of for 2 s, not a minute
 
@@ -308,6 +312,7 @@ SERVERS = {  # name: (what to change first, the stream class)
     "one-second": (None, OneSecond), "late": (None, Late), "two-voices": (None, TwoVoices), "chatty": (None, Chatty),
     "stalled-recognizer": (stalled_recognizer, None), "waiting-log-handler": (waiting_log_handler, None),
     "without-the-rule-fix": (without_the_rule_fix, None), "silent-after-2-s": (silent_after_2_s, None),
+    "hinted": (hinted, None),
 }
 
 if __name__ == "__main__" and sys.argv[1] == "no-cycles":
