@@ -2517,8 +2517,8 @@ body { font: 14px system-ui, sans-serif; margin: 0; display: flex; height: 100vh
 main { flex: 3; min-width: 0; overflow: auto; padding: 1em; } aside { flex: 1.5; overflow: auto; padding: 1em; background: #f6f6f6; }
 table { border-collapse: collapse; width: 100%; table-layout: fixed; }
 td { padding: .4em .6em; border-bottom: 1px solid #ddd; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-th:nth-child(2) { width: 6em; } th:nth-child(3) { width: 7em; } th:nth-child(5) { width: 5em; }
-th:nth-child(6) { width: 10em; } .m { display: inline-block; width: .5em; height: .8em; margin-right: 1px; }
+th:nth-child(2) { width: 7em; } th:nth-child(3) { width: 7em; } th:nth-child(5) { width: 5em; }
+th:nth-child(6) { width: 9em; } .m { display: inline-block; width: .5em; height: .8em; margin-right: 1px; }
 .trend { font-size: 70%; white-space: nowrap; } .conversation .mood { color: #888; }
 td.levels { white-space: normal; }
 tr { cursor: pointer; } tr.selected { background: #e6f0ff; } tr.ended { color: #888; }
