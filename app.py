@@ -32,6 +32,7 @@ import hmac
 import importlib
 import importlib.util
 import inspect
+import io
 import ipaddress
 import logging
 import math
@@ -53,6 +54,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
+from xml.sax.saxutils import escape as xml_text, quoteattr as xml_attribute
 
 import flask_sockets
 import gevent
@@ -188,6 +190,12 @@ def a_redis_url_or_none(raw: str) -> str | None:
     return raw
 
 
+def a_phone_number_or_none(raw: str) -> str | None:
+    if raw and not re.fullmatch(r"\+?[0-9]{3,15}|sip:[^\s<>\"']{3,200}", raw):
+        raise ValueError("a phone number (+15551234567) or a sip: address")
+    return raw or None
+
+
 def an_alerts_file(raw: str) -> "Alerts | None":
     return Alerts.read(raw) if raw else None
 
@@ -241,6 +249,11 @@ OPTIONS = (  # flag, environment variable, default, reader (its ValueError says 
     ("--mood", "MOOD", "0", yes_or_no,
      "with --transcribe: score each transcript line from -1 (angry, fed up) to +1 (pleased), VADER with a "
      f"call center's own words (needs: {MOOD_PIP})"),
+    ("--dial", "DIAL", "", a_phone_number_or_none,
+     "/twiml: connect each caller to this number (<Dial>) while the call is streamed; default: a message, "
+     "then the call stays up for an hour"),
+    ("--tracks", "TRACKS", "inbound", one_of("INBOUND", "OUTBOUND", "BOTH"),
+     "/twiml: the tracks a listening stream gets: inbound (the caller), outbound (what the caller hears), both"),
     ("--trusted-proxies", "TRUSTED_PROXIES", "0", number_from(int, 0, 10),
      "proxies in front of this server (nginx: 1) whose X-Forwarded-For names the client; 0: trust none"),
     ("--floor-port", "FLOOR_PORT", "", a_port_or_none,
@@ -286,6 +299,8 @@ class Settings:
     transcript_partials: bool = False
     alerts: "Alerts | None" = None
     mood: bool = False
+    dial: str | None = None
+    tracks: str = "INBOUND"
     trusted_proxies: int = 0
     metrics_port: int | None = None
     floor_port: int | None = None
@@ -837,6 +852,13 @@ class Alerted(CallEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class StatusCallback(CallEvent):
+    """Twilio's stream status callback (/stream-status) for a stream open in this process."""
+    event: str                        # stream-started, stream-stopped, stream-error
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Warned(CallEvent):
     message: str
 
@@ -1056,6 +1078,7 @@ class MediaStream:
     listen_only: str | None = None  # why nothing may be sent back: warned once, then only counted
     audio_dropped: int = 0          # chunks your on_audio() was too far behind to take
     alerts: int = 0                 # --alerts raised by what was said
+    statuses: list = field(default_factory=list)  # Twilio's stream status callbacks for it (/stream-status)
     audio: AudioGreenlet | None = field(default=None, repr=False)  # where your on_audio() runs
 
     def __init_subclass__(cls, **kwargs):
@@ -1173,6 +1196,7 @@ class MediaStream:
             raise BadMessage("start", "start.tracks, customParameters or mediaFormat has the wrong type")
         self.check_sequence(data)
         self.stream_sid = stream_sid
+        self.runtime.streams[stream_sid] = self  # where Twilio's stream status callback finds it
         if "outbound" in tracks:
             self.listen_only = ("its tracks include outbound, so it comes from <Start><Stream>, where Twilio "
                                 "accepts nothing back: use <Connect><Stream> (twiml/connect.xml)")
@@ -1448,6 +1472,8 @@ class MediaStream:
             end_transcripts(transcripts)
         for track in self.tracks.values():
             self.stop_recording(track)
+        if self.stream_sid and self.runtime.streams.get(self.stream_sid) is self:
+            del self.runtime.streams[self.stream_sid]
         self.emit(Ended, summary=self.summary())
 
     def summary(self) -> str:
@@ -1475,6 +1501,8 @@ class MediaStream:
                          f"transcript_dropped={sum(t.dropped for t in transcripts)}")
             parts += [f"alerts={self.alerts}"] if self.runtime.settings.alerts else []
             parts += [f"mood_{t.track}={sum(t.moods) / len(t.moods):.2f}" for t in transcripts if t.moods]
+        if self.statuses:
+            parts.append("status=" + ",".join(self.statuses))
         recordings = [t.recording for t in tracks if t.recording]
         if recordings:
             parts.append("recordings=" + ",".join(f"{r.path}:{r.seconds:.2f}s" for r in recordings))
@@ -2033,6 +2061,8 @@ class Metrics:
         self.marks = counter("marks", "marks sent, and their echoes: played or cancelled by a clear", "state")
         self.clears = counter("clears", "clear messages sent")
         self.alerts = counter("alerts", "alerts raised (--alerts), by category", "category")
+        self.stream_status = counter("stream_status", "Twilio's stream status callbacks (/stream-status), by "
+                                     "StreamEvent", "event")
         self.floor_events_dropped = counter("floor_events_dropped", "call events that never reached Redis "
                                             "(--redis-url): it was down, slow or refusing")
         self.open: dict[int, tuple] = {}  # id() of each open stream: (the stream, the counts added so far)
@@ -2123,6 +2153,7 @@ FLOOR_KINDS: dict[type, tuple[str, Callable[[Any], dict]]] = {  # an event's typ
     MarkEchoed: ("mark", lambda e: {"name": e.name, "cancelled": e.cancelled, "waited_ms": round(e.waited_ms)}),
     BargeIn: ("barge_in", lambda e: {"queued_seconds": round(e.queued_seconds, 2)}),
     Alerted: ("alert", lambda e: {"track": e.track, "category": e.category, "phrase": e.phrase, "text": e.text}),
+    StatusCallback: ("status", lambda e: {"event": e.event, "error": e.error}),
     Warned: ("warning", lambda e: {"message": e.message}),
     Stopped: ("stop", lambda e: {}),
     Ended: ("end", lambda e: summary_fields(e.summary)),
@@ -2755,6 +2786,7 @@ class Runtime:
     publisher: "RedisPublisher | None" = None
     sinks: list[Callable[[CallEvent], None]] = field(default_factory=list)
     open_websockets: set = field(default_factory=set)
+    streams: dict = field(default_factory=dict)  # stream SID: the MediaStream open with it
     handshaking: dict = field(default_factory=dict)  # connections sending a request, oldest first: their greenlets
     unfinished_bytes: int = 0          # what half-received messages hold, all streams together
     loop_behind: bool = False          # the event loop is late: listen-only streams are read every --read-interval-ms
@@ -3041,6 +3073,115 @@ def healthz():
 def media_without_upgrade():
     return (f"/media is a WebSocket endpoint: use <Stream url=\"wss://{request.host}/media\"/> "
             "in TwiML, not a browser.\n", 426, {"Content-Type": "text/plain", "Upgrade": "websocket"})
+
+
+# --- Twilio's voice webhook: the TwiML for how this server runs ------------------------------
+
+WEBHOOK_ROUTES = ("/twiml", "/stream-status")  # the only routes that take a body: Twilio's webhooks, as forms
+WEBHOOK_BODY_BYTES = 16384    # Twilio's fields come to one or two KiB; a larger body is refused
+CALL_FIELDS = ("From", "To", "CallSid", "Direction")  # passed on to the stream as <Parameter>s
+TWIML_STREAM_SECONDS = 3600   # without --dial, how long a call that is only listened to stays up
+
+
+def webhook_signature(auth_token: str, url: str, fields: list[tuple[str, str]]) -> str:
+    """X-Twilio-Signature of an HTTP webhook: HMAC-SHA1 of the URL followed by each field's
+    name and value, sorted by name (a name's values sorted too), base64: twilio-python's
+    RequestValidator.compute_signature."""
+    names = sorted({name for name, _ in fields})
+    signed = url + "".join(name + value for name in names for value in sorted({v for n, v in fields if n == name}))
+    return base64.b64encode(hmac.new(auth_token.encode(), signed.encode(), hashlib.sha1).digest()).decode()
+
+
+def webhook_refusal(runtime: Runtime) -> tuple[str, int, dict] | None:
+    """With TWILIO_AUTH_TOKEN: 403 unless X-Twilio-Signature signs https://<public host><path>
+    (with the query, with and without the default port) and the POSTed fields."""
+    token = runtime.settings.auth_token
+    if not token:
+        return None
+    host = public_host(runtime.settings.public_url) or request.host
+    name, colon, port = host.rpartition(":")
+    hostname = name if colon and port.isdigit() else host
+    query = "?" + request.query_string.decode("latin-1") if request.query_string else ""
+    fields = list(request.form.items(multi=True))
+    given = request.headers.get("X-Twilio-Signature", "").encode("latin-1", "replace")
+    valid = False
+    for where in {host, hostname, hostname + ":443"}:
+        valid |= hmac.compare_digest(webhook_signature(token, f"https://{where}{request.path}{query}", fields).encode(),
+                                     given)
+    if valid:
+        return None
+    runtime.connection_warnings.warning("refused webhook remote=%s path=%s status=403 reason=%s", request.remote_addr,
+                                        request.path, "no X-Twilio-Signature" if not given else "a wrong X-Twilio-Signature")
+    return "the signature does not match (TWILIO_AUTH_TOKEN)\n", 403, {"Content-Type": "text/plain"}
+
+
+def not_a_form(runtime: Runtime) -> tuple[str, int, dict] | None:
+    if request.method == "POST" and request.mimetype != "application/x-www-form-urlencoded":
+        runtime.connection_warnings.warning("bad webhook remote=%s path=%s status=415 reason=not a form (%s)",
+                                            request.remote_addr, request.path,
+                                            printable(request.mimetype or "no type", 60))
+        return "Twilio's webhook is a form: application/x-www-form-urlencoded\n", 415, {"Content-Type": "text/plain"}
+    return None
+
+
+def twiml_for(settings: Settings, talks_back: bool, host: str, call: dict[str, str]) -> str:
+    """The TwiML that streams a call here: <Connect><Stream> when this server talks back,
+    else <Start><Stream> and what keeps the call going. Every value is escaped."""
+    parameters = "".join(f"<Parameter name={xml_attribute(name)} value={xml_attribute(call[name])}/>"
+                         for name in CALL_FIELDS if call.get(name))
+    url, status = xml_attribute(f"wss://{host}/media"), xml_attribute(f"https://{host}/stream-status")
+    if talks_back:  # nothing follows <Connect>: when the stream closes, the call ends
+        return f'<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url={url} statusCallback={status}>' \
+               f"{parameters}</Stream></Connect></Response>"
+    track = xml_attribute(settings.tracks.lower() + "_track" if settings.tracks != "BOTH" else "both_tracks")
+    then = f"<Dial>{xml_text(settings.dial)}</Dial>" if settings.dial else \
+        (f"<Say>This call is being streamed. It stays up for an hour, or until you hang up.</Say>"
+         f'<Pause length="{TWIML_STREAM_SECONDS}"/>')
+    return f'<?xml version="1.0" encoding="UTF-8"?><Response><Start><Stream url={url} track={track} ' \
+           f"statusCallback={status}>{parameters}</Stream></Start>{then}</Response>"
+
+
+@app.route("/twiml", methods=["GET", "POST"])
+def twiml():
+    """Twilio's voice webhook ("A call comes in"): the TwiML that streams the call here."""
+    runtime = runtime_of(current_app)
+    refused = not_a_form(runtime) or webhook_refusal(runtime)
+    if refused:
+        return refused
+    fields = request.form if request.method == "POST" else request.args
+    call = {name: printable(fields.get(name, ""), 200) for name in CALL_FIELDS}
+    host = public_host(runtime.settings.public_url) or request.host
+    talks_back = bool(getattr(runtime.stream_class, "talks_back", False))
+    log.info("twiml call=%s from=%s: %s to wss://%s/media", printable(call["CallSid"] or "-", 40),
+             "given" if call["From"] else "-", "<Connect><Stream>" if talks_back else "<Start><Stream>", host)
+    return twiml_for(runtime.settings, talks_back, host, call), 200, {"Content-Type": "text/xml"}
+
+
+STREAM_EVENTS = ("stream-started", "stream-stopped", "stream-error")  # StreamEvent's values; others count as other
+
+
+@app.route("/stream-status", methods=["POST"])
+def stream_status():
+    """Twilio's stream status callback (<Stream statusCallback=…>): a line, a count, and, for
+    a stream open here, an event and a word in its summary. A stream-error for a stream that
+    never reached this server is how its handshake's failure is seen at all."""
+    runtime = runtime_of(current_app)
+    refused = not_a_form(runtime) or webhook_refusal(runtime)
+    if refused:
+        return refused
+    sid = printable(request.form.get("StreamSid", ""), 64) or "-"
+    event = request.form.get("StreamEvent", "")
+    error = request.form.get("StreamError") or None
+    shown = printable(event, 40) or "-"
+    log.log(logging.WARNING if event == "stream-error" else logging.INFO, "stream=%s status event=%s call=%s%s", sid,
+            shown, printable(request.form.get("CallSid", ""), 64) or "-", f' error="{quoted(error)}"' if error else "")
+    if runtime.metrics:
+        runtime.metrics.stream_status.labels(event if event in STREAM_EVENTS else "other").inc()
+    stream = runtime.streams.get(request.form.get("StreamSid"))
+    if stream is not None:
+        stream.statuses.append(shown)
+        stream.emit(StatusCallback, event=shown, error=error and printable(error, 500))
+    return "", 204
 
 
 # The tutorial's loop: receive a message, handle it, until `stop` or the socket closes.
@@ -3608,6 +3749,7 @@ class MediaStreamHandler(WebSocketHandler):
     A connection carries one request, without a body: nothing holds it after its answer."""
 
     evicted = False  # dropped as the oldest of too many: its HandshakeTimeout is on its way
+    rfile: Any  # the socket, or a webhook's body once read (read_request)
     runtime: Runtime  # serving() makes the class that serves one
 
     @classmethod
@@ -3631,8 +3773,17 @@ class MediaStreamHandler(WebSocketHandler):
     def read_request(self, raw_requestline):
         super().read_request(raw_requestline)
         if self.content_length or "transfer-encoding" in self.headers:
-            # a body never sent would hold the connection past its deadline: no route takes one
-            raise ValueError("a request body (no route here takes one)")
+            # a body never sent would hold the connection past its deadline: a webhook's is read
+            # here, within it, whole and bounded; no other route takes one
+            if self.command != "POST" or self.path.split("?")[0] not in WEBHOOK_ROUTES or \
+                    "transfer-encoding" in self.headers:
+                raise ValueError("a request body (only a POST to " + " or ".join(WEBHOOK_ROUTES) + " has one)")
+            if self.content_length > WEBHOOK_BODY_BYTES:
+                raise ValueError(f"a body of {self.content_length} bytes (a webhook's may have {WEBHOOK_BODY_BYTES})")
+            body = self.rfile.read(self.content_length)
+            if len(body) < self.content_length:
+                raise ValueError("a body cut short")
+            self.rfile = io.BufferedReader(io.BytesIO(body))  # what pywsgi reads it from
         self.close_connection = True  # no keep-alive: a client cannot pipeline requests it never reads
         return True
 

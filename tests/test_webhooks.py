@@ -1,0 +1,168 @@
+"""Twilio's side of the call, served by the app: /twiml (the voice webhook: the TwiML for
+how the server runs) and /stream-status (the stream status callback), signed as Twilio signs
+webhooks. twilio-python is the oracle: RequestValidator signs, an XML parser reads."""
+import http.client
+import re
+import socket
+import xml.etree.ElementTree as ElementTree
+from urllib.parse import urlencode
+
+import pytest
+from twilio.request_validator import RequestValidator
+from werkzeug.datastructures import MultiDict
+
+from tests.conftest import free_port
+from tests.twilio_sim import Call
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+WEBHOOK = {"AccountSid": "AC" + "0" * 32, "CallSid": "CA" + "1" * 32, "From": "+15550051", "To": "+15550052",
+           "Direction": "inbound", "CallStatus": "ringing"}
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+def post(port, path, fields, headers=None, body=None):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    pairs = list(fields.items(multi=True)) if isinstance(fields, MultiDict) else fields
+    connection.request("POST", path, body=body if body is not None else urlencode(pairs),
+                       headers={**FORM, **(headers or {})})
+    response = connection.getresponse()
+    return response.status, response.read().decode("utf-8", "replace")
+
+
+def signed(port, path, fields, host=None, token=TOKEN):
+    """X-Twilio-Signature as Twilio computes it for https://<host><path> and these fields."""
+    url = f"https://{host or f'127.0.0.1:{port}'}{path}"
+    return {"X-Twilio-Signature": RequestValidator(token).compute_signature(url, fields)}
+
+
+def stream_of(twiml):
+    """(the verb the <Stream> is in, the <Stream>, its parameters, the verbs that follow)."""
+    response = ElementTree.fromstring(twiml)
+    assert response.tag == "Response"
+    verb = response[0]
+    stream, = verb
+    parameters = {p.get("name"): p.get("value") for p in stream if p.tag == "Parameter"}
+    return verb.tag, stream, parameters, [child.tag for child in response[1:]]
+
+
+def test_listening_twiml_starts_a_stream_here_with_the_callers_fields_and_keeps_the_call_up(start_server):
+    server = start_server()
+    status, twiml = post(server.port, "/twiml", WEBHOOK)
+    assert status == 200
+    verb, stream, parameters, after = stream_of(twiml)
+    assert (verb, stream.get("url"), stream.get("track")) == ("Start", f"wss://127.0.0.1:{server.port}/media",
+                                                                "inbound_track")
+    assert stream.get("statusCallback") == f"https://127.0.0.1:{server.port}/stream-status"
+    assert parameters == {name: WEBHOOK[name] for name in ("From", "To", "CallSid", "Direction")}
+    assert after == ["Say", "Pause"] and ElementTree.fromstring(twiml)[2].get("length") == "3600"
+    assert f"twiml call={WEBHOOK['CallSid']} from=given: <Start><Stream> to wss://127.0.0.1:{server.port}/media" \
+        in server.wait_for("twiml call=.*").group(0)
+
+
+@pytest.mark.parametrize("flags, verb, track, after", [
+    (["--dial", "+15551234567"], "Start", "inbound_track", ["Dial"]),
+    (["--tracks", "both"], "Start", "both_tracks", ["Say", "Pause"]),
+    (["--tracks", "outbound", "--public-url", "https://media.example.com"], "Start", "outbound_track", ["Say", "Pause"]),
+    (["--echo"], "Connect", None, []),  # nothing after <Connect>: the call ends as the stream closes
+])
+def test_each_mode_has_its_twiml(start_server, flags, verb, track, after):
+    server = start_server(*flags)
+    status, twiml = post(server.port, "/twiml", WEBHOOK)
+    assert status == 200
+    got_verb, stream, parameters, got_after = stream_of(twiml)
+    assert (got_verb, stream.get("track"), got_after) == (verb, track, after)
+    host = "media.example.com" if "--public-url" in flags else f"127.0.0.1:{server.port}"
+    assert stream.get("url") == f"wss://{host}/media"
+    if "--dial" in flags:
+        assert ElementTree.fromstring(twiml)[1].text == "+15551234567"
+
+
+def test_every_value_is_a_value_never_markup_and_get_works_too(start_server):
+    server = start_server()
+    hostile = {**WEBHOOK, "From": '+1555"/><Hangup/>', "To": "<Reject/>&amp;"}
+    status, twiml = post(server.port, "/twiml", hostile)
+    assert status == 200 and "<Hangup" not in twiml and "<Reject" not in twiml
+    _, _, parameters, after = stream_of(twiml)
+    assert (parameters["From"], parameters["To"]) == ('+1555"/><Hangup/>', "<Reject/>&amp;")
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    connection.request("GET", "/twiml?" + urlencode({"From": "+15550053", "CallSid": "CA9"}))
+    response = connection.getresponse()
+    _, _, parameters, _ = stream_of(response.read().decode())
+    assert response.status == 200 and parameters == {"From": "+15550053", "CallSid": "CA9"}, "missing fields: left out"
+
+
+def test_with_a_token_only_what_twilio_signed_gets_twiml(start_server):
+    server = start_server(env={"TWILIO_AUTH_TOKEN": TOKEN})
+    assert post(server.port, "/twiml", WEBHOOK, signed(server.port, "/twiml", WEBHOOK))[0] == 200
+    without_port = signed(server.port, "/twiml", WEBHOOK, host="127.0.0.1")  # Twilio's signer may drop the port
+    assert post(server.port, "/twiml", WEBHOOK, without_port)[0] == 200
+    repeated = MultiDict([*WEBHOOK.items(), ("Digits", "2"), ("Digits", "1")])  # each value signed, sorted
+    assert post(server.port, "/twiml", repeated, signed(server.port, "/twiml", repeated))[0] == 200
+    for headers in ({}, signed(server.port, "/twiml", WEBHOOK, token="another-token"),
+                    signed(server.port, "/twiml", {**WEBHOOK, "From": "+15550099"})):
+        status, body = post(server.port, "/twiml", WEBHOOK, headers)
+        assert (status, "<Response" in body) == (403, False)
+    lines = re.findall(r"refused webhook remote=127.0.0.1 path=/twiml status=403 reason=(.*)", server.log())
+    assert lines == ["no X-Twilio-Signature", "a wrong X-Twilio-Signature", "a wrong X-Twilio-Signature"]
+    assert TOKEN not in server.log()
+
+
+def test_stream_status_callbacks_are_a_line_a_count_and_part_of_the_summary_of_a_stream_open_here(start_server):
+    metrics_port = free_port()
+    server = start_server("--metrics-port", str(metrics_port), env={"TWILIO_AUTH_TOKEN": TOKEN})
+    call = Call()
+    client = server.connect(**{"X-Twilio-Signature": RequestValidator(TOKEN).compute_signature(
+        f"wss://127.0.0.1:{server.port}/media", {})})
+    client.send_all(call.session(media=3))
+    server.wait_for(rf"stream={call.stream_sid} first media")
+    started = {"StreamSid": call.stream_sid, "CallSid": call.call_sid, "StreamEvent": "stream-started",
+               "StreamName": call.stream_sid, "Timestamp": "2026-12-03T07:00:00Z", "AccountSid": WEBHOOK["AccountSid"]}
+    assert post(server.port, "/stream-status", started, signed(server.port, "/stream-status", started))[0] == 204
+    never = {"StreamSid": "MZ" + "9" * 32, "CallSid": "CA" + "9" * 32, "StreamEvent": "stream-error",
+             "StreamError": "Stream - WebSocket - Connection Refused", "Timestamp": "2026-12-03T07:00:01Z"}
+    assert post(server.port, "/stream-status", never, signed(server.port, "/stream-status", never))[0] == 204
+    assert post(server.port, "/stream-status", never)[0] == 403, "signed as every webhook"
+    client.send_all([call.stop()])
+    assert client.wait_closed() == 1000
+    assert server.summary(call.stream_sid)["status"] == "stream-started"
+    log = server.log()
+    assert f"INFO    stream={call.stream_sid} status event=stream-started call={call.call_sid}" in log
+    assert f'WARNING stream={never["StreamSid"]} status event=stream-error call={never["CallSid"]} ' \
+           'error="Stream - WebSocket - Connection Refused"' in log
+    connection = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
+    connection.request("GET", "/metrics")
+    scraped = connection.getresponse().read().decode()
+    assert 'mediastreams_stream_status_total{event="stream-started"} 1.0' in scraped
+    assert 'mediastreams_stream_status_total{event="stream-error"} 1.0' in scraped
+
+
+@pytest.mark.parametrize("path, body, headers, says", [
+    ("/twiml", b"x" * 20000, FORM, "status=400 reason=a body of 20000 bytes (a webhook's may have 16384)"),
+    ("/twiml", b'{"From": "+1555"}', {"Content-Type": "application/json"}, "status=415 reason=not a form"),
+    ("/healthz", b"a=b", FORM, "status=400 reason=a request body (only a POST to /twiml or /stream-status has one)"),
+    ("/twiml", b"From=%FF%FE&CallSid=\xff", FORM, None),  # not UTF-8: replaced, not a traceback
+])
+def test_a_bad_body_is_a_4xx_and_one_short_line_never_a_traceback(start_server, path, body, headers, says):
+    server = start_server()
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    connection.request("POST", path, body=body, headers=headers)
+    status = connection.getresponse().status
+    assert status == (200 if says is None else int(re.search(r"status=(\d+)", says).group(1)))
+    if says:
+        server.wait_for(re.escape(says))
+    assert "Traceback" not in server.log()
+
+
+def test_a_body_sent_chunked_or_never_is_refused_within_the_handshake_timeout(start_server):
+    server = start_server("--handshake-timeout", "1")
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    connection.request("POST", "/twiml", body=iter([b"From=1"]), headers={**FORM, "Transfer-Encoding": "chunked"})
+    assert connection.getresponse().status == 400
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:  # 100 bytes promised, 10 sent
+        sock.sendall(b"POST /twiml HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: 100\r\n\r\nFrom=+1555")
+        sock.settimeout(5)
+        answer = sock.recv(100)  # within 5 s, closed (or answered): held longer, this raises a timeout
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer
+    server.wait_for(r"no complete HTTP request within 1 s")
+    assert "Traceback" not in server.log()
