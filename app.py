@@ -1451,10 +1451,22 @@ class MediaStream:
             self.emit(UnknownEvent, event=printable(event, 40))
 
     def end(self, how: str, why: str | None = None) -> None:
-        """How the stream ended, for the summary: stop, disconnect, idle, stalled, shutdown or error."""
+        """How the stream ended, for the summary: stop, disconnect, idle, stalled, hangup, shutdown or error."""
         self.ended = how
         if why:
             self.warn(why)
+
+    def hang_up(self) -> None:
+        """End this stream from the server's side: its socket closes (1000), `ended=hangup`;
+        audio not yet sent goes no further (unsent=). On a <Connect><Stream> with nothing after
+        it (what /twiml serves when talking back) Twilio then ends the call; a <Start><Stream>
+        call goes on without its stream: end that call with Twilio's REST API."""
+        greenlet = self.ws.greenlet if self.ws is not None else None
+        if greenlet is None or greenlet.dead:
+            return
+        if gevent.getcurrent() is greenlet:
+            raise HangUp()
+        gevent.kill(greenlet, HangUp())  # thrown at its next turn: this one goes on
 
     def fail(self, error: BaseException) -> None:
         """A bug in this call's handling has ended it."""
@@ -3186,7 +3198,8 @@ def stream_status():
 
 # The tutorial's loop: receive a message, handle it, until `stop` or the socket closes.
 
-CLOSE_CODE_WHEN_ENDED = {"stop": 1000, "idle": 1000, "disconnect": 1000, "shutdown": 1001, "error": 1011}
+CLOSE_CODE_WHEN_ENDED = {"stop": 1000, "idle": 1000, "disconnect": 1000, "hangup": 1000, "shutdown": 1001,
+                         "error": 1011}
 
 
 @sockets.route("/media")
@@ -3202,6 +3215,8 @@ def media(ws):
                 break
             if stream.handle(message) == "stop":
                 break
+    except HangUp:  # the server's side ends the call (MediaStream.hang_up)
+        stream.end("hangup")
     except Stalled as stalled:  # the client reads nothing of what we send
         stream.end("stalled", str(stalled))
     except IdleTimeout as idle:
@@ -3691,6 +3706,10 @@ class MediaWebSocket(WebSocket):
 
 class IdleTimeout(Exception):
     """Thrown into a stream's greenlet when its client has sent nothing for --idle-timeout."""
+
+
+class HangUp(Exception):
+    """Raised in, or thrown into, a stream's greenlet by its hang_up()."""
 
 
 class Stalled(IdleTimeout):

@@ -34,6 +34,21 @@ def silent_after_2_s():
     app.FLOOR_SILENT_SECONDS = 2  # a floor ends a call it heard nothing of for 2 s, not a minute
 
 
+class HangsUp(app.MediaStream):
+    """Ends the call from the server's side: on the key 9 (the call's greenlet), or after a
+    second of audio (its on_audio(), in the audio greenlet)."""
+    talks_back = True
+
+    def on_dtmf(self, data):
+        super().on_dtmf(data)
+        if data["dtmf"]["digit"] == "9":
+            self.hang_up()
+
+    def on_audio(self, track, timestamp, pcm):
+        if timestamp >= 1000 and self.call_sid and self.call_sid.endswith("audio"):
+            self.hang_up()
+
+
 class ManyMarks(app.MediaStream):
     """Sends 10,000 marks when the stream starts (a test never echoes them)."""
     talks_back = True
@@ -312,7 +327,7 @@ SERVERS = {  # name: (what to change first, the stream class)
     "one-second": (None, OneSecond), "late": (None, Late), "two-voices": (None, TwoVoices), "chatty": (None, Chatty),
     "stalled-recognizer": (stalled_recognizer, None), "waiting-log-handler": (waiting_log_handler, None),
     "without-the-rule-fix": (without_the_rule_fix, None), "silent-after-2-s": (silent_after_2_s, None),
-    "hinted": (hinted, None),
+    "hinted": (hinted, None), "hangs-up": (None, HangsUp),
 }
 
 if __name__ == "__main__" and sys.argv[1] == "no-cycles":

@@ -4,6 +4,8 @@ webhooks. twilio-python is the oracle: RequestValidator signs, an XML parser rea
 import http.client
 import re
 import socket
+import subprocess
+import sys
 import xml.etree.ElementTree as ElementTree
 from urllib.parse import urlencode
 
@@ -11,8 +13,8 @@ import pytest
 from twilio.request_validator import RequestValidator
 from werkzeug.datastructures import MultiDict
 
-from tests.conftest import free_port
-from tests.twilio_sim import Call
+from tests.conftest import ROOT, clean_environment, free_port
+from tests.twilio_sim import Call, encode_ulaw, tone
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 WEBHOOK = {"AccountSid": "AC" + "0" * 32, "CallSid": "CA" + "1" * 32, "From": "+15550051", "To": "+15550052",
@@ -166,3 +168,54 @@ def test_a_body_sent_chunked_or_never_is_refused_within_the_handshake_timeout(st
         assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer
     server.wait_for(r"no complete HTTP request within 1 s")
     assert "Traceback" not in server.log()
+
+
+def simulator(*args, token=None):
+    done = subprocess.run([sys.executable, "-m", "tests.twilio_sim", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env=clean_environment({"TWILIO_AUTH_TOKEN": token} if token else {}))
+    return done.returncode, done.stdout, done.stderr
+
+
+@pytest.mark.parametrize("flags, verb", [([], "Start"), (["--echo"], "Connect")])
+def test_the_simulator_plays_the_whole_twilio_side_signed(start_server, flags, verb):
+    server = start_server(*flags, env={"TWILIO_AUTH_TOKEN": TOKEN})
+    code, out, err = simulator("--twiml", f"http://127.0.0.1:{server.port}/twiml", "--seconds", "1", "--from",
+                               "+15550061", token=TOKEN)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == (f"twiml <{verb}><Stream> url=wss://127.0.0.1:{server.port}/media track=inbound "
+                        f"parameters=From,To,CallSid,Direction statusCallback=https://127.0.0.1:{server.port}/stream-status")
+    assert lines[1] == "status stream-started 204" and lines[-1] == "status stream-stopped 204"
+    sid = re.search(r"sent stream=(MZ\w+) media=50 ", out).group(1)
+    summary = server.summary(sid)
+    assert (summary["ended"], summary["media"], summary["status"]) == ("stop", "50", "stream-started")
+    server.wait_for(rf"stream={sid} status event=stream-stopped")
+    assert re.search(rf"stream={sid} start call=CA\w+ .* params=From,To,CallSid,Direction", server.log())
+    assert "refused" not in server.log(), "every request signed as Twilio signs it"
+    code, _, err = simulator("--twiml", f"http://127.0.0.1:{server.port}/twiml", "--seconds", "1", token="not-it")
+    assert code == 1 and "the voice webhook" in err and "answered 403" in err
+
+
+def test_the_simulator_signs_its_handshake(start_server):
+    server = start_server(env={"TWILIO_AUTH_TOKEN": TOKEN})
+    url = f"ws://127.0.0.1:{server.port}/media"
+    assert simulator(url, "--seconds", "0.2", token=TOKEN)[0] == 0
+    assert simulator(url, "--seconds", "0.2", "--auth-token", TOKEN)[0] == 0
+    code, _, err = simulator(url, "--seconds", "0.2", token="not-it")
+    assert code == 1 and "403" in err
+
+
+def test_a_stream_that_hangs_up_ends_its_call_from_the_server_side(start_server):
+    from tests.twilio_sim import play_connect_call
+    server = start_server(server="hangs-up")
+    url = f"ws://127.0.0.1:{server.port}/media"
+    player, code, call = play_connect_call(url, tone(3.0), dtmf="9", out=lambda line: None)
+    assert code == 1000 and player.ending is None
+    summary = server.summary(call.stream_sid)
+    assert summary["ended"] == "hangup" and int(summary["media"]) < 100, "at the key, not at the end of the audio"
+    by_audio = Call(tracks=["inbound"])
+    by_audio.call_sid = "CA" + "0" * 27 + "audio"  # HangsUp hangs up a second into this one's audio, from on_audio()
+    client = server.connect()
+    client.send_all(by_audio.session(audio={"inbound": encode_ulaw(tone(3.0))}))
+    assert client.wait_closed() == 1000
+    assert server.summary(by_audio.stream_sid)["ended"] == "hangup"

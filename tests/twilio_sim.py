@@ -5,6 +5,16 @@
     python -m tests.twilio_sim ws://localhost:5000/media --connect --wav hello.wav --heard out.wav
     python -m tests.twilio_sim wss://calls.example.com/media --seconds 5      # TLS, checked against the system's CAs
     python -m tests.twilio_sim wss://localhost:8443/media --cafile cert.pem  # a self-signed proxy (or --insecure)
+    TWILIO_AUTH_TOKEN=... python -m tests.twilio_sim --twiml http://localhost:5000/twiml  # the whole Twilio side
+
+With an Auth Token (TWILIO_AUTH_TOKEN, or --auth-token) it signs what it sends as Twilio
+does: the handshake (X-Twilio-Signature over the wss:// URL) and, with --twiml, the voice
+webhook and the stream status callbacks (over the https:// URL and the form's fields).
+--twiml URL plays a whole call as Twilio would: it POSTs the webhook's fields (From, To,
+CallSid, Direction...) to URL, follows the <Stream> of the TwiML it gets (<Start>: its
+track; <Connect>: talking back), sends its <Parameter>s in `start`, and posts
+stream-started, stream-stopped (or stream-error) to its statusCallback. Offline, an http://
+URL has the stream's wss:// and https:// URLs taken as ws:// and http:// to the same host.
 
 With --connect it is a <Connect><Stream> (bidirectional, inbound track only) and plays what
 the server sends back as Twilio would: at real time, marks echoed once the audio before
@@ -22,6 +32,9 @@ call, a timeout), the command says it in one line on stderr and exits with 1.
 import argparse
 import base64
 import binascii
+import datetime
+import hashlib
+import hmac
 import itertools
 import json
 import math
@@ -35,7 +48,10 @@ import threading
 import time
 import wave
 from collections import deque
-from urllib.parse import urlsplit
+import urllib.error
+import urllib.request
+import xml.etree.ElementTree as ElementTree
+from urllib.parse import urlencode, urlsplit
 
 CHUNK = 160  # bytes of mu-law per message: 20 ms at 8000 Hz
 
@@ -566,14 +582,14 @@ def how_it_ended(client, reader, ending, send_error, waited):
 
 
 def play_connect_call(url, samples, headers=None, dtmf="", jitter_ms=20, params=None, out=print,
-                      timeout=10.0, ssl_context=None, client=None):
+                      timeout=10.0, ssl_context=None, client=None, call=None, on_started=None):
     """A <Connect><Stream> call: the caller's audio (inbound) every 20 ms, `dtmf` a digit every
     half second, and what the server sends back played as Twilio would. Returns the Player,
     the close code the server sent (None without one) and the call; `player.ending` is None
     if the server closed the call as it should, else a line saying how it ended instead.
     `timeout` bounds connecting, each send and the wait for the server's close after stop;
     `client`: a WSClient already connected, instead of one to `url`."""
-    call = Call(tracks=["inbound"], params=params)
+    call = call or Call(tracks=["inbound"], params=params)
     client = client or WSClient(url, headers=headers, timeout=timeout, ssl_context=ssl_context)
     send_lock = threading.Lock()  # two threads send: numbered and framed one at a time
     send_errors = []
@@ -599,6 +615,8 @@ def play_connect_call(url, samples, headers=None, dtmf="", jitter_ms=20, params=
     reader, ending = start_reader(client, send_lock, receive)
     send(call.connected)
     send(call.start)
+    if on_started:
+        on_started()
     audio = encode_ulaw(samples)
     chunks = [audio[offset:offset + CHUNK] for offset in range(0, len(audio), CHUNK)]
     digits = {25 * (n + 1): digit for n, digit in enumerate(dtmf)}  # a digit every 0.5 s
@@ -627,7 +645,7 @@ def play_connect_call(url, samples, headers=None, dtmf="", jitter_ms=20, params=
     return player, ending.get("code"), call
 
 
-def play_call(client, call, audio_by_track, timeout=10.0):
+def play_call(client, call, audio_by_track, timeout=10.0, on_started=None):
     """A <Start><Stream> call on `client`: connected, start, the media of every track paced
     as a live call sends it (one message per track every 20 ms), stop. What the server sends
     meanwhile is read and left aside; a close or a drop stops the call early. Returns the
@@ -641,6 +659,8 @@ def play_call(client, call, audio_by_track, timeout=10.0):
         with send_lock:
             client.send(call.connected())
             client.send(call.start())
+        if on_started:
+            on_started()
         for message in call.play(audio_by_track):
             if not reader.is_alive():
                 break  # the server closed the stream
@@ -659,6 +679,41 @@ def play_call(client, call, audio_by_track, timeout=10.0):
     ending_line = how_it_ended(client, reader, ending, send_error, timeout)
     client.sock.close()
     return sent, ending.get("code"), ending_line
+
+
+# --- Signed as Twilio signs ------------------------------------------------------------------
+
+def handshake_signature(auth_token, url):
+    """X-Twilio-Signature of a stream's handshake: HMAC-SHA1 of its wss:// URL, base64."""
+    return base64.b64encode(hmac.new(auth_token.encode(), url.encode(), hashlib.sha1).digest()).decode()
+
+
+def webhook_signature(auth_token, url, fields):
+    """X-Twilio-Signature of a webhook: the URL, then each field's name and value by name."""
+    signed = url + "".join(name + fields[name] for name in sorted(fields))
+    return base64.b64encode(hmac.new(auth_token.encode(), signed.encode(), hashlib.sha1).digest()).decode()
+
+
+def as_signed(url):
+    """The URL Twilio signs for a stream: wss:// (ws:// here is a TLS proxy's far side)."""
+    parts = urlsplit(url)
+    return parts._replace(scheme="wss").geturl()
+
+
+def post_form(url, fields, auth_token, timeout):
+    """POST a webhook's form as Twilio does: (status, body)."""
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "User-Agent": "TwilioProxy/1.1 (twilio_sim)"}
+    parts = urlsplit(url)
+    if auth_token:  # Twilio signs the public https:// URL; http:// here is the far side of a TLS proxy
+        headers["X-Twilio-Signature"] = webhook_signature(auth_token, parts._replace(scheme="https").geturl(), fields)
+    request = urllib.request.Request(url, data=urlencode(fields).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read().decode("utf-8", "replace")
+    except (OSError, ValueError) as exc:
+        raise CallFailed(f"cannot reach {url}: {connection_problem(exc, timeout)}") from None
 
 
 # --- The command --------------------------------------------------------------------------
@@ -720,11 +775,23 @@ def main(argv=None):
                              "instead of the system's CA store")
     parser.add_argument("--insecure", action="store_true",
                         help="wss://: do not check the server's certificate at all")
+    parser.add_argument("--auth-token", default=os.environ.get("TWILIO_AUTH_TOKEN") or None, metavar="TOKEN",
+                        help="sign as Twilio does with this Auth Token (default: TWILIO_AUTH_TOKEN)")
+    parser.add_argument("--twiml", metavar="URL",
+                        help="the whole Twilio side: POST the voice webhook to URL, follow the <Stream> of its "
+                             "TwiML, post the stream status callbacks")
+    parser.add_argument("--from", dest="caller", default="+15550100", help="with --twiml: the caller's From")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                         help="for connecting, each handshake, each send, and the server's close after our stop "
                              "(default 10)")
     args = parser.parse_args(argv)
-    if (args.heard or args.dtmf) and not args.connect:
+    if args.twiml:
+        if urlsplit(args.twiml).scheme not in ("http", "https"):
+            parser.error(f"--twiml {args.twiml}: the webhook's URL begins with http:// or https://")
+        if args.connect or args.param or args.tracks != "inbound":
+            parser.error("--twiml: the TwiML says whether it connects, its tracks and its parameters")
+        args.url = "wss://from-the-twiml/media"
+    if (args.heard or args.dtmf) and not args.connect and not args.twiml:
         parser.error("--heard and --dtmf need --connect")
     if args.connect and args.tracks != "inbound":
         parser.error("--connect streams the inbound track only, as Twilio does (error 31941 otherwise)")
@@ -748,8 +815,10 @@ def main(argv=None):
         else tone(args.seconds or 5.0)
     headers = dict(h.split(":", 1) for h in args.header)
     headers = {k.strip(): v.strip() for k, v in headers.items()}
+    if args.auth_token and not args.twiml and "X-Twilio-Signature" not in headers:
+        headers["X-Twilio-Signature"] = handshake_signature(args.auth_token, as_signed(args.url))
     try:
-        return play(args, samples, headers, tls)
+        return play_twiml(args, samples, headers) if args.twiml else play(args, samples, headers, tls)
     except CallFailed as failure:
         print(f"twilio_sim: {failure}", file=sys.stderr)
         return 1
@@ -765,14 +834,73 @@ def seconds_sent(messages, tracks, samples):
     return f"{planned:.2f} s" if messages >= tracks * -(-len(samples) // CHUNK) else f"{sent:.2f} s of {planned:.2f}"
 
 
-def play(args, samples, headers, tls):
+def play_twiml(args, samples, headers):
+    """The whole Twilio side of a call: the voice webhook, the stream its TwiML asks for,
+    and that stream's status callbacks."""
+    offline = urlsplit(args.twiml).scheme == "http"
+    call = Call()
+    webhook = {"AccountSid": call.account_sid, "CallSid": call.call_sid, "From": args.caller, "To": "+15550199",
+               "Direction": "inbound", "CallStatus": "ringing", "ApiVersion": "2010-04-01"}
+    status, twiml = post_form(args.twiml, webhook, args.auth_token, args.timeout)
+    if status != 200:
+        raise CallFailed(f"the voice webhook {args.twiml} answered {status}: {twiml.strip()[:200]}")
+    try:
+        response = ElementTree.fromstring(twiml)
+        verb = next(child for child in response if child.tag in ("Start", "Connect") and child.find("Stream") is not None)
+    except (ElementTree.ParseError, StopIteration):
+        raise CallFailed(f"the TwiML from {args.twiml} has no <Start> or <Connect> <Stream>: {twiml[:200]}") from None
+    stream = verb.find("Stream")
+    url, callback = stream.get("url", ""), stream.get("statusCallback")
+    if urlsplit(url).scheme != "wss":
+        raise CallFailed(f"the <Stream url> is {url!r}: Twilio connects only to wss:// (error 31910)")
+    params = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
+    track = {"inbound_track": "inbound", "outbound_track": "outbound", "both_tracks": "both"}.get(
+        stream.get("track", "inbound_track"), "inbound")
+    print(f"twiml <{verb.tag}><Stream> url={url} track={track} parameters={','.join(params) or '-'} "
+          f"statusCallback={callback or '-'}")
+    if args.auth_token:
+        headers = {**headers, "X-Twilio-Signature": handshake_signature(args.auth_token, url)}
+    connect_to = urlsplit(url)._replace(scheme="ws").geturl() if offline else url
+    if callback and offline:
+        callback = urlsplit(callback)._replace(scheme="http").geturl()
+
+    def status_callback(event, error=None):
+        if not callback:
+            return
+        fields = {"AccountSid": call.account_sid, "CallSid": call.call_sid, "StreamSid": call.stream_sid,
+                  "StreamName": call.stream_sid, "StreamEvent": event,
+                  "Timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  **({"StreamError": error} if error else {})}
+        answered, _ = post_form(callback, fields, args.auth_token, args.timeout)
+        print(f"status {event} {answered}")
+
+    args.url, args.connect, args.tracks = connect_to, verb.tag == "Connect", track
+    tls = tls_context(args.cafile, args.insecure) if urlsplit(connect_to).scheme == "wss" else None
+    try:
+        client = connect(args, headers, tls)
+    except CallFailed as failure:
+        status_callback("stream-error", f"Stream - WebSocket - {failure}")
+        raise
+    try:
+        return play(args, samples, headers, tls, client=client, call=call, params=params,
+                    on_started=lambda: status_callback("stream-started"))
+    finally:
+        status_callback("stream-stopped")
+
+
+def play(args, samples, headers, tls, client=None, call=None, params=None, on_started=None):
     """The call the command line asks for: 0 if all went as it should, 1 if the server sent
     what Twilio would refuse; CallFailed if the call could not be made or did not end well."""
-    params = dict(p.split("=", 1) for p in args.param)
-    client = connect(args, headers, tls)
+    params = dict(p.split("=", 1) for p in args.param) if params is None else params
+    client = client or connect(args, headers, tls)
+    if call is not None:
+        call.params = params
     if args.connect:
+        if call is not None:
+            call.tracks = ["inbound"]
         player, code, call = play_connect_call(args.url, samples, dtmf=args.dtmf, jitter_ms=args.jitter_ms,
-                                               params=params, timeout=args.timeout, client=client)
+                                               params=params, timeout=args.timeout, client=client, call=call,
+                                               on_started=on_started)
         if args.heard:
             write_wav(args.heard, decode_ulaw(player.heard))
         sent = len(player.sent_at)
@@ -787,8 +915,10 @@ def play(args, samples, headers, tls):
     tracks = ["inbound", "outbound"] if args.tracks == "both" else [args.tracks]
     # the outbound track gets the same audio a little quieter, so the two are told apart
     audio = {track: ulaw if i == 0 else encode_ulaw([s // 4 for s in samples]) for i, track in enumerate(tracks)}
-    call = Call(tracks=tracks, params=params)
-    sent, code, ending = play_call(client, call, audio, args.timeout)
+    if call is None:
+        call = Call(tracks=tracks, params=params)
+    call.tracks = tracks
+    sent, code, ending = play_call(client, call, audio, args.timeout, on_started)
     print(f"sent stream={call.stream_sid} media={sent} ({seconds_sent(sent, len(tracks), samples)} per track, "
           f"tracks={','.join(tracks)}) closed={code or 'without a close frame'}")
     if ending:
