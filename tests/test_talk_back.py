@@ -154,7 +154,9 @@ def test_a_mark_is_echoed_once_the_audio_before_it_has_played(start_server):
     server = start_server(server="one-second")
     player, code, call = connect_call(server, QUIET[:CHUNK * 10], jitter_ms=0)
     after = int(server.wait_for(rf"stream={call.stream_sid} mark name='one-second' played after=(\d+)ms").group(1))
-    assert 1000 <= after <= 1150  # played, not at once: the slack is for a shared, loaded machine
+    # played, not at once (at once is under 60 ms); the server's clock and the player's differ by a few ms
+    # on a loaded machine (998 ms seen in CI), hence the slack on both sides
+    assert 950 <= after <= 1150
     assert [(name, how) for name, how, _ in player.marks] == [("one-second", "played")]
 
 
