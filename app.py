@@ -1642,8 +1642,9 @@ class WhisperRecognizer:
         features = np.ascontiguousarray(pad_or_trim(features, int(frames))[None])
         encoded = self.whisper.model.encode(ctranslate2.StorageView.from_array(features))
         prompt = [*self.prompt, *self.tokenizer.sot_sequence, self.tokenizer.no_timestamps]
+        longest = len(self.prompt) + int(20 + 10 * len(pcm) / 16000)  # the hint's tokens count too
         tokens = self.whisper.model.generate(encoded, [prompt], beam_size=5, suppress_blank=True, suppress_tokens=[-1],
-                                             max_length=len(self.prompt) + int(20 + 10 * len(pcm) / 16000))[0].sequences_ids[0]
+                                             max_length=longest)[0].sequences_ids[0]
         return self.tokenizer.decode([token for token in tokens if token < self.tokenizer.eot]).strip()
 
 
@@ -2447,13 +2448,17 @@ function row(call) {  // open calls newest first, then ended ones, the last to e
   });
   return tr;
 }
-function place(call, table) {  // open calls with alerts, then the others, newest first; then ended ones, the last to end first
+// Open calls with alerts first, then the other open ones, each newest first; then the ended
+// ones, the last to end first. A row is placed when it is new, or moved (ended, alerted, back).
+function place(call, table) {
   if (call.tr && !call.moved) return;
-  const firstEnded = table.querySelector("tr.ended");
-  const before = call.ended ? firstEnded : call.alerts ? table.firstChild : table.querySelector("tr.open:not(.alerted)") || firstEnded;
-  if (!call.tr || !call.ended) table.insertBefore(call.tr || row(call), before === call.tr ? call.tr.nextSibling : before);
-  else if (firstEnded !== call.tr) table.insertBefore(call.tr, firstEnded);
   call.moved = false;
+  const tr = call.tr || row(call);
+  const firstEnded = table.querySelector("tr.ended");
+  const top = call.ended ? firstEnded
+            : call.alerts ? table.firstChild
+            : table.querySelector("tr.open:not(.alerted)") || firstEnded;
+  if (top !== tr) table.insertBefore(tr, top);
 }
 function set(node, key, value) { if (node[key] !== value) node[key] = value; }  // unchanged: no layout
 function refresh(call) {
@@ -2468,7 +2473,8 @@ function refresh(call) {
   const moods = JSON.stringify(call.moods || {});
   if (call.shownMoods !== moods) { call.shownMoods = moods; cells.mood.replaceChildren(...trends(call.moods || {})); }
   const alerts = call.alerts ? " · " + call.alerts + (call.alerts > 1 ? " alerts" : " alert") : "";
-  set(cells.state, "textContent", (call.ended ? "ended " + (call.ended.how || "") + " " + clock(call.ended.time) : "live") + alerts);
+  const state = call.ended ? "ended " + (call.ended.how || "") + " " + clock(call.ended.time) : "live";
+  set(cells.state, "textContent", state + alerts);
 }
 function mark(mood) {  // a line's mood: red (-1) to green (+1)
   const box = el("span", "m");
@@ -3122,8 +3128,9 @@ def webhook_refusal(runtime: Runtime) -> tuple[str, int, dict] | None:
                                      given)
     if valid:
         return None
+    why = "a wrong X-Twilio-Signature" if given else "no X-Twilio-Signature"
     runtime.connection_warnings.warning("refused webhook remote=%s path=%s status=403 reason=%s", request.remote_addr,
-                                        request.path, "no X-Twilio-Signature" if not given else "a wrong X-Twilio-Signature")
+                                        request.path, why)
     return "the signature does not match (TWILIO_AUTH_TOKEN)\n", 403, {"Content-Type": "text/plain"}
 
 
