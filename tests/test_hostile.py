@@ -117,8 +117,9 @@ def test_half_sent_requests_cannot_use_up_the_file_descriptors(start_server):
     assert "Traceback" not in server.log()
 
 
-def test_the_limit_on_open_files_is_raised_for_max_streams(start_server):
-    server = start_server("--record", "rec-unused", "--max-streams", "300", preexec_fn=limit_files(64, 4096))
+def test_the_limit_on_open_files_is_raised_for_max_streams(start_server, tmp_path):
+    server = start_server("--record", str(tmp_path / "rec-unused"), "--max-streams", "300",
+                          preexec_fn=limit_files(64, 4096))
     limits = open(f"/proc/{server.process.pid}/limits").read()
     soft = int(re.search(r"Max open files\s+(\d+)", limits).group(1))
     assert soft == 300 * 3 + 100 + 64, "a socket and two WAV files per stream, handshakes, spare"
