@@ -50,7 +50,7 @@ import types
 import wave
 from array import array
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
@@ -3101,15 +3101,6 @@ CALL_FIELDS = ("From", "To", "CallSid", "Direction")  # passed on to the stream 
 TWIML_STREAM_SECONDS = 3600   # without --dial, how long a call that is only listened to stays up
 
 
-def webhook_signature(auth_token: str, url: str, fields: list[tuple[str, str]]) -> str:
-    """X-Twilio-Signature of an HTTP webhook: HMAC-SHA1 of the URL followed by each field's
-    name and value, sorted by name (a name's values sorted too), base64: twilio-python's
-    RequestValidator.compute_signature."""
-    names = sorted({name for name, _ in fields})
-    signed = url + "".join(name + value for name in names for value in sorted({v for n, v in fields if n == name}))
-    return base64.b64encode(hmac.new(auth_token.encode(), signed.encode(), hashlib.sha1).digest()).decode()
-
-
 def webhook_refusal(runtime: Runtime) -> tuple[str, int, dict] | None:
     """With TWILIO_AUTH_TOKEN: 403 unless X-Twilio-Signature signs https://<public host><path>
     (with the query, with and without the default port) and the POSTed fields."""
@@ -3117,16 +3108,9 @@ def webhook_refusal(runtime: Runtime) -> tuple[str, int, dict] | None:
     if not token:
         return None
     host = public_host(runtime.settings.public_url) or request.host
-    name, colon, port = host.rpartition(":")
-    hostname = name if colon and port.isdigit() else host
     query = "?" + request.query_string.decode("latin-1") if request.query_string else ""
-    fields = list(request.form.items(multi=True))
-    given = request.headers.get("X-Twilio-Signature", "").encode("latin-1", "replace")
-    valid = False
-    for where in {host, hostname, hostname + ":443"}:
-        valid |= hmac.compare_digest(webhook_signature(token, f"https://{where}{request.path}{query}", fields).encode(),
-                                     given)
-    if valid:
+    given = request.headers.get("X-Twilio-Signature", "")
+    if signature_is_valid(token, host, request.path + query, given, "https", list(request.form.items(multi=True))):
         return None
     why = "a wrong X-Twilio-Signature" if given else "no X-Twilio-Signature"
     runtime.connection_warnings.warning("refused webhook remote=%s path=%s status=403 reason=%s", request.remote_addr,
@@ -3295,22 +3279,27 @@ def forwarded_client(environ: dict, proxies: int) -> str | None:
     return None if getattr(address, "scope_id", None) else str(address)  # "fe80::1%<any text>": no
 
 
-def twilio_signature(auth_token: str, url: str) -> str:
-    """X-Twilio-Signature of a WebSocket handshake: HMAC-SHA1 of the URL alone, base64."""
-    digest = hmac.new(auth_token.encode(), url.encode(), hashlib.sha1).digest()
+def twilio_signature(auth_token: str, url: str, fields: Sequence[tuple[str, str]] = ()) -> str:
+    """X-Twilio-Signature: HMAC-SHA1, base64, of the URL (a WebSocket handshake's alone),
+    then a webhook's POSTed fields, name and value, sorted by name and a name's values
+    sorted too (twilio-python's RequestValidator.compute_signature)."""
+    signed = url + "".join(name + value for name in sorted({name for name, _ in fields})
+                           for value in sorted({v for n, v in fields if n == name}))
+    digest = hmac.new(auth_token.encode(), signed.encode(), hashlib.sha1).digest()
     return base64.b64encode(digest).decode()
 
 
-def signature_is_valid(auth_token: str, host: str, path: str, signature: str) -> bool:
-    """Checks wss://host/path as given, without its port and with the default one, as
-    Twilio's own validator accepts either; every candidate is compared in constant time."""
+def signature_is_valid(auth_token: str, host: str, path: str, signature: str, scheme: str = "wss",
+                       fields: Sequence[tuple[str, str]] = ()) -> bool:
+    """Checks scheme://host/path (a handshake's wss://, a webhook's https:// with its fields)
+    as given, without its port and with the default one, as Twilio's own validator accepts
+    either; every candidate is compared in constant time."""
     name, colon, port = host.rpartition(":")
     hostname = name if colon and port.isdigit() else host
-    candidates = {f"wss://{host}{path}", f"wss://{hostname}{path}", f"wss://{hostname}:443{path}"}
     given = signature.encode("latin-1", "replace")
     valid = False
-    for url in candidates:
-        valid |= hmac.compare_digest(twilio_signature(auth_token, url).encode(), given)
+    for where in {host, hostname, hostname + ":443"}:
+        valid |= hmac.compare_digest(twilio_signature(auth_token, f"{scheme}://{where}{path}", fields).encode(), given)
     return valid
 
 

@@ -683,14 +683,10 @@ def play_call(client, call, audio_by_track, timeout=10.0, on_started=None):
 
 # --- Signed as Twilio signs ------------------------------------------------------------------
 
-def handshake_signature(auth_token, url):
-    """X-Twilio-Signature of a stream's handshake: HMAC-SHA1 of its wss:// URL, base64."""
-    return base64.b64encode(hmac.new(auth_token.encode(), url.encode(), hashlib.sha1).digest()).decode()
-
-
-def webhook_signature(auth_token, url, fields):
-    """X-Twilio-Signature of a webhook: the URL, then each field's name and value by name."""
-    signed = url + "".join(name + fields[name] for name in sorted(fields))
+def signature(auth_token, url, fields=None):
+    """X-Twilio-Signature: HMAC-SHA1, base64, of a stream's wss:// URL alone, or of a
+    webhook's URL then each of its fields' name and value, by name."""
+    signed = url + "".join(name + fields[name] for name in sorted(fields or {}))
     return base64.b64encode(hmac.new(auth_token.encode(), signed.encode(), hashlib.sha1).digest()).decode()
 
 
@@ -705,7 +701,7 @@ def post_form(url, fields, auth_token, timeout):
     headers = {"Content-Type": "application/x-www-form-urlencoded", "User-Agent": "TwilioProxy/1.1 (twilio_sim)"}
     parts = urlsplit(url)
     if auth_token:  # Twilio signs the public https:// URL; http:// here is the far side of a TLS proxy
-        headers["X-Twilio-Signature"] = webhook_signature(auth_token, parts._replace(scheme="https").geturl(), fields)
+        headers["X-Twilio-Signature"] = signature(auth_token, parts._replace(scheme="https").geturl(), fields)
     request = urllib.request.Request(url, data=urlencode(fields).encode(), headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -816,7 +812,7 @@ def main(argv=None):
     headers = dict(h.split(":", 1) for h in args.header)
     headers = {k.strip(): v.strip() for k, v in headers.items()}
     if args.auth_token and not args.twiml and "X-Twilio-Signature" not in headers:
-        headers["X-Twilio-Signature"] = handshake_signature(args.auth_token, as_signed(args.url))
+        headers["X-Twilio-Signature"] = signature(args.auth_token, as_signed(args.url))
     try:
         return play_twiml(args, samples, headers) if args.twiml else play(args, samples, headers, tls)
     except CallFailed as failure:
@@ -859,7 +855,7 @@ def play_twiml(args, samples, headers):
     print(f"twiml <{verb.tag}><Stream> url={url} track={track} parameters={','.join(params) or '-'} "
           f"statusCallback={callback or '-'}")
     if args.auth_token:
-        headers = {**headers, "X-Twilio-Signature": handshake_signature(args.auth_token, url)}
+        headers = {**headers, "X-Twilio-Signature": signature(args.auth_token, url)}
     connect_to = urlsplit(url)._replace(scheme="ws").geturl() if offline else url
     if callback and offline:
         callback = urlsplit(callback)._replace(scheme="http").geturl()
