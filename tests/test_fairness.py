@@ -97,6 +97,7 @@ def unix_gunicorn(tmp_path_factory):
 def flood_block(kind, call, size=1 << 20):
     """About `size` bytes of one kind of message, framed (media: new sequence numbers)."""
     make = {"ping": lambda: frame(0x9, b"", mask=ZERO_MASK),
+            "long-ping": lambda: frame(0x9, b"p" * 125, mask=ZERO_MASK),  # the longest a control frame may be
             "mark": lambda: text_frame(call.mark("never-sent")),
             "unknown-event": lambda: text_frame(f'{{"event":"custom","streamSid":"{call.stream_sid}"}}'),
             "invalid-json": lambda: text_frame("{not json"),
@@ -206,12 +207,14 @@ def flood_until_held_back(client, block, cap=256 << 20):
     return sent, False
 
 
-@pytest.mark.parametrize("kind, flags", [("ping", []), ("media", ["--echo"])], ids=["pings", "echo"])
+@pytest.mark.parametrize("kind, flags", [("long-ping", []), ("media", ["--echo"])], ids=["pings", "echo"])
 def test_a_client_that_floods_and_never_reads_is_held_back_then_dropped(start_server, kind, flags):
     """Pongs, or the echo of every chunk, pile up for a client that reads nothing: the server
     stops reading from it at OUTBOX_LIMIT, so TCP holds it back, and drops it once it has
     taken nothing for STALL_SECONDS (4 s here: filling the kernel's buffers first took
-    over 1.5 s on a busy machine), with a summary."""
+    over 1.5 s on a busy machine), with a summary. Its pings are the longest a control frame
+    may be: an empty one's pong is a third of it, and on a loaded machine reading the 3 MiB
+    of them that fill OUTBOX_LIMIT outlasted the 4 s stall (the client was dropped, never held)."""
     # --read-interval-ms 0: a suite that loads the machine puts the server behind, where it reads this client
     # every 100 ms, and that slow reading, not its back-pressure, would be what holds the client back
     server = start_server("--quiet-levels", "--read-interval-ms", "0", *flags, server="stalls-in-4-s")
@@ -229,7 +232,7 @@ def test_a_client_that_floods_and_never_reads_is_held_back_then_dropped(start_se
         flood_until_held_back(client, block)  # it goes on pushing, as a flooding client does
     summary = server.summary(call.stream_sid)
     assert summary["ended"] == "stalled"
-    if kind == "ping":  # the echo's flood repeats its sequence numbers: its warnings run out first
+    if kind == "long-ping":  # the echo's flood repeats its sequence numbers: its warnings run out first
         assert f"stream={call.stream_sid} the client took nothing we sent for 4 s" in server.log()
     else:
         assert int(summary["media"]) < 100_000, "what it took is bounded by what it read"
