@@ -1,4 +1,5 @@
 """What a user touches before the first call: TwiML templates, the Werkzeug fix, the simulator, CI."""
+import ast
 import re
 import subprocess
 import sys
@@ -87,3 +88,24 @@ def test_ci_runs_the_readme_test_command_word_for_word():
     readme = (ROOT / "README.md").read_text()
     command = re.search(r"```sh\n(.*pytest.*)\n```", readme).group(1)
     assert command in (ROOT / ".ci/run").read_text().splitlines()
+
+
+def test_app_py_starts_where_the_tutorial_starts_and_its_map_is_true():
+    """The docstring's map gives each section's first line, "Start here" gives media()'s, and so
+    does the README's last line; the tutorial's app and loop come within the first 200 lines."""
+    source = (ROOT / "app.py").read_text().splitlines()
+    docstring = ast.get_docstring(ast.parse("\n".join(source)))
+    entries = re.findall(r"^ +(\d+)  +(\S.*?)(?:  +\S.*)?$", docstring, re.MULTILINE)
+    assert len(entries) >= 10
+    for number, title in entries:
+        first_line = source[int(number) - 1]
+        assert re.match(rf"# (===|---) {re.escape(title)}(:| \(| =| -|,)", first_line), \
+            f"the map says {title!r} starts at line {number}, where app.py has {first_line!r}"
+    mapped = {int(number) for number, _ in entries}
+    parts = [n for n, line in enumerate(source, 1) if line.startswith("# === ")]
+    assert set(parts) <= mapped, f"parts of app.py missing from the map: {[source[n - 1] for n in parts]}"
+    media = source.index("def media(ws):") + 1
+    assert media < 200 and source.index("app = Flask(__name__)") < media, "the tutorial's app and loop first"
+    assert f"Start here: media(), the tutorial's loop, at line {media}." in docstring
+    readme_last = (ROOT / "README.md").read_text().splitlines()[-1]
+    assert f"start at `media()`, line {media};" in readme_last
