@@ -473,15 +473,57 @@ class AudioGreenlet:
 
 
 def is_ours(function: object) -> bool:
-    """Whether a method is this module's own code (not a subclass's from elsewhere)."""
+    """Whether a function is this module's own code (not a subclass's from elsewhere)."""
     return getattr(function, "__globals__", None) is globals()
 
 
-# What the event loop runs for a media message: a class whose own code replaces any of it
-# has its media handled in the call's greenlet instead, where code may wait.
-MEDIA_MACHINERY = ("handle", "_handle", "parse", "on_media", "check_sequence", "meter", "record",
-                   "stop_recording", "warn", "emit", "play", "play_ulaw", "mark", "clear", "send", "label",
-                   "queued_seconds")
+def functions_of(attribute: object) -> list | None:
+    """The functions a class attribute runs when it is used: a method's own, a property's,
+    a static or class method's; none for data (a number, a dict); None when it is code of
+    another kind (a callable object, a descriptor of its own), which is not known to be ours."""
+    if isinstance(attribute, types.FunctionType):
+        return [attribute]
+    if isinstance(attribute, property):
+        return [f for f in (attribute.fget, attribute.fset, attribute.fdel) if f is not None]
+    if isinstance(attribute, (staticmethod, classmethod)):
+        return functions_of(attribute.__func__)
+    if callable(attribute) or hasattr(attribute, "__get__"):
+        return None
+    return []
+
+
+def names_in(code: types.CodeType) -> set[str]:
+    """Every attribute and global name a function's code (its lambdas and comprehensions too) uses."""
+    names = set(code.co_names)
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            names |= names_in(constant)
+    return names
+
+
+def media_code_is_ours(cls: type) -> bool:
+    """Whether the event loop may handle `cls`'s media messages itself, in its callback, where
+    nothing may wait: only if all the code that handling can reach is this module's own. Found
+    from the class, not from a list: handle_media(), handle() (which a class may override to see
+    every message), the method EVENTS names for media and Python's hooks for attribute access,
+    then every name their code uses, looked up in every class of the MRO (so super() calls
+    are followed), and so on. Anything of a subclass's that
+    is reached, a private method or a property too, sends its media to the call's greenlet,
+    where code may wait. A class's own on_audio() is never reached: it runs in its audio greenlet."""
+    todo = ["handle_media", "handle", cls.EVENTS.get("media", ""), "__getattribute__", "__getattr__", "__setattr__"]
+    seen = {"on_audio"} if cls._audio_in_greenlet else set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for klass in cls.__mro__[:-1]:  # not object's own attribute access: it waits for nothing
+            if name in vars(klass):
+                functions = functions_of(vars(klass)[name])
+                if functions is None or not all(map(is_ours, functions)):
+                    return False
+                todo += [name for function in functions for name in names_in(function.__code__)]
+    return True
 
 
 @dataclass(eq=False)
@@ -503,9 +545,9 @@ class MediaStream:
     wants_pcm: ClassVar[bool] = False   # every chunk decoded to PCM: True for a class with an on_audio() of its own
     talks_back: ClassVar[bool] = False  # True: read as each message lands from the first (else from the first send)
     # Set for each class when it is made. The event loop handles media messages as they land
-    # (a sixth less CPU than waking the call's greenlet for each) when what it runs for them is
-    # this module's own code; and a class's own on_audio() runs in a greenlet of the call's,
-    # fed through a bounded queue, where it may wait.
+    # (a sixth less CPU than waking the call's greenlet for each) when all it runs for them is
+    # this module's own code (media_code_is_ours); a class's own on_audio() runs in a greenlet
+    # of the call's, fed through a bounded queue, where it may wait.
     _media_in_event_loop: ClassVar[bool] = True
     _audio_in_greenlet: ClassVar[bool] = False
 
@@ -538,9 +580,7 @@ class MediaStream:
         cls.handlers = handlers_of(cls)
         cls.wants_pcm = cls.wants_pcm or cls.on_audio is not MediaStream.on_audio
         cls._audio_in_greenlet = not is_ours(cls.on_audio)
-        cls._media_in_event_loop = is_ours(cls.handlers.get("media")) and all(
-            is_ours(getattr(cls, name)) or is_ours(getattr(getattr(cls, name), "fget", None))
-            for name in MEDIA_MACHINERY)
+        cls._media_in_event_loop = media_code_is_ours(cls)
 
     def __post_init__(self):
         if self.talks_back and self.ws is not None:

@@ -209,3 +209,27 @@ def make_certificate(folder, name, subject_alt_name):
 def certificate(tmp_path_factory):
     """A self-signed certificate for localhost and 127.0.0.1: (cert.pem, key.pem)."""
     return make_certificate(tmp_path_factory.mktemp("tls"), "localhost", "DNS:localhost,IP:127.0.0.1")
+
+
+class InProcessServer:
+    """A real server (pywsgi, our handler, the Flask app) on a free port of this process's
+    event loop, for `runtime`: what a test needs to see inside a call as it happens. Clients
+    run on native threads (`run`), so the event loop serves them while the test waits."""
+
+    def __init__(self, runtime: "app.Runtime"):
+        from gevent import pywsgi
+        app.use_our_websocket()
+        app.install(runtime)
+        self.runtime = runtime
+        self.server = pywsgi.WSGIServer(("127.0.0.1", 0), app.app,
+                                        handler_class=app.MediaStreamHandler.serving(runtime), log=None)
+        self.server.start()
+        self.url = f"ws://127.0.0.1:{self.server.server_port}/media"
+
+    def run(self, function, *args):
+        """function(*args) on a native thread, this thread's event loop serving meanwhile."""
+        import gevent
+        return gevent.get_hub().threadpool.apply(function, args)
+
+    def stop(self):
+        self.server.stop(timeout=1)

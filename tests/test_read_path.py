@@ -7,13 +7,16 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from array import array
+
+import gevent
 
 import pytest
 
 import app
-from tests.conftest import ROOT, clean_environment, gunicorn_command, simulator
-from tests.twilio_sim import CHUNK, Call, encode_ulaw, frame, tone
+from tests.conftest import ROOT, InProcessServer, clean_environment, gunicorn_command, runtime, simulator
+from tests.twilio_sim import CHUNK, Call, WSClient, encode_ulaw, frame, tone, write_wav
 
 SILENCE = b"\xff" * CHUNK
 
@@ -154,6 +157,71 @@ def test_media_in_the_event_loop_for_this_modules_own_code_only():
     assert app.MediaStream._media_in_event_loop and not app.MediaStream._audio_in_greenlet
     assert app.EchoStream._media_in_event_loop and app.GreetStream._media_in_event_loop and Echoing._media_in_event_loop
     assert not app.GreetStream._audio_in_greenlet, "the server's own on_audio() runs as each chunk lands"
+
+
+def waiting(function):
+    """`function`, after a wait: in the event loop's callback, BlockingSwitchOutError."""
+    def waits(self, *args, **kwargs):
+        gevent.sleep(0)
+        return function(self, *args, **kwargs)
+    return waits
+
+
+def every_method(stream_class):
+    """Every method and property stream_class and its bases define, found by looking, with one that waits first."""
+    methods = {}
+    for klass in reversed(stream_class.__mro__[:-1]):
+        for name, attribute in vars(klass).items():
+            if isinstance(attribute, types.FunctionType):
+                methods[name] = waiting(attribute)
+            elif isinstance(attribute, property):
+                methods[name] = property(*(f and waiting(f) for f in (attribute.fget, attribute.fset, attribute.fdel)))
+    return methods
+
+
+def your_on_audio(self, track, timestamp, pcm):
+    pass
+
+
+@pytest.mark.parametrize("base, expected", [
+    (app.MediaStream, {"media": "50", "audio_dropped": "0", "recordings": None}),
+    (app.EchoStream, {"media": "50", "sent": "50/1.00s", "marks": "1/0/0"}),
+    (app.GreetStream, {"media": "50", "sent": "10/0.20s", "marks": "1/0/0", "barge_ins": "0"})], ids=lambda b: getattr(b, "__name__", ""))
+def test_whatever_a_class_overrides_with_code_that_waits_never_runs_in_the_event_loop(tmp_path, base, expected):
+    """One rule, from the class itself: the event loop's callback runs only this module's own
+    code. Each method of the class, private ones too, is overridden by one that waits, and a
+    call is played through a real server: every count exact, never a BlockingSwitchOutError."""
+    greeting = tmp_path / "greeting.wav"
+    write_wav(greeting, [0] * 1600)  # 0.2 s: ten messages, all of them taken by the socket at once
+    serving = runtime(record=str(tmp_path), greet=str(greeting) if base is app.GreetStream else None)
+    ended, started = [], threading.Event()
+    serving.sinks.append(lambda event: ended.append(event) if isinstance(event, app.Ended) else
+                         started.set() if isinstance(event, app.Started) else None)
+    server = InProcessServer(serving)
+    try:
+        for name, override in every_method(base).items():
+            extra = {"on_audio": your_on_audio} if base is app.MediaStream and name != "on_audio" else {}
+            serving.stream_class = type(f"Waits{name}", (base,), {name: override, **extra})
+            started.clear()
+            code = server.run(play_a_call, server.url, started)
+            summary = app.summary_fields(ended.pop().summary)
+            assert code == 1000 and summary["ended"] == "stop" and summary["bad"] == "0", (name, summary)
+            for field_name, value in expected.items():
+                assert summary.get(field_name, None) == value or value is None and field_name in summary, (name, summary)
+    finally:
+        server.stop()
+
+
+def play_a_call(url, started):
+    """A call whose media come after its start: for a stream of the event loop's, the loop handles them."""
+    call, client = Call(), WSClient(url)
+    client.send_all([call.connected(), call.start()])
+    assert started.wait(5)
+    for burst in range(5):
+        client.send_raw(b"".join(frame(0x1, call.media("inbound", SILENCE, 20 * (10 * burst + n + 1)).encode())
+                                 for n in range(10)))
+    client.send_all([call.dtmf("1"), call.stop()])
+    return client.wait_closed()
 
 
 def test_pcm_reaches_on_audio_in_the_event_loop_exactly(start_server, tmp_path):
