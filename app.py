@@ -501,7 +501,7 @@ def names_in(code: types.CodeType) -> set[str]:
     return names
 
 
-def media_code_is_ours(cls: type) -> bool:
+def media_code_is_ours(cls: type[MediaStream]) -> bool:
     """Whether the event loop may handle `cls`'s media messages itself, in its callback, where
     nothing may wait: only if all the code that handling can reach is this module's own. Found
     from the class, not from a list: handle_media(), handle() (which a class may override to see
