@@ -3401,6 +3401,22 @@ def queued_bytes(item: "bytes | Playback") -> int:
     return min(max(0, len(item.ulaw) - item.offset), SEND_BATCH)
 
 
+class NoDirectIO:
+    """What a MediaWebSocket's library slots `stream`, `raw_write` and `raw_read` hold: only its
+    receive() reads the socket, and only its outbox writes to it."""
+
+    @staticmethod
+    def write(data: bytes) -> None:
+        raise WebSocketError("MediaWebSocket: nothing writes to its socket past the outbox: use send()")
+
+    @staticmethod
+    def read(size: int) -> bytes:
+        raise WebSocketError("MediaWebSocket: nothing reads its socket but receive(): use receive()")
+
+
+NO_DIRECT_IO = NoDirectIO()
+
+
 class MediaWebSocket(WebSocket):
     """gevent-websocket's WebSocket, reading through FrameParser with one recv() per
     network read (instead of three buffered reads per frame), and closing as RFC 6455 asks:
@@ -3430,6 +3446,7 @@ class MediaWebSocket(WebSocket):
 
     def __init__(self, environ, stream, handler):
         super().__init__(environ, stream, handler)
+        self.stream, self.raw_write, self.raw_read = NO_DIRECT_IO, NO_DIRECT_IO.write, NO_DIRECT_IO.read  # type: ignore[misc]
         self.runtime: Runtime = handler.runtime
         self.parser = FrameParser(self.runtime.settings.max_message_bytes)
         self.error = None
@@ -3614,6 +3631,34 @@ class MediaWebSocket(WebSocket):
             except OSError:
                 pass  # not TCP (gunicorn on a unix socket): nothing to turn off
 
+    def send(self, message: str | bytes, binary: bool | None = None) -> None:
+        """gevent-websocket's send(), through the outbox: in order behind what waits, held back
+        with it, and refused (WebSocketError) once the connection is closing or gone. A
+        stream's own send() (or play(), mark(), clear()) says False instead, and counts it."""
+        if binary is None:
+            binary = not isinstance(message, str)
+        payload = message.encode() if isinstance(message, str) else bytes(message)
+        if not self.queue(server_frame(Opcode.BINARY if binary else Opcode.TEXT, payload)):
+            raise WebSocketError("the connection is closing or gone: nothing more can be sent")
+
+    def send_frame(self, message, opcode):
+        raise WebSocketError("MediaWebSocket.send_frame(): frames go out through the outbox only: use send()")
+
+    def read_frame(self):
+        raise WebSocketError("MediaWebSocket.read_frame(): only receive() reads the socket: use receive()")
+
+    def read_message(self):
+        raise WebSocketError("MediaWebSocket.read_message(): only receive() reads the socket: use receive()")
+
+    def handle_close(self, header, payload):
+        raise WebSocketError("MediaWebSocket.handle_close(): FrameParser answers control frames: use close()")
+
+    def handle_ping(self, header, payload):
+        raise WebSocketError("MediaWebSocket.handle_ping(): FrameParser answers pings itself, through the outbox")
+
+    def handle_pong(self, header, payload):
+        raise WebSocketError("MediaWebSocket.handle_pong(): FrameParser reads pongs itself")
+
     def send_text(self, text: bytes) -> bool:
         """Queue one text message (UTF-8 bytes); False once the connection is closing or gone."""
         return self.queue(server_frame(Opcode.TEXT, text))
@@ -3757,7 +3802,7 @@ class MediaWebSocket(WebSocket):
         handle_as_it_lands), so the call's objects go at once, not at the oldest collection."""
         self.readable.close()
         self.fill, self.handle_as_it_lands = nothing_more, None
-        self.stream = self.raw_write = self.raw_read = self.environ = None  # type: ignore[misc]  # the library's slots
+        self.environ = None  # type: ignore[misc]  # the library's slot
 
 
 class IdleTimeout(Exception):

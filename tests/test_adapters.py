@@ -381,3 +381,51 @@ def test_a_stream_that_talks_back_sends_without_waiting_for_acks():
     assert read_frames(client.recv(100)) == [(0x1, b'{"event":"clear","streamSid":"MZ1"}')]
     for sock in (client, ours):
         sock.close()
+
+
+def test_nothing_of_the_librarys_websocket_reaches_the_socket_past_the_outbox():
+    """What MediaWebSocket inherits from gevent-websocket's WebSocket, found by looking, touches
+    neither the socket nor the library's readers and writers; what it overrides of the
+    library's own I/O either goes through the outbox (send) or raises one line naming what to use."""
+    library_io = {"raw_write", "raw_read", "stream", "socket", "rfile", "send_frame", "read_frame", "read_message",
+                  "handle_ping", "handle_close"}
+    for name, attribute in vars(WebSocket).items():
+        code = attribute.fget if isinstance(attribute, property) else attribute
+        if not inspect.isfunction(code) or name == "__init__":  # what __init__ sets, ours replaces (below)
+            continue
+        if name in vars(app.MediaWebSocket):
+            continue
+        used = app.names_in(code.__code__) & library_io
+        assert not used, f"MediaWebSocket inherits {name}(), which uses {used}: override it"
+    ours, client = tcp_pair()
+    ws = websocket(app.MediaWebSocket, ours)
+    ours.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_SNDBUF, 4096)
+    stream = SimpleNamespace(stream_sid="MZ1", played_back=app.PlayedBack())
+    assert ws.send_audio(app.Playback(stream, b"\xff" * 160 * 2000))  # 40 s of audio: it waits in the outbox
+    ws.send('{"event": "mark"}')
+    ws.send(b"\x01\x02")
+    assert ws.writer is not None and ws.queued > 0, "what send() sends waits behind what waited"
+    refused = [name for name, attribute in vars(app.MediaWebSocket).items()
+               if inspect.isfunction(attribute) and name in vars(WebSocket)
+               and name not in ("__init__", "__del__", "receive", "send", "close")]
+    assert {"send_frame", "read_frame", "read_message", "handle_ping", "handle_close", "handle_pong"} <= set(refused)
+    for name in refused:
+        function = getattr(ws, name)
+        with pytest.raises(app.WebSocketError, match=r"^[^\n]*: use \w+\(\)|through the outbox|itself") as raised:
+            function(*[None] * (len(inspect.signature(function).parameters)))
+        assert name in str(raised.value)
+    for direct in (lambda: ws.raw_write(b"x"), lambda: ws.raw_read(1), lambda: ws.stream.write(b"x")):
+        with pytest.raises(app.WebSocketError, match=r"^[^\n]*: use (send|receive)\(\)$"):
+            direct()
+    received = b""
+    while received.count(b"\x82\x02\x01\x02") == 0:
+        received += client.recv(65536)
+    frames = read_frames(received)
+    assert [opcode for opcode, _ in frames[-2:]] == [0x1, 0x2] and frames[-2][1] == b'{"event": "mark"}'
+    assert len(frames) == 2002 and all(b'"media"' in payload for _, payload in frames[:-2]), "in order, whole"
+    gevent.spawn(ws.close, 1000)
+    gevent.sleep(0.01)
+    with pytest.raises(app.WebSocketError, match="closing or gone"):
+        ws.send("too late")
+    for sock in (client, ours):
+        sock.close()
