@@ -1,29 +1,29 @@
 """Receive the live audio of Twilio phone calls (Media Streams) on a WebSocket at /media.
 
 Run it:   python app.py    then `ngrok http 5000`, and a TwiML Bin with <Stream url="wss://<ngrok host>/media"/>
-Start here: media(), the tutorial's loop, at line 143.
+Start here: media(), the tutorial's loop, at line 144.
 Your own processing: subclass MediaStream, then app.main(stream_class=YourStream) (README).
 
 The file, top to bottom: each section and its first line (tests/test_setup.py keeps them true).
-    97  The tutorial's app            Flask, Sockets (fixed for today's Werkzeug) and the /media loop
-   173  The call                      its events, typed; MediaStream: one method per Twilio event
-   988  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
-  1174  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
-  1697  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
-  1910  Optional features             each switched on by a flag, each consuming call events:
-  1912    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
-  1962    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2194    Alerts                      --alerts: the phrases that matter, in what is said
-  2281    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  2336    Sinks                       the console's lines, transcript files
-  2414    Metrics                     --metrics-port: Prometheus
-  2513    The floor                   --floor-port: every live call on one page, /events, /calls
-  2748    The floor's page            its HTML, CSS and JavaScript
-  2968    The floor across processes  --redis-url: one Redis stream
-  3162  The transport                 what a user need not read:
-  3164    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  3333    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  3924  Start-up                      configure(), main(), then gunicorn's worker
+    98  The tutorial's app            Flask, Sockets (fixed for today's Werkzeug) and the /media loop
+   174  The call                      its events, typed; MediaStream: one method per Twilio event
+   1107  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
+  1293  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
+  1841  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
+  2054  Optional features             each switched on by a flag, each consuming call events:
+  2056    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
+  2106    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
+  2339    Alerts                      --alerts: the phrases that matter, in what is said
+  2426    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  2481    Sinks                       the console's lines, transcript files
+  2563    Metrics                     --metrics-port: Prometheus
+  2646    The floor                   --floor-port: every live call on one page, /events, /calls
+  2875    The floor's page            its HTML, CSS and JavaScript
+  3095    The floor across processes  --redis-url: one Redis stream
+  3289  The transport                 what a user need not read:
+  3291    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  3460    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  4096  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ import importlib
 import importlib.util
 import inspect
 import io
+import itertools
 import ipaddress
 import logging
 import math
@@ -177,11 +178,15 @@ def media(ws):
 @dataclass(frozen=True, slots=True)
 class CallEvent:
     """Something that can be seen of one call. The stream makes it; the runtime hands it to
-    every sink (the console, metrics, transcript files, and whatever is added next). `label`
-    is the stream's, as it was when the event happened (`stream=MZ…`, or `remote=…` before
-    `start`). None is made per media message: a call's first chunk and its levels are."""
-    stream: "MediaStream"
+    every sink (the console, metrics, transcript files, the floor, Redis, and whatever is
+    added next), which reads its fields, never the stream behind it. `call_key` tells this
+    process's calls apart (a stream SID comes only with `start`); `label` is the stream's as
+    it was when the event happened (`stream=MZ…`, or `remote=…` before `start`). None is made
+    per media message: a call's first chunk and its levels are."""
+    call_key: int
     label: str
+    stream_sid: str | None
+    call_sid: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +202,6 @@ class Connected(CallEvent):
 
 @dataclass(frozen=True, slots=True)
 class Started(CallEvent):
-    call_sid: str
     tracks: tuple[str, ...]
     media_format: str                 # encoding/sampleRate/channels, as sent
     parameters: dict[str, str]        # customParameters: names and values, made safe to log
@@ -284,8 +288,91 @@ class Failed(CallEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class RecordingStarted(CallEvent):
+    """--record: a track's WAV file is open (what a transcript file is named after)."""
+    track: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class Counted(CallEvent):
+    """An open call's counts so far, once a second while something counts them (--metrics-port)."""
+    summary: CallSummary
+
+
+@dataclass(frozen=True, slots=True)
 class Ended(CallEvent):
-    summary: str                      # MediaStream.summary(): key=value pairs
+    summary: CallSummary
+
+
+@dataclass(frozen=True, slots=True)
+class TrackSummary:
+    name: str
+    messages: int
+    bytes: int
+    gaps: int
+
+
+@dataclass(frozen=True, slots=True)
+class CallSummary:
+    """How a call went, in typed fields: what its summary line (line()), metrics and the
+    floor's `end` (fields()) are made from. A field that is None is not counted by this call
+    (no on_audio() of its own, no --transcribe, no --alerts): its line leaves it out."""
+    stream_sid: str | None
+    call_sid: str | None
+    ended: str
+    duration: float
+    tracks: tuple[TrackSummary, ...]  # every track, those without audio too
+    duplicates: int
+    out_of_order: int
+    bad: dict[str, int]               # messages skipped, by kind
+    sent: int                         # what the stream played back: media messages (20 ms each) ...
+    marks_sent: int                   # ... marks sent, and of them those echoed played or cancelled
+    marks_played: int
+    marks_cancelled: int
+    clears: int
+    unsent: int
+    audio_dropped: int | None
+    transcript: int | None            # lines recognized, and utterances dropped
+    transcript_dropped: int | None
+    alerts: int | None
+    moods: dict[str, float]           # track: the mean of its lines' moods
+    statuses: tuple[str, ...]         # Twilio's stream status callbacks
+    recordings: tuple[tuple[str, float], ...]  # path, seconds
+    recordings_stopped: int           # by a write error or --max-recording-seconds
+    recording_skipped: int
+    extra: dict[str, str]             # the stream class's own (MediaStream.summary_extra())
+
+    def fields(self) -> dict[str, str]:
+        """The summary's key=value pairs, in the order of its line."""
+        tracks = [track for track in self.tracks if track.messages]
+        audio_bytes = sum(track.bytes for track in tracks)
+        fields = {"stream": self.stream_sid or "-", "call": self.call_sid or "-", "ended": self.ended,
+                  "duration": f"{self.duration:.2f}s", "media": str(sum(track.messages for track in tracks))}
+        fields |= {track.name: f"{track.messages}/{track.bytes / 8000:.2f}s" for track in tracks}
+        fields |= {"audio": f"{audio_bytes / 8000:.2f}s", "bytes": str(audio_bytes),
+                   "gaps": str(sum(track.gaps for track in tracks)), "duplicates": str(self.duplicates),
+                   "out_of_order": str(self.out_of_order), "bad": str(sum(self.bad.values()))}
+        fields |= {f"bad_{kind}": str(count) for kind, count in sorted(self.bad.items())}
+        if self.sent or self.marks_sent or self.clears or self.unsent:
+            fields |= {"sent": f"{self.sent}/{self.sent * CHUNK_BYTES / 8000:.2f}s",
+                       "marks": f"{self.marks_sent}/{self.marks_played}/{self.marks_cancelled}",
+                       "clears": str(self.clears)}
+            fields |= {"unsent": str(self.unsent)} if self.unsent else {}
+        fields |= {} if self.audio_dropped is None else {"audio_dropped": str(self.audio_dropped)}
+        if self.transcript is not None:
+            fields |= {"transcript": str(self.transcript), "transcript_dropped": str(self.transcript_dropped)}
+        fields |= {} if self.alerts is None else {"alerts": str(self.alerts)}
+        fields |= {f"mood_{track}": f"{mood:.2f}" for track, mood in self.moods.items()}
+        fields |= {"status": ",".join(self.statuses)} if self.statuses else {}
+        if self.recordings:
+            fields["recordings"] = ",".join(f"{path}:{seconds:.2f}s" for path, seconds in self.recordings)
+        fields |= {"recording_skipped": str(self.recording_skipped)} if self.recording_skipped else {}
+        return fields | self.extra
+
+    def line(self) -> str:
+        """The console's summary line."""
+        return "summary " + " ".join(f"{name}={value}" for name, value in self.fields().items())
 
 
 # --- MediaStream: one call, one method per Twilio event -------------------------------------
@@ -571,9 +658,9 @@ class MediaStream:
     played_back: PlayedBack = field(default_factory=PlayedBack)
     listen_only: str | None = None  # why nothing may be sent back: warned once, then only counted
     audio_dropped: int = 0          # chunks your on_audio() was too far behind to take
-    alerts: int = 0                 # --alerts raised by what was said
     statuses: list = field(default_factory=list)  # Twilio's stream status callbacks for it (/stream-status)
     audio: AudioGreenlet | None = field(default=None, repr=False)  # where your on_audio() runs
+    call_key: int = field(default=0, init=False)  # this process's number for the call: its events carry it
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -585,6 +672,7 @@ class MediaStream:
     def __post_init__(self):
         if self.talks_back and self.ws is not None:
             self.ws.talk_back()
+        self.call_key = self.runtime.open_call(self)
         self.emit(Accepted)
         self.setup()
 
@@ -596,7 +684,7 @@ class MediaStream:
         return f"stream={self.stream_sid}" if self.stream_sid else f"remote={self.remote}"
 
     def emit(self, kind: type[CallEvent], **details) -> None:
-        self.runtime.emit(kind(self, self.label, **details))
+        self.runtime.emit(kind(self.call_key, self.label, self.stream_sid, self.call_sid, **details))
 
     def handle(self, message: str | bytes) -> str | None:
         """One message from the socket: parsed, then handed to the method EVENTS names for its
@@ -695,7 +783,7 @@ class MediaStream:
         self.decoding = self.wants_pcm or bool(self.runtime.settings.record) or self.runtime.transcriber is not None
         self.call_sid = field_text(start, "callSid", "?")
         encoding, rate, channels = (media_format.get(name) for name in ("encoding", "sampleRate", "channels"))
-        self.emit(Started, call_sid=self.call_sid, tracks=tuple(printable(t, 100) for t in tracks),
+        self.emit(Started, tracks=tuple(printable(t, 100) for t in tracks),
                   media_format="/".join(scalar_text(value) for value in (encoding, rate, channels)),
                   parameters={printable(name, 100): scalar_text(value) for name, value in params.items()})
         if (encoding, rate, channels) != ("audio/x-mulaw", 8000, 1):
@@ -805,6 +893,7 @@ class MediaStream:
             if track.recording is None:
                 track.recording = WavTrack.create(settings.record or ".", f"{safe_name(self.stream_sid or '-')}_"
                                                                           f"{track.name}")
+                self.emit(RecordingStarted, track=track.name, path=track.recording.path)
             recording = track.recording
             # Audio is written as it comes, however fast (the client pays for each byte of it);
             # the silence that fills a jump in the timestamps is free to ask for, so no more of
@@ -978,42 +1067,32 @@ class MediaStream:
             self.stop_recording(track)
         if self.stream_sid and self.runtime.streams.get(self.stream_sid) is self:
             del self.runtime.streams[self.stream_sid]
+        self.runtime.close_call(self.call_key)
         self.emit(Ended, summary=self.summary())
 
-    def summary(self) -> str:
+    def summary(self) -> CallSummary:
+        """How the call went, so far: the summary line's fields (CallSummary.line())."""
         tracks = [t for t in self.tracks.values() if t.messages]
-        audio_bytes = sum(t.bytes for t in tracks)
-        parts = [f"summary stream={self.stream_sid or '-'} call={self.call_sid or '-'}",
-                 f"ended={self.ended} duration={time.monotonic() - self.started_at:.2f}s",
-                 f"media={sum(t.messages for t in tracks)}"]
-        parts += [f"{t.name}={t.messages}/{t.bytes / 8000:.2f}s" for t in tracks]
-        parts += [f"audio={audio_bytes / 8000:.2f}s bytes={audio_bytes}",
-                  f"gaps={sum(t.gaps for t in tracks)} duplicates={self.duplicates}",
-                  f"out_of_order={self.out_of_order} bad={sum(self.bad.values())}"]
-        parts += [f"bad_{kind}={count}" for kind, count in sorted(self.bad.items())]
-        played_back = self.played_back
-        if played_back.messages or played_back.marks_sent or played_back.clears or played_back.unsent:
-            parts += [f"sent={played_back.messages}/{played_back.messages * CHUNK_BYTES / 8000:.2f}s",
-                      f"marks={played_back.marks_sent}/{played_back.marks_played}/{played_back.marks_cancelled}",
-                      f"clears={played_back.clears}"]
-            parts += [f"unsent={played_back.unsent}"] if played_back.unsent else []
-        if self._audio_in_greenlet:
-            parts.append(f"audio_dropped={self.audio_dropped}")
-        if self.runtime.transcriber:
-            transcripts = [t.transcript for t in tracks if t.transcript]
-            parts.append(f"transcript={sum(t.utterances for t in transcripts)} "
-                         f"transcript_dropped={sum(t.dropped for t in transcripts)}")
-            parts += [f"alerts={self.alerts}"] if self.runtime.settings.alerts else []
-            parts += [f"mood_{t.track}={sum(t.moods) / len(t.moods):.2f}" for t in transcripts if t.moods]
-        if self.statuses:
-            parts.append("status=" + ",".join(self.statuses))
-        recordings = [t.recording for t in tracks if t.recording]
-        if recordings:
-            parts.append("recordings=" + ",".join(f"{r.path}:{r.seconds:.2f}s" for r in recordings))
-        skipped = sum(t.recording_skipped for t in tracks)
-        if skipped:
-            parts.append(f"recording_skipped={skipped}")
-        return " ".join(parts)
+        transcripts = [t.transcript for t in tracks if t.transcript]
+        played_back, transcribed = self.played_back, self.runtime.transcriber is not None
+        return CallSummary(
+            self.stream_sid, self.call_sid, self.ended, time.monotonic() - self.started_at,
+            tuple(TrackSummary(t.name, t.messages, t.bytes, t.gaps) for t in self.tracks.values()),
+            self.duplicates, self.out_of_order, dict(self.bad), played_back.messages, played_back.marks_sent,
+            played_back.marks_played, played_back.marks_cancelled, played_back.clears, played_back.unsent,
+            audio_dropped=self.audio_dropped if self._audio_in_greenlet else None,
+            transcript=sum(t.utterances for t in transcripts) if transcribed else None,
+            transcript_dropped=sum(t.dropped for t in transcripts) if transcribed else None,
+            alerts=sum(t.alerts for t in transcripts) if transcribed and self.runtime.settings.alerts else None,
+            moods={t.track: sum(t.moods) / len(t.moods) for t in transcripts if t.moods} if transcribed else {},
+            statuses=tuple(self.statuses),
+            recordings=tuple((t.recording.path, t.recording.seconds) for t in tracks if t.recording),
+            recordings_stopped=sum(t.recording_stopped for t in self.tracks.values()),
+            recording_skipped=sum(t.recording_skipped for t in tracks), extra=self.summary_extra())
+
+    def summary_extra(self) -> dict[str, str]:
+        """Yours to override: fields of your own for the summary line (and the floor's `end`)."""
+        return {}
 
 
 def handlers_of(stream_class: type[MediaStream]) -> dict:
@@ -1495,6 +1574,7 @@ def read_settings(argv: list[str] | None = None, environ=os.environ) -> Settings
 # --- Runtime: what one process shares -------------------------------------------------------
 
 STREAM_END_SECONDS = 3  # what open streams get at shutdown to end and make their summaries
+COUNTS_EVERY_SECONDS = 1  # open calls' counts are sent (Counted) this often, when a sink counts them; their last as they end
 
 
 @dataclass(eq=False)
@@ -1525,6 +1605,30 @@ class Runtime:
     pending: deque = field(default_factory=deque)  # events made in the event loop's callback, not delivered yet
     pending_arrived: gevent.event.Event = field(default_factory=gevent.event.Event)
     deliverer: "gevent.Greenlet | None" = None
+    counted: bool = False              # a sink wants each open call's counts once a second (Counted): metrics
+    calls: dict = field(default_factory=dict)  # call_key: each open call's MediaStream
+    call_keys: Any = field(default_factory=itertools.count, repr=False)
+    counter: "gevent.Greenlet | None" = None
+
+    def open_call(self, stream: MediaStream) -> int:
+        """A call begins: its key, which its events carry."""
+        key = next(self.call_keys)
+        self.calls[key] = stream
+        if self.counted and self.counter is None:
+            self.counter = gevent.spawn(self.count_open_calls)
+        return key
+
+    def close_call(self, key: int) -> None:
+        self.calls.pop(key, None)
+
+    def count_open_calls(self) -> None:
+        """Each open call's counts so far, as an event (Counted), every COUNTS_EVERY_SECONDS."""
+        while True:
+            gevent.sleep(COUNTS_EVERY_SECONDS)
+            for n, stream in enumerate(list(self.calls.values()), 1):
+                stream.emit(Counted, summary=stream.summary())
+                if n % 100 == 0:
+                    gevent.sleep(0)  # 1000 calls' counts in one go would hold up their audio for 10 ms
 
     def emit(self, event: CallEvent) -> None:
         """Hand `event` to every sink, in the order events were made. An event made in the
@@ -1593,7 +1697,7 @@ def create_runtime(settings: Settings, stream_class: type | None = None, *,
         transcriber = Transcriber(recognizer, settings.transcribe_threads)
     metrics = Metrics() if settings.metrics_port else None
     runtime = Runtime(settings, serving or MediaStream, max_streams or settings.max_streams, greeting, transcriber,
-                      Mood() if settings.mood else None, metrics)
+                      Mood() if settings.mood else None, metrics, counted=metrics is not None)
     runtime.sinks.append(Console(runtime.stream_warnings))
     if metrics:
         runtime.sinks.append(metrics)
@@ -1606,7 +1710,7 @@ def create_runtime(settings: Settings, stream_class: type | None = None, *,
     elif runtime.floor:
         runtime.sinks.append(runtime.floor)
     if transcriber and settings.record:
-        runtime.sinks.append(TranscriptFiles(settings.record))
+        runtime.sinks.append(TranscriptFiles(settings.record, runtime.stream_warnings))
     return runtime
 
 
@@ -1995,8 +2099,8 @@ class GreetStream(MediaStream):
             self.emit(BargeIn, queued_seconds=self.queued_seconds)
             self.clear()
 
-    def summary(self) -> str:
-        return f"{super().summary()} barge_ins={self.barge_ins}"
+    def summary_extra(self) -> dict[str, str]:
+        return {"barge_ins": str(self.barge_ins)}
 
 
 # --- Transcripts (--transcribe): a recognizer on this machine, imported only when switched on ---
@@ -2136,6 +2240,7 @@ class TrackTranscript:
         self.pending = 0            # utterances submitted, not yet heard
         self.utterances = self.dropped = 0
         self.moods: list[float] = []  # --mood: each line's score
+        self.alerts = 0             # --alerts raised by its lines
         self.all_heard = gevent.event.Event()
         self.closed = False         # its call has ended: what comes back now is too late
 
@@ -2186,7 +2291,7 @@ class TrackTranscript:
             self.stream.emit(Transcribed, track=self.track, at=utterance.at, text=text, mood=mood)
             alerts = self.stream.runtime.settings.alerts
             for category, phrase in alerts.said(text) if alerts else ():
-                self.stream.alerts += 1
+                self.alerts += 1
                 self.stream.emit(Alerted, track=self.track, category=category, phrase=phrase, text=text)
         self.one_less_pending()
 
@@ -2404,7 +2509,7 @@ class Console:
             Failed: lambda e: log.warning("%s handler error: %s: %s (traceback at --log-level debug)", e.label,
                                           type(e.error).__name__, printable(str(e.error), 200),
                                           exc_info=e.error if log.isEnabledFor(logging.DEBUG) else None),
-            Ended: lambda e: log.info("%s", e.summary),
+            Ended: lambda e: log.info("%s", e.summary.line()),
         }
 
     def __call__(self, event: CallEvent) -> None:
@@ -2424,43 +2529,46 @@ class TranscriptFiles:
     """With --record and --transcribe: each track's transcript beside its recording,
     RECORD_DIR/<recording's name>.txt, a line per utterance, on disk as soon as it is heard."""
 
-    def __init__(self, folder: str):
-        self.folder = folder
-        self.files: dict[tuple[int, str], Any] = {}  # (id of the stream, track): its open file
+    def __init__(self, folder: str, warnings: LogThrottle):
+        self.folder, self.warnings = folder, warnings
+        self.recordings: dict[tuple[int, str], str] = {}  # (call, track): its recording's path
+        self.files: dict[tuple[int, str], Any] = {}  # (call, track): its open file
 
     def __call__(self, event: CallEvent) -> None:
         if isinstance(event, Transcribed) and not event.partial:
             self.write(event)
+        elif isinstance(event, RecordingStarted):
+            self.recordings[event.call_key, event.track] = event.path
         elif isinstance(event, Ended):
-            for key in [key for key in self.files if key[0] == id(event.stream)]:
-                self.files.pop(key).close()
+            for key in [key for key in self.files.keys() | self.recordings.keys() if key[0] == event.call_key]:
+                self.recordings.pop(key, None)
+                if key in self.files:
+                    self.files.pop(key).close()
 
     def write(self, event: Transcribed) -> None:
-        stream = event.stream
+        key = (event.call_key, event.track)
         try:
-            file = self.files.get((id(stream), event.track))
+            file = self.files.get(key)
             if file is None:
-                recording = stream.tracks[event.track].recording
-                name = recording.path[:-4] if recording else os.path.join(
-                    self.folder, f"{safe_name(stream.stream_sid or '-')}_{event.track}")
-                file = self.files[id(stream), event.track] = open(name + ".txt", "a", encoding="utf-8",
-                                                                   opener=private)
+                recording = self.recordings.get(key)
+                name = recording[:-4] if recording else os.path.join(
+                    self.folder, f"{safe_name(event.stream_sid or '-')}_{event.track}")
+                file = self.files[key] = open(name + ".txt", "a", encoding="utf-8", opener=private)
             file.write(f"{event.at:.2f}s {printable(event.text, 2000)}\n")
             file.flush()  # complete on disk whenever and however the call ends
         except OSError as exc:
-            stream.warn(f"transcript file track={event.track}: {exc}")
+            self.warnings.warning("%s transcript file track=%s: %s", event.label, event.track, exc)
 
 
 # --- Metrics: Prometheus, with the official client, imported only with --metrics-port -----
 
-METRICS_EVERY_SECONDS = 1  # open streams' counts are added this often; a stream's last ones as it ends
 METRICS_CONNECTIONS = 8    # scrapes served at once; more wait in the backlog, holding no descriptor of ours
 
 
 class Metrics:
-    """This process's streams counted for Prometheus, a sink of call events: each stream's
-    counts, as its summary has them, are added as it ends and every METRICS_EVERY_SECONDS
-    while it is open, so counting costs nothing per message. Under gunicorn each worker writes them to
+    """This process's streams counted for Prometheus, a sink of call events: each call's
+    counts, as its summary has them, are added as it ends and every COUNTS_EVERY_SECONDS
+    while it is open (Counted), so counting costs nothing per message. Under gunicorn each worker writes them to
     PROMETHEUS_MULTIPROC_DIR and the master serves their sum (serve_metrics_of_workers)."""
 
     def __init__(self):
@@ -2494,54 +2602,39 @@ class Metrics:
                                      "StreamEvent", "event")
         self.floor_events_dropped = counter("floor_events_dropped", "call events that never reached Redis "
                                             "(--redis-url): it was down, slow or refusing")
-        self.open: dict[int, tuple] = {}  # id() of each open stream: (the stream, the counts added so far)
-        self.adder: gevent.Greenlet | None = None
+        self.added: dict[int, dict] = {}  # each open call: the counts added so far, by metric and labels
 
     def __call__(self, event: CallEvent) -> None:
-        """The sink: a stream is counted from its Accepted event to its Ended one."""
+        """The sink: a call is counted from its Accepted event to its Ended one, its counts
+        added once a second (Counted) and as it ends."""
         if isinstance(event, Accepted):
-            self.opened(event.stream)
-        elif isinstance(event, Ended):
-            self.closed(event.stream)
+            self.added[event.call_key] = {}
+            self.streams_open.inc()
+        elif isinstance(event, Counted) and event.call_key in self.added:
+            self.add_counts(event.summary, self.added[event.call_key])
+        elif isinstance(event, Ended) and event.call_key in self.added:
+            summary = event.summary
+            self.add_counts(summary, self.added.pop(event.call_key))
+            self.streams_open.dec()
+            self.streams_ended.labels(summary.ended).inc()
+            for result, count in (("written", len(summary.recordings)), ("stopped", summary.recordings_stopped)):
+                if count:
+                    self.recordings.labels(result).inc(count)
         elif isinstance(event, Alerted):
             self.alerts.labels(event.category).inc()
 
-    def opened(self, stream: "MediaStream") -> None:
-        self.open[id(stream)] = (stream, {})
-        self.streams_open.inc()
-        if self.adder is None:
-            self.adder = gevent.spawn(self.add_open_streams_counts)
-
-    def closed(self, stream: "MediaStream") -> None:
-        self.add_counts(stream, self.open.pop(id(stream))[1])
-        self.streams_open.dec()
-        self.streams_ended.labels(stream.ended).inc()
-        for track in stream.tracks.values():
-            if track.recording:
-                self.recordings.labels("written").inc()
-            if track.recording_stopped:
-                self.recordings.labels("stopped").inc()
-
-    def add_open_streams_counts(self) -> None:
-        while True:
-            gevent.sleep(METRICS_EVERY_SECONDS)
-            for n, (stream, added) in enumerate(list(self.open.values()), 1):
-                self.add_counts(stream, added)
-                if n % 100 == 0:
-                    gevent.sleep(0)  # 1000 streams' counts in one go would hold up their audio for 10 ms
-
-    def add_counts(self, stream: "MediaStream", added: dict) -> None:
-        """What `stream` counted since `added` (updated) was taken."""
-        played_back = stream.played_back
-        now = {(self.duplicates, ()): stream.duplicates, (self.out_of_order, ()): stream.out_of_order,
-               (self.sent_messages, ()): played_back.messages, (self.clears, ()): played_back.clears,
-               (self.marks, ("sent",)): played_back.marks_sent, (self.marks, ("played",)): played_back.marks_played,
-               (self.marks, ("cancelled",)): played_back.marks_cancelled}
-        for track in stream.tracks.values():
+    def add_counts(self, summary: CallSummary, added: dict) -> None:
+        """What a call counted since `added` (updated) was taken."""
+        now: dict[tuple, float] = {
+            (self.duplicates, ()): summary.duplicates, (self.out_of_order, ()): summary.out_of_order,
+            (self.sent_messages, ()): summary.sent, (self.clears, ()): summary.clears,
+            (self.marks, ("sent",)): summary.marks_sent, (self.marks, ("played",)): summary.marks_played,
+            (self.marks, ("cancelled",)): summary.marks_cancelled}
+        for track in summary.tracks:
             now[self.media_messages, (track.name,)] = track.messages
             now[self.audio_seconds, (track.name,)] = track.bytes / 8000
             now[self.gaps, (track.name,)] = track.gaps
-        for kind, count in stream.bad.items():
+        for kind, count in summary.bad.items():
             now[self.bad_messages, (kind,)] = count
         for (metric, labels), value in now.items():
             more = value - added.get((metric, labels), 0)
@@ -2568,11 +2661,6 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def summary_fields(summary: str) -> dict[str, str]:
-    """The summary line's key=value pairs."""
-    return dict(part.split("=", 1) for part in summary.split()[1:] if "=" in part)
-
-
 FLOOR_KINDS: dict[type, tuple[str, Callable[[Any], dict]]] = {  # an event's type on the floor, and its fields
     Started: ("start", lambda e: {"tracks": list(e.tracks), "parameters": e.parameters, "format": e.media_format}),
     Level: ("level", lambda e: {"track": e.track, "dbfs": round(dbfs(e.mean_square), 1)}),
@@ -2585,7 +2673,7 @@ FLOOR_KINDS: dict[type, tuple[str, Callable[[Any], dict]]] = {  # an event's typ
     StatusCallback: ("status", lambda e: {"event": e.event, "error": e.error}),
     Warned: ("warning", lambda e: {"message": e.message}),
     Stopped: ("stop", lambda e: {}),
-    Ended: ("end", lambda e: summary_fields(e.summary)),
+    Ended: ("end", lambda e: e.summary.fields()),
 }
 
 
@@ -2593,11 +2681,10 @@ def floor_record(event: CallEvent, server: str) -> dict | None:
     """A call event as the floor and the Redis stream carry it: type, stream, call, server,
     time and the fields of its kind. None: not shown (before `start` a call has no SID)."""
     kind = FLOOR_KINDS.get(type(event))
-    sid = event.stream.stream_sid
-    if kind is None or sid is None:
+    if kind is None or event.stream_sid is None:
         return None
     name, fields = kind
-    return {"type": name, "stream": sid, "call": event.stream.call_sid, "server": server, "time": utc_now(),
+    return {"type": name, "stream": event.stream_sid, "call": event.call_sid, "server": server, "time": utc_now(),
             **fields(event)}
 
 

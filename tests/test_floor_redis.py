@@ -209,21 +209,13 @@ def test_while_redis_is_down_events_beyond_the_queue_are_dropped_counted_and_sai
     assert [r["stream"] for r in publisher.queue][-1] == calls[-1].stream_sid, "the newest wait, the oldest go"
     counted = serving.metrics.registry.get_sample_value("mediastreams_floor_events_dropped_total")
     assert counted == 70
-    stream = _stream(calls[0])
     for _ in range(12):  # a level waits only while the queue is less than half full
-        publisher(app.Level(stream, "test", track="inbound", mean_square=1))
+        publisher(app.Level(1, "test", calls[0].stream_sid, calls[0].call_sid, track="inbound", mean_square=1))
     assert publisher.dropped == 82 and len(publisher.queue) == 20
     assert not any(r["type"] == "level" for r in publisher.queue), "levels go first, before any other event"
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "down" in warnings[0] and "trying again" in warnings[0], warnings
     publisher.greenlet.kill()
-
-
-def _stream(call):
-    stream = app.MediaStream(app.create_runtime(app.Settings()), remote="test")
-    for message in call.session(media=0):
-        stream.handle(message)
-    return stream
 
 
 def test_an_unreachable_redis_is_a_warning_and_calls_are_taken(start_server):

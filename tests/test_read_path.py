@@ -204,7 +204,7 @@ def test_whatever_a_class_overrides_with_code_that_waits_never_runs_in_the_event
             serving.stream_class = type(f"Waits{name}", (base,), {name: override, **extra})
             started.clear()
             code = server.run(play_a_call, server.url, started)
-            summary = app.summary_fields(ended.pop().summary)
+            summary = ended.pop().summary.fields()
             assert code == 1000 and summary["ended"] == "stop" and summary["bad"] == "0", (name, summary)
             for field_name, value in expected.items():
                 assert summary.get(field_name, None) == value or value is None and field_name in summary, (name, summary)

@@ -2,6 +2,8 @@
 server, no socket. Recording, the greeting and barge-in, transcripts (with a recognizer of
 the test's), the handshake checks, and the call events that every console line, metric and
 transcript file comes from."""
+import dataclasses
+import logging
 import wave
 from dataclasses import FrozenInstanceError
 
@@ -52,12 +54,12 @@ def test_every_observable_thing_about_a_call_is_one_event_in_order():
     stream = call_on(serving, [*call.session(media=3), call.dtmf("7"), "not json", '{"event": "new"}', call.stop()])
     assert [type(event).__name__ for event in events] == [
         "Accepted", "Connected", "Started", "FirstMedia", "Dtmf", "Warned", "UnknownEvent", "Stopped", "Ended"]
-    assert all(event.stream is stream for event in events)
+    assert all(event.call_key == stream.call_key for event in events)
     started, = events.of(app.Started)
     assert (started.call_sid, started.tracks) == (call.call_sid, ("inbound",))
     assert started.media_format == "audio/x-mulaw/8000/1"
     assert events.of(app.Dtmf)[0].digit == "7" and events[0].label == "remote=test"
-    assert events.of(app.Ended)[0].summary.startswith(f"summary stream={call.stream_sid} call={call.call_sid} "
+    assert events.of(app.Ended)[0].summary.line().startswith(f"summary stream={call.stream_sid} call={call.call_sid} "
                                                       "ended=stop duration=")
 
 
@@ -113,7 +115,7 @@ def test_a_caller_who_talks_over_the_greeting_clears_it_once(tmp_path):
     assert 4.0 < barge_in.queued_seconds <= 5.0
     echo, = events.of(app.MarkEchoed)
     assert (echo.name, echo.cancelled) == ("greeting", True)
-    assert stream.summary().endswith("barge_ins=1")
+    assert stream.summary().line().endswith("barge_ins=1")
 
 
 def test_transcripts_with_a_recognizer_of_the_tests_become_events_and_a_file(tmp_path):
@@ -134,7 +136,7 @@ def test_transcripts_with_a_recognizer_of_the_tests_become_events_and_a_file(tmp
     assert len(lines) == 2 and len(heard) >= 2 and all(track == "inbound" for track, _ in lines)
     written = (tmp_path / f"{call.stream_sid}_inbound.txt").read_text().splitlines()
     assert [line.split(" ", 1)[1] for line in written] == [text for _, text in lines]
-    assert "transcript=2 transcript_dropped=0" in stream.summary()
+    assert "transcript=2 transcript_dropped=0" in stream.summary().line()
 
 
 def test_a_stream_class_whose_mistakes_show_when_it_is_made_is_refused_in_one_line():
@@ -194,3 +196,63 @@ def test_events_made_in_the_event_loops_callback_reach_the_sinks_from_a_greenlet
     gevent.sleep(0)  # the hub runs the callback; the sinks get the event from their greenlet
     stream.emit(app.Stopped)  # made in a greenlet: after the one before it
     assert where == [("Accepted", False), ("Warned", False), ("Stopped", False)]
+
+
+def test_every_sink_is_made_of_events_alone_built_here_without_a_stream(tmp_path, caplog):
+    """A sink reads an event's fields, never the stream behind it: each is driven here by
+    events made by hand, as another process's would be, and shows what they say."""
+    import prometheus_client  # noqa: F401 (Metrics imports it)
+    caplog.set_level(logging.INFO, logger="mediastreams")
+    sid, call_sid = "MZ" + "7" * 32, "CA" + "7" * 32
+
+    def event(kind, **fields):
+        return kind(7, f"stream={sid}", sid, call_sid, **fields)
+
+    recording = str(tmp_path / f"{sid}_inbound.wav")
+    summary = app.CallSummary(
+        sid, call_sid, "stop", 2.5, (app.TrackSummary("inbound", 100, 16000, 1), app.TrackSummary("outbound", 0, 0, 0)),
+        duplicates=0, out_of_order=1, bad={"invalid_json": 2}, sent=0, marks_sent=0, marks_played=0, marks_cancelled=0,
+        clears=0, unsent=0, audio_dropped=None, transcript=1, transcript_dropped=0, alerts=1, moods={"inbound": -0.3},
+        statuses=("stream-started",), recordings=((recording, 2.0),), recordings_stopped=0, recording_skipped=0,
+        extra={"mine": "yes"})
+    halfway = dataclasses.replace(summary, tracks=(app.TrackSummary("inbound", 40, 6400, 0),), bad={})
+    events = [event(app.Accepted),
+              event(app.Started, tracks=("inbound",), media_format="audio/x-mulaw/8000/1", parameters={"From": "+1555"}),
+              event(app.RecordingStarted, track="inbound", path=recording), event(app.Dtmf, digit="4"),
+              event(app.Counted, summary=halfway),
+              event(app.Transcribed, track="inbound", at=1.5, text="I want my money back", mood=-0.3),
+              event(app.Alerted, track="inbound", category="refund", phrase="money back", text="I want my money back"),
+              event(app.Ended, summary=summary)]
+    line = (f"summary stream={sid} call={call_sid} ended=stop duration=2.50s media=100 inbound=100/2.00s audio=2.00s "
+            "bytes=16000 gaps=1 duplicates=0 out_of_order=1 bad=2 bad_invalid_json=2 transcript=1 transcript_dropped=0 "
+            f"alerts=1 mood_inbound=-0.30 status=stream-started recordings={recording}:2.00s mine=yes")
+    throttle = app.LogThrottle("stream warnings", 100)
+    metrics, floor = app.Metrics(), app.Floor("elsewhere:1")
+    publisher = app.RedisPublisher("redis://127.0.0.1:1/0", "elsewhere:1", 1000)
+    publisher.start = lambda: None  # its records only: no Redis here
+    sinks = [app.Console(throttle), metrics, floor, publisher, app.TranscriptFiles(str(tmp_path), throttle)]
+    for each in events:
+        for sink in sinks:
+            sink(each)
+    console = [record.getMessage() for record in caplog.records]
+    assert console == [f"Connection accepted stream={sid}",
+                       f"stream={sid} start call={call_sid} tracks=inbound format=audio/x-mulaw/8000/1 params=From",
+                       f"stream={sid} dtmf digit=4",
+                       f'stream={sid} transcript track=inbound at=1.50s text="I want my money back" mood=-0.30',
+                       f'stream={sid} alert track=inbound category=refund phrase="money back" text="I want my money back"',
+                       line]
+    sample = metrics.registry.get_sample_value
+    assert sample("mediastreams_media_messages_total", {"track": "inbound"}) == 100
+    assert sample("mediastreams_audio_seconds_total", {"track": "inbound"}) == 2.0
+    assert sample("mediastreams_bad_messages_total", {"kind": "invalid_json"}) == 2
+    assert sample("mediastreams_streams_ended_total", {"ended": "stop"}) == 1 and sample("mediastreams_streams_open") == 0
+    assert sample("mediastreams_alerts_total", {"category": "refund"}) == 1
+    assert sample("mediastreams_recordings_total", {"result": "written"}) == 1
+    shown, = floor.snapshot()["ended"]
+    assert (shown["from"], shown["words"], shown["alerts"], shown["moods"]) == ("+1555", "I want my money back", 1,
+                                                                                 {"inbound": [-0.3]})
+    fields = dict(part.split("=", 1) for part in line.split()[1:])
+    assert shown["ended"]["summary"] == {k: v for k, v in fields.items() if k not in ("stream", "call")}
+    assert [r["type"] for r in publisher.queue] == ["start", "dtmf", "transcript", "alert", "end"]
+    assert {k: v for k, v in publisher.queue[-1].items() if k not in ("time", "type", "server")} == fields
+    assert (tmp_path / f"{sid}_inbound.txt").read_text() == "1.50s I want my money back\n"

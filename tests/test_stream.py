@@ -26,7 +26,7 @@ def handled(messages, stream_class=app.MediaStream):
 
 
 def summary(stream):
-    return dict(part.split("=", 1) for part in stream.summary().split()[1:])
+    return stream.summary().fields()
 
 
 @pytest.fixture
