@@ -9,21 +9,21 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
    174  The call                      its events, typed; MediaStream: one method per Twilio event
    1107  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
   1293  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
-  1841  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
-  2054  Optional features             each switched on by a flag, each consuming call events:
-  2056    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
-  2106    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2339    Alerts                      --alerts: the phrases that matter, in what is said
-  2426    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  2481    Sinks                       the console's lines, transcript files
-  2563    Metrics                     --metrics-port: Prometheus
-  2646    The floor                   --floor-port: every live call on one page, /events, /calls
-  2875    The floor's page            its HTML, CSS and JavaScript
-  3095    The floor across processes  --redis-url: one Redis stream
-  3289  The transport                 what a user need not read:
-  3291    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  3460    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  4096  Start-up                      configure(), main(), then gunicorn's worker
+  1848  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
+  2061  Optional features             each switched on by a flag, each consuming call events:
+  2063    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
+  2113    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
+  2344    Alerts                      --alerts: the phrases that matter, in what is said
+  2429    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  2484    Sinks                       the console's lines, transcript files
+  2566    Metrics                     --metrics-port: Prometheus
+  2649    The floor                   --floor-port: every live call on one page, /events, /calls
+  2873    The floor's page            its HTML, CSS and JavaScript
+  3093    The floor across processes  --redis-url: one Redis stream
+  3288  The transport                 what a user need not read:
+  3290    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  3459    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  4093  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ import wave
 from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 from xml.sax.saxutils import escape as xml_text, quoteattr as xml_attribute
@@ -421,7 +421,6 @@ MAX_WARNINGS = 100     # per stream; the rest are still counted
 MAX_UNKNOWN_EVENTS = 20
 CHUNK_BYTES = 160      # mu-law bytes a media message plays back: 20 ms, as Twilio sends them
 AUDIO_QUEUE_CHUNKS = 250  # a class of yours: chunks (5 s) waiting for its on_audio(); beyond, dropped and counted
-AUDIO_DRAIN_SECONDS = 5   # at a call's end, what its on_audio() may take for the chunks still waiting (shutdown: 1)
 
 
 @dataclass
@@ -865,11 +864,12 @@ class MediaStream:
             self.fail(error)
 
     def finish_audio(self) -> None:
-        """The chunks still waiting for on_audio(), handled within AUDIO_DRAIN_SECONDS; what is
+        """The chunks still waiting for on_audio(), handled within Limits.audio_drain_seconds; what is
         left is dropped and counted."""
         audio, self.audio = self.audio, None
         if audio is not None:
-            self.audio_dropped += audio.finish(1 if self.runtime.shutting_down else AUDIO_DRAIN_SECONDS)
+            self.audio_dropped += audio.finish(1 if self.runtime.shutting_down else
+                                               self.runtime.limits.audio_drain_seconds)
 
     def meter(self, track: Track, ulaw: bytes) -> None:
         # On every 4th message (on_media), every 8th sample, from another first one each time:
@@ -1411,112 +1411,117 @@ METRICS_PIP = "pip install prometheus-client==0.26.0"
 MOOD_PIP = "pip install vaderSentiment==3.3.2"
 REDIS_PIP = "pip install redis==8.1.0 hiredis==3.5.0"  # hiredis: redis-py parses replies in C, a third of the CPU
 
-OPTIONS = (  # flag, environment variable, default, reader (its ValueError says what it wants), help
-    ("--host", "HOST", "0.0.0.0", a_name, "interface to listen on"),
-    ("--port", "PORT", "5000", number_from(int, 0, 65535), "port; 0: any free one (the log says which)"),
-    ("--log-level", "LOG_LEVEL", "INFO", one_of("DEBUG", "INFO", "WARNING", "ERROR"), "console detail"),
-    ("--record", "RECORD_DIR", "", a_path_or_none, "write RECORD_DIR/<streamSid>_<track>.wav for every stream"),
-    ("--quiet-levels", "QUIET_LEVELS", "0", yes_or_no, "no live level meter lines"),
-    ("--public-url", "PUBLIC_URL", "", a_url_or_none,
-     "public URL Twilio connects to, e.g. https://abc.ngrok.app, for the signature check; default: "
-     "the request's Host"),
-    ("--max-message-bytes", "MAX_MESSAGE_BYTES", "65536", number_from(int, 1024, 16 << 20),
-     "largest WebSocket message accepted"),
-    ("--max-streams", "MAX_STREAMS", "1000", number_from(int, 1, 100_000),
-     "open streams beyond which new ones get 503"),
-    ("--idle-timeout", "IDLE_TIMEOUT", "30", seconds_or_zero,
-     "seconds a client may send nothing before it is dropped; 0: never"),
-    ("--handshake-timeout", "HANDSHAKE_TIMEOUT", "10", number_from(float, 1, 300),
-     "seconds a client has to send its whole HTTP request, however slowly it trickles"),
-    ("--max-recording-seconds", "MAX_RECORDING_SECONDS", "14400", number_from(float, 1, 86_400),
-     "length at which a track's recording stops, with a warning"),
-    ("--read-interval-ms", "READ_INTERVAL_MS", "100", number_from(float, 0, 1000),
-     "only while this process cannot keep up (its event loop 50 ms late), read each listen-only stream "
-     "at most every N ms and handle what gathered in one go: fewer wake-ups, audio up to N ms later; "
-     "0: never (a stream that talks back never is)"),
-    ("--echo", "ECHO", "0", yes_or_no,
-     "play every chunk the caller sends straight back, with a mark every second (<Connect><Stream>)"),
-    ("--greet", "GREET", "", a_path_or_none,
-     "play this WAV file (8000 Hz mono 16-bit) when a stream starts; stop it when the caller talks over it "
-     "(<Connect><Stream>)"),
-    ("--transcribe", "TRANSCRIBE", "0", yes_or_no,
-     "print what is said on each track, a line per utterance, recognized on this machine by Whisper "
-     f"(needs: {TRANSCRIBE_PIP})"),
-    ("--transcribe-model", "TRANSCRIBE_MODEL", "tiny.en", a_model,
-     "with --transcribe: a Whisper model name (downloaded by faster-whisper on first use) or a CTranslate2 "
-     "model directory"),
-    ("--transcribe-threads", "TRANSCRIBE_THREADS", "1", number_from(int, 1, 64),
-     "with --transcribe: utterances recognized at once, each on a native thread and a core of its own"),
-    ("--transcript-partials", "TRANSCRIPT_PARTIALS", "0", yes_or_no,
-     "with --transcribe: also a partial line every second while someone speaks (more CPU)"),
-    ("--alerts", "ALERTS", "", an_alerts_file,
-     "with --transcribe: a file of `category: phrase, phrase` lines; a transcript line that says a phrase "
-     "raises an alert of its category (a console line, an event, a metric)"),
-    ("--mood", "MOOD", "0", yes_or_no,
-     "with --transcribe: score each transcript line from -1 (angry, fed up) to +1 (pleased), VADER with a "
-     f"call center's own words (needs: {MOOD_PIP})"),
-    ("--dial", "DIAL", "", a_phone_number_or_none,
-     "/twiml: connect each caller to this number (<Dial>) while the call is streamed; default: a message, "
-     "then the call stays up for an hour"),
-    ("--tracks", "TRACKS", "inbound", one_of("INBOUND", "OUTBOUND", "BOTH"),
-     "/twiml: the tracks a listening stream gets: inbound (the caller), outbound (what the caller hears), both"),
-    ("--trusted-proxies", "TRUSTED_PROXIES", "0", number_from(int, 0, 10),
-     "proxies in front of this server (nginx: 1) whose X-Forwarded-For names the client; 0: trust none"),
-    ("--floor-port", "FLOOR_PORT", "", a_port_or_none,
-     "serve the floor, every live call on one page, at http://FLOOR_HOST:FLOOR_PORT/ (and its feed at "
-     "/events), a listener of its own"),
-    ("--floor-host", "FLOOR_HOST", "127.0.0.1", a_name,
-     "interface the floor listens on; any but this machine's own needs FLOOR_TOKEN"),
-    ("--redis-url", "REDIS_URL", "", a_redis_url_or_none,
-     "publish every call's events to this Redis (the stream mediastreams:events), and show every process's "
-     f"calls on the floor (needs: {REDIS_PIP})"),
-    ("--redis-max-events", "REDIS_MAX_EVENTS", "100000", number_from(int, 1000, 100_000_000),
-     "with --redis-url: the events the Redis stream keeps, the oldest trimmed (about 300 bytes each)"),
-    ("--floor-only", "FLOOR_ONLY", "0", yes_or_no,
-     "serve only the floor (--floor-port), of the calls of every process that publishes to --redis-url: "
-     "no media port"),
-    ("--metrics-port", "METRICS_PORT", "", a_port_or_none,
-     "serve Prometheus metrics at http://HOST:METRICS_PORT/metrics, a listener of its own "
-     f"(needs: {METRICS_PIP})"),
-)
+def option(default: str, read: Callable[[str], Any], help_text: str, variable: str | None = None) -> Any:
+    """A field of Settings that is a flag too: --<its name>, its environment variable (its name
+    in capitals unless given), its default as it would be typed, the reader that checks it
+    (its ValueError says what it wants) and its help."""
+    return field(default=read(default), metadata={"default": default, "read": read, "help": help_text,
+                                                  "variable": variable})
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Every setting, as read_settings() checked it (the defaults are OPTIONS'); nothing
-    changes it afterwards. Tests build one directly: Settings(record=str(tmp_path))."""
-    host: str = "0.0.0.0"
-    port: int = 5000
-    log_level: str = "INFO"
-    record: str | None = None
-    quiet_levels: bool = False
-    public_url: str | None = None
-    max_message_bytes: int = 65536
-    max_streams: int = 1000
-    idle_timeout: float = 30.0
-    handshake_timeout: float = 10.0
-    max_recording_seconds: float = 14400.0
-    read_interval_ms: float = 100.0
-    echo: bool = False
-    greet: str | None = None
-    transcribe: bool = False
-    transcribe_model: str = "tiny.en"
-    transcribe_threads: int = 1
-    transcript_partials: bool = False
-    alerts: "Alerts | None" = None
-    mood: bool = False
-    dial: str | None = None
-    tracks: str = "INBOUND"
-    trusted_proxies: int = 0
-    metrics_port: int | None = None
-    floor_port: int | None = None
-    floor_host: str = "127.0.0.1"
-    redis_url: str | None = None
-    redis_max_events: int = 100_000
-    floor_only: bool = False
+    """Every setting, as read_settings() checked it; nothing changes it afterwards. A field
+    made by option() is also a flag and an environment variable: its name, variable, default
+    (as it would be typed), reader and help exist here only. Tests build one directly:
+    Settings(record=str(tmp_path))."""
+    host: str = option("0.0.0.0", a_name, "interface to listen on")
+    port: int = option("5000", number_from(int, 0, 65535), "port; 0: any free one (the log says which)")
+    log_level: str = option("INFO", one_of("DEBUG", "INFO", "WARNING", "ERROR"), "console detail")
+    record: str | None = option("", a_path_or_none,
+        "write RECORD_DIR/<streamSid>_<track>.wav for every stream", variable="RECORD_DIR")
+    quiet_levels: bool = option("0", yes_or_no, "no live level meter lines")
+    public_url: str | None = option("", a_url_or_none,
+        "public URL Twilio connects to, e.g. https://abc.ngrok.app, for the signature check; default: "
+        "the request's Host")
+    max_message_bytes: int = option("65536", number_from(int, 1024, 16 << 20), "largest WebSocket message accepted")
+    max_streams: int = option("1000", number_from(int, 1, 100_000), "open streams beyond which new ones get 503")
+    idle_timeout: float = option("30", seconds_or_zero,
+        "seconds a client may send nothing before it is dropped; 0: never")
+    handshake_timeout: float = option("10", number_from(float, 1, 300),
+        "seconds a client has to send its whole HTTP request, however slowly it trickles")
+    max_recording_seconds: float = option("14400", number_from(float, 1, 86_400),
+        "length at which a track's recording stops, with a warning")
+    read_interval_ms: float = option("100", number_from(float, 0, 1000),
+        "only while this process cannot keep up (its event loop 50 ms late), read each listen-only stream "
+        "at most every N ms and handle what gathered in one go: fewer wake-ups, audio up to N ms later; "
+        "0: never (a stream that talks back never is)")
+    echo: bool = option("0", yes_or_no,
+        "play every chunk the caller sends straight back, with a mark every second (<Connect><Stream>)")
+    greet: str | None = option("", a_path_or_none,
+        "play this WAV file (8000 Hz mono 16-bit) when a stream starts; stop it when the caller talks over it "
+        "(<Connect><Stream>)")
+    transcribe: bool = option("0", yes_or_no,
+        "print what is said on each track, a line per utterance, recognized on this machine by Whisper "
+        f"(needs: {TRANSCRIBE_PIP})")
+    transcribe_model: str = option("tiny.en", a_model,
+        "with --transcribe: a Whisper model name (downloaded by faster-whisper on first use) or a CTranslate2 "
+        "model directory")
+    transcribe_threads: int = option("1", number_from(int, 1, 64),
+        "with --transcribe: utterances recognized at once, each on a native thread and a core of its own")
+    transcript_partials: bool = option("0", yes_or_no,
+        "with --transcribe: also a partial line every second while someone speaks (more CPU)")
+    alerts: "Alerts | None" = option("", an_alerts_file,
+        "with --transcribe: a file of `category: phrase, phrase` lines; a transcript line that says a phrase "
+        "raises an alert of its category (a console line, an event, a metric)")
+    mood: bool = option("0", yes_or_no,
+        "with --transcribe: score each transcript line from -1 (angry, fed up) to +1 (pleased), VADER with a "
+        f"call center's own words (needs: {MOOD_PIP})")
+    dial: str | None = option("", a_phone_number_or_none,
+        "/twiml: connect each caller to this number (<Dial>) while the call is streamed; default: a message, "
+        "then the call stays up for an hour")
+    tracks: str = option("inbound", one_of("INBOUND", "OUTBOUND", "BOTH"),
+        "/twiml: the tracks a listening stream gets: inbound (the caller), outbound (what the caller hears), both")
+    trusted_proxies: int = option("0", number_from(int, 0, 10),
+        "proxies in front of this server (nginx: 1) whose X-Forwarded-For names the client; 0: trust none")
+    floor_port: int | None = option("", a_port_or_none,
+        "serve the floor, every live call on one page, at http://FLOOR_HOST:FLOOR_PORT/ (and its feed at "
+        "/events), a listener of its own")
+    floor_host: str = option("127.0.0.1", a_name,
+        "interface the floor listens on; any but this machine's own needs FLOOR_TOKEN")
+    redis_url: str | None = option("", a_redis_url_or_none,
+        "publish every call's events to this Redis (the stream mediastreams:events), and show every process's "
+        f"calls on the floor (needs: {REDIS_PIP})")
+    redis_max_events: int = option("100000", number_from(int, 1000, 100_000_000),
+        "with --redis-url: the events the Redis stream keeps, the oldest trimmed (about 300 bytes each)")
+    floor_only: bool = option("0", yes_or_no,
+        "serve only the floor (--floor-port), of the calls of every process that publishes to --redis-url: "
+        "no media port")
+    metrics_port: int | None = option("", a_port_or_none,
+        "serve Prometheus metrics at http://HOST:METRICS_PORT/metrics, a listener of its own "
+        f"(needs: {METRICS_PIP})")
     floor_token: str | None = None    # FLOOR_TOKEN: what every request to the floor must carry
     auth_token: str | None = None     # TWILIO_AUTH_TOKEN: only handshakes Twilio signed with it
     stream_class: str | None = None   # STREAM_CLASS: module:Class, your MediaStream subclass
+
+
+def options_of(settings_class: type = Settings) -> tuple[tuple[str, str, str, Callable[[str], Any], str], ...]:
+    """(flag, environment variable, default, reader, help) of each flag, from Settings' fields."""
+    return tuple((f"--{f.name.replace('_', '-')}", f.metadata["variable"] or f.name.upper(), f.metadata["default"],
+                  f.metadata["read"], f.metadata["help"]) for f in fields(settings_class) if "read" in f.metadata)
+
+
+OPTIONS = options_of()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Tuning that no flag sets, in one place: the server runs with these defaults, and a test
+    passes its own (create_runtime(limits=...), main(limits=...)) to see a limit at work in a
+    second rather than a minute."""
+    close_timeout: float = 2           # seconds we wait for the client's side of the closing handshake
+    stall_seconds: float = 10          # a client that takes none of what we send for this long is dropped
+    caught_up_seconds: float = 5       # an event loop on time this long: every message read as it lands again
+    audio_drain_seconds: float = 5     # at a call's end, what its on_audio() may take for the chunks still waiting
+    transcript_queue: int = 16         # utterances waiting for recognition, per process; beyond, the oldest is dropped
+    transcript_wait_seconds: float = 10  # at a call's end, what its last utterances' recognition may take
+    whisper_hint: bool = False         # --alerts' phrases as Whisper's prompt: measured by tests/bench_words.py --hint
+    floor_events_kept: int = 10_000    # the feed's latest events, for a client that resumes (Last-Event-ID)
+    floor_ended_kept: int = 200        # ended calls still listed (for FLOOR_ENDED_SECONDS at most)
+    floor_client_queue: int = 2000     # events waiting for one feed client; beyond, it is dropped (and resumes)
+    floor_silent_seconds: float = 60   # with Redis, an open call none of whose events came for this long is
+                                       # ended `lost` (its process was killed, its machine is gone)
+    redis_queue: int = 10_000          # events waiting for Redis; beyond, the oldest are dropped (levels beyond half)
 
 
 def read_settings(argv: list[str] | None = None, environ=os.environ) -> Settings:
@@ -1591,6 +1596,7 @@ class Runtime:
     metrics: Metrics | None = None
     floor: "Floor | None" = None
     publisher: "RedisPublisher | None" = None
+    limits: Limits = field(default_factory=Limits)
     sinks: list[Callable[[CallEvent], None]] = field(default_factory=list)
     open_websockets: set = field(default_factory=set)
     streams: dict = field(default_factory=dict)  # stream SID: the MediaStream open with it
@@ -1677,10 +1683,10 @@ class Runtime:
                         len(self.open_websockets), STREAM_END_SECONDS)
 
 
-def create_runtime(settings: Settings, stream_class: type | None = None, *,
+def create_runtime(settings: Settings, stream_class: type | None = None, *, limits: Limits = Limits(),
                    recognize: Callable[[bytes], str] | None = None, max_streams: int | None = None) -> Runtime:
-    """A process's runtime, for these settings: your stream class (`stream_class`, else
-    STREAM_CLASS, else MediaStream) checked, the greeting read, the recording directory
+    """A process's runtime, for these settings and limits: your stream class (`stream_class`,
+    else STREAM_CLASS, else MediaStream) checked, the greeting read, the recording directory
     checked, the recognizer loaded (`recognize` instead of Whisper: tests) and the sinks made.
     `max_streams`: what reserve_file_descriptors() found this process can carry. Raises
     SettingsError, with one line for the user."""
@@ -1692,20 +1698,21 @@ def create_runtime(settings: Settings, stream_class: type | None = None, *,
     transcriber = None
     if settings.transcribe:
         hint = ", ".join(phrase for _, phrases in settings.alerts.categories for phrase, _ in phrases) \
-            if settings.alerts and ALERTS_HINT_WHISPER else ""
+            if settings.alerts and limits.whisper_hint else ""
         recognizer = recognize or WhisperRecognizer(settings.transcribe_model, settings.transcribe_threads, hint)
-        transcriber = Transcriber(recognizer, settings.transcribe_threads)
+        transcriber = Transcriber(recognizer, settings.transcribe_threads, limits.transcript_queue)
     metrics = Metrics() if settings.metrics_port else None
     runtime = Runtime(settings, serving or MediaStream, max_streams or settings.max_streams, greeting, transcriber,
-                      Mood() if settings.mood else None, metrics, counted=metrics is not None)
+                      Mood() if settings.mood else None, metrics, limits=limits, counted=metrics is not None)
     runtime.sinks.append(Console(runtime.stream_warnings))
     if metrics:
         runtime.sinks.append(metrics)
     server = f"{socket.gethostname()}:{os.getpid()}"
     if settings.floor_port:
-        runtime.floor = Floor(server)
+        runtime.floor = Floor(server, limits)
     if settings.redis_url and not settings.floor_only:  # every floor, this one too, reads them from Redis
-        runtime.publisher = RedisPublisher(settings.redis_url, server, settings.redis_max_events, metrics)
+        runtime.publisher = RedisPublisher(settings.redis_url, server, settings.redis_max_events, metrics,
+                                           limits.redis_queue)
         runtime.sinks.append(runtime.publisher)
     elif runtime.floor:
         runtime.sinks.append(runtime.floor)
@@ -2111,9 +2118,7 @@ PREROLL_MS = 200             # audio kept from before speech is heard: the first
 MIN_SPEECH_MS = 200          # less voiced audio than this is a click or a breath: not recognized
 MAX_UTTERANCE_SECONDS = 10   # longer speech is cut into pieces this long
 PARTIAL_EVERY_MS = 1000      # --transcript-partials: a partial line this often while someone speaks
-TRANSCRIPT_QUEUE = 16        # utterances waiting for recognition, per process; beyond, the oldest is dropped
 TRACK_QUEUE = 3              # ... and per track: one track sending faster than it is heard crowds out no other
-TRANSCRIPT_WAIT_SECONDS = 10  # at a stream's end, what its last utterances' recognition may take (at shutdown: 2)
 WINDOW_SECONDS, WINDOW_PADDING_SECONDS = 10, 3  # the model's window: utterance + padding, never under 10 s
 
 
@@ -2174,8 +2179,8 @@ class Transcriber:
     greenlet waits for it; utterances wait in one bounded queue, and when recognition falls
     behind the oldest waiting one is dropped and counted."""
 
-    def __init__(self, recognize: Callable[[bytes], str], threads: int):
-        self.recognize = recognize
+    def __init__(self, recognize: Callable[[bytes], str], threads: int, queue_size: int = Limits.transcript_queue):
+        self.recognize, self.queue_size = recognize, queue_size
         self.threads = gevent.threadpool.ThreadPool(threads)
         self.waiting: deque[Utterance] = deque()
         self.arrived = gevent.event.Event()
@@ -2194,7 +2199,7 @@ class Transcriber:
         same_track = [waiting for waiting in self.waiting if waiting.transcript is transcript]
         if len(same_track) >= TRACK_QUEUE:
             self.drop(same_track[0])
-        elif len(self.waiting) >= TRANSCRIPT_QUEUE:
+        elif len(self.waiting) >= self.queue_size:
             self.drop(self.waiting[0])
         transcript.pending += 1
         self.waiting.append(utterance)
@@ -2298,7 +2303,7 @@ class TrackTranscript:
     def dropped_one(self) -> None:
         self.dropped += 1
         self.stream.warn(f"transcript track={self.track}: recognition is behind, the oldest utterance waiting "
-                         f"was dropped ({TRANSCRIPT_QUEUE} waiting; see --transcribe-threads)")
+                         f"was dropped ({self.transcriber.queue_size} waiting; see --transcribe-threads)")
         self.one_less_pending()
 
     def one_less_pending(self) -> None:
@@ -2318,12 +2323,12 @@ class TrackTranscript:
 
 def end_transcripts(transcripts: list[TrackTranscript]) -> None:
     """A call's last words recognized before its summary: what was still being said is
-    sent, and every utterance is heard within TRANSCRIPT_WAIT_SECONDS, or within the time a
+    sent, and every utterance is heard within Limits.transcript_wait_seconds, or within the time a
     shutdown leaves (STREAM_END_SECONDS); what is left is counted as dropped."""
     for transcript in transcripts:
         transcript.end_utterance()
     runtime = transcripts[0].stream.runtime
-    deadline = STREAM_END_SECONDS - 1 if runtime.shutting_down else TRANSCRIPT_WAIT_SECONDS
+    deadline = STREAM_END_SECONDS - 1 if runtime.shutting_down else runtime.limits.transcript_wait_seconds
     try:
         with gevent.Timeout(deadline, False):
             for transcript in transcripts:
@@ -2337,8 +2342,6 @@ def end_transcripts(transcripts: list[TrackTranscript]) -> None:
 
 
 # --- Alerts (--alerts): the phrases that matter, in what is said ----------------------------
-
-ALERTS_HINT_WHISPER = False  # the phrases as Whisper's prompt: measured by tests/bench_words.py --hint
 
 NUMBER_WORDS = {word: n for n, word in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
@@ -2645,16 +2648,11 @@ class Metrics:
 
 # --- The floor: every live call on one page and one feed (--floor-port) ---------------------
 
-FLOOR_EVENTS_KEPT = 10_000      # the feed's latest events, for a client that resumes (Last-Event-ID)
-FLOOR_ENDED_KEPT = 200          # ended calls still listed ...
 FLOOR_ENDED_SECONDS = 600       # ... for this long
 FLOOR_CALL_LINES = 500          # per call: transcript lines, key presses, marks and warnings kept for its page
 FLOOR_MOODS_KEPT = 12           # per call and track: the moods of its latest lines, its trend on the page
-FLOOR_CLIENT_QUEUE = 2000       # events waiting for one feed client; beyond, it is dropped (and resumes)
 FLOOR_CONNECTIONS = 64          # pages and feeds served at once
 FLOOR_KEEPALIVE_SECONDS = 15    # a comment line on a quiet feed: proxies and browsers keep it open
-FLOOR_SILENT_SECONDS = 60       # with Redis, an open call none of whose events came for this long is
-                                # ended `lost` (its process was killed, its machine is gone)
 
 
 def utc_now() -> str:
@@ -2693,11 +2691,11 @@ class Floor:
     --redis-url, of every process: follow_redis() publishes what they sent), and the feed of
     their events, numbered for Last-Event-ID. The page, /events and /calls read it."""
 
-    def __init__(self, server: str):
-        self.server = server
+    def __init__(self, server: str, limits: Limits = Limits()):
+        self.server, self.limits = server, limits
         self.calls: dict[str, dict] = {}          # stream SID: the call as the page shows it
         self.ended: deque = deque()                # (SID, time.monotonic()) of each ended call, oldest first
-        self.events: deque = deque(maxlen=FLOOR_EVENTS_KEPT)
+        self.events: deque = deque(maxlen=limits.floor_events_kept)
         self.last_id = 0
         self.clients: set = set()                  # each feed's gevent queue
         self.heard: dict[str, float] = {}          # stream SID of each open call: time.monotonic() of its last event
@@ -2716,7 +2714,7 @@ class Floor:
         self.update(record)
         self.events.append(record)
         for client in list(self.clients):
-            if client.qsize() >= FLOOR_CLIENT_QUEUE:  # a feed that does not read: dropped, it resumes from its last id
+            if client.qsize() >= self.limits.floor_client_queue:  # a feed that does not read: dropped, it resumes
                 self.clients.discard(client)
                 client.put(None)
             else:
@@ -2761,21 +2759,21 @@ class Floor:
 
     def end_silent_calls(self) -> None:
         """A call whose process was killed, or whose machine is gone, sends no `end`: once
-        none of its events came for FLOOR_SILENT_SECONDS, this floor ends it, `lost` (an event
+        none of its events came for Limits.floor_silent_seconds, this floor ends it, `lost` (an event
         of its own, on this floor's feed only). Called only while Redis is read, and caught up."""
         now = time.monotonic()
         if now - self.checked_silence_at < 1:
             return
         self.checked_silence_at = now
         for sid, heard in list(self.heard.items()):
-            if now - heard > FLOOR_SILENT_SECONDS:
+            if now - heard > self.limits.floor_silent_seconds:
                 call = self.calls[sid]
                 self.publish({"type": "end", "stream": sid, "call": call["call"], "server": call["server"],
                               "time": utc_now(), "ended": "lost", "silent_seconds": round(now - heard)})
 
     def forget_old_calls(self) -> None:
         cutoff = time.monotonic() - FLOOR_ENDED_SECONDS
-        while self.ended and (len(self.ended) > FLOOR_ENDED_KEPT or self.ended[0][1] < cutoff):
+        while self.ended and (len(self.ended) > self.limits.floor_ended_kept or self.ended[0][1] < cutoff):
             self.calls.pop(self.ended.popleft()[0], None)
 
     def snapshot(self) -> dict:
@@ -2866,7 +2864,7 @@ class FloorApp:
                     continue
                 batch += [queue.get_nowait() for _ in range(queue.qsize())]  # all that came: one write
                 yield b"".join(sse(record) for record in batch if record is not None and record["id"] > shown)
-                if batch[-1] is None:  # it fell FLOOR_CLIENT_QUEUE behind: it reconnects, and resumes
+                if batch[-1] is None:  # it fell Limits.floor_client_queue behind: it reconnects, and resumes
                     return
         finally:
             floor.clients.discard(queue)
@@ -3097,7 +3095,6 @@ dt { font-weight: bold; float: left; clear: left; margin-right: .5em; } dd { mar
 # would another program of yours (XREADGROUP: the README). redis-py is imported only here.
 
 REDIS_STREAM = "mediastreams:events"  # each entry: one field, `event`, the floor's JSON record
-REDIS_QUEUE = 10_000          # events waiting for Redis; beyond, the oldest are dropped (levels beyond half)
 REDIS_BATCH = 500             # events sent, or read, in one round trip
 REDIS_GATHER_SECONDS = 0.1    # events gathered for one round trip: its cost (about 0.3 ms of CPU) ten times a second
 REDIS_TIMEOUT_SECONDS = 5     # a command still unanswered after this long: Redis counts as down
@@ -3176,8 +3173,10 @@ class RedisPublisher:
     slow or refusing, events wait in a bounded queue, and what does not fit is dropped and
     counted (mediastreams_floor_events_dropped_total)."""
 
-    def __init__(self, url: str, server: str, max_events: int, metrics: "Metrics | None" = None):
+    def __init__(self, url: str, server: str, max_events: int, metrics: Metrics | None = None,
+                 queue_size: int = Limits.redis_queue):
         self.url, self.server, self.max_events, self.metrics = url, server, max_events, metrics
+        self.queue_size = queue_size
         self.queue: deque = deque()
         self.queued = gevent.event.Event()
         self.sent = gevent.event.Event()  # nothing waits, nothing is on its way
@@ -3188,10 +3187,10 @@ class RedisPublisher:
         record = floor_record(event, self.server)
         if record is None:
             return
-        if len(self.queue) >= REDIS_QUEUE // 2 and record["type"] == "level":  # the next second's level will do
+        if len(self.queue) >= self.queue_size // 2 and record["type"] == "level":  # the next second's level will do
             self.drop(1)
             return
-        if len(self.queue) >= REDIS_QUEUE:  # the floor catches up on what happened last
+        if len(self.queue) >= self.queue_size:  # the floor catches up on what happened last
             self.queue.popleft()
             self.drop(1)
         self.queue.append(record)
@@ -3215,7 +3214,7 @@ class RedisPublisher:
 
     def publish_forever(self) -> None:
         import redis
-        down = RedisDown(self.url, f"the floor's events wait for it, up to {REDIS_QUEUE}")
+        down = RedisDown(self.url, f"the floor's events wait for it, up to {self.queue_size}")
         dropped_before = 0
         client = None
         while True:
@@ -3460,16 +3459,13 @@ class FrameParser:
 # --- The WebSocket and its handler: gevent-websocket and pywsgi, adapted --------------------
 
 BEHIND_MS = 50            # an event loop this late: the process cannot keep up, batch listen-only reads
-CAUGHT_UP_SECONDS = 5     # an event loop on time this long: every message read as it lands again
 ON_TIME_MS = 10           # lateness below this counts as on time
 LOOP_CHECK_SECONDS = 0.05  # how often the event loop's lateness is measured
 MAX_HANDSHAKES = 100      # connections still sending their request; beyond, the oldest is dropped
 UNFINISHED_BYTES_LIMIT = 32 << 20  # what all streams' half-received messages may hold together
 SPARE_FILES = 64          # descriptors beyond sockets and recordings: listener, logs, imports
 RECV_BYTES = 4096   # ten Twilio messages; 64 KiB reads fragmented the heap: RSS grew by the round
-CLOSE_TIMEOUT = 2   # seconds we wait for the client's side of the closing handshake
 SEND_BATCH = 16384   # bytes of frames the writer hands the socket at a time
-STALL_SECONDS = 10   # a client that takes none of what we send for this long is dropped
 OUTBOX_LIMIT = 1 << 20  # bytes waiting to be sent to a client beyond which we stop reading from it
 
 
@@ -3546,7 +3542,7 @@ class MediaWebSocket(WebSocket):
         self.queued = 0           # bytes in the outbox: its frames, and its audio's mu-law still to be framed
         self.writer: gevent.Greenlet | None = None
         self.taken = gevent.event.Event()  # set each time the writer hands the socket a batch
-        self.broken = False       # a send failed, or the client took nothing for STALL_SECONDS
+        self.broken = False       # a send failed, or the client took nothing for Limits.stall_seconds
         self.talks_back = False
         self.hub = gevent.get_hub()
         self.readable = self.hub.loop.io(self.handler.socket.fileno(), 1)  # 1: readable
@@ -3815,11 +3811,12 @@ class MediaWebSocket(WebSocket):
 
     def drain(self, sock) -> None:
         """The writer greenlet: the outbox, in order, as fast as the client takes it. A client
-        that takes nothing for STALL_SECONDS holds what we queue for it: it is dropped."""
+        that takes nothing for Limits.stall_seconds holds what we queue for it: it is dropped."""
+        stall_seconds = self.runtime.limits.stall_seconds
         try:
             while self.outbox and not self.broken:
                 data, sent = self.next_bytes(), False
-                with gevent.Timeout(STALL_SECONDS, False):  # False: the timeout ends the block, raises nothing
+                with gevent.Timeout(stall_seconds, False):  # False: the timeout ends the block, raises nothing
                     sock.sendall(data)
                     sent = True
                 if sent:
@@ -3827,7 +3824,7 @@ class MediaWebSocket(WebSocket):
                     continue
                 self.abandon_sending()
                 if not self.closed:
-                    gevent.kill(self.greenlet, Stalled(f"the client took nothing we sent for {STALL_SECONDS:g} s"))
+                    gevent.kill(self.greenlet, Stalled(f"the client took nothing we sent for {stall_seconds:g} s"))
         except OSError:
             self.abandon_sending()
         finally:
@@ -3865,7 +3862,7 @@ class MediaWebSocket(WebSocket):
         parser = self.parser
         parser.close(code, message.decode(errors="replace") if isinstance(message, bytes) else message)
         try:
-            with gevent.Timeout(CLOSE_TIMEOUT, False):  # a client that reads nothing cannot hold us either
+            with gevent.Timeout(self.runtime.limits.close_timeout, False):  # one that reads nothing cannot hold us
                 self.flush()
                 self.flushed()
                 if parser.error:  # failed: our EOF tells the client we will read nothing more
@@ -3901,7 +3898,7 @@ class HangUp(Exception):
 
 
 class Stalled(IdleTimeout):
-    """Thrown into a stream's greenlet when its client has taken nothing we sent for STALL_SECONDS."""
+    """Thrown into a stream's greenlet when its client has taken nothing we sent for Limits.stall_seconds."""
 
 
 def sweep_idle_websockets(runtime: Runtime) -> None:
@@ -3920,7 +3917,7 @@ def watch_the_event_loop(runtime: Runtime) -> None:
     """Batching's trigger. While the event loop runs BEHIND_MS late, this process cannot
     handle messages as fast as they come: listen-only streams are then read every
     --read-interval-ms (one wake-up for several messages costs less), until the loop has
-    been on time for CAUGHT_UP_SECONDS. Otherwise no read waits."""
+    been on time for Limits.caught_up_seconds. Otherwise no read waits."""
     on_time_since = time.monotonic()
     while True:
         asleep_at = time.monotonic()
@@ -3934,10 +3931,10 @@ def watch_the_event_loop(runtime: Runtime) -> None:
             log.warning("event loop %.0f ms late with %d streams open: this process cannot keep up; reading "
                         "listen-only streams every %g ms (--read-interval-ms) until it can",
                         late_ms, len(runtime.open_websockets), runtime.settings.read_interval_ms)
-        elif runtime.loop_behind and now - on_time_since >= CAUGHT_UP_SECONDS:
+        elif runtime.loop_behind and now - on_time_since >= runtime.limits.caught_up_seconds:
             runtime.loop_behind = False
             log.info("event loop on time for %d s with %d streams open: reading each message as it lands again",
-                     CAUGHT_UP_SECONDS, len(runtime.open_websockets))
+                     runtime.limits.caught_up_seconds, len(runtime.open_websockets))
 
 
 class HandshakeTimeout(Exception):
@@ -4139,13 +4136,13 @@ def reserve_file_descriptors(settings: Settings) -> int:
 
 
 def configure(argv: list[str] | None = None, environ=os.environ, stream_class=None,
-              worker: bool = False) -> Runtime:
+              worker: bool = False, limits: Limits = Limits()) -> Runtime:
     """Read and check the settings, then make this process serve with them: the one place
     start-up happens, for main() and for each gunicorn worker. Returns the runtime, which
     the app now serves; raises SettingsError."""
     settings = read_settings(argv, environ)
     setup_logging(settings.log_level, worker)
-    runtime = create_runtime(settings, stream_class, max_streams=reserve_file_descriptors(settings))
+    runtime = create_runtime(settings, stream_class, limits=limits, max_streams=reserve_file_descriptors(settings))
     use_our_websocket()
     install(runtime)
     return runtime
@@ -4273,10 +4270,10 @@ def media_server(runtime: Runtime) -> pywsgi.WSGIServer:
     return server
 
 
-def main(argv: list[str] | None = None, stream_class: type | None = None) -> None:
+def main(argv: list[str] | None = None, stream_class: type | None = None, limits: Limits = Limits()) -> None:
     """Serve until SIGINT or SIGTERM; `stream_class`: your MediaStream subclass."""
     try:
-        runtime = configure(argv, stream_class=stream_class)
+        runtime = configure(argv, stream_class=stream_class, limits=limits)
         settings = runtime.settings
         server = None if settings.floor_only else media_server(runtime)
         if runtime.metrics and settings.metrics_port:

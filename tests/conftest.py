@@ -21,10 +21,10 @@ SETTINGS_VARIABLES = (*(variable for _, variable, *_ in app.OPTIONS), "TWILIO_AU
 LISTENING = r"Listening on http://[^ ]+:(\d+)"
 
 
-def runtime(stream_class=None, **settings) -> "app.Runtime":
-    """A runtime in this process, with any settings (Settings' names: record=str(tmp_path)):
-    what a test needs to drive a MediaStream, a MediaWebSocket or a handshake without a server."""
-    return app.create_runtime(app.Settings(**settings), stream_class)
+def runtime(stream_class=None, limits=app.Limits(), **settings) -> "app.Runtime":
+    """A runtime in this process, with any settings (Settings' names: record=str(tmp_path)) and
+    limits: what a test needs to drive a MediaStream, a MediaWebSocket or a handshake without a server."""
+    return app.create_runtime(app.Settings(**settings), stream_class, limits=limits)
 
 
 def free_port() -> int:

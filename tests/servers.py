@@ -17,21 +17,10 @@ import app
 
 # --- Closing and fairness (test_fairness.py) -------------------------------------------------
 
-def patient():
-    """A closing wait of a minute: a close that waits for bytes the client already sent shows."""
-    app.CLOSE_TIMEOUT = 60
-
-
-def stalls_in_4_s():
-    app.STALL_SECONDS = 4  # long enough for a flood to fill the kernel's buffers on a busy machine first
-
-
-def hinted():
-    app.ALERTS_HINT_WHISPER = True  # tests/bench_words.py --hint
-
-
-def silent_after_2_s():
-    app.FLOOR_SILENT_SECONDS = 2  # a floor ends a call it heard nothing of for 2 s, not a minute
+PATIENT = app.Limits(close_timeout=60)  # a closing wait of a minute: a close that waits for bytes already sent shows
+STALLS_IN_4_S = app.Limits(stall_seconds=4)  # long enough for a flood to fill the kernel's buffers on a busy machine
+HINTED = app.Limits(whisper_hint=True)  # tests/bench_words.py --hint
+SILENT_AFTER_2_S = app.Limits(floor_silent_seconds=2)  # a floor ends a call it heard nothing of for 2 s, not a minute
 
 
 class HangsUp(app.MediaStream):
@@ -110,10 +99,6 @@ class Waits(app.MediaStream):
     def meter(self, track, ulaw):
         gevent.sleep(0)
         super().meter(track, ulaw)
-
-
-def slow():
-    app.AUDIO_DRAIN_SECONDS = 1  # what is left at the end waits a second for it, not five
 
 
 class Slow(app.MediaStream):
@@ -236,8 +221,6 @@ class SlowFinish(app.MediaStream):
 
 def stalled_recognizer():
     """One utterance may wait for recognition, and each takes 1.5 s: recognition falls behind."""
-    app.TRANSCRIPT_QUEUE = 1
-    app.TRANSCRIPT_WAIT_SECONDS = float(os.environ.get("TRANSCRIPT_WAIT_SECONDS", "10"))
     recognize = app.WhisperRecognizer.__call__
 
     def stalled(self, pcm):
@@ -320,20 +303,27 @@ def no_cycles():
     print("kept:", kept)
 
 
-SERVERS = {  # name: (what to change first, the stream class)
-    "patient": (patient, None), "stalls-in-4-s": (stalls_in_4_s, None), "many-marks": (None, ManyMarks),
-    "watched": (None, Watched), "watched-own-media": (None, WatchedWithItsOwnMedia), "waits": (None, Waits),
-    "slow": (slow, Slow), "crashing": (None, Crashing), "bursts": (None, Bursts), "blocking": (None, Blocking),
-    "one-second": (None, OneSecond), "late": (None, Late), "two-voices": (None, TwoVoices), "chatty": (None, Chatty),
-    "stalled-recognizer": (stalled_recognizer, None), "waiting-log-handler": (waiting_log_handler, None),
-    "without-the-rule-fix": (without_the_rule_fix, None), "silent-after-2-s": (silent_after_2_s, None),
-    "hinted": (hinted, None), "hangs-up": (None, HangsUp),
+def stalled_limits():
+    return app.Limits(transcript_queue=1, transcript_wait_seconds=float(os.environ.get("TRANSCRIPT_WAIT_SECONDS", "10")))
+
+
+SERVERS = {  # name: (what to change first, the stream class, the limits)
+    "patient": (None, None, PATIENT), "stalls-in-4-s": (None, None, STALLS_IN_4_S), "many-marks": (None, ManyMarks, None),
+    "watched": (None, Watched, None), "watched-own-media": (None, WatchedWithItsOwnMedia, None),
+    "waits": (None, Waits, None), "slow": (None, Slow, app.Limits(audio_drain_seconds=1)),  # what is left: a second
+    "crashing": (None, Crashing, None), "bursts": (None, Bursts, None), "blocking": (None, Blocking, None),
+    "one-second": (None, OneSecond, None), "late": (None, Late, None), "two-voices": (None, TwoVoices, None),
+    "chatty": (None, Chatty, None), "stalled-recognizer": (stalled_recognizer, None, None),
+    "waiting-log-handler": (waiting_log_handler, None, None), "without-the-rule-fix": (without_the_rule_fix, None, None),
+    "silent-after-2-s": (None, None, SILENT_AFTER_2_S), "hinted": (None, None, HINTED), "hangs-up": (None, HangsUp, None),
 }
 
 if __name__ == "__main__" and sys.argv[1] == "no-cycles":
     no_cycles()
 elif __name__ == "__main__":
-    change, stream_class = SERVERS[sys.argv[1]]
+    change, stream_class, limits = SERVERS[sys.argv[1]]
     if change:
         change()
-    app.main(sys.argv[2:], stream_class=stream_class)
+    if sys.argv[1] == "stalled-recognizer":
+        limits = stalled_limits()
+    app.main(sys.argv[2:], stream_class=stream_class, limits=limits or app.Limits())

@@ -194,7 +194,7 @@ def test_our_close_waits_for_the_clients_close_frame():
     assert fed.wait(5), "the closing wait reads on"
     assert not closing.dead, "the closing handshake is not over before the client's close frame"
     client_side.sendall(frame(0x8, payload))
-    closing.join(app.CLOSE_TIMEOUT / 2)
+    closing.join(app.Limits.close_timeout / 2)
     assert closing.dead, "the client's close frame ends the wait"
     server_side.close()
     client_side.close()
@@ -206,16 +206,15 @@ def test_the_clients_eof_ends_our_closing_wait():
     closing = gevent.spawn(ws.close, 1001)
     assert close_code(read_frames(client_side.recv(100))[0][1]) == 1001
     client_side.shutdown(gsocket.SHUT_WR)
-    closing.join(app.CLOSE_TIMEOUT / 2)
+    closing.join(app.Limits.close_timeout / 2)
     assert closing.dead
     server_side.close()
     client_side.close()
 
 
-def test_a_silent_client_holds_our_close_for_close_timeout_at_most(monkeypatch):
-    monkeypatch.setattr(app, "CLOSE_TIMEOUT", 0.2)
+def test_a_silent_client_holds_our_close_for_close_timeout_at_most():
     server_side, client_side = tcp_pair()
-    ws = websocket(app.MediaWebSocket, server_side)
+    ws = websocket(app.MediaWebSocket, server_side, runtime(limits=app.Limits(close_timeout=0.2)))
     closing = gevent.spawn(ws.close, 1001)
     closing.join(2)
     assert closing.dead and ws.closed
@@ -352,8 +351,7 @@ def test_a_message_costs_one_recv_not_a_failed_one_first():
 
 def test_batching_starts_when_the_event_loop_is_late_and_stops_once_it_is_on_time(monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="mediastreams")
-    monkeypatch.setattr(app, "CAUGHT_UP_SECONDS", 0.3)
-    serving = runtime()
+    serving = runtime(limits=app.Limits(caught_up_seconds=0.3))
     watcher = gevent.spawn(app.watch_the_event_loop, serving)
     try:
         gevent.sleep(0.2)

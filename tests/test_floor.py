@@ -31,8 +31,9 @@ def parsed_time(text):
 
 # --- In process: the floor as a sink of call events ------------------------------------------
 
-def floor_runtime(**settings):
-    return app.create_runtime(app.Settings(floor_port=1, **settings), recognize=lambda pcm: "I want my money back")
+def floor_runtime(limits=app.Limits(), **settings):
+    return app.create_runtime(app.Settings(floor_port=1, **settings), limits=limits,
+                              recognize=lambda pcm: "I want my money back")
 
 
 def test_a_call_becomes_the_floors_events_and_its_page_state(tmp_path):
@@ -80,9 +81,8 @@ def test_levels_show_while_a_call_is_open_and_it_is_listed_from_its_start():
     assert serving.floor.snapshot()["open"] == [] and serving.floor.calls[call.stream_sid]["levels"] == {}
 
 
-def test_a_client_resumes_from_its_last_event_id_while_the_floor_still_holds_what_followed(monkeypatch):
-    monkeypatch.setattr(app, "FLOOR_EVENTS_KEPT", 5)
-    floor = app.Floor("test")
+def test_a_client_resumes_from_its_last_event_id_while_the_floor_still_holds_what_followed():
+    floor = app.Floor("test", app.Limits(floor_events_kept=5))
     for n in range(8):
         floor.publish({"type": "dtmf", "stream": "MZ1", "call": "CA1", "server": "test", "time": app.utc_now(),
                        "digit": str(n)})
@@ -91,18 +91,16 @@ def test_a_client_resumes_from_its_last_event_id_while_the_floor_still_holds_wha
     assert floor.since(9) is None, "an id from another run"
 
 
-def test_ended_calls_are_listed_for_a_while_then_forgotten(monkeypatch):
-    monkeypatch.setattr(app, "FLOOR_ENDED_KEPT", 2)
-    serving = floor_runtime()
+def test_ended_calls_are_listed_for_a_while_then_forgotten():
+    serving = floor_runtime(limits=app.Limits(floor_ended_kept=2))
     calls = [Call() for _ in range(3)]
     for call in calls:
         call_on(serving, call.session(media=1, stop=True))
     assert [c["stream"] for c in serving.floor.snapshot()["ended"]] == [calls[2].stream_sid, calls[1].stream_sid]
 
 
-def test_a_feed_client_that_does_not_read_is_dropped_and_the_others_are_untouched(monkeypatch):
-    monkeypatch.setattr(app, "FLOOR_CLIENT_QUEUE", 10)
-    floor = app.Floor("test")
+def test_a_feed_client_that_does_not_read_is_dropped_and_the_others_are_untouched():
+    floor = app.Floor("test", app.Limits(floor_client_queue=10))
     slow, fast = gevent.queue.Queue(), gevent.queue.Queue()
     floor.clients |= {slow, fast}
     for n in range(30):

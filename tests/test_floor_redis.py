@@ -197,9 +197,9 @@ def test_a_redis_that_refuses_writes_loses_no_event_and_is_said_down_once(start_
     assert server.log().count("WARNING Redis") == 1, "one warning for the outage, not one per try"
 
 
-def test_while_redis_is_down_events_beyond_the_queue_are_dropped_counted_and_said_once(monkeypatch, caplog):
-    monkeypatch.setattr(app, "REDIS_QUEUE", 20)
-    serving = app.create_runtime(app.Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", metrics_port=1))
+def test_while_redis_is_down_events_beyond_the_queue_are_dropped_counted_and_said_once(caplog):
+    serving = app.create_runtime(app.Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", metrics_port=1),
+                                 limits=app.Limits(redis_queue=20))
     publisher = serving.publisher
     calls = [Call() for _ in range(30)]
     for call in calls:
@@ -366,12 +366,12 @@ def test_the_calls_of_a_killed_process_are_ended_lost_on_the_floor(start_server,
     assert calls_of(floor.floor_port)["open"] == []
 
 
-def test_a_lost_call_that_is_heard_again_is_open_again_and_an_outage_loses_no_call(monkeypatch, redis):
-    floor = app.Floor("test")
+def test_a_lost_call_that_is_heard_again_is_open_again_and_an_outage_loses_no_call(redis):
+    floor = app.Floor("test", app.Limits(floor_silent_seconds=1))
     start = {"type": "start", "stream": "MZ1", "call": "CA1", "server": "other", "time": "", "tracks": ["inbound"],
              "parameters": {}}
     floor.publish(dict(start))
-    floor.heard["MZ1"] -= app.FLOOR_SILENT_SECONDS + 1
+    floor.heard["MZ1"] -= floor.limits.floor_silent_seconds + 1
     floor.end_silent_calls()
     lost = floor.snapshot()["ended"]
     assert [(c["stream"], c["ended"]["how"]) for c in lost] == [("MZ1", "lost")] and floor.events[-1]["ended"] == "lost"
@@ -379,7 +379,6 @@ def test_a_lost_call_that_is_heard_again_is_open_again_and_an_outage_loses_no_ca
                    "dbfs": -20.0})
     assert [c["stream"] for c in floor.snapshot()["open"]] == ["MZ1"] and floor.snapshot()["ended"] == []
 
-    monkeypatch.setattr(app, "FLOOR_SILENT_SECONDS", 1)
     follower = gevent.spawn(app.follow_redis, redis.url, floor)
     gevent.sleep(0.5)
     redis.kill()

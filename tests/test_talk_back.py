@@ -329,9 +329,9 @@ def test_the_readme_beep_example_runs_as_written(start_server):
     assert server.summary(call.stream_sid)["marks"] == "1/1/0"
 
 
-def stream_on(sock):
+def stream_on(sock, serving=None):
     """A started MediaStream whose MediaWebSocket sends on `sock`, in this process."""
-    ws = websocket(app.MediaWebSocket, sock)
+    ws = websocket(app.MediaWebSocket, sock, serving)
     stream, call = started()
     stream.ws = ws
     return stream, ws
@@ -349,10 +349,9 @@ def test_clear_drops_our_own_audio_not_yet_sent():
     ours.close(), client.close()
 
 
-def test_a_client_that_takes_nothing_is_dropped_after_the_stall_time(monkeypatch):
-    monkeypatch.setattr(app, "STALL_SECONDS", 0.3)
+def test_a_client_that_takes_nothing_is_dropped_after_the_stall_time():
     ours, client = tcp_pair()
-    stream, ws = stream_on(ours)
+    stream, ws = stream_on(ours, runtime(limits=app.Limits(stall_seconds=0.3)))
     ws.greenlet = app.gevent.spawn(app.gevent.sleep, 30)  # the stream's loop, waiting for a message
     stream.play_ulaw(b"\xff" * 8000 * 600)
     with pytest.raises(app.IdleTimeout, match="the client took nothing we sent for 0.3 s"):
