@@ -9,21 +9,21 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
    174  The call                      its events, typed; MediaStream: one method per Twilio event
    1107  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
   1293  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
-  1848  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
-  2061  Optional features             each switched on by a flag, each consuming call events:
-  2063    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
-  2113    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2344    Alerts                      --alerts: the phrases that matter, in what is said
-  2429    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  2484    Sinks                       the console's lines, transcript files
-  2566    Metrics                     --metrics-port: Prometheus
-  2649    The floor                   --floor-port: every live call on one page, /events, /calls
-  2873    The floor's page            its HTML, CSS and JavaScript
-  3093    The floor across processes  --redis-url: one Redis stream
-  3288  The transport                 what a user need not read:
-  3290    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  3459    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  4093  Start-up                      configure(), main(), then gunicorn's worker
+  1850  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
+  2063  Optional features             each switched on by a flag, each consuming call events:
+  2065    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
+  2115    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
+  2346    Alerts                      --alerts: the phrases that matter, in what is said
+  2431    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  2486    Sinks                       the console's lines, transcript files
+  2568    Metrics                     --metrics-port: Prometheus
+  2651    The floor                   --floor-port: every live call on one page, /events, /calls
+  2887    The floor's page            its HTML, CSS and JavaScript
+  3107    The floor across processes  --redis-url: one Redis stream
+  3308  The transport                 what a user need not read:
+  3310    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  3479    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  4142  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 from xml.sax.saxutils import escape as xml_text, quoteattr as xml_attribute
 
 import flask_sockets
@@ -74,7 +74,7 @@ import gevent.socket
 import gevent.threadpool
 import greenlet
 import geventwebsocket.handler
-from flask import Flask, current_app, request
+from flask import Flask, Response, current_app, request
 from gevent import pywsgi
 from gevent.pool import Pool
 from geventwebsocket.exceptions import WebSocketError
@@ -1579,7 +1579,7 @@ def read_settings(argv: list[str] | None = None, environ=os.environ) -> Settings
 # --- Runtime: what one process shares -------------------------------------------------------
 
 STREAM_END_SECONDS = 3  # what open streams get at shutdown to end and make their summaries
-COUNTS_EVERY_SECONDS = 1  # open calls' counts are sent (Counted) this often, when a sink counts them; their last as they end
+COUNTS_EVERY_SECONDS = 1  # open calls' counts are sent (Counted) this often, when a sink counts them
 
 
 @dataclass(eq=False)
@@ -1708,6 +1708,8 @@ def create_runtime(settings: Settings, stream_class: type | None = None, *, limi
     if metrics:
         runtime.sinks.append(metrics)
     server = f"{socket.gethostname()}:{os.getpid()}"
+    if settings.redis_url:
+        give_redis_gevent_sockets()
     if settings.floor_port:
         runtime.floor = Floor(server, limits)
     if settings.redis_url and not settings.floor_only:  # every floor, this one too, reads them from Redis
@@ -2802,72 +2804,84 @@ def sse(record: dict, kind: str | None = None) -> bytes:
     return head.encode() + b"data: " + json_dumps(record) + b"\n\n"
 
 
-class FloorApp:
-    """The floor's WSGI app, on a listener of its own: `/` the page, `/events` the feed
-    (Server-Sent Events), `/calls` one JSON document. With FLOOR_TOKEN every request needs
-    it: `Authorization: Bearer <token>`, or `?token=` once (a browser keeps it in a cookie)."""
+FLOOR_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}  # on every answer
 
-    def __init__(self, floor: Floor, token: str | None):
-        self.floor, self.token = floor, token
 
-    def __call__(self, environ: dict, start_response) -> Any:
-        path, query = environ.get("PATH_INFO", "/"), environ.get("QUERY_STRING", "")
-        given = (parse_qs(query).get("token") or [None])[0]
-        headers = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
-        if self.token:
-            if not self.allowed(environ, given):
-                start_response("401 Unauthorized", headers + [("Content-Type", "text/plain; charset=utf-8"),
-                                                              ("WWW-Authenticate", "Bearer")])
-                return [b"the floor needs its token (FLOOR_TOKEN): Authorization: Bearer <token>, or ?token=\n"]
-            if given:
-                headers.append(("Set-Cookie", f"floor_token={self.token}; HttpOnly; SameSite=Strict; Path=/"))
-        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
-            start_response("405 Method Not Allowed", headers + [("Allow", "GET")])
-            return [b""]
-        if path == "/":
-            start_response("200 OK", headers + [("Content-Type", "text/html; charset=utf-8"),
-                                                ("Content-Security-Policy", FLOOR_PAGE_POLICY)])
-            return [FLOOR_PAGE.encode()]
-        if path == "/calls":
-            start_response("200 OK", headers + [("Content-Type", "application/json")])
-            return [json_dumps(self.floor.snapshot())]
-        if path == "/events":
-            start_response("200 OK", headers + [("Content-Type", "text/event-stream"), ("X-Accel-Buffering", "no")])
-            return self.feed(environ.get("HTTP_LAST_EVENT_ID"))
-        start_response("404 Not Found", headers + [("Content-Type", "text/plain")])
-        return [b"not found: the floor serves /, /events and /calls\n"]
+def floor_app(floor: Floor, token: str | None) -> Flask:
+    """The floor's routes, a Flask app of their own on a listener of their own: `/` the page,
+    `/events` the feed (Server-Sent Events), `/calls` one JSON document. With FLOOR_TOKEN
+    every request needs it: `Authorization: Bearer <token>`, or `?token=` once (a browser
+    keeps it in a cookie). Only GET (and HEAD) is answered; the token is checked first."""
+    web = Flask("floor")
 
-    def allowed(self, environ: dict, given: str | None) -> bool:
-        cookies = dict(part.strip().partition("=")[::2] for part in environ.get("HTTP_COOKIE", "").split(";"))
-        offered = [given, cookies.get("floor_token"), environ.get("HTTP_AUTHORIZATION", "").removeprefix("Bearer ")]
-        wanted = self.token.encode() if self.token else b""
-        return any(hmac.compare_digest(candidate.encode(), wanted) for candidate in offered if candidate)
+    @web.before_request
+    def token_then_method() -> Response | None:
+        if token and not floor_token_given(token):
+            return Response(b"the floor needs its token (FLOOR_TOKEN): Authorization: Bearer <token>, or ?token=\n",
+                            401, {"Content-Type": "text/plain; charset=utf-8", "WWW-Authenticate": "Bearer"})
+        if request.method not in ("GET", "HEAD"):
+            return Response(b"", 405, {"Allow": "GET"})
+        return None
 
-    def feed(self, last_event_id: str | None):
-        """The open calls first (a `snapshot` event), or, resuming, the events missed; then
-        every event as it happens."""
-        floor = self.floor
-        queue: gevent.queue.Queue = gevent.queue.Queue()
-        floor.clients.add(queue)  # before the snapshot: nothing falls between the two
-        try:
-            missed = floor.since(int(last_event_id) if last_event_id and last_event_id.isdecimal() else None)
-            shown = floor.last_id  # what the snapshot, or the events missed, cover: the queue has what follows
-            if missed is None:
-                yield sse({"id": shown, **floor.snapshot()}, "snapshot")
-            for record in missed or ():
-                yield sse(record)
-            while True:
-                try:
-                    batch = [queue.get(timeout=FLOOR_KEEPALIVE_SECONDS)]
-                except gevent.queue.Empty:
-                    yield b": keep-alive\n\n"
-                    continue
-                batch += [queue.get_nowait() for _ in range(queue.qsize())]  # all that came: one write
-                yield b"".join(sse(record) for record in batch if record is not None and record["id"] > shown)
-                if batch[-1] is None:  # it fell Limits.floor_client_queue behind: it reconnects, and resumes
-                    return
-        finally:
-            floor.clients.discard(queue)
+    @web.after_request
+    def on_every_answer(response: Response) -> Response:
+        response.headers.update(FLOOR_HEADERS)
+        if token and request.args.get("token") and response.status_code != 401:
+            response.headers["Set-Cookie"] = f"floor_token={token}; HttpOnly; SameSite=Strict; Path=/"
+        return response
+
+    @web.get("/", provide_automatic_options=False)
+    def page() -> Response:
+        return Response(FLOOR_PAGE, content_type="text/html; charset=utf-8",
+                        headers={"Content-Security-Policy": FLOOR_PAGE_POLICY})
+
+    @web.get("/calls", provide_automatic_options=False)
+    def calls() -> Response:
+        return Response(json_dumps(floor.snapshot()), content_type="application/json")
+
+    @web.get("/events", provide_automatic_options=False)
+    def events() -> Response:
+        return Response(floor_feed(floor, request.headers.get("Last-Event-ID")), content_type="text/event-stream",
+                        headers={"X-Accel-Buffering": "no"})
+
+    @web.errorhandler(404)
+    def not_found(_) -> Response:
+        return Response(b"not found: the floor serves /, /events and /calls\n", 404, content_type="text/plain")
+
+    return web
+
+
+def floor_token_given(token: str) -> bool:
+    """Whether the request carries the floor's token: ?token=, its cookie, or Authorization: Bearer."""
+    offered = [request.args.get("token"), request.cookies.get("floor_token"),
+               request.headers.get("Authorization", "").removeprefix("Bearer ")]
+    return any(hmac.compare_digest(candidate.encode(), token.encode()) for candidate in offered if candidate)
+
+
+def floor_feed(floor: Floor, last_event_id: str | None):
+    """/events: the open calls first (a `snapshot` event), or, resuming, the events missed;
+    then every event as it happens."""
+    queue: gevent.queue.Queue = gevent.queue.Queue()
+    floor.clients.add(queue)  # before the snapshot: nothing falls between the two
+    try:
+        missed = floor.since(int(last_event_id) if last_event_id and last_event_id.isdecimal() else None)
+        shown = floor.last_id  # what the snapshot, or the events missed, cover: the queue has what follows
+        if missed is None:
+            yield sse({"id": shown, **floor.snapshot()}, "snapshot")
+        for record in missed or ():
+            yield sse(record)
+        while True:
+            try:
+                batch = [queue.get(timeout=FLOOR_KEEPALIVE_SECONDS)]
+            except gevent.queue.Empty:
+                yield b": keep-alive\n\n"
+                continue
+            batch += [queue.get_nowait() for _ in range(queue.qsize())]  # all that came: one write
+            yield b"".join(sse(record) for record in batch if record is not None and record["id"] > shown)
+            if batch[-1] is None:  # it fell Limits.floor_client_queue behind: it reconnects, and resumes
+                return
+    finally:
+        floor.clients.discard(queue)
 
 
 # --- The floor's page: plain HTML, CSS and JavaScript, nothing fetched from elsewhere -------
@@ -3109,16 +3123,14 @@ return #ARGV - 1
 """
 
 
-def connect_redis(url: str) -> Any:
-    """A redis-py client on gevent's sockets: `python app.py` does not monkey-patch (gunicorn's
-    worker does), so redis-py's connection module is handed gevent's socket and ssl, and a
-    command waits as a greenlet does, never holding up the event loop. One client for each
-    greenlet that uses one: redis-py's pool locks belong to the thread, not the greenlet."""
+def give_redis_gevent_sockets() -> None:
+    """Once, at start-up (create_runtime() with --redis-url): redis-py's connections made on
+    gevent's socket and ssl, so that a command waits as a greenlet does and never holds up
+    the event loop (`python app.py` does not monkey-patch; gunicorn's worker does). redis-py
+    reads both as globals of its connection module (LIBRARY_EDGES)."""
     import gevent.ssl
-    import redis
     import redis.connection
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
+
     def create_default_context() -> gevent.ssl.SSLContext:  # gevent.ssl's own is the stdlib's: it blocks
         context = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_CLIENT)
         context.load_default_certs()
@@ -3127,6 +3139,14 @@ def connect_redis(url: str) -> Any:
     redis.connection.socket = gevent.socket
     redis.connection.ssl = types.SimpleNamespace(**{  # type: ignore[assignment]
         **vars(gevent.ssl), "create_default_context": create_default_context})
+
+
+def connect_redis(url: str) -> Any:
+    """A redis-py client (on gevent's sockets: give_redis_gevent_sockets()). One for each
+    greenlet that uses one: redis-py's pool locks belong to the thread, not the greenlet."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
     return redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_SECONDS, retry=Retry(NoBackoff(), 0),
                                 socket_connect_timeout=REDIS_TIMEOUT_SECONDS, health_check_interval=0)
 
@@ -3529,7 +3549,8 @@ class MediaWebSocket(WebSocket):
 
     def __init__(self, environ, stream, handler):
         super().__init__(environ, stream, handler)
-        self.stream, self.raw_write, self.raw_read = NO_DIRECT_IO, NO_DIRECT_IO.write, NO_DIRECT_IO.read  # type: ignore[misc]
+        self.stream = NO_DIRECT_IO  # type: ignore[misc]  # the library's: nothing past the outbox or receive()
+        self.raw_write, self.raw_read = NO_DIRECT_IO.write, NO_DIRECT_IO.read  # type: ignore[misc]
         self.runtime: Runtime = handler.runtime
         self.parser = FrameParser(self.runtime.settings.max_message_bytes)
         self.error = None
@@ -4090,6 +4111,34 @@ def use_our_websocket() -> None:
     logging.getLogger("geventwebsocket.handler").propagate = False
 
 
+# What this file relies on of its libraries' insides, beyond their documented API, in one
+# place: tests/test_adapters.py checks each (a check for every entry), and names the one a
+# new version of a library changed under us.
+LIBRARY_EDGES = {
+    "gevent: socket._sock": "the plain socket inside gevent's, read by the event loop's callback (MediaWebSocket)",
+    "gevent: socket.send(data, flags, timeout)": "timeout 0.0, a send that never waits (MediaWebSocket.write_now)",
+    "gevent: hub.loop.io, hub.loop.timer, hub.loop.run_callback, hub.wait": "a call's socket watched and read by "
+        "the loop itself (MediaWebSocket.on_readable), its audio greenlet switched in (AudioGreenlet)",
+    "gevent-websocket: handler.WebSocket": "the name upgrade_connection() builds each connection from "
+        "(use_our_websocket)",
+    "gevent-websocket: WebSocketHandler.run_application() -> upgrade_websocket(), self.websocket": "where "
+        "MediaStreamHandler refuses a handshake, and registers the connection",
+    "gevent-websocket: WebSocket's slots closed, environ, stream, raw_write, raw_read, handler": "set by its "
+        "__init__, replaced or read by MediaWebSocket",
+    "pywsgi: WSGIHandler._handle_client_error(ex)": "its hook for a bad request, and for a dropped one",
+    "pywsgi: WSGIHandler.read_requestline, read_request, handle_one_request, handle_one_response, get_environ":
+        "where MediaStreamHandler times, bounds and refuses a request",
+    "pywsgi: WSGIHandler.rfile (peek, read1), content_length, headers, command, path, close_connection, "
+    "requestline": "what MediaStreamHandler reads of a request",
+    "flask-sockets: SocketMiddleware's ws, app, wsgi_app; Sockets.url_map, add_url_rule(rule, _, f)": "Sockets "
+        "and SocketMiddleware, fixed for today's Werkzeug",
+    "redis-py: redis.connection.socket, redis.connection.ssl": "the modules its connections are made with: "
+        "gevent's (give_redis_gevent_sockets)",
+    "gunicorn: GeventWebSocketWorker.server_class, wsgi_handler, load_wsgi, handle_exit, handle_quit, alive":
+        "GunicornWorker: our handler, the runtime, the drain",
+}
+
+
 # === Start-up: main(), then the gunicorn worker =============================================
 
 class ConsoleHandler(logging.StreamHandler):
@@ -4175,7 +4224,7 @@ def serve_floor(runtime: Runtime) -> None:
     settings, floor = runtime.settings, runtime.floor
     assert floor is not None and settings.floor_port
     host, port = settings.floor_host, settings.floor_port
-    server = pywsgi.WSGIServer((host, port), FloorApp(floor, settings.floor_token), spawn=Pool(FLOOR_CONNECTIONS),
+    server = pywsgi.WSGIServer((host, port), floor_app(floor, settings.floor_token), spawn=Pool(FLOOR_CONNECTIONS),
                                log=None, error_log=log)
     try:
         server.start()

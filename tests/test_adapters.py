@@ -223,13 +223,57 @@ def test_a_silent_client_holds_our_close_for_close_timeout_at_most():
     client_side.close()
 
 
-def test_the_library_still_works_the_way_our_adapters_rely_on():
-    """If gevent-websocket stops building connections from its module-level WebSocket name,
-    or pywsgi drops its client-error hook, our adapters silently stop applying."""
-    assert "WebSocket(self.environ, Stream(self), self)" in inspect.getsource(WebSocketHandler.upgrade_connection)
-    assert "self.upgrade_websocket()" in inspect.getsource(WebSocketHandler.run_application)
-    assert "_handle_client_error" in inspect.getsource(WSGIHandler.handle_one_request)
-    assert "self._sock.recv" not in inspect.getsource(app.MediaWebSocket)
+def has(cls, *names):
+    return all(callable(getattr(cls, name, None)) for name in names)
+
+
+def test_every_library_edge_we_rely_on_is_still_there():
+    """app.LIBRARY_EDGES lists what app.py relies on of its libraries' insides; each has its
+    check here. If a library changes under one, our adapters would silently stop applying."""
+    import socket
+
+    import flask_sockets
+    import redis.connection
+    from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
+    hub, source = gevent.get_hub(), inspect.getsource
+    checks = {
+        "gevent: socket._sock": lambda: isinstance(gsocket.socket()._sock, socket.SocketType)
+        and callable(gsocket.socket()._sock.recv),
+        "gevent: socket.send(data, flags, timeout)": lambda: list(inspect.signature(gsocket.socket.send).parameters)
+        == ["self", "data", "flags", "timeout"],
+        "gevent: hub.loop.io, hub.loop.timer, hub.loop.run_callback, hub.wait": lambda: has(
+            hub.loop, "io", "timer", "run_callback") and has(hub, "wait", "switch"),
+        "gevent-websocket: handler.WebSocket": lambda: "WebSocket(self.environ, Stream(self), self)" in source(
+            WebSocketHandler.upgrade_connection),
+        "gevent-websocket: WebSocketHandler.run_application() -> upgrade_websocket(), self.websocket": lambda:
+            "self.upgrade_websocket()" in source(WebSocketHandler.run_application)
+            and "self.websocket = " in source(WebSocketHandler.upgrade_connection),
+        "gevent-websocket: WebSocket's slots closed, environ, stream, raw_write, raw_read, handler": lambda: {
+            "closed", "environ", "stream", "raw_write", "raw_read", "handler"} <= set(WebSocket.__slots__),
+        "pywsgi: WSGIHandler._handle_client_error(ex)": lambda: "self._handle_client_error(" in source(
+            WSGIHandler.handle_one_request) and list(inspect.signature(WSGIHandler._handle_client_error).parameters)
+        == ["self", "ex"],
+        "pywsgi: WSGIHandler.read_requestline, read_request, handle_one_request, handle_one_response, get_environ":
+            lambda: has(WSGIHandler, "read_requestline", "read_request", "handle_one_request", "handle_one_response",
+                        "get_environ") and "self.read_requestline()" in source(WSGIHandler.handle_one_request)
+            and "self.read_request(" in source(WSGIHandler.handle_one_request),
+        "pywsgi: WSGIHandler.rfile (peek, read1), content_length, headers, command, path, close_connection, "
+        "requestline": lambda: all(f"self.{name}" in source(WSGIHandler) for name in (
+            "rfile", "content_length", "headers", "command", "path", "close_connection", "requestline")),
+        "flask-sockets: SocketMiddleware's ws, app, wsgi_app; Sockets.url_map, add_url_rule(rule, _, f)": lambda:
+            all(f"self.{name} = " in source(flask_sockets.SocketMiddleware.__init__) for name in ("ws", "app", "wsgi_app"))
+            and "self.url_map = " in source(flask_sockets.Sockets.__init__)
+            and "self.add_url_rule(rule, endpoint, f, **options)" in source(flask_sockets.Sockets.route),
+        "redis-py: redis.connection.socket, redis.connection.ssl": lambda: "socket.socket(" in source(
+            redis.connection.Connection) and "ssl." in source(redis.connection.SSLConnection),
+        "gunicorn: GeventWebSocketWorker.server_class, wsgi_handler, load_wsgi, handle_exit, handle_quit, alive":
+            lambda: has(GeventWebSocketWorker, "server_class", "load_wsgi", "handle_exit", "handle_quit") and
+            hasattr(GeventWebSocketWorker, "wsgi_handler") and "self.alive" in source(GeventWebSocketWorker.run),
+    }
+    assert set(checks) == set(app.LIBRARY_EDGES), "an edge of app.LIBRARY_EDGES with no check, or a check of none"
+    changed = [edge for edge, check in checks.items() if not check()]
+    assert not changed, f"a library changed under app.py: {changed}"
+    assert "self._sock.recv" not in source(app.MediaWebSocket), "read through MediaWebSocket.recv, set only for a plain socket"
 
 
 def test_a_finished_call_leaves_no_call_state_in_reference_cycles():

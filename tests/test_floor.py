@@ -152,9 +152,9 @@ class Feed:
         self.connection.close()
 
 
-def get(port, path, **headers):
+def get(port, path, method="GET", **headers):
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    connection.request("GET", path, headers=headers)
+    connection.request(method, path, headers=headers)
     response = connection.getresponse()
     return response.status, dict(response.getheaders()), response.read()
 
@@ -231,6 +231,34 @@ def test_with_a_token_every_request_needs_it_and_a_browser_keeps_it_in_a_cookie(
     assert get(port, "/calls", Cookie=cookie)[0] == 200
     assert get(port, "/calls", Cookie="floor_token=nope")[0] == 401
     assert TOKEN not in server.log()
+
+
+def test_every_answer_of_the_floor_says_what_it_said_before_its_routes_were_flask(start_server):
+    """The token first, then the method (GET and HEAD only: 405 with Allow: GET), then the path
+    (404 with the routes it has); no-store and nosniff on every answer, a cookie only once allowed."""
+    port = free_port()
+    start_server("--floor-port", str(port), "--floor-host", "0.0.0.0", env={"FLOOR_TOKEN": TOKEN})
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    answers = {
+        ("GET", "/calls", False): (401, "text/plain; charset=utf-8", b"the floor needs its token (FLOOR_TOKEN): "
+                                   b"Authorization: Bearer <token>, or ?token=\n"),
+        ("POST", "/nothing", False): (401, "text/plain; charset=utf-8", None),
+        ("POST", "/calls", True): (405, None, b""), ("OPTIONS", "/", True): (405, None, b""),
+        ("DELETE", "/nothing", True): (405, None, b""),
+        ("GET", "/nothing", True): (404, "text/plain", b"not found: the floor serves /, /events and /calls\n"),
+        ("GET", "/calls/", True): (404, "text/plain", None), ("GET", "/calls", True): (200, "application/json", None),
+        ("HEAD", "/", True): (200, "text/html; charset=utf-8", b""), ("GET", "/", True): (200, "text/html; charset=utf-8", None)}
+    for (method, path, with_token), (status, kind, body) in answers.items():
+        got, headers, got_body = get(port, path, method, **(bearer if with_token else {}))
+        assert got == status, (method, path)
+        assert (headers["Cache-Control"], headers["X-Content-Type-Options"]) == ("no-store", "nosniff"), (method, path)
+        assert kind is None or headers["Content-Type"] == kind, (method, path)
+        assert body is None or got_body == body, (method, path)
+        assert ("Allow" in headers) == (status == 405) and headers.get("Allow", "GET") == "GET"
+        assert ("WWW-Authenticate" in headers) == (status == 401) and "Set-Cookie" not in headers
+    status, headers, _ = get(port, f"/calls?token={TOKEN}")
+    assert status == 200 and headers["Set-Cookie"] == f"floor_token={TOKEN}; HttpOnly; SameSite=Strict; Path=/"
+    assert "Set-Cookie" not in get(port, "/calls?token=wrong-token-wrong-token")[1]
 
 
 @pytest.mark.parametrize("args, env, says", [
@@ -370,7 +398,7 @@ def test_one_gunicorn_worker_serves_the_floor_of_its_calls(start_server):
 
 def test_an_event_made_while_a_feed_sends_its_snapshot_follows_it():
     floor = app.Floor("test")
-    feed = app.FloorApp(floor, None).feed(None)
+    feed = app.floor_feed(floor, None)
     assert next(feed).startswith(b"id: 0\nevent: snapshot\n")
     floor.publish({"type": "dtmf", "stream": "MZ1", "call": "CA1", "server": "test", "time": "", "digit": "1"})
     assert next(feed).startswith(b"id: 1\ndata: "), "not skipped as if the snapshot had it"

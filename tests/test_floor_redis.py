@@ -335,7 +335,7 @@ def test_the_readmes_xreadgroup_example_follows_the_stream_at_least_once(start_s
 
 
 def test_a_floor_waiting_on_redis_holds_up_nothing_else_in_its_process(redis):
-    floor = app.Floor("test")
+    floor = floor_of(redis.url)
     redis.cli("XADD", app.REDIS_STREAM, "*", "event", json.dumps(  # before the floor starts: it reads it too
         {"type": "dtmf", "stream": "MZ1", "call": "CA1", "server": "other", "time": "", "digit": "3"}))
     follower = gevent.spawn(app.follow_redis, redis.url, floor)  # in XREAD, a second at a time, on gevent's sockets
@@ -366,8 +366,13 @@ def test_the_calls_of_a_killed_process_are_ended_lost_on_the_floor(start_server,
     assert calls_of(floor.floor_port)["open"] == []
 
 
+def floor_of(url, limits=app.Limits()):
+    """The floor that start-up makes for --floor-only (redis-py on gevent's sockets among it)."""
+    return app.create_runtime(app.Settings(redis_url=url, floor_port=1, floor_only=True), limits=limits).floor
+
+
 def test_a_lost_call_that_is_heard_again_is_open_again_and_an_outage_loses_no_call(redis):
-    floor = app.Floor("test", app.Limits(floor_silent_seconds=1))
+    floor = floor_of(redis.url, app.Limits(floor_silent_seconds=1))
     start = {"type": "start", "stream": "MZ1", "call": "CA1", "server": "other", "time": "", "tracks": ["inbound"],
              "parameters": {}}
     floor.publish(dict(start))
@@ -393,7 +398,7 @@ def test_a_lost_call_that_is_heard_again_is_open_again_and_an_outage_loses_no_ca
 
 def test_a_floor_waiting_on_redis_over_tls_holds_up_nothing_else_in_its_process(tmp_path):
     tls, url = tls_redis(tmp_path, "pa55-word-0123456789")
-    floor = app.Floor("test")
+    floor = floor_of(url)
     follower = gevent.spawn(app.follow_redis, url, floor)  # in XREAD over TLS, on gevent's ssl
     ticks = []
     ticker = gevent.spawn(lambda: [(ticks.append(1), gevent.sleep(0.01)) for _ in iter(int, 1)])
