@@ -43,8 +43,8 @@ import threading
 import time
 from pathlib import Path
 
-from tests.bench_load import MEDIA, PEERS_DIR, ZERO_MASK, peer_command, rss_mib, text_frame
-from tests.conftest import LISTENING, ROOT, clean_environment, free_port
+from tests.bench_load import MEDIA, PEERS_DIR, peer_command
+from tests.conftest import LISTENING, ROOT, ZERO_MASK, clean_environment, free_port, rss_mib, text_frame
 from tests.twilio_sim import CHUNK, Call, WSClient, frame
 
 SILENCE = b"\xff" * CHUNK

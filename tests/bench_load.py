@@ -58,7 +58,7 @@ import time
 from array import array
 from pathlib import Path
 
-from tests.conftest import free_port
+from tests.conftest import ZERO_MASK, free_port, rss_mib, text_frame
 from tests.twilio_sim import WSClient, frame
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,11 +66,6 @@ PEERS = Path(os.environ.get("PEERS_SRC", ROOT / "tests" / "peers"))
 PEERS_DIR = Path(os.environ.get("BENCH_PEERS_DIR", "/tmp/mediastreams-bench-peers"))
 TICK = os.sysconf("SC_CLK_TCK")
 PAYLOAD = base64.b64encode(bytes(range(0, 160))).decode()  # varied bytes: a level meter has work to do
-ZERO_MASK = b"\0\0\0\0"
-
-
-def text_frame(text: str) -> bytes:
-    return frame(0x1, text.encode(), mask=ZERO_MASK)
 
 
 CLOSE_REPLY = frame(0x8, b"\x03\xe8", mask=ZERO_MASK)  # 1000
@@ -153,13 +148,6 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime + cutime + cstime of a process, in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return sum(int(fields[i]) for i in (11, 12, 13, 14)) / TICK
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 # --- the load -------------------------------------------------------------------------------

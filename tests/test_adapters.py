@@ -19,39 +19,12 @@ import pytest
 from gevent import socket as gsocket
 from gevent.pywsgi import WSGIHandler
 from geventwebsocket.handler import WebSocketHandler
-from geventwebsocket.websocket import Stream, WebSocket
+from geventwebsocket.websocket import WebSocket
 from werkzeug.test import EnvironBuilder
 
 import app
-from tests.conftest import runtime
+from tests.conftest import runtime, tcp_pair, websocket
 from tests.twilio_sim import close_code, frame, read_frames
-
-
-class FakeHandler:
-    """What WebSocket needs of gevent-websocket's handler: a socket, its rfile, a logger, and
-    for ours the runtime its handler serves."""
-
-    def __init__(self, sock, serving=None):
-        self.socket = sock
-        self.rfile = sock.makefile("rb", -1)
-        self.server = SimpleNamespace(application=None)
-        self.logger = logging.getLogger("test-adapters")
-        self.runtime = serving or runtime()
-
-
-def tcp_pair():
-    """(server side, client side) of a real TCP connection on loopback: a reset is a reset."""
-    with gsocket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        client = gsocket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
-    return server, client
-
-
-def websocket(cls, sock, serving=None):
-    handler = FakeHandler(sock, serving)
-    return cls({}, Stream(handler), handler)
 
 
 def read_to_eof(sock):

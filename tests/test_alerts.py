@@ -8,10 +8,7 @@ import re
 import pytest
 
 import app
-from tests.conftest import ROOT, free_port
-from tests.test_floor import get
-from tests.test_settings import run_app
-from tests.test_transcribe import MODEL
+from tests.conftest import ROOT, free_port, http_request, run_app, whisper_model
 from tests.twilio_sim import Call, encode_ulaw, read_wav
 
 ALERTS = """# what a call center wants to know about, as it happens
@@ -64,7 +61,7 @@ def test_numbers_said_in_words_are_matched_as_digits():
 def test_a_file_that_cannot_work_is_one_line_naming_the_file_and_its_line_and_exit_2(tmp_path, text, says):
     path = tmp_path / "alerts.txt"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
-    code, _, err = run_app("--transcribe", "--transcribe-model", MODEL, "--alerts", str(path))
+    code, _, err = run_app("--transcribe", "--transcribe-model", whisper_model(), "--alerts", str(path))
     assert code == 2 and says in err and f"--alerts (ALERTS): '{path}' is not" in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
@@ -80,7 +77,7 @@ def test_alerts_without_transcripts_or_a_file_are_refused_in_one_line(tmp_path):
 def test_a_caller_asking_for_their_money_back_raises_a_refund_alert_everywhere(start_server, tmp_path):
     (tmp_path / "alerts.txt").write_text(ALERTS)
     metrics_port, floor_port = free_port(), free_port()
-    server = start_server("--transcribe", "--transcribe-model", MODEL, "--alerts", str(tmp_path / "alerts.txt"),
+    server = start_server("--transcribe", "--transcribe-model", whisper_model(), "--alerts", str(tmp_path / "alerts.txt"),
                           "--metrics-port", str(metrics_port), "--floor-port", str(floor_port), start_timeout=60)
     call, quiet = Call(params={"From": "+15550031"}), Call(params={"From": "+15550032"})
     speech = encode_ulaw(read_wav(ROOT / "tests" / "speech" / "money_back.wav"))  # flite: "I want my money back."
@@ -92,9 +89,9 @@ def test_a_caller_asking_for_their_money_back_raises_a_refund_alert_everywhere(s
     assert "money back" in line.group(1).lower()
     summary = server.summary(call.stream_sid)
     assert (summary["transcript"], summary["alerts"]) == ("1", "1")
-    scraped = get(metrics_port, "/metrics")[2].decode()
+    scraped = http_request(metrics_port, "/metrics")[2].decode()
     assert re.search(r'^mediastreams_alerts_total\{category="refund"\} 1\.0$', scraped, re.MULTILINE), scraped
-    ended = json.loads(get(floor_port, "/calls")[2])["ended"]
+    ended = json.loads(http_request(floor_port, "/calls")[2])["ended"]
     alert, = [r for r in ended[0]["lines"] if r["type"] == "alert"]
     assert (alert["track"], alert["category"], alert["phrase"]) == ("inbound", "refund", "money back")
     assert ended[0]["alerts"] == 1
@@ -141,7 +138,7 @@ def test_the_rules_are_a_table_a_reader_extends(monkeypatch):
 
 def test_mood_without_vader_installed_is_one_line_naming_the_pip_command():
     status, _, err = run_app(code="import runpy, sys; sys.modules['vaderSentiment'] = None; sys.argv = ['app.py', "
-                                  f"'--transcribe', '--transcribe-model', {MODEL!r}, '--mood']; "
+                                  f"'--transcribe', '--transcribe-model', {whisper_model()!r}, '--mood']; "
                                   "runpy.run_path('app.py', run_name='__main__')")
     assert (status, err) == (2, "app.py: error: --mood (MOOD) needs VADER's lexicon: pip install vaderSentiment==3.3.2\n")
     status, _, err = run_app("--mood")
@@ -150,7 +147,7 @@ def test_mood_without_vader_installed_is_one_line_naming_the_pip_command():
 
 def test_an_angry_and_a_pleased_caller_have_their_mood_on_each_line_in_the_summary_and_on_the_floor(start_server):
     floor_port = free_port()
-    server = start_server("--transcribe", "--transcribe-model", MODEL, "--mood", "--floor-port", str(floor_port),
+    server = start_server("--transcribe", "--transcribe-model", whisper_model(), "--mood", "--floor-port", str(floor_port),
                           start_timeout=60)
     moods = {}
     for name in ("angry", "pleased"):  # flite: "I have been on hold for forty minutes and nobody can tell me
@@ -162,7 +159,7 @@ def test_an_angry_and_a_pleased_caller_have_their_mood_on_each_line_in_the_summa
                            r"mood=(-?\d\.\d\d)$", server.log(), re.MULTILINE)
         assert lines and float(summary["mood_inbound"]) == pytest.approx(sum(map(float, lines)) / len(lines), abs=0.01)
         moods[name] = float(summary["mood_inbound"])
-        shown = [c for c in json.loads(get(floor_port, "/calls")[2])["ended"] if c["stream"] == call.stream_sid][0]
+        shown = [c for c in json.loads(http_request(floor_port, "/calls")[2])["ended"] if c["stream"] == call.stream_sid][0]
         assert shown["moods"]["inbound"] == [float(m) for m in lines]
         assert [r["mood"] for r in shown["lines"] if r["type"] == "transcript"] == [float(m) for m in lines]
     assert moods["angry"] < -0.3 and moods["pleased"] > 0.3, moods

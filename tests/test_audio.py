@@ -6,12 +6,11 @@ import signal
 import struct
 import subprocess
 import sys
-import wave
 
 import pytest
 
 import app
-from tests.conftest import ROOT, runtime
+from tests.conftest import ROOT, decoded, readme_example, runtime, samples
 from tests.twilio_sim import CHUNK, Call, encode_ulaw, read_wav, tone, write_wav
 
 
@@ -116,19 +115,6 @@ def test_quiet_levels_turns_the_meter_off(start_server):
     assert " level " not in server.log()
 
 
-def samples(path):
-    with wave.open(str(path), "rb") as wav:
-        assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (1, 2, 8000)
-        data = wav.readframes(wav.getnframes())
-        assert len(data) == 2 * wav.getnframes()
-    assert path.stat().st_size == 44 + len(data), "header sizes match the file"
-    return list(struct.unpack(f"<{len(data) // 2}h", data))
-
-
-def decoded(ulaw):
-    return [app.ULAW_TO_LINEAR[b] for b in ulaw]
-
-
 def test_both_tracks_recorded_aligned_with_silence_for_a_gap(start_server, tmp_path):
     record = tmp_path / "recordings"
     server = start_server("--record", str(record), "--quiet-levels")
@@ -197,13 +183,6 @@ def test_a_write_error_stops_the_recording_not_the_stream(start_server, tmp_path
     summary = server.summary(call.stream_sid)
     assert (summary["ended"], summary["media"]) == ("stop", "75")
     assert re.search(rf"stream={call.stream_sid} recording stopped track=inbound: .*File too large", server.log())
-
-
-AUDIO_HOOK_EXAMPLE = re.compile(r"```python\n(# process_audio\.py.*?)```", re.S)
-
-
-def readme_example():
-    return AUDIO_HOOK_EXAMPLE.search((ROOT / "README.md").read_text()).group(1)
 
 
 @pytest.fixture

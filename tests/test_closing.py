@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from tests.test_audio import decoded, samples
+from tests.conftest import decoded, samples
 from tests.twilio_sim import CHUNK, Call, HandshakeRefused, WSClient, encode_ulaw, frame, tone
 
 SILENCE = b"\xff" * CHUNK

@@ -19,19 +19,11 @@ import pytest
 
 from twilio.request_validator import RequestValidator
 
-from tests.conftest import GUNICORN_READY, ROOT, free_port, gunicorn_command, simulator
+from tests.conftest import GUNICORN_READY, ROOT, fetch_url, free_port, gunicorn_command, run_app, simulator
 from tests.twilio_sim import CHUNK, Call, HandshakeRefused, WSClient
 
 README = (ROOT / "README.md").read_text()
 TOKEN = "0123456789abcdef0123456789abcdef"
-
-
-def get(url: str, timeout: float = 5.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as answer:
-            return answer.status, answer.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
 
 
 def wait_until(check, timeout: float, what: str):
@@ -77,29 +69,29 @@ def background():
 
 def test_the_index_names_both_urls_and_the_public_one_when_given(start_server):
     plain = start_server()
-    status, text = get(plain.http_url + "/")
+    status, text = fetch_url(plain.http_url + "/")
     assert status == 200
     assert f"wss://127.0.0.1:{plain.port}/media through a TLS proxy" in text
     assert f"ws://127.0.0.1:{plain.port}/media without one" in text
     public = start_server("--public-url", "https://abc.ngrok.app")
-    assert get(public.http_url + "/")[1] == "Twilio Media Streams server is up. WebSocket: wss://abc.ngrok.app/media " \
+    assert fetch_url(public.http_url + "/")[1] == "Twilio Media Streams server is up. WebSocket: wss://abc.ngrok.app/media " \
                                              "(--public-url)\n"
 
 
 def test_healthz_counts_open_streams_and_says_503_when_full(start_server):
     server = start_server("--max-streams", "2")
-    assert get(server.http_url + "/healthz") == (200, "ok streams=0\n")
+    assert fetch_url(server.http_url + "/healthz") == (200, "ok streams=0\n")
     first, first_call = server.open_call(media=1)
     server.wait_for(rf"stream={first_call.stream_sid} first media")
-    assert get(server.http_url + "/healthz") == (200, "ok streams=1\n")
+    assert fetch_url(server.http_url + "/healthz") == (200, "ok streams=1\n")
     second, second_call = server.open_call(media=1)
     server.wait_for(rf"stream={second_call.stream_sid} first media")
-    assert get(server.http_url + "/healthz") == (503, "full streams=2 (--max-streams)\n")
+    assert fetch_url(server.http_url + "/healthz") == (503, "full streams=2 (--max-streams)\n")
     for client, call in ((first, first_call), (second, second_call)):
         client.send(call.stop())
         assert client.wait_closed() == 1000
         server.summary(call.stream_sid)
-    assert get(server.http_url + "/healthz") == (200, "ok streams=0\n")
+    assert fetch_url(server.http_url + "/healthz") == (200, "ok streams=0\n")
 
 
 # --- Behind nginx, over TLS ------------------------------------------------------------------
@@ -226,7 +218,7 @@ def test_a_refused_handshake_names_the_forwarded_client(start_server):
 def scrape(url: str) -> dict:
     """{'name{labels}': value} of a Prometheus text exposition."""
     values = {}
-    for line in get(url)[1].splitlines():
+    for line in fetch_url(url)[1].splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
@@ -277,7 +269,6 @@ def test_open_streams_are_counted_while_they_last(start_server):
 
 
 def test_metrics_port_in_use_or_library_missing_stops_the_server_at_start():
-    from tests.test_settings import run_app
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -309,14 +300,14 @@ def prometheus(tmp_path, background):
         wait_until(lambda: ready(url), 30, f"Prometheus ready at {url}:\n{(tmp_path / 'prometheus.log').read_text()}")
 
         def query(expression: str) -> float | None:
-            answer = json.loads(get(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": expression}))[1])
+            answer = json.loads(fetch_url(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": expression}))[1])
             result = answer["data"]["result"]
             return float(result[0]["value"][1]) if result else None
         return query
 
     def ready(url):
         try:
-            return get(url + "/-/ready", timeout=1)[0] == 200
+            return fetch_url(url + "/-/ready", timeout=1)[0] == 200
         except OSError:
             return False
 
@@ -361,7 +352,6 @@ def test_prometheus_reads_exact_sums_over_two_gunicorn_workers(start_server, pro
 
 
 def test_without_metrics_the_prometheus_client_is_not_even_imported():
-    from tests.test_settings import run_app
     status, out, err = run_app(code="import sys, app; app.configure([]); print('prometheus_client' in sys.modules)")
     assert (status, out) == (0, "False\n"), err
 
@@ -393,4 +383,4 @@ def test_a_worker_killed_with_calls_open_no_longer_counts_them(start_server, tmp
     os.kill(worker, 9)
     assert client.wait_closed() is None  # no close frame: the process is gone
     wait_until(lambda: scrape(metrics).get("mediastreams_streams_open") == 0, 10,
-               f"the dead worker's stream uncounted: {get(metrics)}")
+               f"the dead worker's stream uncounted: {fetch_url(metrics)}")

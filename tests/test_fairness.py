@@ -12,9 +12,7 @@ import time
 
 import pytest
 
-from tests.bench_load import ZERO_MASK, rss_mib, text_frame
-from tests.conftest import Server
-from tests.test_audio import samples
+from tests.conftest import Server, ZERO_MASK, rss_mib, samples, text_frame
 from tests.twilio_sim import CHUNK, Call, WSClient, decode_ulaw, encode_ulaw, frame, read_frames, tone
 
 SILENCE = b"\xff" * CHUNK

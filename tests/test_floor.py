@@ -1,26 +1,20 @@
 """The floor (--floor-port): every live call on one page, one feed (/events, Server-Sent
 Events) and one JSON document (/calls), on a listener of its own; private by default."""
 import datetime
-import http.client
 import json
 import re
-import shutil
-import socket
 import subprocess
-import threading
 import wave
 
 import gevent
 import pytest
 
 import app
-from tests.conftest import GUNICORN_READY, ROOT, clean_environment, free_port, gunicorn_command
-from tests.test_runtime import call_on
-from tests.test_settings import run_app
+from tests.conftest import (GUNICORN_READY, HTML_FROM, ROOT, Feed, call_on, clean_environment, free_port,
+                            gunicorn_command, http_request, run_app)
 from tests.twilio_sim import Call
 
 TOKEN = "s3cret-floor-token-0123456789"
-HTML_FROM = '+1555"/><img src=x onerror=alert(1)>'
 FIELDS = {"type", "stream", "call", "server", "time", "id"}
 
 
@@ -113,51 +107,6 @@ def test_a_feed_client_that_does_not_read_is_dropped_and_the_others_are_untouche
 
 # --- A real server, a real HTTP client -----------------------------------------------------
 
-class Feed:
-    """/events read as a browser's EventSource does, on a thread: the events so far."""
-
-    def __init__(self, port, **headers):
-        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        self.connection.request("GET", "/events", headers=headers)
-        self.response = self.connection.getresponse()
-        self.events, self.changed = [], threading.Condition()
-        threading.Thread(target=self.read, daemon=True).start()
-
-    def read(self):
-        kind, data, last_id = "message", [], None
-        try:
-            for raw in self.response:
-                line = raw.decode().rstrip("\n")
-                if line.startswith("event: "):
-                    kind = line[7:]
-                elif line.startswith("data: "):
-                    data.append(line[6:])
-                elif line.startswith("id: "):
-                    last_id = int(line[4:])
-                elif not line and data:
-                    with self.changed:
-                        self.events.append((kind, last_id, json.loads("\n".join(data))))
-                        self.changed.notify_all()
-                    kind, data = "message", []
-        except (OSError, ValueError, AttributeError):  # closed by the test (http.client: fp None)
-            pass
-
-    def wait_for(self, predicate, timeout=10):
-        with self.changed:
-            assert self.changed.wait_for(lambda: any(predicate(*event) for event in self.events), timeout), self.events
-            return next(event for event in self.events if predicate(*event))
-
-    def close(self):
-        self.connection.sock.shutdown(socket.SHUT_RDWR)  # the reader's buffer holds a lock close() would wait on
-        self.connection.close()
-
-
-def get(port, path, method="GET", **headers):
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    connection.request(method, path, headers=headers)
-    response = connection.getresponse()
-    return response.status, dict(response.getheaders()), response.read()
-
 
 @pytest.fixture
 def floor_server(start_server):
@@ -180,7 +129,7 @@ def test_a_call_reaches_the_feed_as_it_happens_and_calls_lists_it(floor_server):
     assert "params=From,CallerName" in server.wait_for(rf"stream={call.stream_sid} start .*").group(0), \
         "the console keeps logging names only"
     assert HTML_FROM not in server.log()
-    status, headers, body = get(port, "/calls")
+    status, headers, body = http_request(port, "/calls")
     listed = json.loads(body)
     assert status == 200 and headers["Content-Type"] == "application/json"
     assert [c["from"] for c in listed["open"]] == [HTML_FROM]
@@ -206,7 +155,7 @@ def test_a_call_reaches_the_feed_as_it_happens_and_calls_lists_it(floor_server):
 
 
 def test_the_page_is_whole_offline_and_sets_what_clients_sent_as_text(floor_server):
-    status, headers, body = get(floor_server.floor_port, "/")
+    status, headers, body = http_request(floor_server.floor_port, "/")
     page = body.decode()
     assert status == 200 and headers["Content-Type"].startswith("text/html")
     policy = headers["Content-Security-Policy"]
@@ -215,21 +164,21 @@ def test_the_page_is_whole_offline_and_sets_what_clients_sent_as_text(floor_serv
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page), "nothing fetched from elsewhere"
     assert "innerHTML" not in page and "insertAdjacentHTML" not in page and "document.write" not in page
     assert "textContent" in page and 'new EventSource("events")' in page
-    assert get(floor_server.floor_port, "/nothing")[0] == 404
+    assert http_request(floor_server.floor_port, "/nothing")[0] == 404
 
 
 def test_with_a_token_every_request_needs_it_and_a_browser_keeps_it_in_a_cookie(start_server):
     port = free_port()
     server = start_server("--floor-port", str(port), "--floor-host", "0.0.0.0", env={"FLOOR_TOKEN": TOKEN})
     for path in ("/", "/events", "/calls"):
-        assert get(port, path)[0] == 401
-        assert get(port, path, Authorization="Bearer wrong-token-wrong-token")[0] == 401
-    assert get(port, "/calls", Authorization=f"Bearer {TOKEN}")[0] == 200
-    status, headers, _ = get(port, f"/?token={TOKEN}")
+        assert http_request(port, path)[0] == 401
+        assert http_request(port, path, Authorization="Bearer wrong-token-wrong-token")[0] == 401
+    assert http_request(port, "/calls", Authorization=f"Bearer {TOKEN}")[0] == 200
+    status, headers, _ = http_request(port, f"/?token={TOKEN}")
     assert status == 200 and "HttpOnly" in headers["Set-Cookie"]
     cookie = headers["Set-Cookie"].split(";")[0]
-    assert get(port, "/calls", Cookie=cookie)[0] == 200
-    assert get(port, "/calls", Cookie="floor_token=nope")[0] == 401
+    assert http_request(port, "/calls", Cookie=cookie)[0] == 200
+    assert http_request(port, "/calls", Cookie="floor_token=nope")[0] == 401
     assert TOKEN not in server.log()
 
 
@@ -249,16 +198,16 @@ def test_every_answer_of_the_floor_says_what_it_said_before_its_routes_were_flas
         ("GET", "/calls/", True): (404, "text/plain", None), ("GET", "/calls", True): (200, "application/json", None),
         ("HEAD", "/", True): (200, "text/html; charset=utf-8", b""), ("GET", "/", True): (200, "text/html; charset=utf-8", None)}
     for (method, path, with_token), (status, kind, body) in answers.items():
-        got, headers, got_body = get(port, path, method, **(bearer if with_token else {}))
+        got, headers, got_body = http_request(port, path, method, **(bearer if with_token else {}))
         assert got == status, (method, path)
         assert (headers["Cache-Control"], headers["X-Content-Type-Options"]) == ("no-store", "nosniff"), (method, path)
         assert kind is None or headers["Content-Type"] == kind, (method, path)
         assert body is None or got_body == body, (method, path)
         assert ("Allow" in headers) == (status == 405) and headers.get("Allow", "GET") == "GET"
         assert ("WWW-Authenticate" in headers) == (status == 401) and "Set-Cookie" not in headers
-    status, headers, _ = get(port, f"/calls?token={TOKEN}")
+    status, headers, _ = http_request(port, f"/calls?token={TOKEN}")
     assert status == 200 and headers["Set-Cookie"] == f"floor_token={TOKEN}; HttpOnly; SameSite=Strict; Path=/"
-    assert "Set-Cookie" not in get(port, "/calls?token=wrong-token-wrong-token")[1]
+    assert "Set-Cookie" not in http_request(port, "/calls?token=wrong-token-wrong-token")[1]
 
 
 @pytest.mark.parametrize("args, env, says", [
@@ -284,24 +233,6 @@ def test_several_gunicorn_workers_refuse_the_floor_in_one_line():
 
 
 # --- The page in a real browser: Debian's Chromium, through selenium and Debian's driver -----
-
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-
-
-@pytest.fixture
-def browser():
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run "
-                    "installs them)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # Debian's driver: nothing downloaded
-    yield driver
-    driver.quit()
 
 
 def test_the_page_shows_each_call_live_its_words_as_text_and_ends_it(floor_server, browser):
@@ -392,7 +323,7 @@ def test_one_gunicorn_worker_serves_the_floor_of_its_calls(start_server):
     call = Call(params={"From": "+15550003"})
     assert server.stream(call.session(media=3, stop=True)) == 1000
     server.summary(call.stream_sid)
-    ended = json.loads(get(port, "/calls")[2])["ended"]
+    ended = json.loads(http_request(port, "/calls")[2])["ended"]
     assert [(c["from"], c["ended"]["how"]) for c in ended] == [("+15550003", "stop")]
 
 

@@ -14,10 +14,8 @@ import gevent
 import pytest
 
 import app
-from tests.conftest import GUNICORN_READY, ROOT, clean_environment, free_port, gunicorn_command, make_certificate
-from tests.test_floor import HTML_FROM, Feed, browser, get  # noqa: F401 (browser: a fixture)
-from tests.test_runtime import call_on
-from tests.test_settings import run_app
+from tests.conftest import (Feed, GUNICORN_READY, HTML_FROM, ROOT, call_on, clean_environment, free_port,
+                            gunicorn_command, http_request, make_certificate, run_app, whisper_model)
 from tests.twilio_sim import Call
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -72,7 +70,7 @@ def floor_only(start_server, url, *args, **options):
 
 
 def calls_of(floor_port):
-    return json.loads(get(floor_port, "/calls")[2])
+    return json.loads(http_request(floor_port, "/calls")[2])
 
 
 def wait_until(predicate, timeout=10):
@@ -92,9 +90,8 @@ def test_calls_into_two_servers_appear_on_one_floor_with_their_words_and_end_the
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-    from tests.test_transcribe import MODEL
     floor = floor_only(start_server, redis.url)
-    talking = start_server("--redis-url", redis.url, "--transcribe", "--transcribe-model", MODEL)
+    talking = start_server("--redis-url", redis.url, "--transcribe", "--transcribe-model", whisper_model())
     listening = start_server(env={"REDIS_URL": redis.url})
     browser.get(f"http://127.0.0.1:{floor.floor_port}/")
     wait = WebDriverWait(browser, 20, ignored_exceptions=(StaleElementReferenceException,))

@@ -8,9 +8,8 @@ import wave
 import pytest
 from twilio.request_validator import RequestValidator
 
-from tests.conftest import GUNICORN_READY, ROOT, clean_environment, free_port, gunicorn_command, run_at_once
-from tests.test_audio import readme_example
-from tests.test_deploy import get
+from tests.conftest import (GUNICORN_READY, ROOT, clean_environment, fetch_url, free_port, gunicorn_command,
+                            readme_example, run_at_once)
 from tests.twilio_sim import CHUNK, Call, HandshakeRefused, WSClient, encode_ulaw, play_connect_call, tone, write_wav
 
 TOKEN = "0123456789abcdef0123456789abcdef"
@@ -118,7 +117,7 @@ def test_new_callers_get_503_while_a_worker_drains_its_calls(start_server, tmp_p
     with pytest.raises(HandshakeRefused) as refused:
         WSClient(server.url)
     assert refused.value.status == 503 and b"shutting down" in refused.value.body
-    assert get(server.http_url + "/healthz") == (503, "shutting down\n")  # a load balancer sends no more
+    assert fetch_url(server.http_url + "/healthz") == (503, "shutting down\n")  # a load balancer sends no more
     client.send(call.stop())
     assert client.wait_closed() == 1000
     assert server.process.wait(10) == 0  # not 26 s later, when calls still open would be ended

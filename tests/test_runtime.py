@@ -11,9 +11,7 @@ import gevent
 import pytest
 
 import app
-from tests.conftest import ROOT, runtime
-from tests.test_audio import samples
-from tests.test_stream import SentMessages
+from tests.conftest import ROOT, SentMessages, call_on, runtime, samples
 from tests.twilio_sim import CHUNK, Call, decode_ulaw, encode_ulaw, read_wav, tone, write_wav
 
 
@@ -25,15 +23,6 @@ class Events(list):
 
     def of(self, kind):
         return [event for event in self if isinstance(event, kind)]
-
-
-def call_on(serving, messages, stream_class=None, ws=None):
-    """A stream of the runtime's class (or `stream_class`), fed `messages`, finished."""
-    stream = (stream_class or serving.stream_class)(serving, remote="test", ws=ws)
-    for message in messages:
-        stream.handle(message)
-    stream.finish()
-    return stream
 
 
 def test_settings_are_frozen_and_read_settings_gives_the_defaults_as_settings_does():

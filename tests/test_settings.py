@@ -3,22 +3,12 @@ a value that cannot work is one line naming both, exit status 2; importing app d
 import dataclasses
 import re
 import socket
-import subprocess
-import sys
 
 import pytest
 
 import app
-from tests.conftest import LISTENING, ROOT, clean_environment
-from tests.test_audio import readme_example
+from tests.conftest import LISTENING, ROOT, readme_example, run_app
 from tests.twilio_sim import Call
-
-
-def run_app(*args, env=None, code=None, cwd=ROOT):
-    """`python app.py ARGS` (or `python -c CODE`) to its end: (exit status, stdout, stderr)."""
-    command = [sys.executable, "-c", code] if code else [sys.executable, str(ROOT / "app.py"), *args]
-    out = subprocess.run(command, cwd=cwd, env=clean_environment(env), capture_output=True, text=True, timeout=30)
-    return out.returncode, out.stdout, out.stderr
 
 
 def test_defaults():

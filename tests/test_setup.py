@@ -109,3 +109,11 @@ def test_app_py_starts_where_the_tutorial_starts_and_its_map_is_true():
     assert f"Start here: media(), the tutorial's loop, at line {media}." in docstring
     readme_last = (ROOT / "README.md").read_text().splitlines()[-1]
     assert f"start at `media()`, line {media};" in readme_last
+
+
+def test_no_test_module_imports_another():
+    """What several test modules share lives in tests/conftest.py, found in one place."""
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        imported = [node.module for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.ImportFrom) and node.module]
+        assert not [name for name in imported if name.startswith("tests.test_")], path.name

