@@ -74,11 +74,18 @@ def calls_of(floor_port):
 
 
 def wait_until(predicate, timeout=10):
+    """predicate()'s first true value, looked at every 50 ms; a floor of this process runs meanwhile."""
     deadline = time.monotonic() + timeout
     while not (value := predicate()):
         assert time.monotonic() < deadline, "not in time"
-        time.sleep(0.05)
+        gevent.sleep(0.05)
     return value
+
+
+def refused(redis) -> int:
+    """The commands Redis has refused for want of memory."""
+    stats = redis.cli("INFO", "errorstats")
+    return int(stats.split("errorstat_OOM:count=")[1].split()[0]) if "errorstat_OOM:" in stats else 0
 
 
 def speech():
@@ -184,7 +191,7 @@ def test_a_redis_that_refuses_writes_loses_no_event_and_is_said_down_once(start_
     client.send_all([call.dtmf("5"), call.stop()])
     assert client.wait_closed() == 1000
     server.wait_for(r"WARNING Redis at .* down \(OutOfMemoryError: .*maxmemory.*\): the floor.s events wait for it")
-    time.sleep(1)  # several tries, each refused
+    wait_until(lambda: refused(redis) >= 3)  # several tries, each refused
     assert calls_of(floor.floor_port)["ended"] == []
     redis.cli("CONFIG", "SET", "maxmemory", "0")
     ended = wait_until(lambda: calls_of(floor.floor_port)["ended"])
@@ -201,7 +208,7 @@ def test_while_redis_is_down_events_beyond_the_queue_are_dropped_counted_and_sai
     calls = [Call() for _ in range(30)]
     for call in calls:
         call_on(serving, call.session(media=1, stop=True))  # start, stop, end: 90 events
-    gevent.sleep(1)
+    wait_until(lambda: any(r.levelname == "WARNING" for r in caplog.records))  # the publisher has tried Redis
     assert len(publisher.queue) == 20 and publisher.dropped == 70
     assert [r["stream"] for r in publisher.queue][-1] == calls[-1].stream_sid, "the newest wait, the oldest go"
     counted = serving.metrics.registry.get_sample_value("mediastreams_floor_events_dropped_total")
@@ -343,7 +350,7 @@ def test_a_floor_waiting_on_redis_holds_up_nothing_else_in_its_process(redis):
     redis.cli("XADD", app.REDIS_STREAM, "*", "event", "not json")
     redis.cli("XADD", app.REDIS_STREAM, "*", "event", json.dumps(
         {"type": "dtmf", "stream": "MZ1", "call": "CA1", "server": "other", "time": "", "digit": "4"}))
-    gevent.sleep(0.5)
+    wait_until(lambda: len(floor.events) >= 2)
     assert [r["digit"] for r in floor.events] == ["3", "4"], "from the oldest kept; another program's entry skipped"
     gevent.killall([follower, ticker])
 
@@ -382,14 +389,13 @@ def test_a_lost_call_that_is_heard_again_is_open_again_and_an_outage_loses_no_ca
     assert [c["stream"] for c in floor.snapshot()["open"]] == ["MZ1"] and floor.snapshot()["ended"] == []
 
     follower = gevent.spawn(app.follow_redis, redis.url, floor)
-    gevent.sleep(0.5)
+    wait_until(lambda: "cmd=xread" in redis.cli("CLIENT", "LIST"))  # the floor reads, waiting for events
     redis.kill()
     gevent.sleep(2)  # longer than a call may stay silent: but nothing could be heard from anyone
     redis.start()
-    wait_until(lambda: (gevent.sleep(0.1), floor.heard["MZ1"] > time.monotonic() - 0.5)[1])
+    wait_until(lambda: floor.heard["MZ1"] > time.monotonic() - 0.5)
     assert floor.calls["MZ1"]["ended"] is None, "Redis was down: its calls are given their time again"
-    gevent.sleep(1.5)
-    assert floor.calls["MZ1"]["ended"]["how"] == "lost", "then, still silent, it is lost"
+    assert wait_until(lambda: floor.calls["MZ1"]["ended"], timeout=5)["how"] == "lost", "then, still silent, it is lost"
     follower.kill()
 
 
@@ -404,7 +410,7 @@ def test_a_floor_waiting_on_redis_over_tls_holds_up_nothing_else_in_its_process(
         assert len(ticks) > 50, "the event loop was held up while the floor waited for Redis over TLS"
         tls.cli("XADD", app.REDIS_STREAM, "*", "event", json.dumps(
             {"type": "dtmf", "stream": "MZ1", "call": "CA1", "server": "other", "time": "", "digit": "6"}))
-        wait_until(lambda: (gevent.sleep(0.1), list(floor.events))[1])
+        wait_until(lambda: list(floor.events))
         assert [r["digit"] for r in floor.events] == ["6"]
     finally:
         gevent.killall([follower, ticker])

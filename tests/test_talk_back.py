@@ -144,7 +144,11 @@ def test_the_command_line_echo_gives_back_the_wav_it_was_given(start_server, tmp
     with app.wave.open(str(tmp_path / "out.wav")) as wav:
         heard = app.array("h", wav.readframes(wav.getnframes())).tolist()
     sent = decode_ulaw(encode_ulaw(tone(1.0, frequency=600)))
-    assert any(heard[offset:offset + len(sent)] == sent for offset in range(0, len(heard), CHUNK))
+    # Every chunk back, in order. Where an echo came later than the player's jitter buffer
+    # (a server, or the simulator, held up 150 ms on a loaded machine: SIGSTOP shows it),
+    # the caller hears silence there, as on a real call: whole chunks of it, left out here.
+    chunks = [heard[offset:offset + CHUNK] for offset in range(0, len(heard), CHUNK)]
+    assert [chunk for chunk in chunks if any(chunk)] == [sent[n:n + CHUNK] for n in range(0, len(sent), CHUNK)]
 
 
 def test_a_mark_is_echoed_once_the_audio_before_it_has_played(start_server):
