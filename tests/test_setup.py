@@ -117,3 +117,18 @@ def test_no_test_module_imports_another():
         imported = [node.module for node in ast.walk(ast.parse(path.read_text()))
                     if isinstance(node, ast.ImportFrom) and node.module]
         assert not [name for name in imported if name.startswith("tests.test_")], path.name
+
+
+def test_requirements_pin_by_name_and_version_and_name_no_package_index():
+    """Every requirement is name==version; no file of the repository names a package index."""
+    for path in (ROOT / "requirements.txt", ROOT / "tests" / "requirements.txt"):
+        for line in path.read_text().splitlines():
+            line = line.split("#")[0].strip()
+            assert not line or line == "-r ../requirements.txt" or re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][\w.]*", line), \
+                f"{path.name}: {line!r} is not name==version"
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    for name in tracked:
+        path = ROOT / name
+        if path.is_file() and path.suffix in ("", ".txt", ".py", ".md", ".cfg", ".toml", ".ini", ".sh"):
+            text = path.read_text(errors="replace")
+            assert not re.search(r"pythonhosted\.org|pypi\.org|--(extra-)?index[-]url|--find[-]links", text), name

