@@ -7,23 +7,23 @@ Your own processing: subclass MediaStream, then app.main(stream_class=YourStream
 The file, top to bottom: each section and its first line (tests/test_setup.py keeps them true).
     98  The tutorial's app            Flask, Sockets (fixed for today's Werkzeug) and the /media loop
    174  The call                      its events, typed; MediaStream: one method per Twilio event
-   1107  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
-  1293  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
-  1850  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
-  2063  Optional features             each switched on by a flag, each consuming call events:
-  2065    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
-  2115    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2346    Alerts                      --alerts: the phrases that matter, in what is said
-  2431    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  2486    Sinks                       the console's lines, transcript files
-  2568    Metrics                     --metrics-port: Prometheus
-  2651    The floor                   --floor-port: every live call on one page, /events, /calls
-  2887    The floor's page            its HTML, CSS and JavaScript
-  3107    The floor across processes  --redis-url: one Redis stream
-  3308  The transport                 what a user need not read:
-  3310    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  3479    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  4142  Start-up                      configure(), main(), then gunicorn's worker
+   1146  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
+  1344  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
+  1912  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
+  2125  Optional features             each switched on by a flag, each consuming call events:
+  2127    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
+  2177    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
+  2485    Alerts                      --alerts: the phrases that matter, in what is said
+  2570    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  2813    Sinks                       the console's lines, transcript files
+  2897    Metrics                     --metrics-port: Prometheus
+  2987    The floor                   --floor-port: every live call on one page, /events, /calls
+  3224    The floor's page            its HTML, CSS and JavaScript
+  3444    The floor across processes  --redis-url: one Redis stream
+  3645  The transport                 what a user need not read:
+  3647    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  3816    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  4479  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -221,7 +221,8 @@ class Level(CallEvent):
 
 @dataclass(frozen=True, slots=True)
 class Dtmf(CallEvent):
-    digit: str
+    digit: str                        # "*" where it was redacted: a key of a run after its first
+    masked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +259,7 @@ class Transcribed(CallEvent):
     text: str
     partial: bool = False
     mood: float | None = None         # --mood: -1 (angry, fed up) to +1 (pleased)
+    redacted: tuple[str, ...] = ()    # the kind of each thing taken out of the line, now a marker in `text`
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +287,12 @@ class Warned(CallEvent):
 class Failed(CallEvent):
     """A bug in the stream's own handling ended it (close code 1011)."""
     error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class SecureSection(CallEvent):
+    """pause_recording() (`paused`) or resume_recording(): silence recorded, nothing transcribed, keys hidden."""
+    paused: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +349,7 @@ class CallSummary:
     recordings: tuple[tuple[str, float], ...]  # path, seconds
     recordings_stopped: int           # by a write error or --max-recording-seconds
     recording_skipped: int
+    redacted: int | None              # things taken out (card numbers, codes, ..., keys); None: --no-redact
     extra: dict[str, str]             # the stream class's own (MediaStream.summary_extra())
 
     def fields(self) -> dict[str, str]:
@@ -368,6 +377,7 @@ class CallSummary:
         if self.recordings:
             fields["recordings"] = ",".join(f"{path}:{seconds:.2f}s" for path, seconds in self.recordings)
         fields |= {"recording_skipped": str(self.recording_skipped)} if self.recording_skipped else {}
+        fields |= {} if self.redacted is None else {"redacted": str(self.redacted)}
         return fields | self.extra
 
     def line(self) -> str:
@@ -660,6 +670,9 @@ class MediaStream:
     statuses: list = field(default_factory=list)  # Twilio's stream status callbacks for it (/stream-status)
     audio: AudioGreenlet | None = field(default=None, repr=False)  # where your on_audio() runs
     call_key: int = field(default=0, init=False)  # this process's number for the call: its events carry it
+    paused: bool = False            # pause_recording(): a secure section, until resume_recording()
+    last_key_at: float = -math.inf  # when the last key was pressed: a run of keys shows only its first
+    keys_masked: int = 0
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -830,12 +843,12 @@ class MediaStream:
         if self.decoding:
             pcm = ulaw_to_pcm16(audio)
             if self.runtime.settings.record and not track.recording_stopped:
-                self.record(track, timestamp, pcm)
+                self.record(track, timestamp, bytes(len(pcm)) if self.paused else pcm)
             if self._audio_in_greenlet:
                 self.queue_audio(track.name, timestamp, pcm)
             elif self.wants_pcm:
                 self.on_audio(track.name, timestamp, pcm)
-            if self.runtime.transcriber:
+            if self.runtime.transcriber and not self.paused:
                 if track.transcript is None:
                     track.transcript = TrackTranscript(self, track.name)
                 track.transcript.feed(timestamp - self.origin_ms, pcm)
@@ -927,7 +940,13 @@ class MediaStream:
         if not isinstance(dtmf, dict) or not isinstance(dtmf.get("digit"), (str, int)):
             raise BadMessage("dtmf", "dtmf.digit missing")
         if self.check_sequence(data):
-            self.emit(Dtmf, digit=printable(str(dtmf["digit"]), 8))
+            now, previous = time.monotonic(), self.last_key_at
+            self.last_key_at = now  # of a run of keys (a card keyed in), only the first is shown: a menu's choice
+            if self.runtime.settings.redact and (self.paused or now - previous < self.runtime.limits.key_run_seconds):
+                self.keys_masked += 1
+                self.emit(Dtmf, digit="*", masked=True)
+            else:
+                self.emit(Dtmf, digit=printable(str(dtmf["digit"]), 8))
 
     def on_mark(self, data: dict) -> None:
         """Twilio's echo of a mark we sent: the audio before it has been played, or cut off by a clear."""
@@ -1037,6 +1056,23 @@ class MediaStream:
         if why:
             self.warn(why)
 
+    def pause_recording(self) -> None:
+        """A secure section (your IVR asks for a card): until resume_recording(), the recordings
+        get silence, nothing is transcribed (what was being said is dropped), and every key
+        shows as `*`. Your on_audio() and on_dtmf() still get the audio and the real keys."""
+        if not self.paused:
+            self.paused = True
+            for track in self.tracks.values():
+                if track.transcript:
+                    track.transcript.discard()
+            self.emit(SecureSection, paused=True)
+
+    def resume_recording(self) -> None:
+        """The secure section is over: recordings, transcripts and keys as before."""
+        if self.paused:
+            self.paused = False
+            self.emit(SecureSection, paused=False)
+
     def hang_up(self) -> None:
         """End this stream from the server's side: its socket closes (1000), `ended=hangup`;
         audio not yet sent goes no further (unsent=). On a <Connect><Stream> with nothing after
@@ -1088,7 +1124,10 @@ class MediaStream:
             statuses=tuple(self.statuses),
             recordings=tuple((t.recording.path, t.recording.seconds) for t in tracks if t.recording),
             recordings_stopped=sum(t.recording_stopped for t in self.tracks.values()),
-            recording_skipped=sum(t.recording_skipped for t in tracks), extra=self.summary_extra())
+            recording_skipped=sum(t.recording_skipped for t in tracks),
+            redacted=(self.keys_masked + sum(t.redactions for t in transcripts)) if self.runtime.settings.redact
+            else None,
+            extra=self.summary_extra())
 
     def summary_extra(self) -> dict[str, str]:
         """Yours to override: fields of your own for the summary line (and the floor's `end`)."""
@@ -1173,6 +1212,7 @@ ULAW_SQUARES = [sample * sample for sample in ULAW_TO_LINEAR]
 _PCM_LOW = bytes(sample & 0xFF for sample in ULAW_TO_LINEAR)
 _PCM_HIGH = bytes((sample >> 8) & 0xFF for sample in ULAW_TO_LINEAR)
 MAX_SILENCE_LEAD_MS = 2_000    # silence a recording may hold beyond the stream's age
+WAV_HEADER_BYTES = 44          # what wave writes before the samples of 16-bit mono PCM
 
 
 def ulaw_to_pcm16(ulaw: bytes) -> bytes:
@@ -1277,6 +1317,17 @@ class WavTrack:
         if time.monotonic() - self.flushed_at >= 1.0:  # header sizes right within a second
             self.wav.writeframes(b"")
             self.flushed_at = time.monotonic()
+
+    def silence(self, start: int, end: int) -> None:
+        """Samples `start` to `end` (those written so far) made silence, in place: what was said
+        there must not be kept. The file stays a valid WAV, the tracks stay aligned."""
+        start, end = max(0, start), min(end, self.samples)
+        if self.closed or start >= end:
+            return
+        self.file.seek(WAV_HEADER_BYTES + 2 * start)
+        self.file.write(bytes(2 * (end - start)))
+        self.file.seek(0, io.SEEK_END)
+        self.file.flush()
 
     @property
     def seconds(self) -> float:
@@ -1411,12 +1462,14 @@ METRICS_PIP = "pip install prometheus-client==0.26.0"
 MOOD_PIP = "pip install vaderSentiment==3.3.2"
 REDIS_PIP = "pip install redis==8.1.0 hiredis==3.5.0"  # hiredis: redis-py parses replies in C, a third of the CPU
 
-def option(default: str, read: Callable[[str], Any], help_text: str, variable: str | None = None) -> Any:
-    """A field of Settings that is a flag too: --<its name>, its environment variable (its name
-    in capitals unless given), its default as it would be typed, the reader that checks it
-    (its ValueError says what it wants) and its help."""
+def option(default: str, read: Callable[[str], Any], help_text: str, variable: str | None = None,
+           flag: str | None = None) -> Any:
+    """A field of Settings that is a flag too: --<its name> (or `flag`: a switch named --no-...
+    turns its variable off), its environment variable (its name in capitals unless given), its
+    default as it would be typed, the reader that checks it (its ValueError says what it wants)
+    and its help."""
     return field(default=read(default), metadata={"default": default, "read": read, "help": help_text,
-                                                  "variable": variable})
+                                                  "variable": variable, "flag": flag})
 
 
 @dataclass(frozen=True)
@@ -1490,6 +1543,9 @@ class Settings:
     metrics_port: int | None = option("", a_port_or_none,
         "serve Prometheus metrics at http://HOST:METRICS_PORT/metrics, a listener of its own "
         f"(needs: {METRICS_PIP})")
+    redact: bool = option("1", yes_or_no,
+        "keep card numbers, security codes, expiry dates, social security numbers and keyed digits as "
+        "said and keyed: no redaction of transcripts, recordings and keys (a warning at start-up)", flag="--no-redact")
     floor_token: str | None = None    # FLOOR_TOKEN: what every request to the floor must carry
     auth_token: str | None = None     # TWILIO_AUTH_TOKEN: only handshakes Twilio signed with it
     stream_class: str | None = None   # STREAM_CLASS: module:Class, your MediaStream subclass
@@ -1497,8 +1553,9 @@ class Settings:
 
 def options_of(settings_class: type = Settings) -> tuple[tuple[str, str, str, Callable[[str], Any], str], ...]:
     """(flag, environment variable, default, reader, help) of each flag, from Settings' fields."""
-    return tuple((f"--{f.name.replace('_', '-')}", f.metadata["variable"] or f.name.upper(), f.metadata["default"],
-                  f.metadata["read"], f.metadata["help"]) for f in fields(settings_class) if "read" in f.metadata)
+    return tuple((f.metadata["flag"] or f"--{f.name.replace('_', '-')}", f.metadata["variable"] or f.name.upper(),
+                  f.metadata["default"], f.metadata["read"], f.metadata["help"])
+                 for f in fields(settings_class) if "read" in f.metadata)
 
 
 OPTIONS = options_of()
@@ -1522,6 +1579,8 @@ class Limits:
     floor_silent_seconds: float = 60   # with Redis, an open call none of whose events came for this long is
                                        # ended `lost` (its process was killed, its machine is gone)
     redis_queue: int = 10_000          # events waiting for Redis; beyond, the oldest are dropped (levels beyond half)
+    redact_hold_seconds: float = 4     # a transcript line that may go on in the next waits this long for it at most
+    key_run_seconds: float = 3         # key presses this close together are a run: only its first is shown
 
 
 def read_settings(argv: list[str] | None = None, environ=os.environ) -> Settings:
@@ -1533,16 +1592,19 @@ def read_settings(argv: list[str] | None = None, environ=os.environ) -> Settings
         "environment variable it names (--port PORT: PORT).",
         epilog="Also from the environment: TWILIO_AUTH_TOKEN, to accept only handshakes Twilio signed with it; "
                "STREAM_CLASS=module:Class, your MediaStream subclass.")
-    for flag, variable, default, read, help_text in OPTIONS:
-        if read is yes_or_no:  # a switch: the flag alone turns it on
-            parser.add_argument(flag, action="store_const", const="1", help=f"{help_text} ({variable}=1)")
+    flagged = [f for f in fields(Settings) if "read" in f.metadata]
+    for f, (flag, variable, default, read, help_text) in zip(flagged, OPTIONS):
+        if read is yes_or_no:  # a switch: the flag alone turns it on (--no-...: off)
+            value = "0" if flag.startswith("--no-") else "1"
+            parser.add_argument(flag, dest=f.name, action="store_const", const=value,
+                                help=f"{help_text} ({variable}={value})")
         else:
             help_text += f" (default {default})" if default else ""
-            parser.add_argument(flag, metavar=variable, help=help_text)
+            parser.add_argument(flag, dest=f.name, metavar=variable, help=help_text)
     given = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
-    for flag, variable, default, read, _ in OPTIONS:
-        name = flag[2:].replace("-", "_")
+    for f, (flag, variable, default, read, _) in zip(flagged, OPTIONS):
+        name = f.name
         raw = given[name] if given[name] is not None else environ.get(variable, default)
         try:
             values[name] = read(raw)
@@ -2130,6 +2192,7 @@ class Utterance:
     at: float                 # seconds from the stream's first audio
     pcm: bytes                # 8 kHz 16-bit
     partial: bool = False
+    index: int = -1           # a whole one's place among its track's: their lines are made in this order
 
 
 class WhisperRecognizer:
@@ -2209,7 +2272,7 @@ class Transcriber:
 
     def drop(self, utterance: Utterance) -> None:
         self.waiting.remove(utterance)
-        utterance.transcript.dropped_one()
+        utterance.transcript.dropped_one(utterance)
 
     def forget(self, transcript: "TrackTranscript") -> None:
         """A transcript's utterances still waiting: its call has ended."""
@@ -2250,6 +2313,14 @@ class TrackTranscript:
         self.alerts = 0             # --alerts raised by its lines
         self.all_heard = gevent.event.Event()
         self.closed = False         # its call has ended: what comes back now is too late
+        self.redact = stream.runtime.settings.redact
+        self.submitted = 0          # whole utterances so far: the next one's index
+        self.heard_lines: dict[int, tuple[Utterance, str | None]] = {}  # heard (or dropped), not yet made lines
+        self.next_line = 0          # the index of the next utterance to make a line of
+        self.held: tuple[Utterance, str, list] | None = None  # a line that may go on in the next (redaction)
+        self.holding: gevent.Greenlet | None = None
+        self.said_before = ""       # the last line's words as heard: what announced a number may be there
+        self.redactions = 0
 
     def feed(self, at_ms: int, pcm: bytes) -> None:
         """A chunk of the track: `at_ms` from the stream's first audio."""
@@ -2280,33 +2351,95 @@ class TrackTranscript:
 
     def end_utterance(self) -> None:
         if self.speech is not None and self.voiced_ms >= MIN_SPEECH_MS:
-            self.transcriber.submit(Utterance(self, self.start_ms / 1000, bytes(self.speech)))
+            self.transcriber.submit(Utterance(self, self.start_ms / 1000, bytes(self.speech), index=self.submitted))
+            self.submitted += 1
         self.speech = None
+
+    def discard(self) -> None:
+        """What is being said is not recognized (a secure section begins)."""
+        self.speech, self.rest = None, b""
+        self.preroll.clear()
 
     def heard(self, utterance: Utterance, text: str) -> None:
         if self.closed:
             return
         if utterance.partial:
             if text and self.speech is not None:  # still speaking
-                self.stream.emit(Transcribed, track=self.track, at=utterance.at, text=text, partial=True)
+                self.stream.emit(Transcribed, track=self.track, at=utterance.at, partial=True,
+                                 text=partial_redacted(text) if self.redact else text)
             return
-        if text:
-            self.utterances += 1
-            mood = self.stream.runtime.mood(text) if self.stream.runtime.mood else None
-            if mood is not None:
-                self.moods.append(mood)
-            self.stream.emit(Transcribed, track=self.track, at=utterance.at, text=text, mood=mood)
-            alerts = self.stream.runtime.settings.alerts
-            for category, phrase in alerts.said(text) if alerts else ():
-                self.alerts += 1
-                self.stream.emit(Alerted, track=self.track, category=category, phrase=phrase, text=text)
+        self.heard_lines[utterance.index] = (utterance, text)
+        self.make_lines()
         self.one_less_pending()
 
-    def dropped_one(self) -> None:
+    def dropped_one(self, utterance: Utterance) -> None:
         self.dropped += 1
         self.stream.warn(f"transcript track={self.track}: recognition is behind, the oldest utterance waiting "
                          f"was dropped ({self.transcriber.queue_size} waiting; see --transcribe-threads)")
+        self.heard_lines[utterance.index] = (utterance, None)
+        self.make_lines()
         self.one_less_pending()
+
+    def make_lines(self) -> None:
+        """The lines of the utterances heard, in the order they were said (several threads may
+        hear them out of order)."""
+        while self.next_line in self.heard_lines:
+            utterance, text = self.heard_lines.pop(self.next_line)
+            self.next_line += 1
+            if text:
+                self.redacted_line(utterance, text) if self.redact else self.line(utterance, text, [])
+
+    def redacted_line(self, utterance: Utterance, text: str) -> None:
+        """A line judged with the one before it, and with the one held back, if any: a number
+        read in groups across a pause is redacted in both lines. A line that may go on in the
+        next waits for it (at most Limits.redact_hold_seconds)."""
+        held = self.held
+        parts = [self.said_before, held[1] if held else "", text]
+        found = redactions(" ".join(parts))
+        offsets = [0, len(parts[0]) + 1, len(parts[0]) + len(parts[1]) + 2]
+        spans = [[(max(start, offset) - offset, min(end, offset + len(part)) - offset, kind)
+                  for start, end, kind in found if start < offset + len(part) and end > offset]
+                 for part, offset in zip(parts, offsets)]
+        if held:
+            self.release_held(held[2] + [span for span in spans[1] if span not in held[2]])
+        if may_go_on(text):
+            self.held = (utterance, text, spans[2])
+            self.holding = gevent.spawn_later(self.stream.runtime.limits.redact_hold_seconds, self.release_held)
+        else:
+            self.line(utterance, text, spans[2])
+
+    def release_held(self, spans: list | None = None) -> None:
+        """The line held back, made now: the next line came, it waited long enough, or the call ended."""
+        if self.held is None:
+            return
+        utterance, text, held_spans = self.held
+        self.held = None
+        if self.holding is not None and self.holding is not gevent.getcurrent():
+            self.holding.kill(block=False)
+        self.holding = None
+        self.line(utterance, text, held_spans if spans is None else spans)
+
+    def line(self, utterance: Utterance, text: str, spans: list) -> None:
+        """One line: its words with what must not be kept replaced by markers, the audio of an
+        utterance that had any silenced in the recording; then its mood and alerts."""
+        self.said_before = text
+        if spans:
+            self.redactions += len(spans)
+            text = redacted(text, spans)
+            recording = self.stream.tracks[self.track].recording
+            if recording is not None:
+                start = round(utterance.at * 8000)
+                recording.silence(start, start + len(utterance.pcm) // 2)
+        self.utterances += 1
+        mood = self.stream.runtime.mood(text) if self.stream.runtime.mood else None
+        if mood is not None:
+            self.moods.append(mood)
+        self.stream.emit(Transcribed, track=self.track, at=utterance.at, text=text, mood=mood,
+                         redacted=tuple(kind for _, _, kind in spans))
+        alerts = self.stream.runtime.settings.alerts
+        for category, phrase in alerts.said(text) if alerts else ():
+            self.alerts += 1
+            self.stream.emit(Alerted, track=self.track, category=category, phrase=phrase, text=text)
 
     def one_less_pending(self) -> None:
         self.pending -= 1
@@ -2314,7 +2447,13 @@ class TrackTranscript:
             self.all_heard.set()
 
     def close(self) -> None:
-        """Its call has ended: what was not heard by now is counted as dropped."""
+        """Its call has ended: the lines heard are made, the one held back too; what was not
+        heard by now is counted as dropped."""
+        self.next_line = min(self.heard_lines, default=self.next_line)
+        while self.heard_lines:  # what was heard, past the ones that never were
+            self.make_lines()
+            self.next_line = min(self.heard_lines, default=self.next_line)
+        self.release_held()
         self.closed = True
         self.transcriber.forget(self)
         if self.pending:
@@ -2483,6 +2622,194 @@ class Mood:
         return round(total / math.sqrt(total * total + 15), 2)  # normalized as VADER does
 
 
+# --- Redaction: card numbers, codes, expiry dates and SSNs never kept (unless --no-redact) ---
+# A step between the call and what keeps it: every transcript line is redacted before its
+# event is made, so no sink (console, files, floor, Redis, metrics) ever sees the digits. What
+# Whisper makes of a card read aloud varies ("4 111 111 111 111 111", "for 111, 111, ...",
+# "four one one one ..."), so what counts is a run of digits, however written and heard, and
+# the words before it. A number read in groups across pauses is two lines: a line that ends in
+# digits, or in the words that ask for them, waits for the speaker's next line (at most
+# Limits.redact_hold_seconds), and the two are judged together.
+
+CARD, CODE, EXPIRY, SSN, KEYS = "card number", "security code", "expiry date", "social security number", "keyed digits"
+REDACT_CUE_WORDS = 10         # words before a run of digits where what announces it is looked for
+CARD_DIGITS = 12              # this many digits in a run are a card number, whatever is said around them
+PARTIAL_DIGITS = 4            # a partial line shows no more of a number than this
+
+REDACT_CUES = {  # what announces each kind: whole words, lower case, digits as said
+    CARD: ("card", "credit", "debit", "visa", "mastercard", "master card", "amex", "american express", "discover"),
+    CODE: ("security code", "cvv", "cvc", "cv2", "csc", "cid", "verification code", "verification value",
+           "card code", "on the back", "back of the card", "three digits", "3 digits", "security number"),
+    EXPIRY: ("expiry", "expiration", "expires", "expire", "expiring", "exp", "valid through", "valid thru",
+             "valid until", "good through", "good thru", "valid till"),
+    SSN: ("social security", "social", "ssn", "s s n"),
+}
+CODE_IN_CARD_TALK = ("code", "pin")  # a code, when a card was spoken of just before
+LAST_FOUR = ("ends in", "ending in", "ends with", "ending with", "last four", "last 4", "last four digits")
+PHONE_CUES = ("phone", "mobile", "cell", "call me", "reach me", "telephone", "call back", "callback", "fax")
+AMOUNT_WORDS = ("dollars", "dollar", "cents", "bucks", "pounds", "euros", "percent", "grand")
+MONTH_WORDS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+               "november", "december", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct",
+               "nov", "dec")
+DIGIT_WORDS = {word: 1 for word in "zero one two three four five six seven eight nine".split()} | {
+    word: 2 for word in "ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty "
+                        "thirty forty fifty sixty seventy eighty ninety".split()}
+SEPARATORS = (",", "-", ".", "/", "–")
+WORD = re.compile(r"\d+|[^\W\d_]+(?:'[^\W\d_]+)?|\S")
+
+
+@dataclass(frozen=True)
+class Run:
+    """Digits said in a row: from character `start` to `end` of the text, how many, in what groups."""
+    start: int
+    end: int
+    first: int                # index of its first word
+    digits: int
+    groups: tuple[int, ...]   # digits of each numeral written as digits, 1 for a digit said as a word
+    numerals: str             # its digits, where all were written as digits (for Luhn's check)
+
+
+def words_of(text: str) -> list[tuple[str, int, int]]:
+    """(word in lower case, start, end) of each word, number and mark."""
+    return [(match.group().casefold(), match.start(), match.end()) for match in WORD.finditer(text)]
+
+
+def runs_of(words: list[tuple[str, int, int]]) -> list[Run]:
+    """Each run of digits: numerals and number words ("four one one one", "for 111, 111", "oh
+    nine"), separated by nothing but spaces, commas, dashes, dots or slashes."""
+    def digits(i: int) -> int:
+        word = words[i][0]
+        if word.isdigit():
+            return len(word)
+        if word in DIGIT_WORDS:
+            tens = word.endswith("ty") and i + 1 < len(words) and DIGIT_WORDS.get(words[i + 1][0]) == 1
+            return 1 if tens else DIGIT_WORDS[word]  # "forty one": two digits, counted here and there
+        if word == "hundred" and i and digits_said(i - 1):
+            return 2
+        if word in ("oh", "o", "for", "double", "triple"):  # heard for 0 and 4; "double four" is 44
+            beside = [j for j in (i - 1, i + 1) if 0 <= j < len(words) and digits_said(j)]
+            if word in ("double", "triple"):
+                return (1 if word == "double" else 2) if i + 1 in beside else 0
+            return 1 if beside and (word != "for" or i + 1 in beside) else 0
+        return 0
+
+    def digits_said(i: int) -> bool:
+        word = words[i][0]
+        return word.isdigit() or word in DIGIT_WORDS
+
+    runs: list[Run] = []
+    i = 0
+    while i < len(words):
+        if not digits(i):
+            i += 1
+            continue
+        first, count, groups, numerals, end = i, 0, [], "", i
+        while i < len(words):
+            if digits(i):
+                count += digits(i)
+                groups.append(len(words[i][0]) if words[i][0].isdigit() else digits(i))
+                numerals += words[i][0] if words[i][0].isdigit() else "?"
+                end, i = i, i + 1
+            elif words[i][0] in SEPARATORS and i + 1 < len(words) and digits(i + 1):
+                i += 1
+            else:
+                break
+        runs.append(Run(words[first][1], words[end][2], first, count, tuple(groups), numerals))
+    return runs
+
+
+def said_before(words: list[tuple[str, int, int]], index: int, phrases: Sequence[str], within: int) -> bool:
+    """Whether one of `phrases` is among the `within` words before word `index`."""
+    before = " " + " ".join(word for word, _, _ in words[max(0, index - within):index]
+                            if word not in SEPARATORS) + " "
+    return any(f" {phrase} " in before for phrase in phrases)
+
+
+def luhn_valid(numerals: str) -> bool:
+    if not numerals.isdigit():
+        return False
+    total = 0
+    for n, digit in enumerate(reversed(numerals)):
+        value = int(digit) * (2 if n % 2 else 1)
+        total += value - 9 if value > 9 else value
+    return total % 10 == 0
+
+
+def kind_of(run: Run, words: list[tuple[str, int, int]]) -> str | None:
+    """What a run of digits is, by its length, its groups and the words before it; None: a
+    number that stays (an order number, an amount, a time, a phone number)."""
+    index = run.first
+    end_word = next((n for n, (_, start, _) in enumerate(words) if start >= run.end), len(words))
+    following = words[end_word][0] if end_word < len(words) else ""
+    if (index and words[index - 1][0] in ("$", "£", "€")) or following in AMOUNT_WORDS + ("%",):
+        return None
+    cue = functools.partial(said_before, words, index, within=REDACT_CUE_WORDS)
+    after_month = index and words[index - 1][0] in MONTH_WORDS
+    if cue(REDACT_CUES[EXPIRY]) and (2 <= run.digits <= 6 or after_month):
+        return EXPIRY
+    if (cue(REDACT_CUES[CODE]) or cue(CODE_IN_CARD_TALK) and cue(REDACT_CUES[CARD], within=2 * REDACT_CUE_WORDS)) \
+            and 3 <= run.digits <= 4:
+        return CODE
+    if run.groups == (3, 2, 4) or cue(REDACT_CUES[SSN]) and run.digits == 9:
+        return SSN
+    if 13 <= len(run.numerals) <= 19 and luhn_valid(run.numerals):
+        return CARD
+    if run.digits >= CARD_DIGITS and not (cue(PHONE_CUES) and run.digits <= 13):
+        return CARD
+    if cue(REDACT_CUES[CARD], within=2 * REDACT_CUE_WORDS):  # card talk: its number, then its date and code
+        if run.digits >= 6:
+            return CARD
+        if run.digits == 4 and cue(LAST_FOUR, within=3):  # "ending in 1234": the last four may be shown
+            return None
+        if 3 <= run.digits <= 4 and not (run.numerals.isdigit() and 1900 <= int(run.numerals) <= 2099):  # a year
+            month = run.numerals[:-2] if run.numerals.isdigit() else ""  # 0928, 928: September 2028
+            return EXPIRY if month and 1 <= int(month) <= 12 else CODE
+    return None
+
+
+def redactions(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, kind) of what must not be kept in `text`: each run of digits that is a
+    card number, a security code, an expiry date or a social security number; an expiry said
+    with its month ("september 28") from the month on."""
+    words = words_of(text)
+    found = []
+    for run in runs_of(words):
+        kind = kind_of(run, words)
+        if kind:
+            start = words[run.first - 1][1] if kind == EXPIRY and run.first and \
+                words[run.first - 1][0] in MONTH_WORDS else run.start
+            found.append((start, run.end, kind))
+    return found
+
+
+def redacted(text: str, spans: Sequence[tuple[int, int, str]]) -> str:
+    """`text` with each span replaced by its marker: [card number], [security code], ..."""
+    for start, end, kind in sorted(spans, reverse=True):
+        text = f"{text[:start]}[{kind}]{text[end:]}"
+    return text
+
+
+def partial_redacted(text: str) -> str:
+    """A partial line: redacted as a final one would be, and no run shows more than PARTIAL_DIGITS
+    digits (the rest of the number may come in the next second)."""
+    spans = redactions(text)
+    spans += [(run.start, run.end, "number") for run in runs_of(words_of(text)) if run.digits > PARTIAL_DIGITS
+              and not any(start < run.end and run.start < end for start, end, _ in spans)]
+    return redacted(text, spans)
+
+
+def may_go_on(text: str) -> bool:
+    """Whether a line ends in digits, or in words that ask for them: the next line may hold the rest."""
+    words = [word for word in words_of(text) if word[0] not in SEPARATORS + ("?", "!", ":", ";")]
+    if not words:
+        return False
+    runs = runs_of(words)
+    if runs and runs[-1].end == words[-1][2]:
+        return True
+    cues = [phrase for kind in (CARD, CODE, EXPIRY, SSN) for phrase in REDACT_CUES[kind]]
+    return said_before(words, len(words), cues, within=4)
+
+
 # --- Sinks: what consumes call events ------------------------------------------------------
 
 class Console:
@@ -2505,6 +2832,8 @@ class Console:
                                         e.label, e.queued_seconds),
             UnknownEvent: lambda e: log.info("%s unknown event '%s': ignored", e.label, e.event),
             Stopped: lambda e: log.info("%s stop", e.label),
+            SecureSection: lambda e: log.info("%s %s", e.label, "secure section: recordings silent, nothing transcribed, "
+                                              "keys hidden" if e.paused else "secure section over"),
             Transcribed: lambda e: log.info('%s transcript%s track=%s at=%.2fs text="%s"%s', e.label,
                                             "-partial" if e.partial else "", e.track, e.at, quoted(e.text),
                                             "" if e.mood is None else f" mood={e.mood:.2f}"),
@@ -2605,6 +2934,8 @@ class Metrics:
         self.alerts = counter("alerts", "alerts raised (--alerts), by category", "category")
         self.stream_status = counter("stream_status", "Twilio's stream status callbacks (/stream-status), by "
                                      "StreamEvent", "event")
+        self.redactions = counter("redactions", "what was taken out before anything kept it (card numbers, codes, "
+                                  "expiry dates, social security numbers, keyed digits), by kind", "kind")
         self.floor_events_dropped = counter("floor_events_dropped", "call events that never reached Redis "
                                             "(--redis-url): it was down, slow or refusing")
         self.added: dict[int, dict] = {}  # each open call: the counts added so far, by metric and labels
@@ -2627,6 +2958,11 @@ class Metrics:
                     self.recordings.labels(result).inc(count)
         elif isinstance(event, Alerted):
             self.alerts.labels(event.category).inc()
+        elif isinstance(event, Transcribed):
+            for kind in event.redacted:
+                self.redactions.labels(kind).inc()
+        elif isinstance(event, Dtmf) and event.masked:
+            self.redactions.labels(KEYS).inc()
 
     def add_counts(self, summary: CallSummary, added: dict) -> None:
         """What a call counted since `added` (updated) was taken."""
@@ -2665,7 +3001,8 @@ FLOOR_KINDS: dict[type, tuple[str, Callable[[Any], dict]]] = {  # an event's typ
     Started: ("start", lambda e: {"tracks": list(e.tracks), "parameters": e.parameters, "format": e.media_format}),
     Level: ("level", lambda e: {"track": e.track, "dbfs": round(dbfs(e.mean_square), 1)}),
     Transcribed: ("transcript", lambda e: {"track": e.track, "offset": round(e.at, 2), "text": e.text,
-                                           "partial": e.partial, **({} if e.mood is None else {"mood": e.mood})}),
+                                           "partial": e.partial, **({} if e.mood is None else {"mood": e.mood}),
+                                           **({"redacted": sorted(set(e.redacted))} if e.redacted else {})}),
     Dtmf: ("dtmf", lambda e: {"digit": e.digit}),
     MarkEchoed: ("mark", lambda e: {"name": e.name, "cancelled": e.cancelled, "waited_ms": round(e.waited_ms)}),
     BargeIn: ("barge_in", lambda e: {"queued_seconds": round(e.queued_seconds, 2)}),
@@ -4296,6 +4633,10 @@ def log_startup_notes(settings: Settings) -> None:
                  "that rewrites Host, give --public-url)")
     if settings.record:
         log.info("Recording every stream to %s", os.path.abspath(settings.record))
+    if not settings.redact:
+        log.warning("Redaction is off (--no-redact): card numbers, security codes, expiry dates, social security "
+                    "numbers and keyed digits are kept as said and keyed, in transcripts, recordings, the console, "
+                    "the floor and Redis")
     if settings.redis_url:
         log.info("Publishing every call's events to Redis at %s, stream %s (its latest %d kept: "
                  "--redis-max-events)", shown_redis_url(settings.redis_url), REDIS_STREAM, settings.redis_max_events)

@@ -33,10 +33,11 @@ SETTINGS_VARIABLES = (*(variable for _, variable, *_ in app.OPTIONS), "TWILIO_AU
 LISTENING = r"Listening on http://[^ ]+:(\d+)"
 
 
-def runtime(stream_class=None, limits=app.Limits(), **settings) -> "app.Runtime":
-    """A runtime in this process, with any settings (Settings' names: record=str(tmp_path)) and
-    limits: what a test needs to drive a MediaStream, a MediaWebSocket or a handshake without a server."""
-    return app.create_runtime(app.Settings(**settings), stream_class, limits=limits)
+def runtime(stream_class=None, limits=app.Limits(), recognize=None, **settings) -> "app.Runtime":
+    """A runtime in this process, with any settings (Settings' names: record=str(tmp_path)),
+    limits, and with transcribe=True a recognizer of the test's (`recognize`: pcm -> text):
+    what a test needs to drive a MediaStream, a MediaWebSocket or a handshake without a server."""
+    return app.create_runtime(app.Settings(**settings), stream_class, limits=limits, recognize=recognize)
 
 
 def free_port() -> int:
@@ -451,3 +452,44 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+class Redis:
+    """A real redis-server on 127.0.0.1 and a free port, nothing saved to disk; kill() and
+    start() again on the same port, as an outage would."""
+
+    def __init__(self, folder, *args, port=None, password=None):
+        self.folder, self.args, self.password = folder, args, password
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = None
+        self.start()
+
+    def start(self):
+        self.process = subprocess.Popen([REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                         "--appendonly", "no", "--dir", str(self.folder), *self.args,
+                                         *(["--requirepass", self.password] if self.password else [])],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while self.cli("PING") != "PONG":
+            assert time.monotonic() < deadline and self.process.poll() is None, "redis-server did not start"
+            time.sleep(0.05)
+
+    def cli(self, *command):
+        password = ["-a", self.password, "--no-auth-warning"] if self.password else []
+        out = subprocess.run(["redis-cli", "-p", str(self.port), *password, *command], capture_output=True, text=True)
+        return out.stdout.strip()
+
+    def kill(self):
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def redis(tmp_path):
+    started = Redis(tmp_path)
+    yield started
+    started.kill()

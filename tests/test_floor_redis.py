@@ -3,7 +3,6 @@ redis-server, started here on a free port). Calls never wait for it: Redis kille
 costs a call nothing, and the floor catches up when it is back."""
 import json
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,52 +13,13 @@ import gevent
 import pytest
 
 import app
-from tests.conftest import (Feed, GUNICORN_READY, HTML_FROM, ROOT, call_on, clean_environment, free_port,
-                            gunicorn_command, http_request, make_certificate, run_app, whisper_model)
+from tests.conftest import (REDIS_SERVER, Feed, GUNICORN_READY, HTML_FROM, ROOT, Redis, call_on, clean_environment,
+                            free_port, gunicorn_command, http_request, make_certificate, run_app, whisper_model)
 from tests.twilio_sim import Call
 
-REDIS_SERVER = shutil.which("redis-server")
 LISTENING_FLOOR = r"The floor at http://127.0.0.1:(\d+)/"
 pytestmark = pytest.mark.skipif(not REDIS_SERVER, reason="needs Debian's redis-server (apt-get install "
                                 "redis-server; .ci/run installs it)")
-
-
-class Redis:
-    """A real redis-server on 127.0.0.1 and a free port, nothing saved to disk; kill() and
-    start() again on the same port, as an outage would."""
-
-    def __init__(self, folder, *args, port=None, password=None):
-        self.folder, self.args, self.password = folder, args, password
-        self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = None
-        self.start()
-
-    def start(self):
-        self.process = subprocess.Popen([REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                         "--appendonly", "no", "--dir", str(self.folder), *self.args,
-                                         *(["--requirepass", self.password] if self.password else [])],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while self.cli("PING") != "PONG":
-            assert time.monotonic() < deadline and self.process.poll() is None, "redis-server did not start"
-            time.sleep(0.05)
-
-    def cli(self, *command):
-        password = ["-a", self.password, "--no-auth-warning"] if self.password else []
-        out = subprocess.run(["redis-cli", "-p", str(self.port), *password, *command], capture_output=True, text=True)
-        return out.stdout.strip()
-
-    def kill(self):
-        self.process.kill()
-        self.process.wait()
-
-
-@pytest.fixture
-def redis(tmp_path):
-    started = Redis(tmp_path)
-    yield started
-    started.kill()
 
 
 def floor_only(start_server, url, *args, **options):

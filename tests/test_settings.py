@@ -221,14 +221,14 @@ def test_the_readme_options_table_has_every_flag_and_its_variable():
     readme = (ROOT / "README.md").read_text()
     table = readme[readme.index("## Options"):readme.index("## Troubleshooting")]
     for flag, variable, *_ in app.OPTIONS:
-        assert re.search(rf"^\| `{flag}( [^`]+)?` \| `{variable}(=1)?` \|", table, re.MULTILINE), flag
+        assert re.search(rf"^\| `{flag}( [^`]+)?` \| `{variable}(=[01])?` \|", table, re.MULTILINE), flag
 
 
 def test_each_flag_is_said_once_in_settings_and_no_test_rebinds_a_module_constant():
     """A flag's name, variable, default, reader and help are its Settings field's; tuning that
     tests change is a field of app.Limits, passed in, never a module constant rebound."""
     flagged = [f for f in dataclasses.fields(app.Settings) if "read" in f.metadata]
-    assert [flag for flag, *_ in app.OPTIONS] == [f"--{f.name.replace('_', '-')}" for f in flagged]
+    assert [flag for flag, *_ in app.OPTIONS] == [f.metadata["flag"] or f"--{f.name.replace('_', '-')}" for f in flagged]
     for f in flagged:
         assert f.default == f.metadata["read"](f.metadata["default"]), f"{f.name}: its default, as read"
     rebinding = re.compile(r"^\s*app\.[A-Z][A-Z0-9_]+\s*=|setattr\(app,\s*[\"'][A-Z]", re.MULTILINE)
