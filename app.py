@@ -13,17 +13,17 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
   2125  Optional features             each switched on by a flag, each consuming call events:
   2127    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
   2177    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2485    Alerts                      --alerts: the phrases that matter, in what is said
-  2570    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  2813    Sinks                       the console's lines, transcript files
-  2897    Metrics                     --metrics-port: Prometheus
-  2987    The floor                   --floor-port: every live call on one page, /events, /calls
-  3224    The floor's page            its HTML, CSS and JavaScript
-  3444    The floor across processes  --redis-url: one Redis stream
-  3645  The transport                 what a user need not read:
-  3647    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  3816    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  4479  Start-up                      configure(), main(), then gunicorn's worker
+  2493    Alerts                      --alerts: the phrases that matter, in what is said
+  2578    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  2835    Sinks                       the console's lines, transcript files
+  2919    Metrics                     --metrics-port: Prometheus
+  3009    The floor                   --floor-port: every live call on one page, /events, /calls
+  3246    The floor's page            its HTML, CSS and JavaScript
+  3466    The floor across processes  --redis-url: one Redis stream
+  3667  The transport                 what a user need not read:
+  3669    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  3838    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  4501  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -2404,9 +2404,17 @@ class TrackTranscript:
             self.release_held(held[2] + [span for span in spans[1] if span not in held[2]])
         if may_go_on(text):
             self.held = (utterance, text, spans[2])
-            self.holding = gevent.spawn_later(self.stream.runtime.limits.redact_hold_seconds, self.release_held)
+            self.holding = gevent.spawn_later(self.stream.runtime.limits.redact_hold_seconds, self.hold_expired)
         else:
             self.line(utterance, text, spans[2])
+
+    def hold_expired(self) -> None:
+        """The held line's time is up: it goes, unless the speaker is still being heard (speaking,
+        or their next utterance waits for recognition), for REDACT_HOLD_MAX_SECONDS at most."""
+        deadline = time.monotonic() + REDACT_HOLD_MAX_SECONDS
+        while (self.pending or self.speech is not None) and time.monotonic() < deadline:
+            gevent.sleep(0.1)
+        self.release_held()
 
     def release_held(self, spans: list | None = None) -> None:
         """The line held back, made now: the next line came, it waited long enough, or the call ended."""
@@ -2634,6 +2642,7 @@ class Mood:
 CARD, CODE, EXPIRY, SSN, KEYS = "card number", "security code", "expiry date", "social security number", "keyed digits"
 REDACT_CUE_WORDS = 10         # words before a run of digits where what announces it is looked for
 CARD_DIGITS = 12              # this many digits in a run are a card number, whatever is said around them
+REDACT_HOLD_MAX_SECONDS = 20  # a held line waits no longer than this for a speaker still being heard
 PARTIAL_DIGITS = 4            # a partial line shows no more of a number than this
 
 REDACT_CUES = {  # what announces each kind: whole words, lower case, digits as said
@@ -2645,9 +2654,11 @@ REDACT_CUES = {  # what announces each kind: whole words, lower case, digits as 
     SSN: ("social security", "social", "ssn", "s s n"),
 }
 CODE_IN_CARD_TALK = ("code", "pin")  # a code, when a card was spoken of just before
+EXPIRY_IN_CARD_TALK = ("valid", "date")  # "valid 305 29" (through, misheard), "the next primary date is 928"
 LAST_FOUR = ("ends in", "ending in", "ends with", "ending with", "last four", "last 4", "last four digits")
 PHONE_CUES = ("phone", "mobile", "cell", "call me", "reach me", "telephone", "call back", "callback", "fax")
-AMOUNT_WORDS = ("dollars", "dollar", "cents", "bucks", "pounds", "euros", "percent", "grand")
+AMOUNT_WORDS = ("dollars", "dollar", "cents", "bucks", "pounds", "euros", "percent", "grand", "minutes", "hours",
+                "seconds", "days", "weeks", "months", "years", "times", "people")  # amounts and quantities
 MONTH_WORDS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
                "november", "december", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct",
                "nov", "dec")
@@ -2690,7 +2701,10 @@ def runs_of(words: list[tuple[str, int, int]]) -> list[Run]:
             beside = [j for j in (i - 1, i + 1) if 0 <= j < len(words) and digits_said(j)]
             if word in ("double", "triple"):
                 return (1 if word == "double" else 2) if i + 1 in beside else 0
-            return 1 if beside and (word != "for" or i + 1 in beside) else 0
+            if word == "for":  # "for 111", "for one one": four; "for 30 days": for
+                return 1 if i + 1 in beside and (len(words[i + 1][0]) >= 3 or DIGIT_WORDS.get(words[i + 1][0]) == 1
+                                                 or len(words[i + 1][0]) == 1) else 0
+            return 1 if beside else 0
         return 0
 
     def digits_said(i: int) -> bool:
@@ -2710,7 +2724,8 @@ def runs_of(words: list[tuple[str, int, int]]) -> list[Run]:
                 groups.append(len(words[i][0]) if words[i][0].isdigit() else digits(i))
                 numerals += words[i][0] if words[i][0].isdigit() else "?"
                 end, i = i, i + 1
-            elif words[i][0] in SEPARATORS and i + 1 < len(words) and digits(i + 1):
+            elif (words[i][0] in SEPARATORS or len(words[i][0]) == 1 and words[i][0] not in "ai") \
+                    and i + 1 < len(words) and digits(i + 1):  # "4 5 5 6 H 6 8 9": a digit heard as a letter
                 i += 1
             else:
                 break
@@ -2750,6 +2765,9 @@ def kind_of(run: Run, words: list[tuple[str, int, int]]) -> str | None:
     if (cue(REDACT_CUES[CODE]) or cue(CODE_IN_CARD_TALK) and cue(REDACT_CUES[CARD], within=2 * REDACT_CUE_WORDS)) \
             and 3 <= run.digits <= 4:
         return CODE
+    if cue(EXPIRY_IN_CARD_TALK) and (3 <= run.digits <= 6 and cue(REDACT_CUES[CARD], within=2 * REDACT_CUE_WORDS)
+                                     or month_and_year(run.numerals)):
+        return EXPIRY
     if run.groups == (3, 2, 4) or cue(REDACT_CUES[SSN]) and run.digits == 9:
         return SSN
     if 13 <= len(run.numerals) <= 19 and luhn_valid(run.numerals):
@@ -2759,12 +2777,16 @@ def kind_of(run: Run, words: list[tuple[str, int, int]]) -> str | None:
     if cue(REDACT_CUES[CARD], within=2 * REDACT_CUE_WORDS):  # card talk: its number, then its date and code
         if run.digits >= 6:
             return CARD
-        if run.digits == 4 and cue(LAST_FOUR, within=3):  # "ending in 1234": the last four may be shown
-            return None
+        if run.digits == 4 and (cue(LAST_FOUR, within=3) or cue(("in",), within=1)):  # "ending in 1234": the
+            return None                                                                    # last four may be shown
         if 3 <= run.digits <= 4 and not (run.numerals.isdigit() and 1900 <= int(run.numerals) <= 2099):  # a year
-            month = run.numerals[:-2] if run.numerals.isdigit() else ""  # 0928, 928: September 2028
-            return EXPIRY if month and 1 <= int(month) <= 12 else CODE
+            return EXPIRY if month_and_year(run.numerals) else CODE
     return None
+
+
+def month_and_year(numerals: str) -> bool:
+    """Whether 3 or 4 digits read as a card's month and year: 0928, 928 (September 2028)."""
+    return numerals.isdigit() and len(numerals) in (3, 4) and 1 <= int(numerals[:-2]) <= 12
 
 
 def redactions(text: str) -> list[tuple[int, int, str]]:

@@ -34,6 +34,7 @@ SAID = ["I would like to pay my bill.", "My card number is four one one one, one
     ("It's 5555-5555-5555-4444, thanks.", f"It's {CARD}, thanks."),
     ("Can I pay with my Visa? 4111 1111", f"Can I pay with my Visa? {CARD}"),
     ("4111111111111111", CARD),
+    ("4 5 5 6 7 3 7 5 H 6 8 9 9 8 5 5", CARD),  # "eight" heard as a letter
     # codes, expiry dates, social security numbers
     ("the security code is 737", f"the security code is {CODE}"),
     ("The CVV is 1234.", f"The CVV is {CODE}."),
@@ -44,6 +45,8 @@ SAID = ["I would like to pay my bill.", "My card number is four one one one, one
     ("The expiry is 09/28.", f"The expiry is {EXPIRY}."),
     ("It expires September 2028.", f"It expires {EXPIRY}."),
     ("My card numbers 4111 1111 1111 1111. The X 30 is 928.", f"My card numbers {CARD}. The X 30 is {EXPIRY}."),
+    ("The next primary date is 928.", f"The next primary date is {EXPIRY}."),  # "expiry date", misheard
+    ("My card is valid 305 29.", f"My card is valid {EXPIRY}."),  # "valid through oh five twenty nine"
     ("My social security number is 123-45-6789.", f"My social security number is {SSN}."),
     ("my social is 123 45 6789", f"my social is {SSN}"),
     # what stays
@@ -53,6 +56,8 @@ SAID = ["I would like to pay my bill.", "My card number is four one one one, one
     ("It was 2019 when I bought it.", None), ("I have had this card since 2019.", None),
     ("my card ends in 1234", None), ("My zip code is 94103.", None), ("I want my money back.", None),
     ("the code is 737", None),  # a code, but of what: no card was spoken of
+    ("My card is valid for 30 days", None), ("I waited for 5 minutes", None), ("My card dimps in 1234", None),
+    ("It is room 12 a 4", None),
 ])
 def test_what_is_redacted_and_what_stays(heard, kept):
     assert app.redacted(heard, app.redactions(heard)) == (kept or heard)

@@ -1,5 +1,6 @@
 """What a user touches before the first call: TwiML templates, the Werkzeug fix, the simulator, CI."""
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -132,3 +133,10 @@ def test_requirements_pin_by_name_and_version_and_name_no_package_index():
         if path.is_file() and path.suffix in ("", ".txt", ".py", ".md", ".cfg", ".toml", ".ini", ".sh"):
             text = path.read_text(errors="replace")
             assert not re.search(r"pythonhosted\.org|pypi\.org|--(extra-)?index[-]url|--find[-]links", text), name
+
+
+def test_every_mutation_still_finds_its_text_in_app_py_once():
+    """tests/mutations.json breaks app.py one promise at a time; a mutation whose text is gone breaks nothing."""
+    source = (ROOT / "app.py").read_text()
+    stale = [m["name"] for m in json.loads((ROOT / "tests" / "mutations.json").read_text()) if source.count(m["find"]) != 1]
+    assert stale == []
