@@ -7,23 +7,23 @@ Your own processing: subclass MediaStream, then app.main(stream_class=YourStream
 The file, top to bottom: each section and its first line (tests/test_setup.py keeps them true).
     98  The tutorial's app            Flask, Sockets (fixed for today's Werkzeug) and the /media loop
    174  The call                      its events, typed; MediaStream: one method per Twilio event
-   1146  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
-  1344  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
-  1912  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
-  2125  Optional features             each switched on by a flag, each consuming call events:
-  2127    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
-  2177    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2493    Alerts                      --alerts: the phrases that matter, in what is said
-  2578    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  2835    Sinks                       the console's lines, transcript files
-  2919    Metrics                     --metrics-port: Prometheus
-  3009    The floor                   --floor-port: every live call on one page, /events, /calls
-  3246    The floor's page            its HTML, CSS and JavaScript
-  3466    The floor across processes  --redis-url: one Redis stream
-  3667  The transport                 what a user need not read:
-  3669    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  3838    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  4501  Start-up                      configure(), main(), then gunicorn's worker
+   1153  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
+  1351  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
+  1919  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
+  2132  Optional features             each switched on by a flag, each consuming call events:
+  2134    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
+  2184    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
+  2500    Alerts                      --alerts: the phrases that matter, in what is said
+  2585    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  2842    Sinks                       the console's lines, transcript files
+  2926    Metrics                     --metrics-port: Prometheus
+  3016    The floor                   --floor-port: every live call on one page, /events, /calls
+  3253    The floor's page            its HTML, CSS and JavaScript
+  3473    The floor across processes  --redis-url: one Redis stream
+  3674  The transport                 what a user need not read:
+  3676    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  3845    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  4508  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -673,6 +673,8 @@ class MediaStream:
     paused: bool = False            # pause_recording(): a secure section, until resume_recording()
     last_key_at: float = -math.inf  # when the last key was pressed: a run of keys shows only its first
     keys_masked: int = 0
+    hung_up: bool = False           # hang_up() was called: once is enough
+    ending: bool = False            # finishing: its audio drained, its summary made
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -879,6 +881,7 @@ class MediaStream:
     def finish_audio(self) -> None:
         """The chunks still waiting for on_audio(), handled within Limits.audio_drain_seconds; what is
         left is dropped and counted."""
+        self.ending = True  # from here on, nothing may interrupt the stream's end (hang_up())
         audio, self.audio = self.audio, None
         if audio is not None:
             self.audio_dropped += audio.finish(1 if self.runtime.shutting_down else
@@ -1077,10 +1080,13 @@ class MediaStream:
         """End this stream from the server's side: its socket closes (1000), `ended=hangup`;
         audio not yet sent goes no further (unsent=). On a <Connect><Stream> with nothing after
         it (what /twiml serves when talking back) Twilio then ends the call; a <Start><Stream>
-        call goes on without its stream: end that call with Twilio's REST API."""
+        call goes on without its stream: end that call with Twilio's REST API. Safe to call
+        again, late, or from any of the call's greenlets: only the first call, before the
+        stream ends, does anything (a second HangUp would land in the closing handshake)."""
         greenlet = self.ws.greenlet if self.ws is not None else None
-        if greenlet is None or greenlet.dead:
+        if self.hung_up or self.ending or greenlet is None or greenlet.dead:
             return
+        self.hung_up = True
         if gevent.getcurrent() is greenlet:
             raise HangUp()
         gevent.kill(greenlet, HangUp())  # thrown at its next turn: this one goes on
@@ -1093,6 +1099,7 @@ class MediaStream:
     def finish(self) -> None:
         """Close the recordings and make the summary. Audio still waiting to be sent goes
         no further: the call is over (counted in unsent=)."""
+        self.ending = True
         if self.ws is not None:
             self.played_back.unsent += self.ws.drop_audio()
         self.finish_audio()

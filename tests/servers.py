@@ -36,6 +36,7 @@ class HangsUp(app.MediaStream):
     def on_audio(self, track, timestamp, pcm):
         if timestamp >= 1000 and self.call_sid and self.call_sid.endswith("audio"):
             self.hang_up()
+            self.hang_up()  # again, and at every chunk after: only the first does anything
 
 
 class ManyMarks(app.MediaStream):

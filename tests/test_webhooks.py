@@ -219,3 +219,4 @@ def test_a_stream_that_hangs_up_ends_its_call_from_the_server_side(start_server)
     client.send_all(by_audio.session(audio={"inbound": encode_ulaw(tone(3.0))}))
     assert client.wait_closed() == 1000
     assert server.summary(by_audio.stream_sid)["ended"] == "hangup"
+    assert "Traceback" not in server.log() and "failed with HangUp" not in server.log()
