@@ -12,17 +12,14 @@ flite and sox):
     python -m tests.bench_redact [--no-moods]
 """
 import argparse
-import concurrent.futures
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from tests.bench_load import ROOT, free_port
-from tests.conftest import whisper_model
+from tests.conftest import ROOT, calls_into_a_server, whisper_model
 
 SPEECH = ROOT / "tests" / "speech"
 VOICES = ("slt", "rms", "awb", "kal16")
@@ -69,28 +66,8 @@ def main() -> None:
     lines = [(kind, text, VOICES[(n + k) % len(VOICES)]) for n, (kind, text) in enumerate(labelled()) for k in (0, 1)]
     lines += [] if args.no_moods else [(kind, text, VOICES[n % len(VOICES)]) for n, (kind, text) in enumerate(moods())]
     wavs = [spoken(folder, n, voice, text) for n, (_, text, voice) in enumerate(lines)]
-    port = free_port()
-    log = folder / "server.log"
-    server = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--host", "127.0.0.1",
-                               "--transcribe", "--transcribe-model", whisper_model(), "--transcribe-threads", "2",
-                               "--quiet-levels"], stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT,
-                              env={"PATH": "/usr/bin:/bin"})
-    deadline = time.monotonic() + 60
-    while "Listening on" not in log.read_text():
-        assert time.monotonic() < deadline and server.poll() is None, log.read_text()[-2000:]
-        time.sleep(0.2)
-
-    def play(wav: Path) -> str:
-        out = subprocess.run([sys.executable, "-m", "tests.twilio_sim", f"ws://127.0.0.1:{port}/media",
-                              "--wav", str(wav)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        return re.search(r"sent stream=(MZ\w+)", out.stdout).group(1)
-
-    with concurrent.futures.ThreadPoolExecutor(args.at_once) as pool:
-        sids = list(pool.map(play, wavs))
-    time.sleep(6)  # the last lines, and those held back for their next
-    server.terminate()
-    server.wait(10)
-    console = log.read_text()
+    flags = ["--transcribe", "--transcribe-model", whisper_model(), "--transcribe-threads", "2", "--quiet-levels"]
+    console, sids = calls_into_a_server(wavs, flags, args.at_once)
 
     found: dict[str, list[int]] = {}  # kind: [secret gone, lines, false redactions]
     card_digits_left = 0

@@ -14,7 +14,6 @@ to see whether rare words are recognized more often; the word error rate over al
 shown either way.
 """
 import argparse
-import concurrent.futures
 import re
 import shutil
 import subprocess
@@ -23,8 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.bench_load import ROOT, free_port
-from tests.conftest import whisper_model, word_error_rate
+from tests.conftest import ROOT, calls_into_a_server, whisper_model, word_error_rate
 
 SPEECH = ROOT / "tests" / "speech"
 VOICES = ("slt", "rms", "awb", "kal16")
@@ -60,29 +58,10 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="bench-words-"))
     lines = labelled()
     wavs = [spoken(folder, n, text) for n, (_, _, text) in enumerate(lines)]
-    port = free_port()
-    flags = ["--port", str(port), "--host", "127.0.0.1", "--transcribe", "--transcribe-model", whisper_model(),
-             "--transcribe-threads", "2", "--alerts", str(SPEECH / "alerts.txt"), "--mood", "--quiet-levels"]
-    command = [sys.executable, "-m", "tests.servers", "hinted"] if args.hint else [sys.executable, str(ROOT / "app.py")]
-    log = folder / "server.log"
-    server = subprocess.Popen([*command, *flags], stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT,
-                              env={"PATH": "/usr/bin:/bin"})
-    deadline = time.monotonic() + 60
-    while "Listening on" not in log.read_text():
-        assert time.monotonic() < deadline and server.poll() is None, log.read_text()[-2000:]
-        time.sleep(0.2)
-
-    def play(wav: Path) -> str:
-        out = subprocess.run([sys.executable, "-m", "tests.twilio_sim", f"ws://127.0.0.1:{port}/media",
-                              "--wav", str(wav)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        return re.search(r"sent stream=(MZ\w+)", out.stdout).group(1)
-
-    with concurrent.futures.ThreadPoolExecutor(args.at_once) as pool:
-        sids = list(pool.map(play, wavs))
-    time.sleep(3)
-    server.terminate()
-    server.wait(10)
-    console = log.read_text()
+    flags = ["--transcribe", "--transcribe-model", whisper_model(), "--transcribe-threads", "2", "--alerts",
+             str(SPEECH / "alerts.txt"), "--mood", "--quiet-levels"]
+    command = [sys.executable, "-m", "tests.servers", "hinted"] if args.hint else None
+    console, sids = calls_into_a_server(wavs, flags, args.at_once, command, settle=3)
 
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     import app

@@ -493,3 +493,31 @@ def redis(tmp_path):
     started = Redis(tmp_path)
     yield started
     started.kill()
+
+
+def calls_into_a_server(wavs, flags, at_once=4, command=None, settle=6.0):
+    """For the benches: `app.py FLAGS` (or `command` FLAGS) on a free port, each WAV played into
+    it as a call by the simulator, `at_once` at a time; (its console, each call's stream SID)."""
+    import concurrent.futures
+    import tempfile
+    port = free_port()
+    log = Path(tempfile.mkdtemp(prefix="bench-calls-")) / "server.log"
+    server = subprocess.Popen([*(command or [sys.executable, str(ROOT / "app.py")]), "--port", str(port), "--host",
+                               "127.0.0.1", *flags], stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT,
+                              env={"PATH": "/usr/bin:/bin"})
+    deadline = time.monotonic() + 60
+    while "Listening on" not in log.read_text():
+        assert time.monotonic() < deadline and server.poll() is None, log.read_text()[-2000:]
+        time.sleep(0.2)
+
+    def play(wav) -> str:
+        out = subprocess.run([sys.executable, "-m", "tests.twilio_sim", f"ws://127.0.0.1:{port}/media",
+                              "--wav", str(wav)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        return re.search(r"sent stream=(MZ\w+)", out.stdout).group(1)
+
+    with concurrent.futures.ThreadPoolExecutor(at_once) as pool:
+        sids = list(pool.map(play, wavs))
+    time.sleep(settle)  # the last lines, and those held back for their next
+    server.terminate()
+    server.wait(10)
+    return log.read_text(), sids
