@@ -1,29 +1,30 @@
 """Receive the live audio of Twilio phone calls (Media Streams) on a WebSocket at /media.
 
 Run it:   python app.py    then `ngrok http 5000`, and a TwiML Bin with <Stream url="wss://<ngrok host>/media"/>
-Start here: media(), the tutorial's loop, at line 144.
+Start here: media(), the tutorial's loop, at line 145.
 Your own processing: subclass MediaStream, then app.main(stream_class=YourStream) (README).
 
 The file, top to bottom: each section and its first line (tests/test_setup.py keeps them true).
-    98  The tutorial's app            Flask, Sockets (fixed for today's Werkzeug) and the /media loop
-   174  The call                      its events, typed; MediaStream: one method per Twilio event
-   1153  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
-  1351  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
-  1919  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
-  2132  Optional features             each switched on by a flag, each consuming call events:
-  2134    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
-  2184    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2500    Alerts                      --alerts: the phrases that matter, in what is said
-  2585    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  2842    Sinks                       the console's lines, transcript files
-  2926    Metrics                     --metrics-port: Prometheus
-  3016    The floor                   --floor-port: every live call on one page, /events, /calls
-  3253    The floor's page            its HTML, CSS and JavaScript
-  3473    The floor across processes  --redis-url: one Redis stream
-  3674  The transport                 what a user need not read:
-  3676    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  3845    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  4508  Start-up                      configure(), main(), then gunicorn's worker
+    99  The tutorial's app            Flask, Sockets (fixed for today's Werkzeug) and the /media loop
+   175  The call                      its events, typed; MediaStream: one method per Twilio event
+  1154  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
+  1352  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
+  1920  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
+  2133  Optional features             each switched on by a flag, each consuming call events:
+  2135    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
+  2185    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
+  2501    Alerts                      --alerts: the phrases that matter, in what is said
+  2586    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  2641    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
+  2843    Sinks                       the console's lines, transcript files
+  2927    Metrics                     --metrics-port: Prometheus
+  3017    The floor                   --floor-port: every live call on one page, /events, /calls
+  3254    The floor's page            its HTML, CSS and JavaScript
+  3474    The floor across processes  --redis-url: one Redis stream
+  3675  The transport                 what a user need not read:
+  3677    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  3846    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  4509  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
