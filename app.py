@@ -1,30 +1,30 @@
 """Receive the live audio of Twilio phone calls (Media Streams) on a WebSocket at /media.
 
 Run it:   python app.py    then `ngrok http 5000`, and a TwiML Bin with <Stream url="wss://<ngrok host>/media"/>
-Start here: media(), the tutorial's loop, at line 145.
+Start here: media(), the tutorial's loop, at line 148.
 Your own processing: subclass MediaStream, then app.main(stream_class=YourStream) (README).
 
 The file, top to bottom: each section and its first line (tests/test_setup.py keeps them true).
-    99  The tutorial's app            Flask, Sockets (fixed for today's Werkzeug) and the /media loop
-   175  The call                      its events, typed; MediaStream: one method per Twilio event
-  1154  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
-  1352  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
-  1920  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
-  2133  Optional features             each switched on by a flag, each consuming call events:
-  2135    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
-  2185    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2501    Alerts                      --alerts: the phrases that matter, in what is said
-  2586    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  2641    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
-  2843    Sinks                       the console's lines, transcript files
-  2927    Metrics                     --metrics-port: Prometheus
-  3017    The floor                   --floor-port: every live call on one page, /events, /calls
-  3254    The floor's page            its HTML, CSS and JavaScript
-  3474    The floor across processes  --redis-url: one Redis stream
-  3675  The transport                 what a user need not read:
-  3677    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  3846    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  4509  Start-up                      configure(), main(), then gunicorn's worker
+   102  The tutorial's app            Flask, Sockets (fixed for today's Werkzeug) and the /media loop
+   178  The call                      its events, typed; MediaStream: one method per Twilio event
+  1185  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
+  1383  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
+  1970  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
+  2183  Optional features             each switched on by a flag, each consuming call events:
+  2185    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
+  2235    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
+  2558    Alerts                      --alerts: the phrases that matter, in what is said
+  2643    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  2698    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
+  2900    Sinks                       the console's lines, transcript files
+  2984    Metrics                     --metrics-port: Prometheus
+  3074    The floor                   --floor-port: every live call on one page, /events, /calls
+  3422    The floor's page            its HTML, CSS and JavaScript
+  3654    The floor across processes  --redis-url: one Redis stream
+  4461  The transport                 what a user need not read:
+  4463    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  4632    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5295  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ import hmac
 import importlib
 import importlib.util
 import inspect
+import json
 import io
 import itertools
 import ipaddress
@@ -52,9 +53,11 @@ import resource
 import shlex
 import signal
 import socket
+import sqlite3
 import struct
 import sys
 import tempfile
+import threading
 import time
 import types
 import wave
@@ -75,7 +78,7 @@ import gevent.socket
 import gevent.threadpool
 import greenlet
 import geventwebsocket.handler
-from flask import Flask, Response, current_app, request
+from flask import Flask, Response, abort, current_app, request
 from gevent import pywsgi
 from gevent.pool import Pool
 from geventwebsocket.exceptions import WebSocketError
@@ -182,12 +185,14 @@ class CallEvent:
     every sink (the console, metrics, transcript files, the floor, Redis, and whatever is
     added next), which reads its fields, never the stream behind it. `call_key` tells this
     process's calls apart (a stream SID comes only with `start`); `label` is the stream's as
-    it was when the event happened (`stream=MZ…`, or `remote=…` before `start`). None is made
-    per media message: a call's first chunk and its levels are."""
+    it was when the event happened (`stream=MZ…`, or `remote=…` before `start`); `number`
+    tells this process's events apart (what the call history writes each event once by). None
+    is made per media message: a call's first chunk and its levels are."""
     call_key: int
     label: str
     stream_sid: str | None
     call_sid: str | None
+    number: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +266,7 @@ class Transcribed(CallEvent):
     partial: bool = False
     mood: float | None = None         # --mood: -1 (angry, fed up) to +1 (pleased)
     redacted: tuple[str, ...] = ()    # the kind of each thing taken out of the line, now a marker in `text`
+    seconds: float = 0.0              # how long it was said (voice activity)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +352,9 @@ class CallSummary:
     transcript_dropped: int | None
     alerts: int | None
     moods: dict[str, float]           # track: the mean of its lines' moods
+    talk: dict[str, float] | None     # --transcribe: seconds each track's speaker spoke (voice activity) ...
+    overlap: float | None             # ... both at once ...
+    silence: float | None             # ... and neither
     statuses: tuple[str, ...]         # Twilio's stream status callbacks
     recordings: tuple[tuple[str, float], ...]  # path, seconds
     recordings_stopped: int           # by a write error or --max-recording-seconds
@@ -374,6 +383,9 @@ class CallSummary:
             fields |= {"transcript": str(self.transcript), "transcript_dropped": str(self.transcript_dropped)}
         fields |= {} if self.alerts is None else {"alerts": str(self.alerts)}
         fields |= {f"mood_{track}": f"{mood:.2f}" for track, mood in self.moods.items()}
+        if self.talk is not None:
+            fields |= {f"talk_{track}": f"{seconds:.2f}s" for track, seconds in self.talk.items()}
+            fields |= {"overlap": f"{self.overlap:.2f}s", "silence": f"{self.silence:.2f}s"}
         fields |= {"status": ",".join(self.statuses)} if self.statuses else {}
         if self.recordings:
             fields["recordings"] = ",".join(f"{path}:{seconds:.2f}s" for path, seconds in self.recordings)
@@ -699,7 +711,8 @@ class MediaStream:
         return f"stream={self.stream_sid}" if self.stream_sid else f"remote={self.remote}"
 
     def emit(self, kind: type[CallEvent], **details) -> None:
-        self.runtime.emit(kind(self.call_key, self.label, self.stream_sid, self.call_sid, **details))
+        self.runtime.emit(kind(self.call_key, self.label, self.stream_sid, self.call_sid,
+                               next(self.runtime.event_numbers), **details))
 
     def handle(self, message: str | bytes) -> str | None:
         """One message from the socket: parsed, then handed to the method EVENTS names for its
@@ -1129,6 +1142,8 @@ class MediaStream:
             transcript_dropped=sum(t.dropped for t in transcripts) if transcribed else None,
             alerts=sum(t.alerts for t in transcripts) if transcribed and self.runtime.settings.alerts else None,
             moods={t.track: sum(t.moods) / len(t.moods) for t in transcripts if t.moods} if transcribed else {},
+            **talk_figures({t.track: t.spoke for t in transcripts} if transcribed else None,
+                           max((t.bytes for t in tracks), default=0) / 8000),
             statuses=tuple(self.statuses),
             recordings=tuple((t.recording.path, t.recording.seconds) for t in tracks if t.recording),
             recordings_stopped=sum(t.recording_stopped for t in self.tracks.values()),
@@ -1140,6 +1155,22 @@ class MediaStream:
     def summary_extra(self) -> dict[str, str]:
         """Yours to override: fields of your own for the summary line (and the floor's `end`)."""
         return {}
+
+
+def talk_figures(spoke: dict[str, list[tuple[int, int]]] | None, seconds: float) -> dict:
+    """From when each speaker spoke (ms intervals): each one's talk time, the time both spoke at
+    once, and the time nobody did, in seconds; None for each without transcripts."""
+    if spoke is None:
+        return {"talk": None, "overlap": None, "silence": None}
+    edges = sorted((at, step) for intervals in spoke.values() for start, end in intervals
+                   for at, step in ((start, 1), (end, -1)))
+    speaking, since, anyone, both = 0, 0, 0, 0
+    for at, step in edges:
+        anyone += at - since if speaking >= 1 else 0
+        both += at - since if speaking >= 2 else 0
+        speaking, since = speaking + step, at
+    return {"talk": {track: sum(end - start for start, end in intervals) / 1000 for track, intervals in spoke.items()},
+            "overlap": both / 1000, "silence": max(0.0, seconds - anyone / 1000)}
 
 
 def handlers_of(stream_class: type[MediaStream]) -> dict:
@@ -1461,6 +1492,16 @@ def a_phone_number_or_none(raw: str) -> str | None:
     return raw or None
 
 
+def a_history_file(raw: str) -> str | None:
+    """--history: a file (made if need be), `off`, or nothing for the one in the user's data folder."""
+    if raw.lower() == "off":
+        return None
+    if not raw:
+        data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+        return os.path.join(data, "mediastreams", "history.sqlite3")
+    return a_name(raw)
+
+
 def an_alerts_file(raw: str) -> "Alerts | None":
     return Alerts.read(raw) if raw else None
 
@@ -1538,6 +1579,11 @@ class Settings:
     floor_port: int | None = option("", a_port_or_none,
         "serve the floor, every live call on one page, at http://FLOOR_HOST:FLOOR_PORT/ (and its feed at "
         "/events), a listener of its own")
+    history: str | None = option("", a_history_file,
+        "with a floor (--floor-port, --floor-only): keep every call it sees in this SQLite file, searchable at "
+        "/history; off: keep nothing (default: ~/.local/share/mediastreams/history.sqlite3)")
+    history_days: float = option("90", number_from(float, 0, 36_500),
+        "calls (and their recordings and transcript files) older than this many days are forgotten; 0: never")
     floor_host: str = option("127.0.0.1", a_name,
         "interface the floor listens on; any but this machine's own needs FLOOR_TOKEN")
     redis_url: str | None = option("", a_redis_url_or_none,
@@ -1684,6 +1730,7 @@ class Runtime:
     counted: bool = False              # a sink wants each open call's counts once a second (Counted): metrics
     calls: dict = field(default_factory=dict)  # call_key: each open call's MediaStream
     call_keys: Any = field(default_factory=itertools.count, repr=False)
+    event_numbers: Any = field(default_factory=itertools.count, repr=False)
     counter: "gevent.Greenlet | None" = None
 
     def open_call(self, stream: MediaStream) -> int:
@@ -1781,7 +1828,10 @@ def create_runtime(settings: Settings, stream_class: type | None = None, *, limi
     if settings.redis_url:
         give_redis_gevent_sockets()
     if settings.floor_port:
-        runtime.floor = Floor(server, limits)
+        history = History(settings.history, settings.history_days, limits) if settings.history else None
+        if history is not None:
+            history.open()
+        runtime.floor = Floor(server, limits, history)
     if settings.redis_url and not settings.floor_only:  # every floor, this one too, reads them from Redis
         runtime.publisher = RedisPublisher(settings.redis_url, server, settings.redis_max_events, metrics,
                                            limits.redis_queue)
@@ -2201,6 +2251,7 @@ class Utterance:
     pcm: bytes                # 8 kHz 16-bit
     partial: bool = False
     index: int = -1           # a whole one's place among its track's: their lines are made in this order
+    seconds: float = 0.0      # how long its speaker spoke (first voiced frame to last)
 
 
 class WhisperRecognizer:
@@ -2329,6 +2380,8 @@ class TrackTranscript:
         self.holding: gevent.Greenlet | None = None
         self.said_before = ""       # the last line's words as heard: what announced a number may be there
         self.redactions = 0
+        self.voiced_from = self.last_voiced_ms = 0
+        self.spoke: list[tuple[int, int]] = []  # when this track's speaker spoke: (start, end) in ms, in order
 
     def feed(self, at_ms: int, pcm: bytes) -> None:
         """A chunk of the track: `at_ms` from the stream's first audio."""
@@ -2347,9 +2400,11 @@ class TrackTranscript:
                 self.speech = bytearray().join(self.preroll)
                 self.preroll.clear()
                 self.voiced_ms, self.silent_ms, self.partial_ms = 20, 0, at_ms
+                self.voiced_from, self.last_voiced_ms = at_ms, at_ms + 20
             return
         self.speech += frame
         self.voiced_ms += 20 if voiced else 0
+        self.last_voiced_ms = at_ms + 20 if voiced else self.last_voiced_ms
         self.silent_ms = 0 if voiced else self.silent_ms + 20
         if self.silent_ms >= SPEECH_END_MS or len(self.speech) >= MAX_UTTERANCE_SECONDS * 16000:
             self.end_utterance()
@@ -2359,7 +2414,9 @@ class TrackTranscript:
 
     def end_utterance(self) -> None:
         if self.speech is not None and self.voiced_ms >= MIN_SPEECH_MS:
-            self.transcriber.submit(Utterance(self, self.start_ms / 1000, bytes(self.speech), index=self.submitted))
+            self.spoke.append((self.voiced_from, self.last_voiced_ms))
+            self.transcriber.submit(Utterance(self, self.start_ms / 1000, bytes(self.speech), index=self.submitted,
+                                              seconds=(self.last_voiced_ms - self.voiced_from) / 1000))
             self.submitted += 1
         self.speech = None
 
@@ -2451,7 +2508,7 @@ class TrackTranscript:
         if mood is not None:
             self.moods.append(mood)
         self.stream.emit(Transcribed, track=self.track, at=utterance.at, text=text, mood=mood,
-                         redacted=tuple(kind for _, _, kind in spans))
+                         redacted=tuple(kind for _, _, kind in spans), seconds=utterance.seconds)
         alerts = self.stream.runtime.settings.alerts
         for category, phrase in alerts.said(text) if alerts else ():
             self.alerts += 1
@@ -3032,6 +3089,7 @@ FLOOR_KINDS: dict[type, tuple[str, Callable[[Any], dict]]] = {  # an event's typ
     Level: ("level", lambda e: {"track": e.track, "dbfs": round(dbfs(e.mean_square), 1)}),
     Transcribed: ("transcript", lambda e: {"track": e.track, "offset": round(e.at, 2), "text": e.text,
                                            "partial": e.partial, **({} if e.mood is None else {"mood": e.mood}),
+                                           **({"seconds": round(e.seconds, 2)} if e.seconds else {}),
                                            **({"redacted": sorted(set(e.redacted))} if e.redacted else {})}),
     Dtmf: ("dtmf", lambda e: {"digit": e.digit}),
     MarkEchoed: ("mark", lambda e: {"name": e.name, "cancelled": e.cancelled, "waited_ms": round(e.waited_ms)}),
@@ -3052,7 +3110,7 @@ def floor_record(event: CallEvent, server: str) -> dict | None:
         return None
     name, fields = kind
     return {"type": name, "stream": event.stream_sid, "call": event.call_sid, "server": server, "time": utc_now(),
-            **fields(event)}
+            "uid": f"{server}/{event.number}", **fields(event)}
 
 
 class Floor:
@@ -3060,8 +3118,11 @@ class Floor:
     --redis-url, of every process: follow_redis() publishes what they sent), and the feed of
     their events, numbered for Last-Event-ID. The page, /events and /calls read it."""
 
-    def __init__(self, server: str, limits: Limits = Limits()):
-        self.server, self.limits = server, limits
+    def __init__(self, server: str, limits: Limits = Limits(), history: History | None = None):
+        self.server, self.limits, self.history = server, limits, history
+        self.redis_url: str | None = None          # with --redis-url: where a deletion is said to every floor
+        if history is not None:
+            history.forgotten.append(self.forget_call)
         self.calls: dict[str, dict] = {}          # stream SID: the call as the page shows it
         self.ended: deque = deque()                # (SID, time.monotonic()) of each ended call, oldest first
         self.events: deque = deque(maxlen=limits.floor_events_kept)
@@ -3081,6 +3142,8 @@ class Floor:
         self.last_id += 1
         record["id"] = self.last_id
         self.update(record)
+        if self.history is not None:
+            self.history.add(record)
         self.events.append(record)
         for client in list(self.clients):
             if client.qsize() >= self.limits.floor_client_queue:  # a feed that does not read: dropped, it resumes
@@ -3091,6 +3154,8 @@ class Floor:
 
     def update(self, record: dict) -> None:
         sid, kind = record["stream"], record["type"]
+        if kind == "delete":  # someone deleted the call from its history: every floor forgets it
+            return self.forget_call(sid)
         call = self.calls.get(sid)
         if call is None:
             parameters = record.get("parameters") or {}
@@ -3108,7 +3173,7 @@ class Floor:
             call["levels"][record["track"]] = record["dbfs"]
         elif kind == "end":
             call["ended"] = {"time": record["time"], "how": record.get("ended"), "summary": {
-                k: v for k, v in record.items() if k not in ("id", "type", "stream", "call", "server", "time")}}
+                k: v for k, v in record.items() if k not in ("id", "type", "stream", "call", "server", "time", "uid")}}
             call["levels"] = {}
             if self.heard.pop(sid, None) is not None:
                 self.ended.append((sid, time.monotonic()))
@@ -3125,6 +3190,24 @@ class Floor:
             call["alerts"] += kind == "alert"
             call["lines"].append(record)
             del call["lines"][:-FLOOR_CALL_LINES]
+
+    def forget_call(self, sid: str) -> None:
+        self.calls.pop(sid, None)
+        self.heard.pop(sid, None)
+        self.ended = deque(item for item in self.ended if item[0] != sid)
+
+    def delete(self, sid: str) -> bool:
+        """A call deleted from the history (its rows, search entries, recordings, files) and
+        forgotten here; with Redis, a `delete` event tells every floor, and the stream's own
+        copies of the call's events are removed. False if this floor had not kept it."""
+        found = self.history.forget(sid) if self.history is not None else False
+        record = {"type": "delete", "stream": sid, "call": None, "server": self.server, "time": utc_now(),
+                  "uid": f"{self.server}/delete/{sid}"}
+        if self.redis_url:
+            gevent.spawn(delete_from_redis, self.redis_url, record)
+        else:
+            self.publish(record)
+        return found
 
     def end_silent_calls(self) -> None:
         """A call whose process was killed, or whose machine is gone, sends no `end`: once
@@ -3186,7 +3269,8 @@ def floor_app(floor: Floor, token: str | None) -> Flask:
         if token and not floor_token_given(token):
             return Response(b"the floor needs its token (FLOOR_TOKEN): Authorization: Bearer <token>, or ?token=\n",
                             401, {"Content-Type": "text/plain; charset=utf-8", "WWW-Authenticate": "Bearer"})
-        if request.method not in ("GET", "HEAD"):
+        deleting = request.method == "POST" and request.path.startswith("/history/") and request.path.endswith("/delete")
+        if request.method not in ("GET", "HEAD") and not deleting:
             return Response(b"", 405, {"Allow": "GET"})
         return None
 
@@ -3213,7 +3297,91 @@ def floor_app(floor: Floor, token: str | None) -> Flask:
 
     @web.errorhandler(404)
     def not_found(_) -> Response:
-        return Response(b"not found: the floor serves /, /events and /calls\n", 404, content_type="text/plain")
+        return Response(b"not found: the floor serves /, /events and /calls" +
+                        (b", and the history at /history" if floor.history else b"") + b"\n", 404,
+                        content_type="text/plain")
+
+    def kept() -> History:
+        if floor.history is None:
+            abort(Response(b"the call history is off (--history off)\n", 404, content_type="text/plain"))
+        return floor.history
+
+    def found(history: History, limit: int = HISTORY_PAGE_CALLS) -> dict:
+        try:
+            return history.search(history_query(request.args), limit)
+        except HistoryError as wrong:
+            abort(Response(json_dumps({"error": str(wrong)}), 400, content_type="application/json"))
+            raise
+
+    @web.get("/history", provide_automatic_options=False)
+    def history_page() -> Response:
+        kept()
+        return Response(HISTORY_PAGE, content_type="text/html; charset=utf-8",
+                        headers={"Content-Security-Policy": HISTORY_PAGE_POLICY})
+
+    @web.get("/history.json", provide_automatic_options=False)
+    def history_json() -> Response:
+        return Response(json_dumps(found(kept())), content_type="application/json")
+
+    @web.get("/history.csv", provide_automatic_options=False)
+    def history_csv() -> Response:
+        import csv
+        calls = found(kept(), HISTORY_CSV_CALLS)["calls"]
+        out = io.StringIO()
+        writer = csv.writer(out)
+        columns = ("stream", "call", "server", "caller", "called", "started", "ended_at", "ended", "duration", "alerts",
+                   "categories", "mood_min", "mood_max", "hit")
+        writer.writerow(columns)
+        for call in calls:
+            writer.writerow([csv_cell(str(call.get(name, "")).replace("\x02", "").replace("\x03", "")
+                                      if name == "hit" else call.get(name)) for name in columns])
+        return Response(out.getvalue(), content_type="text/csv; charset=utf-8",
+                        headers={"Content-Disposition": 'attachment; filename="calls.csv"'})
+
+    @web.get("/history/<sid>", provide_automatic_options=False)
+    def call_page(sid: str) -> Response:
+        kept()
+        return Response(CALL_PAGE, content_type="text/html; charset=utf-8",
+                        headers={"Content-Security-Policy": CALL_PAGE_POLICY})
+
+    def the_call(sid: str) -> dict:
+        call = kept().call(sid)
+        if call is None:
+            abort(Response(b"no such call in the history\n", 404, content_type="text/plain"))
+        return call
+
+    @web.get("/history/<sid>.json", provide_automatic_options=False)
+    def call_json(sid: str) -> Response:
+        call = the_call(sid)
+        try:
+            kept().stereo(call)
+            call["recordings_here"] = True
+        except OSError:
+            call["recordings_here"] = False
+        return Response(json_dumps(call), content_type="application/json")
+
+    @web.get("/history/<sid>.wav", provide_automatic_options=False)
+    def call_wav(sid: str) -> Response:
+        """Both tracks as one stereo WAV (the caller on the left), served in ranges: the player seeks."""
+        try:
+            paths, frames = kept().stereo(the_call(sid))
+        except OSError:
+            return Response(b"this call's recordings are not on this machine\n", 404, content_type="text/plain")
+        total = WAV_HEADER_BYTES + 4 * frames
+        wanted = request.range.range_for_length(total) if request.range else None
+        start, end = wanted or (0, total)
+        body = stereo_wav_bytes(paths, frames, start, end)
+        response = Response(body, 206 if wanted else 200, content_type="audio/wav", headers={"Accept-Ranges": "bytes"})
+        if wanted:
+            response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{total}"
+        return response
+
+    @web.post("/history/<sid>/delete", provide_automatic_options=False)
+    def delete_call(sid: str) -> Response:
+        kept()
+        gone = floor.delete(sid)
+        return Response(b"deleted\n" if gone else b"not kept here; every floor is told to forget it\n",
+                        200 if gone else 404, content_type="text/plain")
 
     return web
 
@@ -3255,20 +3423,23 @@ def floor_feed(floor: Floor, last_event_id: str | None):
 # Whatever a client sent (parameters, SIDs, words) is set with textContent, never as markup,
 # and the page's policy allows no script but this one (its hash) and no connection but ours.
 
-FLOOR_SCRIPT = r"""
+PAGE_HELPERS = r"""
 "use strict";
-// Each call keeps its row; an event marks its call changed, and the next frame redraws only
-// the rows of changed calls (a whole table of 1,000 rows took 0.8 s to rebuild in Chromium).
-const calls = new Map(), changed = new Set();
-const KEPT = 500, ENDED_KEPT = 200, MOODS = 12;
-let selected = null, drawing = false, live = 0, ended = 0;
 const $ = (id) => document.getElementById(id);
-function el(tag, className, text) {
+function el(tag, className, text) {  // what a client sent goes in as text, never as markup
   const node = document.createElement(tag);
   if (className) node.className = className;
   if (text !== undefined && text !== null) node.textContent = String(text);
   return node;
 }
+"""  # the start of every page's script
+
+FLOOR_SCRIPT = PAGE_HELPERS + r"""
+// Each call keeps its row; an event marks its call changed, and the next frame redraws only
+// the rows of changed calls (a whole table of 1,000 rows took 0.8 s to rebuild in Chromium).
+const calls = new Map(), changed = new Set();
+const KEPT = 500, ENDED_KEPT = 200, MOODS = 12;
+let selected = null, drawing = false, live = 0, ended = 0;
 const clock = (iso) => iso ? new Date(iso).toLocaleTimeString() : "";
 function add(call) {
   calls.set(call.stream, call);
@@ -3277,6 +3448,10 @@ function add(call) {
 }
 function apply(r) {
   let call = calls.get(r.stream);
+  if (r.type === "delete") {  // deleted from the history: gone from every floor
+    if (call) { if (call.tr) call.tr.remove(); calls.delete(r.stream); if (call.ended) ended--; else live--; }
+    return;
+  }
   if (!call) {
     const p = r.parameters || {};
     call = {stream: r.stream, call: r.call, server: r.server, since: r.time, from: p.From || r.call,
@@ -3290,7 +3465,7 @@ function apply(r) {
   if (r.type === "level") call.levels[r.track] = r.dbfs;
   else if (r.type === "end") {
     const summary = Object.assign({}, r);
-    for (const key of ["id", "type", "stream", "call", "server", "time"]) delete summary[key];
+    for (const key of ["id", "type", "stream", "call", "server", "time", "uid"]) delete summary[key];
     if (!call.ended) { live--; ended++; call.moved = true; }
     call.ended = {time: r.time, how: r.ended, summary: summary};
     call.levels = {};
@@ -3376,6 +3551,11 @@ function detail(call) {
   box.replaceChildren();
   if (!call) { box.append(el("p", "hint", "Click a call to follow it.")); return; }
   box.append(el("h2", null, call.from), el("p", "sids", call.stream + " · " + call.call + " · " + call.server));
+  if (call.ended) {
+    const review = el("a", null, "review it in the history");
+    review.href = "history/" + encodeURIComponent(call.stream);
+    box.append(review);
+  }
   const params = el("dl", "params");
   for (const [name, value] of Object.entries(call.parameters)) params.append(el("dt", null, name), el("dd", null, value));
   box.append(params);
@@ -3463,7 +3643,7 @@ tr.alerted td.state, .conversation .alert { color: #b00; font-weight: bold; }
 dt { font-weight: bold; float: left; clear: left; margin-right: .5em; } dd { margin: 0; }
 .sids { color: #888; font-size: 85%; }
 </style></head>
-<body><main><h1>Calls <small id="count"></small></h1>
+<body><main><h1>Calls <small id="count"></small> <small><a href="history">history</a></small></h1>
 <table><thead><tr><th>who</th><th>since</th><th>level</th><th>latest words</th><th>mood</th><th></th></tr></thead>
 <tbody id="calls"></tbody></table></main>
 <aside id="detail"></aside>
@@ -3633,6 +3813,30 @@ class RedisPublisher:
                 down.failed(exc, self.dropped - dropped_before)
 
 
+def delete_from_redis(url: str, record: dict) -> None:
+    """A call deleted: its events removed from the Redis stream, and a `delete` event added
+    for every floor (this one's included: it forgets the call when it reads it)."""
+    import redis
+    try:
+        client = connect_redis(url)
+        client.set_response_callback("XRANGE", lambda reply, **options: reply)
+        start, sid = "-", record["stream"]
+        while True:
+            entries = client.xrange(REDIS_STREAM, start, "+", count=REDIS_BATCH)
+            ids = [entry_id for entry_id, fields in entries
+                   if f'"stream":{json.dumps(sid)}'.encode() in b"".join(fields[1::2])]
+            if ids:
+                client.xdel(REDIS_STREAM, *ids)
+            if len(entries) < REDIS_BATCH:
+                break
+            start = "(" + entries[-1][0].decode()
+        client.xadd(REDIS_STREAM, {"event": json_dumps(record)})
+        client.close()
+    except (redis.RedisError, OSError) as exc:
+        log.warning("Redis at %s: deleting call %s failed (%s: %s); this floor forgot it, others keep it", 
+                    shown_redis_url(url), printable(sid, 64), type(exc).__name__, printable(str(exc), 200))
+
+
 def follow_redis(url: str, floor: Floor) -> None:
     """A floor's greenlet: every process's events from the Redis stream (from its oldest
     kept, so calls already open are shown), onto this floor; after Redis was down, on from
@@ -3670,6 +3874,588 @@ def follow_redis(url: str, floor: Floor) -> None:
         if not behind:
             floor.end_silent_calls()
         gevent.sleep(0 if behind else REDIS_GATHER_SECONDS)  # a round trip for many events; catching up, pages get in
+
+
+# --- The call history (--history): every call a floor sees, kept in SQLite -------------------
+# Whatever serves a floor keeps what it shows: every call, its lines (what was said, already
+# redacted, with its mood; alerts, keys, marks, warnings) and its summary, in one SQLite file
+# (the standard library's sqlite3, WAL, FTS5 for what was said). The floor hands each record
+# over; a greenlet gathers them and a native thread writes them in batches, so no call and no
+# turn of the event loop ever waits for the disk. Each event carries a `uid`: written once,
+# however many times it is read (a Redis outage, a floor restarted reading the stream again).
+
+HISTORY_QUEUE = 50_000          # records waiting to be written; beyond, the newest are dropped and counted
+HISTORY_BATCH = 5_000           # records written in one transaction
+HISTORY_GATHER_SECONDS = 0.2    # records gathered for one transaction
+HISTORY_PAGE_CALLS = 50         # calls on a page of /history
+HISTORY_CSV_CALLS = 10_000      # calls in an export (/history.csv)
+HISTORY_SWEEP_SECONDS = 3600    # how often calls older than --history-days are forgotten
+HISTORY_LINES = ("transcript", "alert", "dtmf", "mark", "warning", "barge_in", "status", "stop")  # a call's lines
+HISTORY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    stream TEXT PRIMARY KEY, call TEXT, server TEXT, caller TEXT, called TEXT, parameters TEXT, tracks TEXT,
+    started TEXT, ended_at TEXT, ended TEXT, duration REAL, summary TEXT, recordings TEXT,
+    alerts INTEGER NOT NULL DEFAULT 0, categories TEXT NOT NULL DEFAULT ' ', mood_min REAL, mood_max REAL);
+CREATE INDEX IF NOT EXISTS calls_by_start ON calls(started);
+CREATE INDEX IF NOT EXISTS calls_by_caller ON calls(caller, started);
+CREATE TABLE IF NOT EXISTS lines (
+    id INTEGER PRIMARY KEY, stream TEXT NOT NULL, uid TEXT UNIQUE, time TEXT, kind TEXT, track TEXT,
+    offset REAL, seconds REAL, text TEXT, mood REAL, data TEXT);
+CREATE INDEX IF NOT EXISTS lines_by_call ON lines(stream, id);
+CREATE VIRTUAL TABLE IF NOT EXISTS said USING fts5(text, content='lines', content_rowid='id');
+CREATE TRIGGER IF NOT EXISTS a_line_said AFTER INSERT ON lines WHEN new.kind = 'transcript' BEGIN
+    INSERT INTO said(rowid, text) VALUES (new.id, new.text);
+    UPDATE calls SET mood_min = min(coalesce(mood_min, new.mood), new.mood),
+                     mood_max = max(coalesce(mood_max, new.mood), new.mood)
+        WHERE stream = new.stream AND new.mood IS NOT NULL;
+END;
+CREATE TRIGGER IF NOT EXISTS a_line_unsaid AFTER DELETE ON lines WHEN old.kind = 'transcript' BEGIN
+    INSERT INTO said(said, rowid, text) VALUES ('delete', old.id, old.text);
+END;
+CREATE TRIGGER IF NOT EXISTS an_alert AFTER INSERT ON lines WHEN new.kind = 'alert' BEGIN
+    UPDATE calls SET alerts = alerts + 1, categories = categories || json_extract(new.data, '$.category') || ' '
+        WHERE stream = new.stream;
+END;
+"""
+
+
+class HistoryError(Exception):
+    """A search the history cannot make: one line for the client (400)."""
+
+
+def history_query(args) -> dict:
+    """The filters of /history.json and /history.csv, checked: `q` (words, "phrases",
+    prefix*), `since` and `until` (ISO dates or times, UTC), `caller`, `category`,
+    `mood_below`, `mood_above`, `ended`, `min_seconds`, `page`."""
+    def number(name: str, low: float, high: float):
+        raw = args.get(name) or ""
+        if not raw:
+            return None
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not (low <= value <= high):
+            raise HistoryError(f"{name}: a number from {low:g} to {high:g}")
+        return value
+
+    def moment(name: str) -> str | None:
+        raw = (args.get(name) or "").strip()
+        if not raw:
+            return None
+        try:
+            when = datetime.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        except ValueError:
+            raise HistoryError(f"{name}: a date or time, such as 2026-12-06 or 2026-12-06T09:30") from None
+        if when.tzinfo:
+            when = when.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+        return when.isoformat(timespec="milliseconds") + "Z"
+
+    def text(name: str, limit: int) -> str | None:
+        return (args.get(name) or "").strip()[:limit] or None
+
+    page = number("page", 1, 100_000)
+    return {"q": text("q", 500), "since": moment("since"), "until": moment("until"), "caller": text("caller", 100),
+            "category": text("category", 100), "mood_below": number("mood_below", -1, 1),
+            "mood_above": number("mood_above", -1, 1), "ended": text("ended", 40),
+            "min_seconds": number("min_seconds", 0, 10**7), "page": int(page or 1)}
+
+
+def on_thread(pool: gevent.threadpool.ThreadPool, function: Callable, *args) -> Any:
+    """function(*args) on one of `pool`'s native threads, this greenlet waiting for it; what it
+    raises is raised here (gevent's pool would also print it, as a traceback on the console)."""
+    def caught() -> tuple[bool, Any]:
+        try:
+            return True, function(*args)
+        except Exception as exc:  # handed back to the greenlet, which raises it
+            return False, exc
+    done, result = pool.apply(caught)
+    if not done:
+        raise result
+    return result
+
+
+class History:
+    """--history FILE: the floor's records, kept (add()), found (search(), call()) and
+    forgotten (forget(), and every HISTORY_SWEEP_SECONDS what is older than --history-days).
+    Writing happens on a native thread of its own; reads on others (WAL lets them run beside
+    the writer). A database that is full, locked or gone costs no call: records are dropped and
+    counted, with one warning at a time."""
+
+    def __init__(self, path: str, days: float, limits: Limits = Limits()):
+        self.path, self.days = path, days
+        self.queue: deque = deque()
+        self.arrived = gevent.event.Event()
+        self.written = gevent.event.Event()  # nothing waits: what was added is on disk
+        self.dropped = 0
+        self.writer_thread = gevent.threadpool.ThreadPool(1)
+        self.readers = gevent.threadpool.ThreadPool(2)
+        self.connections = threading.local()
+        self.failing: str | None = None       # why the last write failed, while it does
+        self.forgotten: list[Callable[[str], None]] = []  # told of each call forgotten here (the floor)
+        self.greenlets: list = []
+
+    def open(self) -> None:
+        """At start-up: the file made and checked, or SettingsError with one line."""
+        try:
+            folder = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            connection = sqlite3.connect(self.path)
+            connection.executescript(HISTORY_SCHEMA)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.close()
+            os.chmod(self.path, 0o600)  # what callers said: for the server's user only
+        except (OSError, sqlite3.Error) as exc:
+            raise SettingsError(f"--history (HISTORY): cannot keep the call history in {self.path!r}: {exc}") from None
+
+    def start(self) -> None:
+        if not self.greenlets:
+            self.greenlets = [gevent.spawn(self.write_forever), gevent.spawn(self.sweep_forever)]
+
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection (sqlite3's belong to the thread that made them)."""
+        connection = getattr(self.connections, "connection", None)
+        if connection is None:
+            connection = sqlite3.connect(self.path, timeout=5, isolation_level=None)
+            connection.row_factory = sqlite3.Row
+            connection.execute("PRAGMA synchronous=NORMAL")
+            self.connections.connection = connection
+        return connection
+
+    # --- kept -------------------------------------------------------------------------------
+
+    def add(self, record: dict) -> None:
+        """A floor's record, to be written: never waits."""
+        if record["type"] == "level" or record.get("partial"):
+            return
+        if len(self.queue) >= HISTORY_QUEUE:
+            self.dropped += 1
+            return
+        self.queue.append(record)
+        self.written.clear()
+        self.arrived.set()
+
+    def write_forever(self) -> None:
+        warned_at = -math.inf
+        while True:
+            while not self.queue:
+                self.written.set()
+                self.arrived.clear()
+                self.arrived.wait()
+            gevent.sleep(HISTORY_GATHER_SECONDS)
+            batch = [self.queue.popleft() for _ in range(min(HISTORY_BATCH, len(self.queue)))]
+            try:
+                forgotten = on_thread(self.writer_thread, self.write, batch)
+                if self.failing:
+                    log.info("the call history (%s) is written again; %d record(s) were dropped", self.path,
+                             self.dropped)
+                    self.failing = None
+            except (sqlite3.Error, OSError) as exc:  # full, locked, read-only, gone: the calls go on
+                self.dropped += len(batch)
+                self.failing = f"{type(exc).__name__}: {printable(str(exc), 200)}"
+                if time.monotonic() - warned_at >= REDIS_WARN_SECONDS:
+                    log.warning("the call history (%s) cannot be written (%s): %d record(s) dropped so far; "
+                                "calls go on", self.path, self.failing, self.dropped)
+                    warned_at = time.monotonic()
+                continue
+            for sid in forgotten:
+                for tell in self.forgotten:
+                    tell(sid)
+
+    def write(self, batch: list[dict]) -> list[str]:
+        """On the writer's thread: a batch, in one transaction; the calls it forgot."""
+        db = self.connection()
+        forgotten: list[str] = []
+        db.execute("BEGIN")
+        try:
+            for record in batch:
+                sid, kind = record.get("stream"), record.get("type")
+                if not isinstance(sid, str) or not isinstance(kind, str):
+                    continue
+                if kind == "delete":
+                    self.forget_rows(db, sid)
+                    forgotten.append(sid)
+                    continue
+                db.execute("INSERT OR IGNORE INTO calls(stream, call, server, started) VALUES (?, ?, ?, ?)",
+                           (sid, str(record.get("call")), str(record.get("server")), str(record.get("time"))))
+                if kind == "start":
+                    given = record.get("parameters")
+                    parameters: dict = given if isinstance(given, dict) else {}
+                    db.execute("UPDATE calls SET caller = ?, called = ?, parameters = ?, tracks = ?, started = ? "
+                               "WHERE stream = ?", (str(parameters.get("From") or record.get("call")),
+                                                    str(parameters.get("To") or ""), json.dumps(parameters),
+                                                    json.dumps(record.get("tracks")), str(record.get("time")), sid))
+                elif kind == "end":
+                    summary = {k: v for k, v in record.items()
+                               if k not in ("type", "stream", "call", "server", "time", "uid", "id")}
+                    duration = str(summary.get("duration", "")).rstrip("s")
+                    recordings = [part.rsplit(":", 1)[0] for part in str(summary.get("recordings", "")).split(",")
+                                  if part]
+                    db.execute("UPDATE calls SET ended_at = ?, ended = ?, duration = ?, summary = ?, recordings = ? "
+                               "WHERE stream = ?", (str(record.get("time")), str(summary.get("ended")),
+                                                    float(duration) if duration.replace(".", "", 1).isdigit() else None,
+                                                    json.dumps(summary), json.dumps(recordings), sid))
+                elif kind in HISTORY_LINES:
+                    data = {k: v for k, v in record.items() if k not in (
+                        "type", "stream", "call", "server", "time", "uid", "id", "track", "offset", "seconds", "text",
+                        "mood")}
+                    text = record.get("text")
+                    if kind == "dtmf":
+                        text = f"pressed {record.get('digit')}"
+                    db.execute("INSERT OR IGNORE INTO lines(stream, uid, time, kind, track, offset, seconds, text, "
+                               "mood, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                               (sid, record.get("uid"), str(record.get("time")), kind, record.get("track"),
+                                record.get("offset"), record.get("seconds"),
+                                None if text is None else str(text), record.get("mood"), json.dumps(data)))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return forgotten
+
+    # --- found ------------------------------------------------------------------------------
+
+    def search(self, query: dict, limit: int = HISTORY_PAGE_CALLS) -> dict:
+        return on_thread(self.readers, self.search_here, query, limit)
+
+    def search_here(self, query: dict, limit: int) -> dict:
+        """On a reader's thread: the calls that match, newest first, a page of them; with `q`,
+        each with its first matching line, its words between \\x02 and \\x03."""
+        db = self.connection()
+        where, values = ["1"], []
+        for column, operator, key in (("started", ">=", "since"), ("started", "<", "until"), ("caller", "=", "caller"),
+                                      ("mood_min", "<", "mood_below"), ("mood_max", ">", "mood_above"),
+                                      ("ended", "=", "ended"), ("duration", ">=", "min_seconds")):
+            if query.get(key) is not None:
+                where.append(f"c.{column} {operator} ?")
+                values.append(query[key])
+        if query.get("category"):
+            where.append("instr(c.categories, ?) > 0")
+            values.append(f" {query['category']} ")
+        offset = (query.get("page", 1) - 1) * limit
+        columns = ("c.stream, c.call, c.server, c.caller, c.called, c.started, c.ended_at, c.ended, c.duration, "
+                   "c.alerts, trim(c.categories) AS categories, c.mood_min, c.mood_max")
+        try:
+            if not query.get("q"):
+                rows = db.execute(f"SELECT {columns} FROM calls c WHERE {' AND '.join(where)} "
+                                  "ORDER BY c.started DESC LIMIT ? OFFSET ?", (*values, limit + 1, offset)).fetchall()
+                calls = [dict(row) for row in rows]
+            else:
+                calls, seen, skipped, chunk = [], set(), 0, 0
+                while len(calls) <= limit:  # matching lines, newest first, a call once
+                    rows = db.execute(
+                        f"SELECT {columns}, l.id AS line, l.offset, l.track, "
+                        "highlight(said, 0, char(2), char(3)) AS hit FROM said JOIN lines l ON l.id = said.rowid "
+                        f"JOIN calls c ON c.stream = l.stream WHERE said MATCH ? AND {' AND '.join(where)} "
+                        "ORDER BY said.rowid DESC LIMIT 500 OFFSET ?", (query["q"], *values, chunk)).fetchall()
+                    for row in rows:
+                        if row["stream"] in seen:
+                            continue
+                        seen.add(row["stream"])
+                        if skipped < offset:
+                            skipped += 1
+                        elif len(calls) <= limit:
+                            calls.append(dict(row))
+                    if len(rows) < 500:
+                        break
+                    chunk += 500
+        except sqlite3.OperationalError as exc:
+            if query.get("q"):  # what FTS5 cannot read: an unclosed quote, a lone operator
+                raise HistoryError('q: words, "a phrase in quotes", or a prefix* (' +
+                                   printable(str(exc), 80) + ")") from None
+            raise
+        return {"calls": calls[:limit], "more": len(calls) > limit, "page": query.get("page", 1)}
+
+    def call(self, sid: str) -> dict | None:
+        return on_thread(self.readers, self.call_here, sid)
+
+    def call_here(self, sid: str) -> dict | None:
+        db = self.connection()
+        row = db.execute("SELECT * FROM calls WHERE stream = ?", (sid,)).fetchone()
+        if row is None:
+            return None
+        call = dict(row)
+        for name in ("parameters", "tracks", "summary", "recordings"):
+            call[name] = json.loads(call[name]) if call[name] else None
+        call["categories"] = call["categories"].split()
+        call["lines"] = [dict(line, data=json.loads(line["data"] or "{}")) for line in db.execute(
+            "SELECT kind, track, time, offset, seconds, text, mood, data FROM lines WHERE stream = ? ORDER BY id",
+            (sid,))]
+        return call
+
+    # --- forgotten --------------------------------------------------------------------------
+
+    def forget(self, sid: str) -> bool:
+        """A call deleted here, at once (its rows, search entries, recordings and text files);
+        False if it was not kept."""
+        return on_thread(self.writer_thread, self.forget_now, sid)
+
+    def forget_now(self, sid: str) -> bool:
+        db = self.connection()
+        db.execute("BEGIN")
+        try:
+            found = self.forget_rows(db, sid)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return found
+
+    def forget_rows(self, db: sqlite3.Connection, sid: str) -> bool:
+        row = db.execute("SELECT recordings FROM calls WHERE stream = ?", (sid,)).fetchone()
+        db.execute("DELETE FROM lines WHERE stream = ?", (sid,))
+        db.execute("DELETE FROM calls WHERE stream = ?", (sid,))
+        for wav in json.loads(row["recordings"] or "[]") if row else ():
+            for path in (wav, wav[:-4] + ".txt" if wav.endswith(".wav") else None):
+                if path:
+                    try:
+                        os.unlink(path)
+                    except OSError:  # not here (another server's), or gone already
+                        pass
+        return row is not None
+
+    def sweep_forever(self) -> None:
+        """Calls that started more than --history-days ago, forgotten: at start and every hour."""
+        while True:
+            if self.days > 0:
+                cutoff = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=self.days))
+                try:
+                    for sid in on_thread(self.readers, self.older_than, cutoff.isoformat(timespec="milliseconds")
+                                         .replace("+00:00", "Z")):
+                        self.forget(sid)
+                        for tell in self.forgotten:
+                            tell(sid)
+                except (sqlite3.Error, OSError) as exc:
+                    log.warning("the call history (%s): forgetting old calls failed: %s", self.path, exc)
+            gevent.sleep(HISTORY_SWEEP_SECONDS)
+
+    def older_than(self, moment: str) -> list[str]:
+        return [row[0] for row in self.connection().execute("SELECT stream FROM calls WHERE started < ?", (moment,))]
+
+    def stereo(self, call: dict) -> tuple[list[str], int]:
+        """The call's two recordings, inbound and outbound ("" for a track without one), and
+        the frames of the stereo WAV made of them; FileNotFoundError if none can be read here."""
+        paths = {"inbound": "", "outbound": ""}
+        for path in call.get("recordings") or ():
+            for track in paths:
+                if os.path.basename(path).rsplit(".", 1)[0].rsplit("-", 1)[0].endswith("_" + track):
+                    paths[track] = path
+        frames = [(os.path.getsize(path) - WAV_HEADER_BYTES) // 2 for path in paths.values()
+                  if path and os.path.exists(path)]
+        if not frames:
+            raise FileNotFoundError("no recording of this call here")
+        return [paths["inbound"], paths["outbound"]], max(frames)
+
+
+def stereo_wav_bytes(paths: list[str], frames: int, start: int, end: int) -> bytes:
+    """Bytes `start` to `end` (exclusive) of the stereo WAV made of two mono 16-bit 8 kHz
+    files, the first on the left: its header, then each frame's two samples."""
+    header = struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + 4 * frames, b"WAVE", b"fmt ", 16, 1, 2, 8000,
+                         8000 * 4, 4, 16, b"data", 4 * frames)
+    out = bytearray(header[start:end])
+    first, last = max(0, start - 44) // 4, min(frames, -(-(end - 44) // 4))
+    if last > first:
+        channels = []
+        for path in paths:
+            data = b""
+            if path and os.path.exists(path):
+                with open(path, "rb") as file:
+                    file.seek(WAV_HEADER_BYTES + 2 * first)
+                    data = file.read(2 * (last - first))
+            channels.append(data.ljust(2 * (last - first), b"\0"))
+        frames_bytes = bytearray(4 * (last - first))
+        frames_bytes[0::4], frames_bytes[1::4] = channels[0][0::2], channels[0][1::2]
+        frames_bytes[2::4], frames_bytes[3::4] = channels[1][0::2], channels[1][1::2]
+        skip = max(0, start - 44) - 4 * first
+        out += frames_bytes[skip:skip + (end - max(start, 44))]
+    return bytes(out)
+
+
+# --- The history's pages: search, and a call to review -----------------------------------------
+# As the floor's page: plain HTML, CSS and JavaScript, nothing fetched from elsewhere, what a
+# client sent set as text (a search's highlights too: the server marks them with \x02 and \x03,
+# the page makes <mark> elements of them), and a policy that allows no other script.
+
+HISTORY_STYLE = """
+body { font: 14px system-ui, sans-serif; margin: 1em; color: #222; } a { color: #24c; }
+table { border-collapse: collapse; width: 100%; } td, th { padding: .35em .5em; border-bottom: 1px solid #ddd;
+text-align: left; vertical-align: top; } th { font-weight: 600; } mark { background: #fe6; }
+form { display: flex; flex-wrap: wrap; gap: .4em; margin-bottom: 1em; } input, select { font: inherit; }
+.muted { color: #888; } .alert { color: #b00; font-weight: bold; } .pager { margin: 1em 0; }
+"""
+
+HISTORY_SCRIPT = PAGE_HELPERS + r"""
+function marked(text) {  // the server puts \x02 ... \x03 around the words found: <mark>, as text
+  const out = el("span");
+  String(text).split("\x02").forEach((part, n) => {
+    if (n === 0) { out.append(part); return; }
+    const [hit, rest] = part.split("\x03");
+    out.append(el("mark", null, hit), rest || "");
+  });
+  return out;
+}
+const when = (iso) => iso ? new Date(iso).toLocaleString() : "";
+const query = new URLSearchParams(location.search);
+for (const [name, value] of query) if ($(name)) $(name).value = value;
+$("csv").href = "/history.csv" + location.search;
+fetch("/history.json" + location.search).then(async (answer) => {
+  const found = await answer.json();
+  if (!answer.ok) { $("calls").replaceChildren(el("tr", "alert", found.error)); return; }
+  $("calls").replaceChildren(...found.calls.map((call) => {
+    const tr = el("tr");
+    const who = el("a", null, call.caller || call.call);
+    who.href = "/history/" + encodeURIComponent(call.stream);
+    const words = call.hit ? marked(call.hit) : el("span", "muted", "");
+    const mood = call.mood_min === null ? "" : call.mood_min.toFixed(2) + " … " + call.mood_max.toFixed(2);
+    tr.append(el("td", null, when(call.started)), el("td"), el("td", null, call.duration === null ? "" :
+              call.duration.toFixed(0) + " s"), el("td", null, call.ended || "live"),
+              el("td", call.alerts ? "alert" : null, call.categories), el("td", null, mood), el("td"));
+    tr.children[1].append(who);
+    tr.children[6].append(words);
+    return tr;
+  }));
+  $("none").hidden = found.calls.length > 0;
+  const page = found.page;
+  for (const [id, to, show] of [["previous", page - 1, page > 1], ["next", page + 1, found.more]]) {
+    const link = $(id), next = new URLSearchParams(location.search);
+    next.set("page", to);
+    link.href = "/history?" + next;
+    link.hidden = !show;
+  }
+});
+"""
+
+HISTORY_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Calls: the history</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>""" + HISTORY_STYLE + """</style></head>
+<body><h1>The history <small><a href="/">the floor</a></small></h1>
+<form method="get" action="/history">
+<input id="q" name="q" placeholder='words, "a phrase", prefix*' size="30">
+<input id="since" name="since" placeholder="since 2026-12-06" size="12">
+<input id="until" name="until" placeholder="until" size="12">
+<input id="caller" name="caller" placeholder="caller" size="14">
+<input id="category" name="category" placeholder="alert category" size="12">
+<input id="mood_below" name="mood_below" placeholder="mood below" size="8">
+<input id="mood_above" name="mood_above" placeholder="mood above" size="8">
+<input id="ended" name="ended" placeholder="ended (stop, ...)" size="12">
+<input id="min_seconds" name="min_seconds" placeholder="at least s" size="8">
+<button>Search</button> <a id="csv" href="/history.csv">CSV</a></form>
+<table><thead><tr><th>when</th><th>who</th><th>length</th><th>ended</th><th>alerts</th><th>mood</th>
+<th>what was said</th></tr></thead><tbody id="calls"></tbody></table>
+<p id="none" class="muted" hidden>No call found.</p>
+<p class="pager"><a id="previous" hidden>newer</a> <a id="next" hidden>older</a></p>
+<script>""" + HISTORY_SCRIPT + """</script></body></html>
+"""
+
+CALL_SCRIPT = PAGE_HELPERS + r"""
+const SVG = "http://www.w3.org/2000/svg";
+function svg(tag, attributes) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
+  return node;
+}
+const clock = (seconds) => Math.floor(seconds / 60) + ":" + String(Math.floor(seconds % 60)).padStart(2, "0");
+const speaker = (track) => track === "outbound" ? "agent" : "caller";
+const sid = decodeURIComponent(location.pathname.split("/").pop());
+function plot(call, said, seconds) {  // who spoke when (bars), and each speaker's mood (points joined)
+  const width = 800, height = 120, x = (t) => 40 + (width - 50) * t / Math.max(seconds, 1);
+  const box = svg("svg", {viewBox: "0 0 " + width + " " + height, width: "100%", role: "img"});
+  box.append(svg("line", {x1: 40, x2: width - 10, y1: 60, y2: 60, stroke: "#ccc"}));
+  const rows = {inbound: 100, outbound: 112};
+  for (const line of said) {
+    box.append(svg("rect", {x: x(line.offset), y: rows[line.track] || 100, width: Math.max(1, x(line.offset +
+      (line.seconds || 1)) - x(line.offset)), height: 8, fill: line.track === "outbound" ? "#36c" : "#3a3"}));
+  }
+  for (const track of ["inbound", "outbound"]) {
+    const points = said.filter((line) => line.track === track && typeof line.mood === "number")
+                       .map((line) => x(line.offset).toFixed(1) + "," + (60 - 50 * line.mood).toFixed(1));
+    if (points.length) box.append(svg("polyline", {points: points.join(" "), fill: "none", "stroke-width": 2,
+                                                   stroke: track === "outbound" ? "#36c" : "#3a3"}));
+  }
+  const label = svg("text", {x: 2, y: 14, "font-size": 10, fill: "#888"});
+  label.textContent = "mood +1";
+  const low = svg("text", {x: 2, y: 92, "font-size": 10, fill: "#888"});
+  low.textContent = "-1";
+  box.append(label, low);
+  return box;
+}
+fetch("/history/" + encodeURIComponent(sid) + ".json").then(async (answer) => {
+  if (!answer.ok) { $("who").textContent = "No such call."; return; }
+  const call = await answer.json();
+  $("who").textContent = call.caller || call.call;
+  $("when").textContent = new Date(call.started).toLocaleString() + " · " + (call.ended || "live") +
+    (call.duration === null ? "" : " · " + call.duration.toFixed(1) + " s") + " · " + call.stream + " · " + call.server;
+  const summary = $("summary");
+  for (const [name, value] of Object.entries(call.summary || {})) summary.append(el("dt", null, name), el("dd", null, value));
+  const said = call.lines.filter((line) => line.kind === "transcript");
+  const seconds = Math.max(call.duration || 0, ...said.map((line) => line.offset + (line.seconds || 1)));
+  $("plot").append(plot(call, said, seconds));
+  const audio = $("audio");
+  if (call.recordings_here) audio.src = "/history/" + encodeURIComponent(call.stream) + ".wav";
+  else { audio.hidden = true; $("elsewhere").textContent = call.recordings && call.recordings.length ?
+    "Its recordings are not on this floor's machine: " + call.server + " has them." : "This call was not recorded."; }
+  const items = [];
+  for (const line of call.lines) {
+    const li = el("li", line.kind + (line.track ? " " + line.track : ""));
+    li.append(el("time", null, line.offset === null ? "" : clock(line.offset)));
+    if (line.kind === "transcript") {
+      li.append(el("b", null, speaker(line.track)), el("span", null, line.text));
+      if (typeof line.mood === "number") li.append(el("small", "mood", " " + line.mood.toFixed(2)));
+      if (call.recordings_here) {
+        li.tabIndex = 0;
+        li.addEventListener("click", () => { audio.currentTime = line.offset; audio.play().catch(() => {}); });
+      }
+      items.push([line, li]);
+    } else if (line.kind === "alert") li.append(el("b", null, "alert " + (line.data.category || "")), el("span", null, "“" + (line.data.phrase || "") + "”"));
+    else li.append(el("span", null, line.text || line.kind));
+    $("conversation").append(li);
+  }
+  audio.addEventListener("timeupdate", () => {  // the line being heard
+    const t = audio.currentTime;
+    for (const [line, li] of items) li.classList.toggle("playing", line.offset <= t && t < line.offset + Math.max(line.seconds || 0, 1));
+  });
+  $("delete").addEventListener("click", async () => {
+    if (!confirm("Delete this call, its words and its recordings, on every floor?")) return;
+    const done = await fetch("/history/" + encodeURIComponent(call.stream) + "/delete", {method: "POST"});
+    if (done.ok) location.href = "/history";
+  });
+});
+"""
+
+CALL_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>A call</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>""" + HISTORY_STYLE + """
+.conversation { list-style: none; padding: 0; } .conversation li { margin: .3em 0; padding: .1em .3em; }
+.conversation li.transcript { cursor: pointer; } .conversation li.playing { background: #e6f0ff; }
+.conversation time { color: #888; margin-right: .5em; } .conversation b { margin-right: .5em; }
+.conversation .outbound { text-align: right; } .conversation .alert { color: #b00; } .mood { color: #888; }
+dt { font-weight: bold; float: left; clear: left; margin-right: .5em; } dd { margin: 0; } audio { width: 100%; }
+</style></head>
+<body><p><a href="/history">the history</a> · <a href="/">the floor</a></p>
+<h1 id="who"></h1><p id="when" class="muted"></p>
+<audio id="audio" controls preload="metadata"></audio><p id="elsewhere" class="muted"></p>
+<div id="plot"></div><ol id="conversation" class="conversation"></ol>
+<h3>Summary</h3><dl id="summary"></dl>
+<p><button id="delete">Delete this call</button></p>
+<script>""" + CALL_SCRIPT + """</script></body></html>
+"""
+
+
+def page_policy(script: str) -> str:
+    """A page's Content-Security-Policy: its own script (by hash), its own origin, nothing else."""
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    return (f"default-src 'none'; style-src 'unsafe-inline'; connect-src 'self'; media-src 'self'; "
+            f"form-action 'self'; script-src 'sha256-{digest}'")
+
+
+HISTORY_PAGE_POLICY, CALL_PAGE_POLICY = page_policy(HISTORY_SCRIPT), page_policy(CALL_SCRIPT)
+
+
+def csv_cell(value: object) -> str:
+    """A cell of /history.csv: a value a spreadsheet will not run (=, +, -, @ and control
+    characters first are quoted with an apostrophe)."""
+    text = "" if value is None else str(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 # === The transport: what a user need not read ===============================================
@@ -4598,7 +5384,14 @@ def serve_floor(runtime: Runtime) -> None:
     except OSError as exc:
         raise cannot_listen("--floor-port (FLOOR_PORT)", host, port, exc) from None
     if settings.redis_url:
+        floor.redis_url = settings.redis_url
         gevent.spawn(follow_redis, settings.redis_url, floor)
+    if floor.history is not None:
+        floor.history.start()
+        startup_log.info("The call history in %s, at http://%s:%d/history (%s)", os.path.abspath(floor.history.path),
+                         f"[{host}]" if ":" in host else host, server.server_port,
+                         f"calls older than {settings.history_days:g} days forgotten" if settings.history_days
+                         else "kept for ever")
     shown = f"[{host}]" if ":" in host else host
     startup_log.info("The floor at http://%s:%d/ (its feed at /events)%s%s", shown, server.server_port,
                      ", every process's calls from Redis" if settings.redis_url else "",

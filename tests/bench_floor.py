@@ -151,7 +151,7 @@ def emit_levels(flags: list[str], calls: int, seconds: float, results) -> None:
     while time.monotonic() < deadline:
         for n in range(burst):
             stream = streams[(sent + n) % calls]
-            runtime.emit(app.Level((sent + n) % calls, f"stream={stream.stream_sid}", stream.stream_sid, stream.call_sid,
+            runtime.emit(app.Level((sent + n) % calls, f"stream={stream.stream_sid}", stream.stream_sid, stream.call_sid, sent + n,
                                    "inbound", 1000.0 + n))
         sent += burst
         gevent.sleep(0.05)

@@ -37,6 +37,7 @@ def runtime(stream_class=None, limits=app.Limits(), recognize=None, **settings) 
     """A runtime in this process, with any settings (Settings' names: record=str(tmp_path)),
     limits, and with transcribe=True a recognizer of the test's (`recognize`: pcm -> text):
     what a test needs to drive a MediaStream, a MediaWebSocket or a handshake without a server."""
+    settings.setdefault("history", None)  # a floor of the test's keeps nothing, unless asked
     return app.create_runtime(app.Settings(**settings), stream_class, limits=limits, recognize=recognize)
 
 
@@ -49,6 +50,7 @@ def free_port() -> int:
 def clean_environment(env=None):
     """The test process's environment without any of the server's settings, plus `env`."""
     environment = {k: v for k, v in os.environ.items() if k not in SETTINGS_VARIABLES}
+    environment["HISTORY"] = "off"  # a floor of the tests' keeps no history, unless the test asks for one
     environment.update(env or {})
     environment["PYTHONUNBUFFERED"] = "1"
     return environment

@@ -26,7 +26,7 @@ def parsed_time(text):
 # --- In process: the floor as a sink of call events ------------------------------------------
 
 def floor_runtime(limits=app.Limits(), **settings):
-    return app.create_runtime(app.Settings(floor_port=1, **settings), limits=limits,
+    return app.create_runtime(app.Settings(floor_port=1, **{"history": None, **settings}), limits=limits,
                               recognize=lambda pcm: "I want my money back")
 
 

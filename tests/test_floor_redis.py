@@ -174,7 +174,7 @@ def test_while_redis_is_down_events_beyond_the_queue_are_dropped_counted_and_sai
     counted = serving.metrics.registry.get_sample_value("mediastreams_floor_events_dropped_total")
     assert counted == 70
     for _ in range(12):  # a level waits only while the queue is less than half full
-        publisher(app.Level(1, "test", calls[0].stream_sid, calls[0].call_sid, track="inbound", mean_square=1))
+        publisher(app.Level(1, "test", calls[0].stream_sid, calls[0].call_sid, 90 + _, track="inbound", mean_square=1))
     assert publisher.dropped == 82 and len(publisher.queue) == 20
     assert not any(r["type"] == "level" for r in publisher.queue), "levels go first, before any other event"
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -332,7 +332,8 @@ def test_the_calls_of_a_killed_process_are_ended_lost_on_the_floor(start_server,
 
 def floor_of(url, limits=app.Limits()):
     """The floor that start-up makes for --floor-only (redis-py on gevent's sockets among it)."""
-    return app.create_runtime(app.Settings(redis_url=url, floor_port=1, floor_only=True), limits=limits).floor
+    return app.create_runtime(app.Settings(redis_url=url, floor_port=1, floor_only=True, history=None),
+                              limits=limits).floor
 
 
 def test_a_lost_call_that_is_heard_again_is_open_again_and_an_outage_loses_no_call(redis):

@@ -194,14 +194,17 @@ def test_every_sink_is_made_of_events_alone_built_here_without_a_stream(tmp_path
     caplog.set_level(logging.INFO, logger="mediastreams")
     sid, call_sid = "MZ" + "7" * 32, "CA" + "7" * 32
 
+    numbers = iter(range(1000))
+
     def event(kind, **fields):
-        return kind(7, f"stream={sid}", sid, call_sid, **fields)
+        return kind(7, f"stream={sid}", sid, call_sid, next(numbers), **fields)
 
     recording = str(tmp_path / f"{sid}_inbound.wav")
     summary = app.CallSummary(
         sid, call_sid, "stop", 2.5, (app.TrackSummary("inbound", 100, 16000, 1), app.TrackSummary("outbound", 0, 0, 0)),
         duplicates=0, out_of_order=1, bad={"invalid_json": 2}, sent=0, marks_sent=0, marks_played=0, marks_cancelled=0,
         clears=0, unsent=0, audio_dropped=None, transcript=1, transcript_dropped=0, alerts=1, moods={"inbound": -0.3},
+        talk={"inbound": 1.25}, overlap=0.0, silence=1.25,
         statuses=("stream-started",), recordings=((recording, 2.0),), recordings_stopped=0, recording_skipped=0,
         redacted=2, extra={"mine": "yes"})
     halfway = dataclasses.replace(summary, tracks=(app.TrackSummary("inbound", 40, 6400, 0),), bad={})
@@ -214,7 +217,7 @@ def test_every_sink_is_made_of_events_alone_built_here_without_a_stream(tmp_path
               event(app.Ended, summary=summary)]
     line = (f"summary stream={sid} call={call_sid} ended=stop duration=2.50s media=100 inbound=100/2.00s audio=2.00s "
             "bytes=16000 gaps=1 duplicates=0 out_of_order=1 bad=2 bad_invalid_json=2 transcript=1 transcript_dropped=0 "
-            f"alerts=1 mood_inbound=-0.30 status=stream-started recordings={recording}:2.00s redacted=2 mine=yes")
+            f"alerts=1 mood_inbound=-0.30 talk_inbound=1.25s overlap=0.00s silence=1.25s status=stream-started recordings={recording}:2.00s redacted=2 mine=yes")
     throttle = app.LogThrottle("stream warnings", 100)
     metrics, floor = app.Metrics(), app.Floor("elsewhere:1")
     publisher = app.RedisPublisher("redis://127.0.0.1:1/0", "elsewhere:1", 1000)
@@ -243,5 +246,5 @@ def test_every_sink_is_made_of_events_alone_built_here_without_a_stream(tmp_path
     fields = dict(part.split("=", 1) for part in line.split()[1:])
     assert shown["ended"]["summary"] == {k: v for k, v in fields.items() if k not in ("stream", "call")}
     assert [r["type"] for r in publisher.queue] == ["start", "dtmf", "transcript", "alert", "end"]
-    assert {k: v for k, v in publisher.queue[-1].items() if k not in ("time", "type", "server")} == fields
+    assert {k: v for k, v in publisher.queue[-1].items() if k not in ("time", "type", "server", "uid")} == fields
     assert (tmp_path / f"{sid}_inbound.txt").read_text() == "1.50s I want my money back\n"
