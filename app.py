@@ -9,22 +9,22 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
    178  The call                      its events, typed; MediaStream: one method per Twilio event
   1185  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
   1383  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
-  1970  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
-  2183  Optional features             each switched on by a flag, each consuming call events:
-  2185    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
-  2235    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2558    Alerts                      --alerts: the phrases that matter, in what is said
-  2643    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  2698    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
-  2900    Sinks                       the console's lines, transcript files
-  2984    Metrics                     --metrics-port: Prometheus
-  3074    The floor                   --floor-port: every live call on one page, /events, /calls
-  3422    The floor's page            its HTML, CSS and JavaScript
-  3654    The floor across processes  --redis-url: one Redis stream
-  4461  The transport                 what a user need not read:
-  4463    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  4632    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5295  Start-up                      configure(), main(), then gunicorn's worker
+  1971  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
+  2184  Optional features             each switched on by a flag, each consuming call events:
+  2186    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
+  2236    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
+  2559    Alerts                      --alerts: the phrases that matter, in what is said
+  2644    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  2699    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
+  2901    Sinks                       the console's lines, transcript files
+  2985    Metrics                     --metrics-port: Prometheus
+  3075    The floor                   --floor-port: every live call on one page, /events, /calls
+  3423    The floor's page            its HTML, CSS and JavaScript
+  3655    The floor across processes  --redis-url: one Redis stream
+  4462  The transport                 what a user need not read:
+  4464    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  4633    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5296  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -1635,6 +1635,7 @@ class Limits:
     redis_queue: int = 10_000          # events waiting for Redis; beyond, the oldest are dropped (levels beyond half)
     redact_hold_seconds: float = 4     # a transcript line that may go on in the next waits this long for it at most
     key_run_seconds: float = 3         # key presses this close together are a run: only its first is shown
+    history_busy_seconds: float = 5    # how long the history's writer waits for a file another program holds
 
 
 def read_settings(argv: list[str] | None = None, environ=os.environ) -> Settings:
@@ -3983,7 +3984,7 @@ class History:
     counted, with one warning at a time."""
 
     def __init__(self, path: str, days: float, limits: Limits = Limits()):
-        self.path, self.days = path, days
+        self.path, self.days, self.limits = path, days, limits
         self.queue: deque = deque()
         self.arrived = gevent.event.Event()
         self.written = gevent.event.Event()  # nothing waits: what was added is on disk
@@ -4016,7 +4017,7 @@ class History:
         """This thread's connection (sqlite3's belong to the thread that made them)."""
         connection = getattr(self.connections, "connection", None)
         if connection is None:
-            connection = sqlite3.connect(self.path, timeout=5, isolation_level=None)
+            connection = sqlite3.connect(self.path, timeout=self.limits.history_busy_seconds, isolation_level=None)
             connection.row_factory = sqlite3.Row
             connection.execute("PRAGMA synchronous=NORMAL")
             self.connections.connection = connection

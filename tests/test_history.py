@@ -113,7 +113,7 @@ def test_calls_older_than_the_history_days_are_forgotten_with_their_files(tmp_pa
 
 def test_a_locked_database_costs_no_call_and_says_so_once(tmp_path, caplog):
     path = str(tmp_path / "history.sqlite3")
-    history = app.History(path, days=90)
+    history = app.History(path, days=90, limits=app.Limits(history_busy_seconds=0.3))
     history.open()
     history.start()
     locker = sqlite3.connect(path, isolation_level=None)
