@@ -21,10 +21,10 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
   3075    The floor                   --floor-port: every live call on one page, /events, /calls
   3423    The floor's page            its HTML, CSS and JavaScript
   3655    The floor across processes  --redis-url: one Redis stream
-  4462  The transport                 what a user need not read:
-  4464    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  4633    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5296  Start-up                      configure(), main(), then gunicorn's worker
+  4463  The transport                 what a user need not read:
+  4465    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  4634    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5297  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -3818,10 +3818,11 @@ def delete_from_redis(url: str, record: dict) -> None:
     """A call deleted: its events removed from the Redis stream, and a `delete` event added
     for every floor (this one's included: it forgets the call when it reads it)."""
     import redis
+    sid = record["stream"]
     try:
         client = connect_redis(url)
         client.set_response_callback("XRANGE", lambda reply, **options: reply)
-        start, sid = "-", record["stream"]
+        start = "-"
         while True:
             entries = client.xrange(REDIS_STREAM, start, "+", count=REDIS_BATCH)
             ids = [entry_id for entry_id, fields in entries
@@ -3834,7 +3835,7 @@ def delete_from_redis(url: str, record: dict) -> None:
         client.xadd(REDIS_STREAM, {"event": json_dumps(record)})
         client.close()
     except (redis.RedisError, OSError) as exc:
-        log.warning("Redis at %s: deleting call %s failed (%s: %s); this floor forgot it, others keep it", 
+        log.warning("Redis at %s: deleting call %s failed (%s: %s); this floor forgot it, others keep it",
                     shown_redis_url(url), printable(sid, 64), type(exc).__name__, printable(str(exc), 200))
 
 
