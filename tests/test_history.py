@@ -312,3 +312,18 @@ def test_the_history_is_as_private_as_the_floor(start_server, tmp_path):
     assert http_request(floor_port, "/history.json", "POST", Authorization=f"Bearer {token}")[0] == 405
     status, headers, _ = http_request(floor_port, "/history", Authorization=f"Bearer {token}")
     assert status == 200 and "script-src 'sha256-" in headers["Content-Security-Policy"]
+
+
+def test_words_a_caller_said_reach_the_export_as_values_never_formulas(history):
+    """A line whose words start as a spreadsheet formula, and markup, exported as what they are."""
+    for each in a_call("MZ8", "+8", ["=cmd|' /C calc'!A0 please", f"{XSS} and @SUM(1)"]):
+        history.add(each)
+    kept(history)
+    floor = app.Floor("test", history=history)
+    client = app.floor_app(floor, None).test_client()
+    for q, cell in (("calc", "'=cmd|' /C calc'!A0 please"), ("SUM", f"{XSS} and @SUM(1)")):
+        answer = client.get(f"/history.csv?q={q}")
+        rows = list(csv.reader(io.StringIO(answer.get_data(as_text=True))))
+        assert answer.status_code == 200 and rows[1][rows[0].index("hit")] == cell
+    page = client.get("/history")
+    assert "script-src 'sha256-" in page.headers["Content-Security-Policy"] and XSS not in page.get_data(as_text=True)
