@@ -1,30 +1,30 @@
 """Receive the live audio of Twilio phone calls (Media Streams) on a WebSocket at /media.
 
 Run it:   python app.py    then `ngrok http 5000`, and a TwiML Bin with <Stream url="wss://<ngrok host>/media"/>
-Start here: media(), the tutorial's loop, at line 148.
+Start here: media(), the tutorial's loop, at line 149.
 Your own processing: subclass MediaStream, then app.main(stream_class=YourStream) (README).
 
 The file, top to bottom: each section and its first line (tests/test_setup.py keeps them true).
-   102  The tutorial's app            Flask, Sockets (fixed for today's Werkzeug) and the /media loop
-   178  The call                      its events, typed; MediaStream: one method per Twilio event
-  1185  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
-  1383  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
-  1971  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
-  2184  Optional features             each switched on by a flag, each consuming call events:
-  2186    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
-  2236    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2559    Alerts                      --alerts: the phrases that matter, in what is said
-  2644    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  2699    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
-  2901    Sinks                       the console's lines, transcript files
-  2985    Metrics                     --metrics-port: Prometheus
-  3075    The floor                   --floor-port: every live call on one page, /events, /calls
-  3423    The floor's page            its HTML, CSS and JavaScript
-  3655    The floor across processes  --redis-url: one Redis stream
-  4463  The transport                 what a user need not read:
-  4465    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  4634    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5297  Start-up                      configure(), main(), then gunicorn's worker
+   103  The tutorial's app            Flask, Sockets (fixed for today's Werkzeug) and the /media loop
+   179  The call                      its events, typed; MediaStream: one method per Twilio event
+  1215  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
+  1424  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
+  2034  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
+  2247  Optional features             each switched on by a flag, each consuming call events:
+  2249    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
+  2299    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
+  2622    Alerts                      --alerts: the phrases that matter, in what is said
+  2707    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  2762    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
+  2964    Sinks                       the console's lines, transcript files
+  3053    Metrics                     --metrics-port: Prometheus
+  3143    The floor                   --floor-port: every live call on one page, /events, /calls
+  3491    The floor's page            its HTML, CSS and JavaScript
+  3723    The floor across processes  --redis-url: one Redis stream
+  4531  The transport                 what a user need not read:
+  4533    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  4702    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5365  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ import signal
 import socket
 import sqlite3
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -291,6 +292,13 @@ class Warned(CallEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class HookFailed(CallEvent):
+    """A bug in a hook of yours (on_audio, on_dtmf, ...): the first of each kind; the call goes on."""
+    hook: str
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
 class Failed(CallEvent):
     """A bug in the stream's own handling ended it (close code 1011)."""
     error: BaseException
@@ -360,6 +368,7 @@ class CallSummary:
     recordings_stopped: int           # by a write error or --max-recording-seconds
     recording_skipped: int
     redacted: int | None              # things taken out (card numbers, codes, ..., keys); None: --no-redact
+    hook_errors: dict[str, int]       # bugs in your hooks, by hook: the call went on
     extra: dict[str, str]             # the stream class's own (MediaStream.summary_extra())
 
     def fields(self) -> dict[str, str]:
@@ -391,6 +400,7 @@ class CallSummary:
             fields["recordings"] = ",".join(f"{path}:{seconds:.2f}s" for path, seconds in self.recordings)
         fields |= {"recording_skipped": str(self.recording_skipped)} if self.recording_skipped else {}
         fields |= {} if self.redacted is None else {"redacted": str(self.redacted)}
+        fields |= {f"{hook}_errors": str(count) for hook, count in self.hook_errors.items()}
         return fields | self.extra
 
     def line(self) -> str:
@@ -557,11 +567,12 @@ class AudioGreenlet:
                     chunk = self.chunks.popleft()
                     if chunk is None:
                         return
-                    self.on_audio(*chunk)
+                    try:
+                        self.on_audio(*chunk)
+                    except Exception as exc:  # a bug in your on_audio(): counted and said; the next chunk comes
+                        self.on_error(exc)
                 self.waiting = True
                 self.hub.switch()
-        except Exception as exc:  # a bug in your on_audio(): its call ends, as with one in any handler
-            self.on_error(exc)
         finally:
             self.done.set()
 
@@ -687,6 +698,8 @@ class MediaStream:
     last_key_at: float = -math.inf  # when the last key was pressed: a run of keys shows only its first
     keys_masked: int = 0
     hung_up: bool = False           # hang_up() was called: once is enough
+    hook_errors: dict = field(default_factory=dict)  # hook: bugs in your code that ran there (counted)
+    hook_errors_said: set = field(default_factory=set, repr=False)  # (hook, exception type): traceback shown
     ending: bool = False            # finishing: its audio drained, its summary made
 
     def __init_subclass__(cls, **kwargs):
@@ -701,7 +714,7 @@ class MediaStream:
             self.ws.talk_back()
         self.call_key = self.runtime.open_call(self)
         self.emit(Accepted)
-        self.setup()
+        self.yours("setup", self.setup)
 
     def setup(self) -> None:
         """Yours to override: called once per call, in its greenlet, before its first message."""
@@ -729,8 +742,10 @@ class MediaStream:
             handler = self.handlers.get(event)
             if handler is None:
                 self.on_unknown(event)
-            else:
+            elif is_ours(handler):
                 handler(self, data)
+            else:
+                self.yours(handler.__name__, handler, self, data)
             return event
         except BadMessage as bad:
             self.bad[bad.kind] = self.bad.get(bad.kind, 0) + 1
@@ -854,7 +869,7 @@ class MediaStream:
         track.chunk = chunk
         if track.end_ms is None or timestamp + len(audio) // 8 > track.end_ms:
             track.end_ms = timestamp + len(audio) // 8
-        if not track.messages & 3 and not self.runtime.settings.quiet_levels:  # a line a second: 1 chunk in 4 will do
+        if not track.messages & 3 and self.runtime.levels:  # a level a second: 1 chunk in 4 will do
             self.meter(track, audio)
         if self.decoding:
             pcm = ulaw_to_pcm16(audio)
@@ -887,10 +902,25 @@ class MediaStream:
                           "dropped while it is (counted: audio_dropped=)")
 
     def audio_failed(self, error: Exception) -> None:
-        if self.ws is not None and self.ws.greenlet is not None:
-            gevent.kill(self.ws.greenlet, error)  # media() ends the call, as for a bug in any handler
-        else:
-            self.fail(error)
+        self.hook_failed("on_audio", error)
+
+    def yours(self, name: str, hook: Callable, *args) -> None:
+        """A hook of yours (setup, on_mark_echo, an event method): a bug in it is counted
+        (`<hook>_errors=` in the summary) and its first traceback of each kind shown; the call,
+        its recording and its transcript go on. Hanging up, and bad messages, pass through."""
+        try:
+            hook(*args)
+        except (HangUp, IdleTimeout, BadMessage):
+            raise
+        except Exception as exc:
+            self.hook_failed(name, exc)
+
+    def hook_failed(self, name: str, error: Exception) -> None:
+        self.hook_errors[name] = self.hook_errors.get(name, 0) + 1
+        kind = (name, type(error).__name__)
+        if kind not in self.hook_errors_said:
+            self.hook_errors_said.add(kind)
+            self.emit(HookFailed, hook=name, error=error)
 
     def finish_audio(self) -> None:
         """The chunks still waiting for on_audio(), handled within Limits.audio_drain_seconds; what is
@@ -989,7 +1019,7 @@ class MediaStream:
             played_back.playing_until = time.monotonic() + (played_back.queued_bytes - sent.after_bytes) / 8000
         waited_ms = (time.monotonic() - sent.sent_at) * 1000
         self.emit(MarkEchoed, name=printable(name, 100), cancelled=cancelled, waited_ms=waited_ms)
-        self.on_mark_echo(name, cancelled, waited_ms)
+        self.yours("on_mark_echo", self.on_mark_echo, name, cancelled, waited_ms)
 
     def on_mark_echo(self, name: str, cancelled: bool, waited_ms: float) -> None:
         """Yours to override: a mark of yours came back: the caller has heard the audio sent
@@ -1150,7 +1180,7 @@ class MediaStream:
             recording_skipped=sum(t.recording_skipped for t in tracks),
             redacted=(self.keys_masked + sum(t.redactions for t in transcripts)) if self.runtime.settings.redact
             else None,
-            extra=self.summary_extra())
+            hook_errors=dict(self.hook_errors), extra=self.summary_extra())
 
     def summary_extra(self) -> dict[str, str]:
         """Yours to override: fields of your own for the summary line (and the floor's `end`)."""
@@ -1270,11 +1300,22 @@ def linear_to_ulaw(sample: int) -> int:
     return ~(sign | exponent << 4 | (magnitude >> (exponent + 3)) & 0x0F) & 0xFF
 
 
-@functools.cache  # made on first use, not at import: 60 ms of every process's start-up otherwise
+@functools.cache  # made on first use (a first play(), maybe in the event loop): 2 ms
 def ulaw_of_sample() -> bytes:
     """The mu-law byte of each 16-bit sample, indexed by the sample read as unsigned:
-    0..32767, then -32768..-1."""
-    return bytes(linear_to_ulaw(sample - 65536 if sample > 32767 else sample) for sample in range(65536))
+    0..32767, then -32768..-1. Made run by run: the samples that share a code are contiguous
+    (the code falls as the magnitude grows), so 256 slices, each found by bisection, do what
+    65,536 encodings did in 60 ms (the event loop's lateness alarm sounded for them)."""
+    table = bytearray(65536)
+    for start, last in ((0, 32767), (-32768, -1)):
+        while start <= last:
+            code, low, high = linear_to_ulaw(start), start, last
+            while low < high:  # the last sample with this code
+                middle = (low + high + 1) // 2
+                low, high = (middle, high) if linear_to_ulaw(middle) == code else (low, middle - 1)
+            table[start & 0xFFFF:(low & 0xFFFF) + 1] = bytes([code]) * (low - start + 1)
+            start = low + 1
+    return bytes(table)
 
 
 def pcm16_to_ulaw(pcm: bytes) -> bytes:
@@ -1597,6 +1638,8 @@ class Settings:
     metrics_port: int | None = option("", a_port_or_none,
         "serve Prometheus metrics at http://HOST:METRICS_PORT/metrics, a listener of its own "
         f"(needs: {METRICS_PIP})")
+    metrics_host: str = option("127.0.0.1", a_name,
+        "interface the metrics port listens on: call counts and alert categories are for your Prometheus only")
     redact: bool = option("1", yes_or_no,
         "keep card numbers, security codes, expiry dates, social security numbers and keyed digits as "
         "said and keyed: no redaction of transcripts, recordings and keys (a warning at start-up)", flag="--no-redact")
@@ -1729,6 +1772,7 @@ class Runtime:
     pending_arrived: gevent.event.Event = field(default_factory=gevent.event.Event)
     deliverer: "gevent.Greenlet | None" = None
     counted: bool = False              # a sink wants each open call's counts once a second (Counted): metrics
+    levels: bool = True                # a sink shows levels: the console (unless --quiet-levels), the floor, Redis
     calls: dict = field(default_factory=dict)  # call_key: each open call's MediaStream
     call_keys: Any = field(default_factory=itertools.count, repr=False)
     event_numbers: Any = field(default_factory=itertools.count, repr=False)
@@ -1822,7 +1866,7 @@ def create_runtime(settings: Settings, stream_class: type | None = None, *, limi
     metrics = Metrics() if settings.metrics_port else None
     runtime = Runtime(settings, serving or MediaStream, max_streams or settings.max_streams, greeting, transcriber,
                       Mood() if settings.mood else None, metrics, limits=limits, counted=metrics is not None)
-    runtime.sinks.append(Console(runtime.stream_warnings))
+    runtime.sinks.append(Console(runtime.stream_warnings, quiet_levels=settings.quiet_levels))
     if metrics:
         runtime.sinks.append(metrics)
     server = f"{socket.gethostname()}:{os.getpid()}"
@@ -1841,6 +1885,7 @@ def create_runtime(settings: Settings, stream_class: type | None = None, *, limi
         runtime.sinks.append(runtime.floor)
     if transcriber and settings.record:
         runtime.sinks.append(TranscriptFiles(settings.record, runtime.stream_warnings))
+    runtime.levels = not settings.quiet_levels or runtime.floor is not None or runtime.publisher is not None
     return runtime
 
 
@@ -1903,6 +1948,24 @@ def find_stream_class_module(name: str | None) -> None:
         found = False
     if not found:
         raise SettingsError(f"STREAM_CLASS: cannot load {name!r}: no module named {module_name!r}")
+
+
+def stream_class_checked_apart(name: str | None, environ: dict, paths: list[str]) -> None:
+    """gunicorn's master: STREAM_CLASS loaded and checked in a child process (the master runs no
+    code of yours), so that a class that cannot be loaded stops gunicorn with its one line
+    before any worker boots: two workers failing at once made gunicorn print a HaltServer
+    traceback (3 runs in 10)."""
+    if not name:
+        return
+    code = ("import sys; sys.path[:0] = sys.argv[2:]; import app\n"
+            "try: app.load_stream_class(sys.argv[1])\n"
+            "except app.SettingsError as error: print(error); sys.exit(2)")
+    where = [*paths, os.path.dirname(os.path.abspath(__file__))]  # where gunicorn's workers import from
+    done = subprocess.run([sys.executable, "-c", code, name, *where], env=environ, capture_output=True, text=True,
+                          timeout=60)
+    if done.returncode:
+        raise SettingsError(done.stdout.strip() or f"STREAM_CLASS: cannot load {name!r}: "
+                            f"{first_sentences(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else '?', 200)}")
 
 
 def talking_back_mode(settings: Settings, stream_class: type | None) -> type | None:
@@ -2902,9 +2965,10 @@ def may_go_on(text: str) -> bool:
 
 class Console:
     """The console's lines about calls, one per event, as the README's "What you see" lists
-    them. Warnings, which any client can cause at will, go through the runtime's throttle."""
+    them (a level line only if it builds its meter: not with --quiet-levels). Warnings, which
+    any client can cause at will, go through the runtime's throttle."""
 
-    def __init__(self, stream_warnings: LogThrottle):
+    def __init__(self, stream_warnings: LogThrottle, quiet_levels: bool = False):
         self.stream_warnings = stream_warnings
         self.lines: dict[type, Callable[[Any], None]] = {
             Accepted: lambda e: log.info("Connection accepted %s", e.label),
@@ -2912,7 +2976,8 @@ class Console:
             Started: self.started,
             FirstMedia: lambda e: log.info("%s first media track=%s: %d bytes of audio per message (%d ms)",
                                            e.label, e.track, e.size, e.size // 8),
-            Level: lambda e: log.info("%s level track=%s %s", e.label, e.track, level_meter(e.mean_square)),
+            **({} if quiet_levels else {  # --quiet-levels: no level lines (the floor still has them)
+                Level: lambda e: log.info("%s level track=%s %s", e.label, e.track, level_meter(e.mean_square))}),
             Dtmf: lambda e: log.info("%s dtmf digit=%s", e.label, e.digit),
             MarkEchoed: lambda e: log.info("%s mark name='%s' %s after=%.0fms", e.label, e.name,
                                            "cancelled" if e.cancelled else "played", e.waited_ms),
@@ -2928,6 +2993,9 @@ class Console:
             Alerted: lambda e: log.info('%s alert track=%s category=%s phrase="%s" text="%s"', e.label, e.track,
                                         e.category, quoted(e.phrase), quoted(e.text)),
             Warned: lambda e: self.stream_warnings.warning("%s %s", e.label, e.message),
+            HookFailed: lambda e: log.warning("%s bug in %s(): %s: %s (the call goes on; later ones are counted: "
+                                              "%s_errors=)", e.label, e.hook, type(e.error).__name__,
+                                              printable(str(e.error), 200), e.hook, exc_info=e.error),
             Failed: lambda e: log.warning("%s handler error: %s: %s (traceback at --log-level debug)", e.label,
                                           type(e.error).__name__, printable(str(e.error), 200),
                                           exc_info=e.error if log.isEnabledFor(logging.DEBUG) else None),
@@ -5367,7 +5435,8 @@ def serve_metrics(host: str, port: int, metrics: Metrics) -> None:
         server.start()
     except OSError as exc:
         raise cannot_listen("--metrics-port (METRICS_PORT)", host, port, exc) from None
-    startup_log.info("Metrics for Prometheus at http://localhost:%d/metrics", server.server_port)
+    startup_log.info("Metrics for Prometheus at http://%s:%d/metrics", f"[{host}]" if ":" in host else host,
+                     server.server_port)
 
 
 FLOOR_BIND_RETRY_SECONDS = 5  # under gunicorn: how often a worker tries the floor's port another one holds
@@ -5442,7 +5511,8 @@ def serve_metrics_of_workers(host: str, port: int) -> None:
         start_http_server(port, host, registry)
     except OSError as exc:
         raise cannot_listen("--metrics-port (METRICS_PORT)", host, port, exc) from None
-    startup_log.info("Metrics for Prometheus at http://localhost:%d/metrics, all workers together", port)
+    startup_log.info("Metrics for Prometheus at http://%s:%d/metrics, all workers together",
+                     f"[{host}]" if ":" in host else host, port)
 
 
 
@@ -5492,7 +5562,7 @@ def main(argv: list[str] | None = None, stream_class: type | None = None, limits
         settings = runtime.settings
         server = None if settings.floor_only else media_server(runtime)
         if runtime.metrics and settings.metrics_port:
-            serve_metrics(settings.host, settings.metrics_port, runtime.metrics)
+            serve_metrics(settings.metrics_host, settings.metrics_port, runtime.metrics)
         if runtime.floor:
             serve_floor(runtime)
     except SettingsError as error:
@@ -5591,13 +5661,15 @@ else:
                 read_greeting(checked.greet)  # and kept, for the workers: a file gone later stops no worker
                 talking_back_mode(checked, None)
                 find_stream_class_module(checked.stream_class)
+                stream_class_checked_apart(checked.stream_class, environ, [cfg.chdir or os.getcwd(), *[
+                    path for path in (cfg.pythonpath or "").split(",") if path]])
                 if checked.floor_port and cfg.workers > 1 and not checked.redis_url:
                     raise SettingsError(f"--floor-port (FLOOR_PORT) with {cfg.workers} workers: each would show only "
                                         "its own calls; set REDIS_URL (every worker's calls on one floor) or run "
                                         "one worker (-w 1)")
                 setup_logging(checked.log_level)
                 if checked.metrics_port and not cls.metrics_served:  # once: gunicorn checks again on SIGHUP
-                    serve_metrics_of_workers(checked.host, checked.metrics_port)
+                    serve_metrics_of_workers(checked.metrics_host, checked.metrics_port)
                     cls.metrics_served = True
             except SettingsError as error:
                 print(f"app.py: error: {error}", file=sys.stderr, flush=True)

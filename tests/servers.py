@@ -110,15 +110,27 @@ class Slow(app.MediaStream):
 
 
 class Crashing(app.MediaStream):
-    """A bug in on_audio() at the 10th chunk, or the 2nd with CRASH_AT=2."""
+    """A bug in on_audio() at every chunk from the 10th (the 2nd with CRASH_AT=2)."""
 
     def setup(self):
         self.chunks = 0
 
     def on_audio(self, track, timestamp, pcm):
         self.chunks += 1
-        if self.chunks == int(os.environ.get("CRASH_AT", "10")):
+        if self.chunks >= int(os.environ.get("CRASH_AT", "10")):
             raise RuntimeError("bug in on_audio")
+
+
+def our_bug():
+    """A bug in app.py's own handling of the 10th media message of a call: as if check_sequence() had one."""
+    check_sequence = app.MediaStream.check_sequence
+
+    def with_a_bug(self, data):
+        if data.get("event") == "media" and self.tracks["inbound"].messages == 9:
+            raise RuntimeError("a bug in app.py's own handling")
+        return check_sequence(self, data)
+
+    app.MediaStream.check_sequence = with_a_bug
 
 
 class Bursts(app.MediaStream):
@@ -211,6 +223,12 @@ class Chatty(app.MediaStream):
 
 
 # --- Shutting down (test_gunicorn.py, as STREAM_CLASS=tests.servers:SlowFinish) ---------------
+
+class OwnInit(app.MediaStream):
+    """A mistake the start-up refuses: per-call state set up in __init__, not setup()."""
+
+    def __init__(self):  # noqa: no runtime, remote, ws
+        super().__init__(None, "")
 
 class SlowFinish(app.MediaStream):
     def finish(self):
@@ -312,7 +330,7 @@ SERVERS = {  # name: (what to change first, the stream class, the limits)
     "patient": (None, None, PATIENT), "stalls-in-4-s": (None, None, STALLS_IN_4_S), "many-marks": (None, ManyMarks, None),
     "watched": (None, Watched, None), "watched-own-media": (None, WatchedWithItsOwnMedia, None),
     "waits": (None, Waits, None), "slow": (None, Slow, app.Limits(audio_drain_seconds=1)),  # what is left: a second
-    "crashing": (None, Crashing, None), "bursts": (None, Bursts, None), "blocking": (None, Blocking, None),
+    "crashing": (None, Crashing, None), "our-bug": (our_bug, None, None), "bursts": (None, Bursts, None), "blocking": (None, Blocking, None),
     "one-second": (None, OneSecond, None), "late": (None, Late, None), "two-voices": (None, TwoVoices, None),
     "chatty": (None, Chatty, None), "stalled-recognizer": (stalled_recognizer, None, None),
     "waiting-log-handler": (waiting_log_handler, None, None), "without-the-rule-fix": (without_the_rule_fix, None, None),

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import app
-from tests.conftest import ROOT, decoded, readme_example, runtime, samples
+from tests.conftest import ROOT, Feed, decoded, free_port, readme_example, runtime, samples
 from tests.twilio_sim import CHUNK, Call, encode_ulaw, read_wav, tone, write_wav
 
 
@@ -108,11 +108,17 @@ def test_level_meter_lines_at_most_once_a_second_per_track(start_server):
     assert summary["media"] == "310"
 
 
-def test_quiet_levels_turns_the_meter_off(start_server):
-    server = start_server(env={"QUIET_LEVELS": "1"})
+def test_quiet_levels_turns_the_console_meter_off_and_the_floor_keeps_its_levels(start_server):
+    """Quiet is about the console: the floor (the README's transcript command is quiet) keeps its bars."""
+    floor_port = free_port()
+    server = start_server("--floor-port", str(floor_port), env={"QUIET_LEVELS": "1"})
     sid = paced_call(server, "--seconds", "1.5")
     assert server.summary(sid)["media"] == "75"
     assert " level " not in server.log()
+    feed = Feed(floor_port, **{"Last-Event-ID": "0"})  # every event the floor has had
+    feed.wait_for(lambda kind, event_id, record: record.get("type") == "end")
+    assert [r["track"] for _, _, r in feed.events if r.get("type") == "level"] == ["inbound"]
+    feed.close()
 
 
 def test_both_tracks_recorded_aligned_with_silence_for_a_gap(start_server, tmp_path):
@@ -211,3 +217,11 @@ def test_the_readme_audio_hook_example_ends_open_calls_on_sigterm(readme_example
     summary = server.summary(call.stream_sid, timeout=0)
     assert summary["ended"] == "shutdown"
     assert f"stream={call.stream_sid} processed chunks={summary['media']} " in server.log()
+
+
+def test_the_mu_law_table_of_every_sample_is_g711s_own():
+    """ulaw_of_sample() is made run by run (2 ms, so that a first play() in the event loop
+    sounds no lateness alarm): each of the 65,536 samples gets the code G.711 gives it."""
+    table = app.ulaw_of_sample()
+    assert len(table) == 65536
+    assert all(table[sample & 0xFFFF] == app.linear_to_ulaw(sample) for sample in range(-32768, 32768))

@@ -80,19 +80,35 @@ def test_a_message_over_the_limit_in_fragments_gets_1009(start_server):
     assert "message over the 1024-byte limit" in server.log()
 
 
-def test_1011_when_a_bug_ends_the_stream_with_a_valid_wav_and_a_summary(start_server, tmp_path):
-    """A bug in your on_audio() (tests/servers.py's Crashing, at its 10th chunk) ends that
-    call: 1011, a summary, a valid recording of what came, and no traceback; others go on."""
+def test_a_bug_in_your_on_audio_is_counted_and_shown_once_and_the_call_its_recording_go_on(start_server, tmp_path):
+    """A bug in your on_audio() (tests/servers.py's Crashing, at every chunk from the 10th) is
+    the class's problem, not the caller's: the first traceback at the default level, the rest
+    counted, and the call, its recording and its close code as if nothing had happened."""
     server = start_server("--record", str(tmp_path / "rec"), server="crashing")
+    call = Call()
+    audio = encode_ulaw(tone(0.4))
+    assert server.stream([call.connected(), call.start(), *call.play({"inbound": audio}), call.stop()]) == 1000
+    summary = server.summary(call.stream_sid)
+    assert (summary["ended"], summary["media"], summary["on_audio_errors"]) == ("stop", "20", "11")
+    log = server.log()
+    assert log.count(f"stream={call.stream_sid} bug in on_audio(): RuntimeError: bug in on_audio") == 1
+    assert log.count("Traceback") == 1 and 'raise RuntimeError("bug in on_audio")' in log
+    assert samples(tmp_path / "rec" / f"{call.stream_sid}_inbound.wav") == decoded(audio)
+
+
+def test_1011_when_a_bug_in_app_py_ends_the_stream_with_a_valid_wav_and_a_summary(start_server, tmp_path):
+    """A bug in the server's own handling (tests/servers.py's our-bug, in the 10th media
+    message's) ends that call: 1011, a summary, a valid recording of what came, no traceback
+    (at --log-level debug only); the other calls go on."""
+    server = start_server("--record", str(tmp_path / "rec"), server="our-bug")
     call = Call()
     audio = encode_ulaw(tone(0.4))
     assert server.stream([call.connected(), call.start(), *call.play({"inbound": audio})]) == 1011
     summary = server.summary(call.stream_sid)
-    media = int(summary["media"])
-    assert summary["ended"] == "error" and 10 <= media <= 20
-    assert f"stream={call.stream_sid} handler error: RuntimeError: bug in on_audio" in server.log()
+    assert summary["ended"] == "error" and summary["media"] == "9"
+    assert f"stream={call.stream_sid} handler error: RuntimeError: a bug in app.py's own handling" in server.log()
     assert "Traceback" not in server.log()
-    assert samples(tmp_path / "rec" / f"{call.stream_sid}_inbound.wav") == decoded(audio[:media * CHUNK])
+    assert samples(tmp_path / "rec" / f"{call.stream_sid}_inbound.wav") == decoded(audio[:9 * CHUNK])
     next_call = Call()  # the server goes on serving other calls
     assert server.stream(next_call.session(stop=True)) == 1000
     assert server.summary(next_call.stream_sid)["ended"] == "stop"

@@ -384,3 +384,16 @@ def test_a_worker_killed_with_calls_open_no_longer_counts_them(start_server, tmp
     assert client.wait_closed() is None  # no close frame: the process is gone
     wait_until(lambda: scrape(metrics).get("mediastreams_streams_open") == 0, 10,
                f"the dead worker's stream uncounted: {fetch_url(metrics)}")
+
+
+def test_the_metrics_port_listens_on_this_machine_alone_unless_told(start_server):
+    """Call counts, alert categories and refusals are for your Prometheus: 127.0.0.1 unless
+    --metrics-host says otherwise (as the floor's --floor-host)."""
+    port = free_port()
+    server = start_server("--metrics-port", str(port))
+    server.wait_for(rf"Metrics for Prometheus at http://127.0.0.1:{port}/metrics")
+    listening = [line.split()[1] for line in open("/proc/net/tcp").read().splitlines()[1:]
+                 if line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A"]
+    assert listening == [f"0100007F:{port:04X}"], "bound to 127.0.0.1 only"
+    other = start_server("--metrics-port", str(free_port()), "--metrics-host", "0.0.0.0")
+    other.wait_for(r"Metrics for Prometheus at http://0.0.0.0:\d+/metrics")

@@ -162,6 +162,10 @@ def test_stream_class_names_your_subclass_under_gunicorn(start_server, tmp_path)
      "app.py: error: STREAM_CLASS: cannot load 'no_such_module:Stream': no module named 'no_such_module'"),
     ({"GREET": "/no/such/greeting.wav"},
      "app.py: error: --greet (GREET): cannot read '/no/such/greeting.wav': No such file or directory"),
+    ({"STREAM_CLASS": "json:NoSuchClass"},  # two workers failing at once printed gunicorn's HaltServer traceback
+     "app.py: error: STREAM_CLASS: cannot load 'json:NoSuchClass': module 'json' has no 'NoSuchClass'"),
+    ({"STREAM_CLASS": "tests.servers:OwnInit"},
+     "app.py: error: STREAM_CLASS: 'tests.servers:OwnInit': OwnInit() must take (runtime, remote=, ws=)"),
 ])
 def test_a_setting_that_cannot_work_stops_gunicorn_with_one_line(env, error):
     out = subprocess.run(gunicorn_command("-w", "2"), cwd=ROOT, env=clean_environment(env),
@@ -208,7 +212,7 @@ def test_a_greeting_file_gone_later_does_not_stop_a_restarted_worker(start_serve
 def test_the_masters_lines_are_stamped_and_each_workers_lines_name_it(start_server):
     server = start_server(command=gunicorn_command("-w", "1"), ready=GUNICORN_READY,
                           env={"METRICS_PORT": str(free_port())})
-    line = server.wait_for(r".*Metrics for Prometheus at http://localhost:\d+/metrics, all workers together").group(0)
+    line = server.wait_for(r".*Metrics for Prometheus at http://127.0.0.1:\d+/metrics, all workers together").group(0)
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO    Metrics", line), line
     call = Call()
     assert server.stream(call.session(media=1, stop=True)) == 1000

@@ -206,7 +206,7 @@ def test_every_sink_is_made_of_events_alone_built_here_without_a_stream(tmp_path
         clears=0, unsent=0, audio_dropped=None, transcript=1, transcript_dropped=0, alerts=1, moods={"inbound": -0.3},
         talk={"inbound": 1.25}, overlap=0.0, silence=1.25,
         statuses=("stream-started",), recordings=((recording, 2.0),), recordings_stopped=0, recording_skipped=0,
-        redacted=2, extra={"mine": "yes"})
+        redacted=2, hook_errors={"on_dtmf": 3}, extra={"mine": "yes"})
     halfway = dataclasses.replace(summary, tracks=(app.TrackSummary("inbound", 40, 6400, 0),), bad={})
     events = [event(app.Accepted),
               event(app.Started, tracks=("inbound",), media_format="audio/x-mulaw/8000/1", parameters={"From": "+1555"}),
@@ -217,7 +217,7 @@ def test_every_sink_is_made_of_events_alone_built_here_without_a_stream(tmp_path
               event(app.Ended, summary=summary)]
     line = (f"summary stream={sid} call={call_sid} ended=stop duration=2.50s media=100 inbound=100/2.00s audio=2.00s "
             "bytes=16000 gaps=1 duplicates=0 out_of_order=1 bad=2 bad_invalid_json=2 transcript=1 transcript_dropped=0 "
-            f"alerts=1 mood_inbound=-0.30 talk_inbound=1.25s overlap=0.00s silence=1.25s status=stream-started recordings={recording}:2.00s redacted=2 mine=yes")
+            f"alerts=1 mood_inbound=-0.30 talk_inbound=1.25s overlap=0.00s silence=1.25s status=stream-started recordings={recording}:2.00s redacted=2 on_dtmf_errors=3 mine=yes")
     throttle = app.LogThrottle("stream warnings", 100)
     metrics, floor = app.Metrics(), app.Floor("elsewhere:1")
     publisher = app.RedisPublisher("redis://127.0.0.1:1/0", "elsewhere:1", 1000)

@@ -265,3 +265,31 @@ def test_no_message_ends_a_call(fuzzed):
     stream.handle(json.dumps({"event": "media", "media": {"track": "inbound", "payload": "/w==", "timestamp": "9"}}))
     assert stream.tracks["inbound"].messages == counted + 1
     stream.finish()
+
+
+def test_a_bug_in_any_hook_of_yours_is_counted_and_shown_once_and_the_call_goes_on(caplog):
+    caplog.set_level(logging.INFO, logger="mediastreams")
+
+    class Buggy(app.MediaStream):
+        EVENTS = {**app.MediaStream.EVENTS, "custom": "on_custom"}
+
+        def setup(self):
+            raise KeyError("setup")
+
+        def on_dtmf(self, data):
+            super().on_dtmf(data)
+            raise ValueError(f"key {data['dtmf']['digit']}")
+
+        def on_custom(self, data):
+            raise ZeroDivisionError("custom")
+
+    call = Call()
+    stream = handled([*call.session(media=2), call.dtmf("1"), call.dtmf("2"), '{"event": "dtmf"}',
+                      json.dumps({"event": "custom"}), call.media("inbound", SILENCE, 60), call.stop()], Buggy)
+    stream.finish()
+    fields = stream.summary().fields()
+    assert (fields["setup_errors"], fields["on_dtmf_errors"], fields["on_custom_errors"]) == ("1", "2", "1")
+    assert (fields["ended"], fields["media"], fields["bad_dtmf"]) == ("stop", "3", "1"), "a bad message is still bad"
+    shown = [r for r in caplog.records if "bug in" in r.getMessage()]
+    assert [r.getMessage().split(": ")[0].split()[-1] for r in shown] == ["setup()", "on_dtmf()", "on_custom()"]
+    assert all(r.exc_info for r in shown), "each first one with its traceback"
