@@ -1,30 +1,31 @@
 """Receive the live audio of Twilio phone calls (Media Streams) on a WebSocket at /media.
 
 Run it:   python app.py    then `ngrok http 5000`, and a TwiML Bin with <Stream url="wss://<ngrok host>/media"/>
-Start here: media(), the tutorial's loop, at line 149.
+Start here: media(), the tutorial's loop, at line 154.
 Your own processing: subclass MediaStream, then app.main(stream_class=YourStream) (README).
 
 The file, top to bottom: each section and its first line (tests/test_setup.py keeps them true).
-   103  The tutorial's app            Flask, Sockets (fixed for today's Werkzeug) and the /media loop
-   179  The call                      its events, typed; MediaStream: one method per Twilio event
-  1215  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
-  1424  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
-  2034  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
-  2247  Optional features             each switched on by a flag, each consuming call events:
-  2249    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
-  2299    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2622    Alerts                      --alerts: the phrases that matter, in what is said
-  2707    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  2762    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
-  2964    Sinks                       the console's lines, transcript files
-  3053    Metrics                     --metrics-port: Prometheus
-  3143    The floor                   --floor-port: every live call on one page, /events, /calls
-  3491    The floor's page            its HTML, CSS and JavaScript
-  3723    The floor across processes  --redis-url: one Redis stream
-  4531  The transport                 what a user need not read:
-  4533    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  4702    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5365  Start-up                      configure(), main(), then gunicorn's worker
+   108  The tutorial's app            Flask, Sockets (fixed for today's Werkzeug) and the /media loop
+   184  The call                      its events, typed; MediaStream: one method per Twilio event
+  1230  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
+  1439  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
+  2089  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
+  2304  Optional features             each switched on by a flag, each consuming call events:
+  2306    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
+  2356    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
+  2680    Alerts                      --alerts: the phrases that matter, in what is said
+  2765    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
+  3000    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  3055    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
+  3257    Sinks                       the console's lines, transcript files
+  3346    Metrics                     --metrics-port: Prometheus
+  3438    The floor                   --floor-port: every live call on one page, /events, /calls
+  3796    The floor's page            its HTML, CSS and JavaScript
+  4028    The floor across processes  --redis-url: one Redis stream
+  4836  The transport                 what a user need not read:
+  4838    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  5007    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5670  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ import functools
 import glob
 import hashlib
 import hmac
+import http.client
 import importlib
 import importlib.util
 import inspect
@@ -61,19 +63,22 @@ import tempfile
 import threading
 import time
 import types
+import urllib.error
+import urllib.request
 import wave
 from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
+from urllib.parse import quote as urlquote, urlencode, urlsplit
 from xml.sax.saxutils import escape as xml_text, quoteattr as xml_attribute
 
 import flask_sockets
 import gevent
 import gevent.event
 import gevent.exceptions
+import gevent.monkey
 import gevent.queue
 import gevent.socket
 import gevent.threadpool
@@ -277,6 +282,7 @@ class Alerted(CallEvent):
     category: str
     phrase: str                       # as the alerts file has it
     text: str                         # the transcript line
+    caller: str | None = None         # the call's From parameter, where it has one (what /twiml gives)
 
 
 @dataclass(frozen=True, slots=True)
@@ -676,6 +682,8 @@ class MediaStream:
     ws: "MediaWebSocket | Any" = field(default=None, repr=False)  # where play(), mark() and clear() send
     stream_sid: str | None = None
     call_sid: str | None = None
+    parameters: dict = field(default_factory=dict)  # start's customParameters, as Twilio sent them (<Parameter>s)
+    streamed_tracks: tuple = ()     # start's tracks: ("inbound",), ("outbound",) or both
     started_at: float = field(default_factory=time.monotonic)
     tracks: dict = field(default_factory=lambda: {name: Track(name) for name in TRACK_NAMES})
     origin_ms: int | None = None    # timestamp of the first media: sample 0 of the recordings
@@ -718,6 +726,12 @@ class MediaStream:
 
     def setup(self) -> None:
         """Yours to override: called once per call, in its greenlet, before its first message."""
+
+    @property
+    def caller(self) -> str | None:
+        """The caller's number (the From parameter /twiml gives a stream), made safe to show."""
+        given = self.parameters.get("From")
+        return printable(given, 64) if isinstance(given, str) and given else None
 
     @property
     def label(self) -> str:
@@ -825,6 +839,7 @@ class MediaStream:
                                 "accepts nothing back: use <Connect><Stream> (twiml/connect.xml)")
         self.decoding = self.wants_pcm or bool(self.runtime.settings.record) or self.runtime.transcriber is not None
         self.call_sid = field_text(start, "callSid", "?")
+        self.parameters, self.streamed_tracks = dict(params), tuple(tracks)
         encoding, rate, channels = (media_format.get(name) for name in ("encoding", "sampleRate", "channels"))
         self.emit(Started, tracks=tuple(printable(t, 100) for t in tracks),
                   media_format="/".join(scalar_text(value) for value in (encoding, rate, channels)),
@@ -1456,7 +1471,7 @@ def seconds_or_zero(raw: str) -> float:
 def one_of(*choices: str):
     def read(raw: str) -> str:
         if raw.upper() not in choices:
-            raise ValueError("one of " + ", ".join(choices))
+            raise ValueError("one of " + ", ".join(choice.lower() for choice in choices))  # as the README writes them
         return raw.upper()
     return read
 
@@ -1512,6 +1527,21 @@ def a_url_or_none(raw: str) -> str | None:
     return raw
 
 
+def a_web_address_or_none(raw: str) -> str | None:
+    """An http:// or https:// URL with a host (a webhook, the floor as people open it)."""
+    if not raw:
+        return None
+    try:
+        parts = urlsplit(raw)
+        _ = parts.port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not raw.isprintable() \
+            or " " in raw:
+        raise ValueError("an http:// or https:// URL with a host, such as https://hooks.slack.com/services/...")
+    return raw
+
+
 def a_redis_url_or_none(raw: str) -> str | None:
     """redis://[:password@]host[:port][/db], rediss:// (TLS) or unix:///path (redis-py's own forms)."""
     if not raw:
@@ -1528,8 +1558,9 @@ def a_redis_url_or_none(raw: str) -> str | None:
 
 
 def a_phone_number_or_none(raw: str) -> str | None:
-    if raw and not re.fullmatch(r"\+?[0-9]{3,15}|sip:[^\s<>\"']{3,200}", raw):
-        raise ValueError("a phone number (+15551234567) or a sip: address")
+    """--dial: what Twilio's <Dial> can reach, a number in E.164 or a SIP URI (sip:user@host)."""
+    if raw and not re.fullmatch(r"\+[1-9][0-9]{1,14}|sips?:[^\s<>\"'@]{1,64}@[^\s<>\"'@]{1,200}", raw):
+        raise ValueError("a phone number in E.164 (+15551234567) or a SIP URI (sip:agent@example.com)")
     return raw or None
 
 
@@ -1643,7 +1674,14 @@ class Settings:
     redact: bool = option("1", yes_or_no,
         "keep card numbers, security codes, expiry dates, social security numbers and keyed digits as "
         "said and keyed: no redaction of transcripts, recordings and keys (a warning at start-up)", flag="--no-redact")
+    alert_webhook: str | None = option("", a_web_address_or_none,
+        "POST each alert (redacted) as JSON to this URL, a Slack or Teams incoming webhook or yours; with "
+        "--redis-url, every process's, each by one process")
+    floor_url: str | None = option("", a_web_address_or_none,
+        "the floor's address as people open it (https://floor.example.com), for the links in alerts; default: "
+        "this process's floor, if it serves one")
     floor_token: str | None = None    # FLOOR_TOKEN: what every request to the floor must carry
+    alert_webhook_secret: str | None = None  # ALERT_WEBHOOK_SECRET: signs each alert's body (HMAC-SHA256)
     auth_token: str | None = None     # TWILIO_AUTH_TOKEN: only handshakes Twilio signed with it
     stream_class: str | None = None   # STREAM_CLASS: module:Class, your MediaStream subclass
 
@@ -1679,6 +1717,9 @@ class Limits:
     redact_hold_seconds: float = 4     # a transcript line that may go on in the next waits this long for it at most
     key_run_seconds: float = 3         # key presses this close together are a run: only its first is shown
     history_busy_seconds: float = 5    # how long the history's writer waits for a file another program holds
+    alert_webhook_seconds: float = 300  # an alert the webhook has not taken this long after it was raised: dropped
+    alert_webhook_timeout: float = 10  # one POST to --alert-webhook: no answer within this long is a failure
+    alert_lease_seconds: float = 15    # with Redis: a sender that died is replaced by another within this long
 
 
 def read_settings(argv: list[str] | None = None, environ=os.environ) -> Settings:
@@ -1718,6 +1759,12 @@ def read_settings(argv: list[str] | None = None, environ=os.environ) -> Settings
     if values["floor_port"] and not floor_token and not is_loopback(values["floor_host"]):
         raise SettingsError(f"--floor-host (FLOOR_HOST) {values['floor_host']}: the floor shows callers and "
                             "their words; anywhere but 127.0.0.1 it needs FLOOR_TOKEN")
+    secret = values["alert_webhook_secret"] = environ.get("ALERT_WEBHOOK_SECRET") or None
+    if secret and not (secret.isprintable() and secret.strip() == secret):
+        raise SettingsError("ALERT_WEBHOOK_SECRET: has spaces or control characters: a receiver could not match it")
+    if values["alert_webhook"] and not (values["alerts"] or values["redis_url"]):
+        raise SettingsError("--alert-webhook (ALERT_WEBHOOK) sends alerts: it needs --alerts (ALERTS) here, or "
+                            "--redis-url (REDIS_URL) to send every process's")
     if values["floor_only"] and not (values["floor_port"] and values["redis_url"]):
         raise SettingsError("--floor-only (FLOOR_ONLY) serves the floor of the calls other processes publish: "
                             "it needs --floor-port (FLOOR_PORT) and --redis-url (REDIS_URL)")
@@ -1756,6 +1803,7 @@ class Runtime:
     metrics: Metrics | None = None
     floor: "Floor | None" = None
     publisher: "RedisPublisher | None" = None
+    alert_webhook: "AlertWebhook | None" = None
     limits: Limits = field(default_factory=Limits)
     sinks: list[Callable[[CallEvent], None]] = field(default_factory=list)
     open_websockets: set = field(default_factory=set)
@@ -1885,6 +1933,12 @@ def create_runtime(settings: Settings, stream_class: type | None = None, *, limi
         runtime.sinks.append(runtime.floor)
     if transcriber and settings.record:
         runtime.sinks.append(TranscriptFiles(settings.record, runtime.stream_warnings))
+    if settings.alert_webhook:
+        floor_url = settings.floor_url or (settings.floor_port and "http://%s:%d" % (
+            f"[{settings.floor_host}]" if ":" in settings.floor_host else settings.floor_host, settings.floor_port))
+        runtime.alert_webhook = AlertWebhook(settings.alert_webhook, settings.alert_webhook_secret, floor_url or None,
+                                             server, settings.redis_url, metrics, limits)
+        runtime.sinks.append(runtime.alert_webhook)
     runtime.levels = not settings.quiet_levels or runtime.floor is not None or runtime.publisher is not None
     return runtime
 
@@ -2000,7 +2054,8 @@ def read_greeting(path: str | None) -> bytes:
     except OSError as exc:
         raise SettingsError(f"--greet (GREET): cannot read {path!r}: {exc.strerror or exc}") from None
     except (EOFError, wave.Error) as exc:  # not a WAV file, or mu-law, float, extensible...
-        raise SettingsError(f"--greet (GREET): {path!r} is not PCM audio ({exc or 'no data'}); {convert}") from None
+        why = str(exc) or "it ends before a WAV header does"  # EOFError() says nothing
+        raise SettingsError(f"--greet (GREET): {path!r} is not PCM audio ({why}); {convert}") from None
     if found != (8000, 1, 2):
         raise SettingsError(f"--greet (GREET): {path!r} is {found[0]} Hz, {found[1]} channel(s), "
                             f"{8 * found[2]}-bit; {convert}")
@@ -2108,7 +2163,9 @@ def twiml_for(settings: Settings, talks_back: bool, host: str, call: dict[str, s
         return f'<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url={url} statusCallback={status}>' \
                f"{parameters}</Stream></Connect></Response>"
     track = xml_attribute(settings.tracks.lower() + "_track" if settings.tracks != "BOTH" else "both_tracks")
-    then = f"<Dial>{xml_text(settings.dial)}</Dial>" if settings.dial else \
+    dial = settings.dial and (f"<Sip>{xml_text(settings.dial)}</Sip>" if settings.dial.startswith("sip")
+                              else xml_text(settings.dial))  # a SIP URI is only dialled as <Sip>
+    then = f"<Dial>{dial}</Dial>" if dial else \
         (f"<Say>This call is being streamed. It stays up for an hour, or until you hang up.</Say>"
          f'<Pause length="{TWIML_STREAM_SECONDS}"/>')
     return f'<?xml version="1.0" encoding="UTF-8"?><Response><Start><Stream url={url} track={track} ' \
@@ -2576,7 +2633,8 @@ class TrackTranscript:
         alerts = self.stream.runtime.settings.alerts
         for category, phrase in alerts.said(text) if alerts else ():
             self.alerts += 1
-            self.stream.emit(Alerted, track=self.track, category=category, phrase=phrase, text=text)
+            self.stream.emit(Alerted, track=self.track, category=category, phrase=phrase, text=text,
+                             caller=self.stream.caller)
 
     def one_less_pending(self) -> None:
         self.pending -= 1
@@ -2702,6 +2760,241 @@ class Alerts:
             if said:
                 found.append((category, max(said)[1]))
         return found
+
+
+# --- Alerts to people (--alert-webhook): each alert POSTed once, as Slack and Teams show it ---
+# An alert helps only if someone sees it in time. Each is POSTed as JSON to one URL by a
+# greenlet of its own (urllib's blocking request on a native thread where sockets are not
+# gevent's), one at a time in the order raised, never in a call's way. Without Redis the
+# process that has the call sends it. With Redis, one process at a time (the holder of a
+# lease) reads every process's alerts from the stream through one consumer group: each is
+# sent once however many processes run, and another process takes over within
+# Limits.alert_lease_seconds if it dies (what it had not acknowledged is sent by the next).
+
+ALERT_GROUP = "alert-webhook"      # the consumer group on REDIS_STREAM; its one consumer is ALERT_CONSUMER
+ALERT_CONSUMER = "sender"          # whoever holds the lease reads as this one: what a dead sender left, it finds
+ALERT_LEASE = "mediastreams:alert-webhook:sender"  # who sends: this process's name, for Limits.alert_lease_seconds
+ALERT_QUEUE = 1000                 # without Redis: alerts waiting to be sent; beyond, the oldest is dropped
+ALERT_BACKOFF_SECONDS = (0.5, 30.0)  # after a failed POST, wait this long, doubling up to this
+ALERT_SIGNATURE_HEADER = "X-Mediastreams-Signature"  # sha256=<HMAC-SHA256 of the body with ALERT_WEBHOOK_SECRET>
+ALERT_RENEW_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+def alert_message(record: dict, floor_url: str | None) -> dict:
+    """What the webhook gets: the alert's fields, a link to the call on the floor's history,
+    and `text`, one line that a Slack or Teams incoming webhook shows as it is."""
+    caller = record.get("caller") or "an unknown caller"
+    link = f"{floor_url.rstrip('/')}/history/{urlquote(record['stream'], safe='')}" if floor_url else None
+    text = f'Alert {record["category"]}: "{record["phrase"]}" from {caller}: "{record["text"]}"'
+    return {"text": text + (f" {link}" if link else ""), "category": record["category"], "phrase": record["phrase"],
+            "line": record["text"], "track": record.get("track"), "caller": record.get("caller"),
+            "call": record.get("call"), "stream": record["stream"], "server": record.get("server"),
+            "time": record.get("time"), "link": link, "id": record.get("uid")}
+
+
+def is_alert_record(record: Any) -> bool:
+    """An `alert` record with the fields a message needs, as strings (the stream is Redis', which
+    other programs may write to)."""
+    return isinstance(record, dict) and record.get("type") == "alert" and all(
+        isinstance(record.get(name), str) for name in ("stream", "category", "phrase", "text"))
+
+
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):  # a POST redirected becomes a GET: the alert would be lost
+        return None
+
+
+def post_alert(url: str, body: bytes, headers: dict, timeout: float) -> int:
+    """One POST; its HTTP status. Raises OSError (or http.client's) when no answer came."""
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.build_opener(NoRedirects).open(request, timeout=timeout) as response:
+            response.read(65536)
+            return response.status
+    except urllib.error.HTTPError as refused:
+        return refused.code
+
+
+class AlertWebhook:
+    """--alert-webhook: a sink of this process's alerts (without Redis), or the reader of every
+    process's from the Redis stream (with it), and the greenlet that POSTs them in order. An
+    alert not taken (2xx) is tried again with back-off until Limits.alert_webhook_seconds after
+    it was raised, then dropped: one warning, counted (mediastreams_alert_webhooks_total)."""
+
+    def __init__(self, url: str, secret: str | None, floor_url: str | None, server: str,
+                 redis_url: str | None = None, metrics: Metrics | None = None, limits: Limits = Limits()):
+        self.url, self.secret, self.floor_url, self.server = url, secret, floor_url, server
+        self.redis_url, self.metrics, self.limits = redis_url, metrics, limits
+        self.shown = shown_web_address(url)
+        self.queue: deque = deque()
+        self.queued = gevent.event.Event()
+        self.idle = gevent.event.Event()
+        self.greenlet: gevent.Greenlet | None = None
+        self.sent = self.dropped = 0
+        self.failing_since: float | None = None
+        self.drops = LogThrottle("alerts dropped", 5)
+        patched = gevent.monkey.is_module_patched("socket")  # gunicorn's worker: urllib waits as a greenlet does
+        self.post = functools.partial(post_alert, url) if patched else \
+            lambda *args: gevent.get_hub().threadpool.apply(post_alert, (url, *args))
+
+    def __call__(self, event: CallEvent) -> None:
+        if isinstance(event, Alerted) and not self.redis_url:
+            record = floor_record(event, self.server)
+            if record is None:
+                return
+            if len(self.queue) >= ALERT_QUEUE:
+                self.give_up(self.queue.popleft(), f"{ALERT_QUEUE} alerts waiting")
+            self.queue.append(record)
+            self.idle.clear()
+            self.queued.set()
+            self.start()
+
+    def start(self) -> None:
+        if self.greenlet is None:
+            self.greenlet = gevent.spawn(self.send_from_redis if self.redis_url else self.send_from_queue)
+
+    def flush(self, timeout: float) -> None:
+        """At exit: the alerts waiting in this process sent, within `timeout`."""
+        if self.greenlet is not None and not self.redis_url:
+            self.idle.wait(timeout)
+
+    def send_from_queue(self) -> None:
+        while True:
+            while not self.queue:
+                self.idle.set()
+                self.queued.clear()
+                self.queued.wait()
+            self.deliver(self.queue.popleft())
+
+    def deliver(self, record: dict, still_mine: Callable[[], bool] = lambda: True) -> bool:
+        """One alert, until the webhook takes it or its time is up (then dropped). False: it is
+        no longer this process's to send (another holds the lease now)."""
+        body = json_dumps(alert_message(record, self.floor_url))
+        headers = {"Content-Type": "application/json", "User-Agent": "twilio-media-streams-server"}
+        if self.secret:
+            digest = hmac.new(self.secret.encode(), body, hashlib.sha256).hexdigest()
+            headers[ALERT_SIGNATURE_HEADER] = f"sha256={digest}"
+        deadline = time.monotonic() + self.limits.alert_webhook_seconds - age_of(record.get("time"))
+        wait = ALERT_BACKOFF_SECONDS[0]
+        while True:
+            try:
+                status: int | None = self.post(body, headers, self.limits.alert_webhook_timeout)
+                why = f"HTTP {status}"
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                status, why = None, f"{type(exc).__name__}: {printable(str(exc), 200)}"
+            if status is not None and 200 <= status < 300:
+                self.counted("sent")
+                if self.failing_since is not None:
+                    log.info("alert webhook %s takes alerts again, after %.0f s", self.shown,
+                             time.monotonic() - self.failing_since)
+                    self.failing_since = None
+                return True
+            if status is not None and 400 <= status < 500 and status not in (408, 429):  # it will refuse again
+                self.give_up(record, f"{why}, refused")
+                return True
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
+                log.warning("alert webhook %s failed (%s): trying again for up to %.0f s after each alert", self.shown,
+                            why, self.limits.alert_webhook_seconds)
+            if time.monotonic() + wait > deadline:
+                self.give_up(record, why)
+                return True
+            gevent.sleep(wait)
+            wait = min(wait * 2, ALERT_BACKOFF_SECONDS[1])
+            if not still_mine():
+                return False
+
+    def give_up(self, record: dict, why: str) -> None:
+        self.counted("dropped")
+        self.drops.warning("alert webhook %s: alert dropped (%s): category=%s stream=%s", self.shown, why,
+                           printable(str(record.get("category")), 64), printable(str(record.get("stream")), 64))
+
+    def counted(self, result: str) -> None:
+        if result == "sent":
+            self.sent += 1
+        else:
+            self.dropped += 1
+        if self.metrics:
+            self.metrics.alert_webhooks.labels(result).inc()
+
+    def lead(self, client: Any) -> bool:
+        """Whether this process sends (it holds the lease, renewed), taking it if nobody holds it."""
+        ms = int(self.limits.alert_lease_seconds * 1000)
+        return bool(client.set(ALERT_LEASE, self.server, nx=True, px=ms) or
+                    client.eval(ALERT_RENEW_SCRIPT, 1, ALERT_LEASE, self.server, ms))
+
+    def send_from_redis(self) -> None:
+        """With --redis-url: while this process holds the lease, every process's alerts from the
+        stream, through the consumer group (first what was read and not acknowledged)."""
+        import redis
+        assert self.redis_url
+        down = RedisDown(self.redis_url, "alerts wait in Redis until it is back")
+        client, leading, wanted = None, False, "0"
+        while True:
+            try:
+                if client is None:
+                    client = connect_redis(self.redis_url)
+                    client.set_response_callback("XREADGROUP", lambda reply, **options: reply)
+                if not self.lead(client):
+                    leading = False
+                    down.worked()
+                    gevent.sleep(self.limits.alert_lease_seconds / 3)
+                    continue
+                if not leading:
+                    try:
+                        client.xgroup_create(REDIS_STREAM, ALERT_GROUP, id="$", mkstream=True)
+                    except redis.ResponseError as exc:  # BUSYGROUP: it knows where it was
+                        if "BUSYGROUP" not in str(exc):
+                            raise
+                    leading, wanted = True, "0"
+                    log.info("This process sends the alerts of every process to %s (the lease %s)", self.shown,
+                             ALERT_LEASE)
+                read = client.xreadgroup(ALERT_GROUP, ALERT_CONSUMER, {REDIS_STREAM: wanted}, count=REDIS_BATCH,
+                                         block=1000)
+                down.worked()
+                entries = [entry for _, got in (read.items() if isinstance(read, dict) else read or ()) for entry in got]
+                if wanted == "0" and not entries:
+                    wanted = ">"
+                done: list = []
+                for entry_id, values in entries:
+                    try:
+                        record = json_loads(values[values[::2].index(b"event") * 2 + 1]) if values else None
+                    except (ValueError, TypeError, AttributeError):  # another program's entry
+                        record = None
+                    if isinstance(record, dict) and is_alert_record(record):
+                        if done:
+                            client.xack(REDIS_STREAM, ALERT_GROUP, *done)
+                            done = []
+                        if not self.deliver(record, lambda: self.lead(client)):
+                            leading = False
+                            break
+                    done.append(entry_id)
+                if done:
+                    client.xack(REDIS_STREAM, ALERT_GROUP, *done)
+            except (redis.RedisError, OSError) as exc:
+                if client is not None:
+                    client.close()
+                    client = None
+                leading = False
+                down.failed(exc)
+
+
+def age_of(time_text: Any) -> float:
+    """Seconds since an event's `time` (UTC, ISO 8601), from 0 (now, or a time that cannot be read)."""
+    try:
+        then = datetime.datetime.fromisoformat(str(time_text).replace("Z", "+00:00"))
+        return max(0.0, (datetime.datetime.now(datetime.timezone.utc) - then).total_seconds())
+    except (ValueError, TypeError):
+        return 0.0
+
+
+def shown_web_address(url: str) -> str:
+    """A webhook's URL for the console: its scheme and host only (a Slack URL's path is its secret)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/…"
 
 
 # --- Mood (--mood): how each line sounds, from -1 (angry, fed up) to +1 (pleased) -----------
@@ -3094,6 +3387,8 @@ class Metrics:
                                   "expiry dates, social security numbers, keyed digits), by kind", "kind")
         self.floor_events_dropped = counter("floor_events_dropped", "call events that never reached Redis "
                                             "(--redis-url): it was down, slow or refusing")
+        self.alert_webhooks = counter("alert_webhooks", "alerts POSTed to --alert-webhook (sent), and those given up "
+                                      "on (dropped)", "result")
         self.added: dict[int, dict] = {}  # each open call: the counts added so far, by metric and labels
 
     def __call__(self, event: CallEvent) -> None:
@@ -3163,7 +3458,8 @@ FLOOR_KINDS: dict[type, tuple[str, Callable[[Any], dict]]] = {  # an event's typ
     Dtmf: ("dtmf", lambda e: {"digit": e.digit}),
     MarkEchoed: ("mark", lambda e: {"name": e.name, "cancelled": e.cancelled, "waited_ms": round(e.waited_ms)}),
     BargeIn: ("barge_in", lambda e: {"queued_seconds": round(e.queued_seconds, 2)}),
-    Alerted: ("alert", lambda e: {"track": e.track, "category": e.category, "phrase": e.phrase, "text": e.text}),
+    Alerted: ("alert", lambda e: {"track": e.track, "category": e.category, "phrase": e.phrase, "text": e.text,
+                                  **({"caller": e.caller} if e.caller else {})}),
     StatusCallback: ("status", lambda e: {"event": e.event, "error": e.error}),
     Warned: ("warning", lambda e: {"message": e.message}),
     Stopped: ("stop", lambda e: {}),
@@ -3345,9 +3641,11 @@ def floor_app(floor: Floor, token: str | None) -> Flask:
 
     @web.after_request
     def on_every_answer(response: Response) -> Response:
-        response.headers.update(FLOOR_HEADERS)
         if token and request.args.get("token") and response.status_code != 401:
+            if response.status_code == 200 and response.mimetype == "text/html":
+                response = page_without_the_token()
             response.headers["Set-Cookie"] = f"floor_token={token}; HttpOnly; SameSite=Strict; Path=/"
+        response.headers.update(FLOOR_HEADERS)
         return response
 
     @web.get("/", provide_automatic_options=False)
@@ -3453,6 +3751,13 @@ def floor_app(floor: Floor, token: str | None) -> Flask:
                         200 if gone else 404, content_type="text/plain")
 
     return web
+
+
+def page_without_the_token() -> Response:
+    """A page opened with ?token=: the same page again without it (303), once its cookie is set,
+    so that the token leaves the address bar, the browser's history and what a screen shows."""
+    query = urlencode([(name, value) for name, value in request.args.items(multi=True) if name != "token"])
+    return Response(b"", 303, {"Location": request.path + ("?" + query if query else "")})
 
 
 def floor_token_given(token: str) -> bool:
@@ -5532,6 +5837,10 @@ def log_startup_notes(settings: Settings) -> None:
         log.warning("Redaction is off (--no-redact): card numbers, security codes, expiry dates, social security "
                     "numbers and keyed digits are kept as said and keyed, in transcripts, recordings, the console, "
                     "the floor and Redis")
+    if settings.alert_webhook:
+        log.info("Alerts POSTed to %s%s%s", shown_web_address(settings.alert_webhook),
+                 ", signed (ALERT_WEBHOOK_SECRET)" if settings.alert_webhook_secret else ", unsigned",
+                 ", every process's, by one of those sharing Redis" if settings.redis_url else "")
     if settings.redis_url:
         log.info("Publishing every call's events to Redis at %s, stream %s (its latest %d kept: "
                  "--redis-max-events)", shown_redis_url(settings.redis_url), REDIS_STREAM, settings.redis_max_events)
@@ -5570,6 +5879,8 @@ def main(argv: list[str] | None = None, stream_class: type | None = None, limits
         sys.exit(2)
     if runtime.publisher:
         runtime.publisher.start()
+    if runtime.alert_webhook and settings.redis_url:
+        runtime.alert_webhook.start()
     if server is None:
         startup_log.info("Only the floor (--floor-only): no media port")
         stopped = gevent.event.Event()
@@ -5599,6 +5910,8 @@ def main(argv: list[str] | None = None, stream_class: type | None = None, limits
     server.serve_forever()
     if runtime.publisher:
         runtime.publisher.flush(1)
+    if runtime.alert_webhook:
+        runtime.alert_webhook.flush(1)
     if runtime.transcriber:  # a recognition still running on its native thread would abort the interpreter's exit
         with gevent.Timeout(STREAM_END_SECONDS, False):
             runtime.transcriber.threads.join()
@@ -5687,6 +6000,8 @@ else:
             settings = self.runtime.settings
             if self.runtime.publisher:
                 self.runtime.publisher.start()
+            if self.runtime.alert_webhook and settings.redis_url:
+                self.runtime.alert_webhook.start()
             if self.runtime.floor and settings.floor_port:
                 gevent.spawn(serve_floor_once_free, self.runtime)
             super().load_wsgi()
@@ -5695,6 +6010,8 @@ else:
             super().run()  # returns once this worker's calls have ended: their last events go to Redis
             if self.runtime.publisher:
                 self.runtime.publisher.flush(1)
+            if self.runtime.alert_webhook:
+                self.runtime.alert_webhook.flush(1)
 
         def handle_exit(self, sig, frame):
             # SIGTERM: gunicorn lets calls go on for --graceful-timeout, then kills the worker

@@ -5,6 +5,7 @@ setting no flag has. One entry each, run as
 
 (the start_server fixture: start_server(*flags, server="NAME")). Each class here is "yours"
 as far as app.py can tell: it lives outside app.py, like a user's."""
+import itertools
 import logging
 import os
 import sys
@@ -250,6 +251,27 @@ def stalled_recognizer():
     app.WhisperRecognizer.__call__ = stalled
 
 
+# --- Alerts to people (test_alert_webhook.py) --------------------------------------------------
+
+def says_refunds():
+    """Each utterance heard as "Line N: I want my money back." (N counts this process's lines):
+    an alert a sentence, in an order a test can check, without Whisper's time."""
+    lines = itertools.count(1)
+
+    class SaysRefunds:
+        def __init__(self, *args):
+            pass
+
+        def __call__(self, pcm):
+            return f"Line {next(lines)}: I want my money back." if len(pcm) > 8000 else ""
+
+    app.WhisperRecognizer = SaysRefunds
+
+
+ALERTS_FAST = app.Limits(alert_webhook_seconds=4, alert_webhook_timeout=5, alert_lease_seconds=2)  # dropped in 4 s
+ALERTS_PATIENT = app.Limits(alert_webhook_seconds=60, alert_webhook_timeout=5, alert_lease_seconds=2)
+
+
 # --- The tutorial's failure (test_setup.py) ----------------------------------------------------
 
 def without_the_rule_fix():
@@ -334,6 +356,7 @@ SERVERS = {  # name: (what to change first, the stream class, the limits)
     "one-second": (None, OneSecond, None), "late": (None, Late, None), "two-voices": (None, TwoVoices, None),
     "chatty": (None, Chatty, None), "stalled-recognizer": (stalled_recognizer, None, None),
     "waiting-log-handler": (waiting_log_handler, None, None), "without-the-rule-fix": (without_the_rule_fix, None, None),
+    "says-refunds": (says_refunds, None, ALERTS_FAST), "says-refunds-patient": (says_refunds, None, ALERTS_PATIENT),
     "silent-after-2-s": (None, None, SILENT_AFTER_2_S), "hinted": (None, None, HINTED), "hangs-up": (None, HangsUp, None),
 }
 

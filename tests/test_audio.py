@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import app
-from tests.conftest import ROOT, Feed, decoded, free_port, readme_example, runtime, samples
+from tests.conftest import ROOT, Feed, call_on, decoded, free_port, readme_example, runtime, samples
 from tests.twilio_sim import CHUNK, Call, encode_ulaw, read_wav, tone, write_wav
 
 
@@ -75,6 +75,21 @@ def test_level_meter_reads_pure_tones_right(frequency):
         track.next_level_at = math.inf  # no line, no reset: read what it gathered
     measured = 10 * math.log10(track.energy / track.energy_samples / 32768 ** 2)
     assert measured == pytest.approx(expected, abs=0.5)
+
+
+def test_a_subclass_finds_what_twilio_said_of_the_call_on_the_stream():
+    """What the README's table promises a subclass author, each as Twilio's `start` gave it."""
+    seen = []
+
+    class Seen(app.MediaStream):
+        def on_dtmf(self, data):
+            seen.append((self.label, self.stream_sid, self.call_sid, self.parameters, self.streamed_tracks,
+                         self.remote, bool(self.listen_only)))
+
+    call = Call(tracks=("inbound", "outbound"), params={"From": "+15550001", "Topic": "billing"})
+    call_on(runtime(), [*call.session(media=2), call.dtmf("1"), call.stop()], stream_class=Seen)
+    assert seen == [(f"stream={call.stream_sid}", call.stream_sid, call.call_sid,
+                     {"From": "+15550001", "Topic": "billing"}, ("inbound", "outbound"), "test", True)]
 
 
 def test_level_meter_survives_a_chunk_shorter_than_its_offset():

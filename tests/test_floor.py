@@ -175,8 +175,10 @@ def test_with_a_token_every_request_needs_it_and_a_browser_keeps_it_in_a_cookie(
         assert http_request(port, path, Authorization="Bearer wrong-token-wrong-token")[0] == 401
     assert http_request(port, "/calls", Authorization=f"Bearer {TOKEN}")[0] == 200
     status, headers, _ = http_request(port, f"/?token={TOKEN}")
-    assert status == 200 and "HttpOnly" in headers["Set-Cookie"]
+    assert status == 303 and headers["Location"] == "/" and "HttpOnly" in headers["Set-Cookie"], \
+        "a page opened with ?token= is opened again without it, the cookie set"
     cookie = headers["Set-Cookie"].split(";")[0]
+    assert http_request(port, "/", Cookie=cookie)[0] == 200
     assert http_request(port, "/calls", Cookie=cookie)[0] == 200
     assert http_request(port, "/calls", Cookie="floor_token=nope")[0] == 401
     assert TOKEN not in server.log()
@@ -275,6 +277,24 @@ def test_the_page_shows_each_call_live_its_words_as_text_and_ends_it(floor_serve
     assert ended.startswith(HTML_FROM) and "ended stop" in ended
     assert browser.get_log("browser") == [], "no script error, nothing the policy refused"
     other_client.send_all([other.stop()])
+
+
+def test_a_page_opened_with_its_token_shows_calls_and_the_address_bar_no_longer_holds_it(start_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    port = free_port()
+    server = start_server("--floor-port", str(port), env={"FLOOR_TOKEN": TOKEN})
+    wait = WebDriverWait(browser, 10)
+    browser.get(f"http://127.0.0.1:{port}/?token={TOKEN}")
+    wait.until(lambda b: b.find_element(By.ID, "count").text == "0 live")
+    assert browser.current_url == f"http://127.0.0.1:{port}/"
+    assert TOKEN not in browser.execute_script("return location.href + document.referrer")
+    client, call = server.connect(), Call(params={"From": "+15550021"})
+    client.send_all(call.session(media=2))
+    wait.until(lambda b: b.find_element(By.ID, "count").text == "1 live"), "the feed comes with the cookie alone"
+    client.send_all([call.stop()])
+    assert client.wait_closed() == 1000
+    assert browser.get_log("browser") == []
 
 
 def test_the_page_lists_open_calls_newest_first_then_ended_ones_the_last_to_end_first(floor_server, browser):

@@ -312,6 +312,9 @@ def test_the_history_is_as_private_as_the_floor(start_server, tmp_path):
     assert http_request(floor_port, "/history.json", "POST", Authorization=f"Bearer {token}")[0] == 405
     status, headers, _ = http_request(floor_port, "/history", Authorization=f"Bearer {token}")
     assert status == 200 and "script-src 'sha256-" in headers["Content-Security-Policy"]
+    status, headers, _ = http_request(floor_port, f"/history?q=card&token={token}&caller=%2B1555")
+    assert (status, headers["Location"]) == (303, "/history?q=card&caller=%2B1555") and "HttpOnly" in headers["Set-Cookie"]
+    assert http_request(floor_port, f"/history.json?token={token}")[0] == 200, "only a page is opened again"
 
 
 def test_words_a_caller_said_reach_the_export_as_values_never_formulas(history):

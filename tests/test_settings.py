@@ -51,7 +51,8 @@ BAD_VALUES = [  # (flag or None, variable, value, what the message says it shoul
     ("--max-streams", "MAX_STREAMS", "-1", "a whole number from 1 to 100000"),
     ("--max-streams", "MAX_STREAMS", "0", "a whole number from 1 to 100000"),
     ("--max-message-bytes", "MAX_MESSAGE_BYTES", "0", "a whole number from 1024 to 16777216"),
-    ("--log-level", "LOG_LEVEL", "verbose", "one of DEBUG, INFO, WARNING, ERROR"),
+    ("--log-level", "LOG_LEVEL", "verbose", "one of debug, info, warning, error"),
+    ("--tracks", "TRACKS", "left", "one of inbound, outbound, both"),
     ("--idle-timeout", "IDLE_TIMEOUT", "30s", "0 (never) or a number of seconds from 1 to 86400"),
     ("--idle-timeout", "IDLE_TIMEOUT", "-5", "0 (never) or a number of seconds from 1 to 86400"),
     ("--idle-timeout", "IDLE_TIMEOUT", "1e-6", "0 (never) or a number of seconds from 1 to 86400"),
@@ -68,6 +69,9 @@ BAD_VALUES = [  # (flag or None, variable, value, what the message says it shoul
     ("--transcribe-model", "TRANSCRIBE_MODEL", "./no/such/model",
      "a Whisper model name such as tiny.en, or a model directory: there is no such directory"),
     ("--host", "HOST", "", "a name"),
+    *(("--dial", "DIAL", raw, "a phone number in E.164 (+15551234567) or a SIP URI (sip:agent@example.com)")
+      for raw in ("foo", "5551234567", "+0155512", "+1555123456789012", "sip:example.com", "sip:a b@example.com",
+                  "+1555<Hangup/>")),
 ]
 
 
@@ -86,7 +90,7 @@ def test_a_value_that_cannot_work_is_refused_naming_the_flag_and_its_variable(fl
 @pytest.mark.parametrize("args, env, line", [
     ([], {"PORT": "abc"}, "--port (PORT): 'abc' is not a whole number from 0 to 65535"),
     ([], {"MAX_STREAMS": "ten"}, "--max-streams (MAX_STREAMS): 'ten' is not a whole number from 1 to 100000"),
-    ([], {"LOG_LEVEL": "verbose"}, "--log-level (LOG_LEVEL): 'verbose' is not one of DEBUG, INFO, WARNING, ERROR"),
+    ([], {"LOG_LEVEL": "verbose"}, "--log-level (LOG_LEVEL): 'verbose' is not one of debug, info, warning, error"),
     ([], {"IDLE_TIMEOUT": "30s"},
      "--idle-timeout (IDLE_TIMEOUT): '30s' is not 0 (never) or a number of seconds from 1 to 86400"),
     ([], {"READ_INTERVAL_MS": "fast"}, "--read-interval-ms (READ_INTERVAL_MS): 'fast' is not a number from 0 to 1000"),

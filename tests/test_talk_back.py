@@ -297,6 +297,12 @@ def test_the_simulator_command_warns_of_each_refused_message_and_fails(start_ser
                                    "8000 Hz mono 16-bit PCM: sox {dir}/16k.wav -r 8000 -c 1 -b 16 greeting.wav"),
     (["--greet", "{dir}/ulaw.wav"], "--greet (GREET): '{dir}/ulaw.wav' is not PCM audio (unknown format: 7); it must "
                                     "be 8000 Hz mono 16-bit PCM: sox {dir}/ulaw.wav -r 8000 -c 1 -b 16 greeting.wav"),
+    (["--greet", "{dir}/empty.wav"], "--greet (GREET): '{dir}/empty.wav' is not PCM audio (it ends before a WAV header "
+                                     "does); it must be 8000 Hz mono 16-bit PCM: sox {dir}/empty.wav -r 8000 -c 1 -b 16 "
+                                     "greeting.wav"),
+    (["--greet", "{dir}/notes.txt"], "--greet (GREET): '{dir}/notes.txt' is not PCM audio (file does not start with "
+                                     "RIFF id); it must be 8000 Hz mono 16-bit PCM: sox {dir}/notes.txt -r 8000 -c 1 "
+                                     "-b 16 greeting.wav"),
     (["--echo", "--greet", "{dir}/8k.wav"], "--echo and --greet: choose one, each decides what the stream plays back"),
 ])
 def test_a_mode_that_cannot_work_stops_the_start_with_one_line(tmp_path, args, line):
@@ -306,6 +312,8 @@ def test_a_mode_that_cannot_work_stops_the_start_with_one_line(tmp_path, args, l
     mu_law_wav = bytearray((tmp_path / "8k.wav").read_bytes())  # the same file, its format said to be mu-law (7)
     mu_law_wav[20:22] = (7).to_bytes(2, "little")
     (tmp_path / "ulaw.wav").write_bytes(mu_law_wav)
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not audio at all\n")
     status, _, stderr = run_app("--port", "0", *(arg.format(dir=tmp_path) for arg in args))
     assert (status, stderr) == (2, f"app.py: error: {line.format(dir=tmp_path)}\n")
 

@@ -63,6 +63,7 @@ def test_listening_twiml_starts_a_stream_here_with_the_callers_fields_and_keeps_
 
 @pytest.mark.parametrize("flags, verb, track, after", [
     (["--dial", "+15551234567"], "Start", "inbound_track", ["Dial"]),
+    (["--dial", "sip:agent@pbx.example.com;transport=tcp"], "Start", "inbound_track", ["Dial"]),
     (["--tracks", "both"], "Start", "both_tracks", ["Say", "Pause"]),
     (["--tracks", "outbound", "--public-url", "https://media.example.com"], "Start", "outbound_track", ["Say", "Pause"]),
     (["--echo"], "Connect", None, []),  # nothing after <Connect>: the call ends as the stream closes
@@ -75,8 +76,12 @@ def test_each_mode_has_its_twiml(start_server, flags, verb, track, after):
     assert (got_verb, stream.get("track"), got_after) == (verb, track, after)
     host = "media.example.com" if "--public-url" in flags else f"127.0.0.1:{server.port}"
     assert stream.get("url") == f"wss://{host}/media"
-    if "--dial" in flags:
-        assert ElementTree.fromstring(twiml)[1].text == "+15551234567"
+    if "--dial" in flags:  # a number as the text of <Dial>, a SIP URI only inside <Sip>: Twilio dials nothing else
+        dial = ElementTree.fromstring(twiml)[1]
+        if flags[1].startswith("sip:"):
+            assert [(sip.tag, sip.text) for sip in dial] == [("Sip", flags[1])] and not (dial.text or "").strip()
+        else:
+            assert dial.text == flags[1] and len(dial) == 0
 
 
 def test_every_value_is_a_value_never_markup_and_get_works_too(start_server):
