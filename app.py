@@ -15,17 +15,17 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
   2356    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
   2680    Alerts                      --alerts: the phrases that matter, in what is said
   2765    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
-  3000    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  3055    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
-  3257    Sinks                       the console's lines, transcript files
-  3346    Metrics                     --metrics-port: Prometheus
-  3438    The floor                   --floor-port: every live call on one page, /events, /calls
-  3796    The floor's page            its HTML, CSS and JavaScript
-  4028    The floor across processes  --redis-url: one Redis stream
-  4836  The transport                 what a user need not read:
-  4838    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  5007    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5670  Start-up                      configure(), main(), then gunicorn's worker
+  3002    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  3057    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
+  3259    Sinks                       the console's lines, transcript files
+  3348    Metrics                     --metrics-port: Prometheus
+  3440    The floor                   --floor-port: every live call on one page, /events, /calls
+  3798    The floor's page            its HTML, CSS and JavaScript
+  4030    The floor across processes  --redis-url: one Redis stream
+  4838  The transport                 what a user need not read:
+  4840    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  5009    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5672  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -2786,11 +2786,12 @@ return 0
 def alert_message(record: dict, floor_url: str | None) -> dict:
     """What the webhook gets: the alert's fields, a link to the call on the floor's history,
     and `text`, one line that a Slack or Teams incoming webhook shows as it is."""
-    caller = record.get("caller") or "an unknown caller"
+    given = record.get("caller")
+    caller = given if isinstance(given, str) and given else None  # another program's entry may hold anything
     link = f"{floor_url.rstrip('/')}/history/{urlquote(record['stream'], safe='')}" if floor_url else None
-    text = f'Alert {record["category"]}: "{record["phrase"]}" from {caller}: "{record["text"]}"'
+    text = f'Alert {record["category"]}: "{record["phrase"]}" from {caller or "an unknown caller"}: "{record["text"]}"'
     return {"text": text + (f" {link}" if link else ""), "category": record["category"], "phrase": record["phrase"],
-            "line": record["text"], "track": record.get("track"), "caller": record.get("caller"),
+            "line": record["text"], "track": record.get("track"), "caller": caller,
             "call": record.get("call"), "stream": record["stream"], "server": record.get("server"),
             "time": record.get("time"), "link": link, "id": record.get("uid")}
 
@@ -2858,8 +2859,9 @@ class AlertWebhook:
 
     def flush(self, timeout: float) -> None:
         """At exit: the alerts waiting in this process sent, within `timeout`."""
-        if self.greenlet is not None and not self.redis_url:
-            self.idle.wait(timeout)
+        if self.greenlet is not None and not self.redis_url and not self.idle.wait(timeout):
+            log.warning("alert webhook %s: %d alert(s) not sent: this process is stopping", self.shown,
+                        len(self.queue) + 1)
 
     def send_from_queue(self) -> None:
         while True:

@@ -217,3 +217,14 @@ def test_with_redis_two_processes_send_each_alert_once_and_one_takes_over_when_t
     assert [(alert["stream"], alert["line"]) for alert in later] == [
         (call.stream_sid, "Line 3: I want my money back."), (call.stream_sid, "Line 4: I want my money back.")]
     survivor.wait_for("This process sends the alerts of every process")
+
+
+def test_alerts_still_waiting_when_the_server_stops_are_said_not_lost_in_silence(alerting, receivers):
+    receiver = receivers()  # never listening
+    server = alerting(receiver.url, patient=True)
+    play(server)
+    server.wait_for(r"alerts=2")
+    server.wait_for(r"alert webhook http://127\.0\.0\.1:\d+/… failed")
+    server.stop()
+    assert re.search(r"alert webhook http://127\.0\.0\.1:\d+/…: 2 alert\(s\) not sent: this process is stopping",
+                     server.log())
