@@ -9,23 +9,23 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
    184  The call                      its events, typed; MediaStream: one method per Twilio event
   1230  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
   1439  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
-  2089  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
-  2304  Optional features             each switched on by a flag, each consuming call events:
-  2306    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
-  2356    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2680    Alerts                      --alerts: the phrases that matter, in what is said
-  2765    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
-  3002    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  3057    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
-  3259    Sinks                       the console's lines, transcript files
-  3348    Metrics                     --metrics-port: Prometheus
-  3440    The floor                   --floor-port: every live call on one page, /events, /calls
-  3798    The floor's page            its HTML, CSS and JavaScript
-  4030    The floor across processes  --redis-url: one Redis stream
-  4838  The transport                 what a user need not read:
-  4840    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  5009    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5672  Start-up                      configure(), main(), then gunicorn's worker
+  2090  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
+  2305  Optional features             each switched on by a flag, each consuming call events:
+  2307    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
+  2357    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
+  2681    Alerts                      --alerts: the phrases that matter, in what is said
+  2766    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
+  3006    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  3061    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
+  3263    Sinks                       the console's lines, transcript files
+  3352    Metrics                     --metrics-port: Prometheus
+  3444    The floor                   --floor-port: every live call on one page, /events, /calls
+  3802    The floor's page            its HTML, CSS and JavaScript
+  4034    The floor across processes  --redis-url: one Redis stream
+  4842  The transport                 what a user need not read:
+  4844    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  5013    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5676  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -1937,7 +1937,8 @@ def create_runtime(settings: Settings, stream_class: type | None = None, *, limi
         floor_url = settings.floor_url or (settings.floor_port and "http://%s:%d" % (
             f"[{settings.floor_host}]" if ":" in settings.floor_host else settings.floor_host, settings.floor_port))
         runtime.alert_webhook = AlertWebhook(settings.alert_webhook, settings.alert_webhook_secret, floor_url or None,
-                                             server, settings.redis_url, metrics, limits)
+                                             server, settings.redis_url, metrics, limits,
+                                             history=bool(settings.floor_url or settings.history))
         runtime.sinks.append(runtime.alert_webhook)
     runtime.levels = not settings.quiet_levels or runtime.floor is not None or runtime.publisher is not None
     return runtime
@@ -2783,12 +2784,13 @@ return 0
 """
 
 
-def alert_message(record: dict, floor_url: str | None) -> dict:
+def alert_message(record: dict, floor_url: str | None, history: bool = True) -> dict:
     """What the webhook gets: the alert's fields, a link to the call on the floor's history,
     and `text`, one line that a Slack or Teams incoming webhook shows as it is."""
     given = record.get("caller")
     caller = given if isinstance(given, str) and given else None  # another program's entry may hold anything
-    link = f"{floor_url.rstrip('/')}/history/{urlquote(record['stream'], safe='')}" if floor_url else None
+    link = None if not floor_url else f"{floor_url.rstrip('/')}/history/{urlquote(record['stream'], safe='')}" \
+        if history else f"{floor_url.rstrip('/')}/"  # a floor that keeps no history: its page
     text = f'Alert {record["category"]}: "{record["phrase"]}" from {caller or "an unknown caller"}: "{record["text"]}"'
     return {"text": text + (f" {link}" if link else ""), "category": record["category"], "phrase": record["phrase"],
             "line": record["text"], "track": record.get("track"), "caller": caller,
@@ -2826,8 +2828,10 @@ class AlertWebhook:
     it was raised, then dropped: one warning, counted (mediastreams_alert_webhooks_total)."""
 
     def __init__(self, url: str, secret: str | None, floor_url: str | None, server: str,
-                 redis_url: str | None = None, metrics: Metrics | None = None, limits: Limits = Limits()):
+                 redis_url: str | None = None, metrics: Metrics | None = None, limits: Limits = Limits(),
+                 history: bool = True):
         self.url, self.secret, self.floor_url, self.server = url, secret, floor_url, server
+        self.history = history  # the floor linked to keeps a history: link to the call's page there
         self.redis_url, self.metrics, self.limits = redis_url, metrics, limits
         self.shown = shown_web_address(url)
         self.queue: deque = deque()
@@ -2874,7 +2878,7 @@ class AlertWebhook:
     def deliver(self, record: dict, still_mine: Callable[[], bool] = lambda: True) -> bool:
         """One alert, until the webhook takes it or its time is up (then dropped). False: it is
         no longer this process's to send (another holds the lease now)."""
-        body = json_dumps(alert_message(record, self.floor_url))
+        body = json_dumps(alert_message(record, self.floor_url, self.history))
         headers = {"Content-Type": "application/json", "User-Agent": "twilio-media-streams-server"}
         if self.secret:
             digest = hmac.new(self.secret.encode(), body, hashlib.sha256).hexdigest()

@@ -106,15 +106,14 @@ def play(server, caller="+15550001001", audio=SENTENCES):
 
 def test_each_alert_reaches_the_webhook_once_signed_in_order_with_its_caller_and_a_link(alerting, receivers):
     receiver = receivers().start()
-    floor_port = free_port()
-    server = alerting(receiver.url, "--floor-port", str(floor_port), env={"ALERT_WEBHOOK_SECRET": SECRET})
+    server = alerting(receiver.url, "--floor-url", "https://floor.example.com", env={"ALERT_WEBHOOK_SECRET": SECRET})
     server.wait_for(r"Alerts POSTed to http://127\.0\.0\.1:\d+/…, signed \(ALERT_WEBHOOK_SECRET\)")
     assert "/hooks/T000" not in server.log(), "a webhook's path is its secret: never on the console"
     call = play(server)
     first, second = receiver.taken(2)
     time.sleep(0.5)
     assert len(receiver.got) == 2, "each alert once"
-    link = f"http://127.0.0.1:{floor_port}/history/{call.stream_sid}"
+    link = f"https://floor.example.com/history/{call.stream_sid}"
     assert first == {
         "text": f'Alert refund: "money back" from +15550001001: "Line 1: I want my money back." {link}',
         "category": "refund", "phrase": "money back", "line": "Line 1: I want my money back.", "track": "inbound",
@@ -173,12 +172,14 @@ def test_a_receiver_answering_500_gets_retries_then_each_alert_is_dropped_with_o
 
 def test_a_receiver_that_refuses_with_4xx_is_not_asked_again_and_one_500_is_retried(alerting, receivers):
     receiver = receivers(answers=[400, 500]).start()
-    server = alerting(receiver.url)
+    floor_port = free_port()
+    server = alerting(receiver.url, "--floor-port", str(floor_port))  # a floor of its own, keeping no history
     play(server)
     taken = receiver.taken(1)
     server.wait_for(r"alert dropped \(HTTP 400, refused\)")
     assert [status for *_, status in receiver.got] == [400, 500, 200]
     assert taken[0]["line"] == "Line 2: I want my money back."
+    assert taken[0]["link"] == f"http://127.0.0.1:{floor_port}/", "a floor with no history: a link to its page"
 
 
 def test_without_alerts_or_redis_there_is_nothing_to_send():
