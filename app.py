@@ -9,23 +9,23 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
    184  The call                      its events, typed; MediaStream: one method per Twilio event
   1230  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
   1439  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
-  2090  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
-  2305  Optional features             each switched on by a flag, each consuming call events:
-  2307    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
-  2357    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2681    Alerts                      --alerts: the phrases that matter, in what is said
-  2766    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
-  3006    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  3061    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
-  3263    Sinks                       the console's lines, transcript files
-  3352    Metrics                     --metrics-port: Prometheus
-  3444    The floor                   --floor-port: every live call on one page, /events, /calls
-  3802    The floor's page            its HTML, CSS and JavaScript
-  4034    The floor across processes  --redis-url: one Redis stream
-  4842  The transport                 what a user need not read:
-  4844    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  5013    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5676  Start-up                      configure(), main(), then gunicorn's worker
+  2091  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
+  2306  Optional features             each switched on by a flag, each consuming call events:
+  2308    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
+  2358    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
+  2682    Alerts                      --alerts: the phrases that matter, in what is said
+  2767    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
+  3007    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  3062    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
+  3264    Sinks                       the console's lines, transcript files
+  3353    Metrics                     --metrics-port: Prometheus
+  3445    The floor                   --floor-port: every live call on one page, /events, /calls
+  3803    The floor's page            its HTML, CSS and JavaScript
+  4035    The floor across processes  --redis-url: one Redis stream
+  4843  The transport                 what a user need not read:
+  4845    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  5014    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5677  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -1642,7 +1642,8 @@ class Settings:
         "with --transcribe: score each transcript line from -1 (angry, fed up) to +1 (pleased), VADER with a "
         f"call center's own words (needs: {MOOD_PIP})")
     dial: str | None = option("", a_phone_number_or_none,
-        "/twiml: connect each caller to this number (<Dial>) while the call is streamed; default: a message, "
+        "/twiml: connect each caller to this number, in E.164 (<Dial>), or SIP URI (<Sip>) while the call is "
+        "streamed; default: a message, "
         "then the call stays up for an hour")
     tracks: str = option("inbound", one_of("INBOUND", "OUTBOUND", "BOTH"),
         "/twiml: the tracks a listening stream gets: inbound (the caller), outbound (what the caller hears), both")
