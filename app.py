@@ -10,22 +10,22 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
   1230  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
   1439  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
   2091  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
-  2306  Optional features             each switched on by a flag, each consuming call events:
-  2308    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
-  2358    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2682    Alerts                      --alerts: the phrases that matter, in what is said
-  2767    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
-  3007    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  3062    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
-  3264    Sinks                       the console's lines, transcript files
-  3353    Metrics                     --metrics-port: Prometheus
-  3445    The floor                   --floor-port: every live call on one page, /events, /calls
-  3803    The floor's page            its HTML, CSS and JavaScript
-  4035    The floor across processes  --redis-url: one Redis stream
-  4843  The transport                 what a user need not read:
-  4845    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  5014    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5677  Start-up                      configure(), main(), then gunicorn's worker
+  2319  Optional features             each switched on by a flag, each consuming call events:
+  2321    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
+  2371    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
+  2695    Alerts                      --alerts: the phrases that matter, in what is said
+  2780    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
+  3020    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  3075    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
+  3277    Sinks                       the console's lines, transcript files
+  3366    Metrics                     --metrics-port: Prometheus
+  3458    The floor                   --floor-port: every live call on one page, /events, /calls
+  3816    The floor's page            its HTML, CSS and JavaScript
+  4048    The floor across processes  --redis-url: one Redis stream
+  4856  The transport                 what a user need not read:
+  4858    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  5027    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5692  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -2125,6 +2125,7 @@ def media_without_upgrade():
 
 WEBHOOK_ROUTES = ("/twiml", "/stream-status")  # the only routes that take a body: Twilio's webhooks, as forms
 WEBHOOK_BODY_BYTES = 16384    # Twilio's fields come to one or two KiB; a larger body is refused
+WEBHOOK_FIELDS = 100          # Twilio's voice webhook has about 30 fields, a status callback 12; more are refused
 CALL_FIELDS = ("From", "To", "CallSid", "Direction")  # passed on to the stream as <Parameter>s
 TWIML_STREAM_SECONDS = 3600   # without --dial, how long a call that is only listened to stays up
 
@@ -2276,8 +2277,19 @@ def twilio_signature(auth_token: str, url: str, fields: Sequence[tuple[str, str]
     """X-Twilio-Signature: HMAC-SHA1, base64, of the URL (a WebSocket handshake's alone),
     then a webhook's POSTed fields, name and value, sorted by name and a name's values
     sorted too (twilio-python's RequestValidator.compute_signature)."""
-    signed = url + "".join(name + value for name in sorted({name for name, _ in fields})
-                           for value in sorted({v for n, v in fields if n == name}))
+    return signature_of(auth_token, url + signed_fields(fields))
+
+
+def signed_fields(fields: Sequence[tuple[str, str]]) -> str:
+    """A webhook's fields as its signature covers them, in one pass (grouped by name, not a scan
+    of every field for each name: a refusal must cost no more than the fields it was sent)."""
+    by_name: dict[str, set[str]] = {}
+    for name, value in fields:
+        by_name.setdefault(name, set()).add(value)
+    return "".join(name + value for name in sorted(by_name) for value in sorted(by_name[name]))
+
+
+def signature_of(auth_token: str, signed: str) -> str:
     digest = hmac.new(auth_token.encode(), signed.encode(), hashlib.sha1).digest()
     return base64.b64encode(digest).decode()
 
@@ -2290,9 +2302,10 @@ def signature_is_valid(auth_token: str, host: str, path: str, signature: str, sc
     name, colon, port = host.rpartition(":")
     hostname = name if colon and port.isdigit() else host
     given = signature.encode("latin-1", "replace")
+    fields_part = signed_fields(fields)  # once, for the three candidates
     valid = False
     for where in {host, hostname, hostname + ":443"}:
-        valid |= hmac.compare_digest(twilio_signature(auth_token, f"{scheme}://{where}{path}", fields).encode(), given)
+        valid |= hmac.compare_digest(signature_of(auth_token, f"{scheme}://{where}{path}{fields_part}").encode(), given)
     return valid
 
 
@@ -5543,6 +5556,8 @@ class MediaStreamHandler(WebSocketHandler):
             body = self.rfile.read(self.content_length)
             if len(body) < self.content_length:
                 raise ValueError("a body cut short")
+            if body.count(b"&") >= WEBHOOK_FIELDS:  # before any parsing or signature: each field costs
+                raise ValueError(f"a body of {body.count(b'&') + 1} fields (Twilio's have fewer than {WEBHOOK_FIELDS})")
             self.rfile = io.BufferedReader(io.BytesIO(body))  # what pywsgi reads it from
         self.close_connection = True  # no keep-alive: a client cannot pipeline requests it never reads
         return True
