@@ -20,12 +20,12 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
   3277    Sinks                       the console's lines, transcript files
   3366    Metrics                     --metrics-port: Prometheus
   3458    The floor                   --floor-port: every live call on one page, /events, /calls
-  3816    The floor's page            its HTML, CSS and JavaScript
-  4048    The floor across processes  --redis-url: one Redis stream
-  4856  The transport                 what a user need not read:
-  4858    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  5027    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5692  Start-up                      configure(), main(), then gunicorn's worker
+  3823    The floor's page            its HTML, CSS and JavaScript
+  4055    The floor across processes  --redis-url: one Redis stream
+  4863  The transport                 what a user need not read:
+  4865    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  5034    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5699  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -3677,10 +3677,17 @@ def floor_app(floor: Floor, token: str | None) -> Flask:
     def calls() -> Response:
         return Response(json_dumps(floor.snapshot()), content_type="application/json")
 
+    refused = LogThrottle("floor requests refused", 5)
+
     @web.get("/events", provide_automatic_options=False)
     def events() -> Response:
-        return Response(floor_feed(floor, request.headers.get("Last-Event-ID")), content_type="text/event-stream",
-                        headers={"X-Accel-Buffering": "no"})
+        resume = request.headers.get("Last-Event-ID") or None
+        if resume is not None and not re.fullmatch(r"[0-9]{1,18}", resume):  # int() of 4,301 digits raises
+            refused.warning("bad floor request remote=%s path=/events status=400 reason=Last-Event-ID %s is not an "
+                            "event's id", request.remote_addr, printable(resume, 40))
+            return Response(b"Last-Event-ID: the id of an event this feed sent, a number\n", 400,
+                            content_type="text/plain")
+        return Response(floor_feed(floor, resume), content_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
 
     @web.errorhandler(404)
     def not_found(_) -> Response:
@@ -3793,7 +3800,7 @@ def floor_feed(floor: Floor, last_event_id: str | None):
     queue: gevent.queue.Queue = gevent.queue.Queue()
     floor.clients.add(queue)  # before the snapshot: nothing falls between the two
     try:
-        missed = floor.since(int(last_event_id) if last_event_id and last_event_id.isdecimal() else None)
+        missed = floor.since(int(last_event_id) if last_event_id else None)
         shown = floor.last_id  # what the snapshot, or the events missed, cover: the queue has what follows
         if missed is None:
             yield sse({"id": shown, **floor.snapshot()}, "snapshot")

@@ -152,6 +152,12 @@ def test_a_call_reaches_the_feed_as_it_happens_and_calls_lists_it(floor_server):
     _, _, snapshot = again.wait_for(lambda kind, *_: kind == "snapshot")
     assert [c["ended"]["how"] for c in snapshot["ended"]] == ["stop"], "an unknown id: the snapshot again"
     again.close()
+    for bad in ("9" * 5000, "\u00b2", "12abc", "-1"):  # Python's int() refuses 4,301 digits
+        status, _, body = http_request(port, "/events", **{"Last-Event-ID": bad})
+        assert (status, body) == (400, b"Last-Event-ID: the id of an event this feed sent, a number\n"), bad
+    server.wait_for(r"bad floor request remote=127\.0\.0\.1 path=/events status=400 reason=Last-Event-ID 9{10}.* is "
+                    r"not an event's id")
+    assert "Traceback" not in server.log()
 
 
 def test_the_page_is_whole_offline_and_sets_what_clients_sent_as_text(floor_server):
