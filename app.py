@@ -20,12 +20,12 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
   3277    Sinks                       the console's lines, transcript files
   3366    Metrics                     --metrics-port: Prometheus
   3458    The floor                   --floor-port: every live call on one page, /events, /calls
-  3823    The floor's page            its HTML, CSS and JavaScript
-  4055    The floor across processes  --redis-url: one Redis stream
-  4863  The transport                 what a user need not read:
-  4865    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  5034    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5699  Start-up                      configure(), main(), then gunicorn's worker
+  3824    The floor's page            its HTML, CSS and JavaScript
+  4056    The floor across processes  --redis-url: one Redis stream
+  4924  The transport                 what a user need not read:
+  4926    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  5095    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5760  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -3515,6 +3515,7 @@ class Floor:
         self.clients: set = set()                  # each feed's gevent queue
         self.heard: dict[str, float] = {}          # stream SID of each open call: time.monotonic() of its last event
         self.checked_silence_at = 0.0
+        self.skipped = 0                           # Redis entries that were not call events (checked_record)
 
     def __call__(self, event: CallEvent) -> None:
         record = floor_record(event, self.server)
@@ -4239,6 +4240,60 @@ def delete_from_redis(url: str, record: dict) -> None:
                     shown_redis_url(url), printable(sid, 64), type(exc).__name__, printable(str(exc), 200))
 
 
+REDIS_ENTRY_BYTES = 65_536  # a call event is a few hundred bytes (a start with its parameters a few KiB): more is skipped
+
+
+def text_of(limit: int) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, str) and len(value) <= limit
+
+
+def optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, bool) or is_number(value) or text_of(2000)(value)
+
+
+RECORD_FIELDS: dict[str, Callable[[Any], bool]] = {  # every record's: the floor sorts, shows and keeps by them
+    "stream": text_of(64), "call": optional(text_of(64)), "server": text_of(200), "uid": optional(text_of(300)),
+    "time": lambda value: isinstance(value, str) and bool(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z",
+                                                                   value))}
+KIND_FIELDS: dict[str, dict[str, Callable[[Any], bool]]] = {  # each kind's own, as FLOOR_KINDS makes them
+    "start": {"tracks": lambda value: isinstance(value, list) and len(value) <= 4 and all(map(text_of(100), value)),
+              "parameters": lambda value: isinstance(value, dict) and len(value) <= 100 and all(
+                  text_of(100)(name) and text_of(1000)(v) for name, v in value.items()),
+              "format": optional(text_of(200))},
+    "level": {"track": text_of(20), "dbfs": is_number},
+    "transcript": {"track": text_of(20), "offset": is_number, "text": text_of(5000),
+                   "partial": lambda value: isinstance(value, bool), "mood": optional(is_number), "seconds": optional(is_number),
+        "redacted": optional(lambda value: isinstance(value, list) and all(map(text_of(40), value)))},
+    "dtmf": {"digit": text_of(4)}, "mark": {"name": text_of(300)}, "barge_in": {"queued_seconds": is_number},
+    "alert": {"track": text_of(20), "category": text_of(100), "phrase": text_of(300), "text": text_of(5000),
+              "caller": optional(text_of(64))},
+    "status": {"event": text_of(40), "error": optional(text_of(300))}, "warning": {"message": text_of(400)},
+    "stop": {}, "end": {}, "delete": {}}
+
+
+def checked_record(record: Any) -> dict | None:
+    """A record read from the Redis stream, which other programs may write to, if each field the
+    floor reads has the type and size it needs (None: skipped). Fields of a kind's own it does
+    not know must be plain values."""
+    if not isinstance(record, dict) or record.get("type") not in KIND_FIELDS:
+        return None
+    own = KIND_FIELDS[record["type"]]
+    for name, value in record.items():
+        check = RECORD_FIELDS.get(name) or own.get(name) or (None if name in ("type", "id") else is_scalar)
+        if check is not None and not check(value):
+            return None
+    required = ("stream", "server", "time", *(name for name, check in own.items() if check(None) is False))
+    return record if all(name in record for name in required) else None
+
+
 def follow_redis(url: str, floor: Floor) -> None:
     """A floor's greenlet: every process's events from the Redis stream (from its oldest
     kept, so calls already open are shown), onto this floor; after Redis was down, on from
@@ -4268,11 +4323,17 @@ def follow_redis(url: str, floor: Floor) -> None:
             for entry_id, fields in entries:
                 last = entry_id
                 try:
-                    record = json_loads(fields[fields[::2].index(b"event") * 2 + 1])
+                    raw = fields[fields[::2].index(b"event") * 2 + 1]
+                    record = checked_record(json_loads(raw)) if len(raw) <= REDIS_ENTRY_BYTES else None
+                except (TypeError, ValueError, AttributeError, RecursionError):
+                    record = None
+                if record is None:  # another program's entry, or one broken: skipped, counted, said
+                    floor.skipped += 1
+                    skipped.warning("Redis stream %s: entry %s is not a call event (or one over %d bytes): skipped, "
+                                    "%d so far", REDIS_STREAM, printable(entry_id.decode("ascii", "replace"), 40),
+                                    REDIS_ENTRY_BYTES, floor.skipped)
+                else:
                     floor.publish(record)
-                except (KeyError, TypeError, ValueError, AttributeError):  # another program's entry
-                    skipped.warning("Redis stream %s: entry %s is not a call event: skipped", REDIS_STREAM,
-                                    printable(entry_id.decode("ascii", "replace"), 40))
         if not behind:
             floor.end_silent_calls()
         gevent.sleep(0 if behind else REDIS_GATHER_SECONDS)  # a round trip for many events; catching up, pages get in

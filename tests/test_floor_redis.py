@@ -18,6 +18,7 @@ from tests.conftest import (REDIS_SERVER, Feed, GUNICORN_READY, HTML_FROM, ROOT,
 from tests.twilio_sim import Call
 
 LISTENING_FLOOR = r"The floor at http://127.0.0.1:(\d+)/"
+WHEN = "2026-12-06T10:00:00.000Z"  # an event's time, as the floor's records carry it
 pytestmark = pytest.mark.skipif(not REDIS_SERVER, reason="needs Debian's redis-server (apt-get install "
                                 "redis-server; .ci/run installs it)")
 
@@ -301,7 +302,7 @@ def test_the_readmes_xreadgroup_example_follows_the_stream_at_least_once(start_s
 def test_a_floor_waiting_on_redis_holds_up_nothing_else_in_its_process(redis):
     floor = floor_of(redis.url)
     redis.cli("XADD", app.REDIS_STREAM, "*", "event", json.dumps(  # before the floor starts: it reads it too
-        {"type": "dtmf", "stream": "MZ1", "call": "CA1", "server": "other", "time": "", "digit": "3"}))
+        {"type": "dtmf", "stream": "MZ1", "call": "CA1", "server": "other", "time": WHEN, "digit": "3"}))
     follower = gevent.spawn(app.follow_redis, redis.url, floor)  # in XREAD, a second at a time, on gevent's sockets
     ticks = []
     ticker = gevent.spawn(lambda: [(ticks.append(1), gevent.sleep(0.01)) for _ in iter(int, 1)])
@@ -309,7 +310,7 @@ def test_a_floor_waiting_on_redis_holds_up_nothing_else_in_its_process(redis):
     assert len(ticks) > 50, "the event loop was held up while the floor waited for Redis"
     redis.cli("XADD", app.REDIS_STREAM, "*", "event", "not json")
     redis.cli("XADD", app.REDIS_STREAM, "*", "event", json.dumps(
-        {"type": "dtmf", "stream": "MZ1", "call": "CA1", "server": "other", "time": "", "digit": "4"}))
+        {"type": "dtmf", "stream": "MZ1", "call": "CA1", "server": "other", "time": WHEN, "digit": "4"}))
     wait_until(lambda: len(floor.events) >= 2)
     assert [r["digit"] for r in floor.events] == ["3", "4"], "from the oldest kept; another program's entry skipped"
     gevent.killall([follower, ticker])
@@ -338,14 +339,14 @@ def floor_of(url, limits=app.Limits()):
 
 def test_a_lost_call_that_is_heard_again_is_open_again_and_an_outage_loses_no_call(redis):
     floor = floor_of(redis.url, app.Limits(floor_silent_seconds=1))
-    start = {"type": "start", "stream": "MZ1", "call": "CA1", "server": "other", "time": "", "tracks": ["inbound"],
+    start = {"type": "start", "stream": "MZ1", "call": "CA1", "server": "other", "time": WHEN, "tracks": ["inbound"],
              "parameters": {}}
     floor.publish(dict(start))
     floor.heard["MZ1"] -= floor.limits.floor_silent_seconds + 1
     floor.end_silent_calls()
     lost = floor.snapshot()["ended"]
     assert [(c["stream"], c["ended"]["how"]) for c in lost] == [("MZ1", "lost")] and floor.events[-1]["ended"] == "lost"
-    floor.publish({"type": "level", "stream": "MZ1", "call": "CA1", "server": "other", "time": "", "track": "inbound",
+    floor.publish({"type": "level", "stream": "MZ1", "call": "CA1", "server": "other", "time": WHEN, "track": "inbound",
                    "dbfs": -20.0})
     assert [c["stream"] for c in floor.snapshot()["open"]] == ["MZ1"] and floor.snapshot()["ended"] == []
 
@@ -370,9 +371,32 @@ def test_a_floor_waiting_on_redis_over_tls_holds_up_nothing_else_in_its_process(
         gevent.sleep(2.5)
         assert len(ticks) > 50, "the event loop was held up while the floor waited for Redis over TLS"
         tls.cli("XADD", app.REDIS_STREAM, "*", "event", json.dumps(
-            {"type": "dtmf", "stream": "MZ1", "call": "CA1", "server": "other", "time": "", "digit": "6"}))
+            {"type": "dtmf", "stream": "MZ1", "call": "CA1", "server": "other", "time": WHEN, "digit": "6"}))
         wait_until(lambda: list(floor.events))
         assert [r["digit"] for r in floor.events] == ["6"]
     finally:
         gevent.killall([follower, ticker])
         tls.kill()
+
+
+def test_entries_another_program_wrote_wrong_are_skipped_counted_and_the_floor_stays_up(start_server, redis):
+    """Every field the floor sorts, shows or keeps is checked: one entry whose `time` was null
+    took every /calls and every new page down (a 500 with a traceback) for as long as Redis kept it."""
+    good = {"type": "start", "stream": "MZ1", "call": "CA1", "server": "other", "time": WHEN, "tracks": ["inbound"],
+            "parameters": {"From": "+15550003001"}}
+    bad = [{**good, "stream": "MZ2", "time": None}, {**good, "stream": "MZ3", "time": 5}, {**good, "stream": "MZ4",
+           "time": ["x"]}, {**good, "stream": "MZ5", "parameters": ["From"]}, {**good, "stream": 7},
+           {"type": "level", "stream": "MZ1", "call": "CA1", "server": "other", "time": WHEN, "track": "inbound",
+            "dbfs": "loud"}, {**good, "type": "transcript"}, {**good, "type": "no-such-kind"},
+           {**good, "stream": "MZ6", "parameters": {"From": "x" * 70_000}}]
+    for record in [good, *bad]:
+        redis.cli("XADD", app.REDIS_STREAM, "*", "event", json.dumps(record))
+    floor = floor_only(start_server, redis.url)
+    floor.wait_for(r"Redis stream mediastreams:events: entry \S+ is not a call event \(or one over 65536 bytes\): "
+                   r"skipped, 1 so far")
+    status, _, body = http_request(floor.floor_port, "/calls")
+    assert status == 200 and [call["stream"] for call in json.loads(body)["open"]] == ["MZ1"]
+    assert http_request(floor.floor_port, "/")[0] == 200
+    floor.wait_for(r"\d+ more Redis entries that are not call events not shown")
+    assert "Traceback" not in floor.log()
+
