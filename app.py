@@ -8,24 +8,24 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
    108  The tutorial's app            Flask, Sockets (fixed for today's Werkzeug) and the /media loop
    184  The call                      its events, typed; MediaStream: one method per Twilio event
   1230  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
-  1439  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
-  2091  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
-  2319  Optional features             each switched on by a flag, each consuming call events:
-  2321    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
-  2371    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2695    Alerts                      --alerts: the phrases that matter, in what is said
-  2780    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
-  3020    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  3075    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
-  3277    Sinks                       the console's lines, transcript files
-  3366    Metrics                     --metrics-port: Prometheus
-  3458    The floor                   --floor-port: every live call on one page, /events, /calls
-  3824    The floor's page            its HTML, CSS and JavaScript
-  4056    The floor across processes  --redis-url: one Redis stream
-  4924  The transport                 what a user need not read:
-  4926    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  5095    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5760  Start-up                      configure(), main(), then gunicorn's worker
+  1446  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
+  2098  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
+  2326  Optional features             each switched on by a flag, each consuming call events:
+  2328    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
+  2378    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
+  2702    Alerts                      --alerts: the phrases that matter, in what is said
+  2787    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
+  3027    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  3082    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
+  3284    Sinks                       the console's lines, transcript files
+  3373    Metrics                     --metrics-port: Prometheus
+  3465    The floor                   --floor-port: every live call on one page, /events, /calls
+  3831    The floor's page            its HTML, CSS and JavaScript
+  4063    The floor across processes  --redis-url: one Redis stream
+  4931  The transport                 what a user need not read:
+  4933    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  5102    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5767  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -822,7 +822,7 @@ class MediaStream:
         start = data.get("start")
         if not isinstance(start, dict):
             raise BadMessage("start", "'start' field is not an object")
-        stream_sid = field_text(start, "streamSid") or field_text(data, "streamSid")
+        stream_sid = sid_text(field_text(start, "streamSid") or field_text(data, "streamSid"))
         if not stream_sid:
             raise BadMessage("start", "start without a streamSid")
         tracks = start.get("tracks", ["inbound"])
@@ -838,7 +838,7 @@ class MediaStream:
             self.listen_only = ("its tracks include outbound, so it comes from <Start><Stream>, where Twilio "
                                 "accepts nothing back: use <Connect><Stream> (twiml/connect.xml)")
         self.decoding = self.wants_pcm or bool(self.runtime.settings.record) or self.runtime.transcriber is not None
-        self.call_sid = field_text(start, "callSid", "?")
+        self.call_sid = sid_text(field_text(start, "callSid", "?"))
         self.parameters, self.streamed_tracks = dict(params), tuple(tracks)
         encoding, rate, channels = (media_format.get(name) for name in ("encoding", "sampleRate", "channels"))
         self.emit(Started, tracks=tuple(printable(t, 100) for t in tracks),
@@ -1246,6 +1246,13 @@ def first_sentences(text: str, limit: int) -> str:
 def printable(value: str, limit: int) -> str:
     """At most `limit` characters, none that could break a log line or forge another."""
     return "".join(c if c.isprintable() else "?" for c in value[:limit])
+
+
+def sid_text(value: str | None) -> str | None:
+    """A SID a client sent, made safe to show as one `key=value` field: Twilio's are two letters
+    and 32 hex digits; anything but letters, digits, `_`, `-` and `.` becomes `?` (a space
+    or `=` would let it forge fields of the summary line)."""
+    return None if value is None else re.sub(r"[^A-Za-z0-9_.-]", "?", value[:64])
 
 
 def safe_name(stream_sid: str) -> str:
@@ -2203,15 +2210,15 @@ def stream_status():
     refused = not_a_form(runtime) or webhook_refusal(runtime)
     if refused:
         return refused
-    sid = printable(request.form.get("StreamSid", ""), 64) or "-"
+    sid = sid_text(request.form.get("StreamSid", "")) or "-"
     event = request.form.get("StreamEvent", "")
     error = request.form.get("StreamError") or None
     shown = printable(event, 40) or "-"
     log.log(logging.WARNING if event == "stream-error" else logging.INFO, "stream=%s status event=%s call=%s%s", sid,
-            shown, printable(request.form.get("CallSid", ""), 64) or "-", f' error="{quoted(error)}"' if error else "")
+            shown, sid_text(request.form.get("CallSid", "")) or "-", f' error="{quoted(error)}"' if error else "")
     if runtime.metrics:
         runtime.metrics.stream_status.labels(event if event in STREAM_EVENTS else "other").inc()
-    stream = runtime.streams.get(request.form.get("StreamSid"))
+    stream = runtime.streams.get(sid)
     if stream is not None:
         stream.statuses.append(shown)
         stream.emit(StatusCallback, event=shown, error=error and printable(error, 500))

@@ -115,6 +115,14 @@ def test_what_a_client_names_cannot_forge_log_lines(server):
     assert "\r" not in log
 
 
+def test_a_sid_with_spaces_or_equals_signs_cannot_forge_fields_of_the_summary(server):
+    call = Call(stream_sid="MZ1 ended=idle stream=MZother", params={"From": "+15550004001"})
+    server.stream([*call.session(media=2), call.stop()])
+    line = server.wait_for(r"summary stream=MZ1\S* .*").group(0)
+    assert line.startswith("summary stream=MZ1?ended?idle?stream?MZother call=") and " ended=stop " in line
+    assert "ended=idle" not in line and "stream=MZother" not in line
+
+
 def test_frames_sent_with_the_handshake_are_all_read(server):
     """A client may send frames before it reads the 101: they sit in the HTTP parser's
     buffer, past the request, and must be read from there before the socket."""
