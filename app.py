@@ -7,25 +7,25 @@ Your own processing: subclass MediaStream, then app.main(stream_class=YourStream
 The file, top to bottom: each section and its first line (tests/test_setup.py keeps them true).
    108  The tutorial's app            Flask, Sockets (fixed for today's Werkzeug) and the /media loop
    184  The call                      its events, typed; MediaStream: one method per Twilio event
-  1230  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
-  1446  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
-  2098  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
-  2326  Optional features             each switched on by a flag, each consuming call events:
-  2328    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
-  2378    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2702    Alerts                      --alerts: the phrases that matter, in what is said
-  2787    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
-  3027    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  3082    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
-  3284    Sinks                       the console's lines, transcript files
-  3373    Metrics                     --metrics-port: Prometheus
-  3465    The floor                   --floor-port: every live call on one page, /events, /calls
-  3831    The floor's page            its HTML, CSS and JavaScript
-  4063    The floor across processes  --redis-url: one Redis stream
-  4931  The transport                 what a user need not read:
-  4933    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  5102    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5767  Start-up                      configure(), main(), then gunicorn's worker
+  1237  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
+  1453  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
+  2105  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
+  2333  Optional features             each switched on by a flag, each consuming call events:
+  2335    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
+  2385    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
+  2709    Alerts                      --alerts: the phrases that matter, in what is said
+  2794    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
+  3034    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  3089    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
+  3291    Sinks                       the console's lines, transcript files
+  3380    Metrics                     --metrics-port: Prometheus
+  3472    The floor                   --floor-port: every live call on one page, /events, /calls
+  3844    The floor's page            its HTML, CSS and JavaScript
+  4076    The floor across processes  --redis-url: one Redis stream
+  4944  The transport                 what a user need not read:
+  4946    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  5115    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5780  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -455,6 +455,7 @@ def field_text(obj: dict, name: str, default: str | None = None) -> str | None:
 
 
 TRACK_NAMES = ("inbound", "outbound")
+START_PARAMETERS = 100  # customParameters kept of a start (Twilio's REST API allows 99): a floor keeps each call's
 GAP_MS = 10            # a timestamp further ahead than this (half a 20 ms frame) is lost audio
 MAX_WARNINGS = 100     # per stream; the rest are still counted
 MAX_UNKNOWN_EVENTS = 20
@@ -839,11 +840,17 @@ class MediaStream:
                                 "accepts nothing back: use <Connect><Stream> (twiml/connect.xml)")
         self.decoding = self.wants_pcm or bool(self.runtime.settings.record) or self.runtime.transcriber is not None
         self.call_sid = sid_text(field_text(start, "callSid", "?"))
+        given = (len(params), len(tracks))
+        if given[0] > START_PARAMETERS or given[1] > len(TRACK_NAMES):  # what every sink keeps is bounded
+            params, tracks = dict(itertools.islice(params.items(), START_PARAMETERS)), tracks[:len(TRACK_NAMES)]
         self.parameters, self.streamed_tracks = dict(params), tuple(tracks)
         encoding, rate, channels = (media_format.get(name) for name in ("encoding", "sampleRate", "channels"))
         self.emit(Started, tracks=tuple(printable(t, 100) for t in tracks),
                   media_format="/".join(scalar_text(value) for value in (encoding, rate, channels)),
                   parameters={printable(name, 100): scalar_text(value) for name, value in params.items()})
+        if given != (len(params), len(tracks)):
+            self.warn(f"start has {given[0]} customParameters and {given[1]} tracks: the first {len(params)} and "
+                      f"{len(tracks)} kept (Twilio sends at most 99 and 2)")
         if (encoding, rate, channels) != ("audio/x-mulaw", 8000, 1):
             self.warn(f"unexpected media format {'/'.join(scalar_text(v) for v in (encoding, rate, channels))}: "
                       "this server expects audio/x-mulaw 8000 Hz mono")
@@ -3465,7 +3472,9 @@ class Metrics:
 # --- The floor: every live call on one page and one feed (--floor-port) ---------------------
 
 FLOOR_ENDED_SECONDS = 600       # ... for this long
-FLOOR_CALL_LINES = 500          # per call: transcript lines, key presses, marks and warnings kept for its page
+FLOOR_CALL_LINES = 500          # per call: transcript lines, key presses, marks and warnings kept for its page ...
+FLOOR_CALL_OTHER_LINES = 100    # ... of which at most this many are not what was said (keys, marks, warnings)
+SAID = ("transcript", "alert")
 FLOOR_MOODS_KEPT = 12           # per call and track: the moods of its latest lines, its trend on the page
 FLOOR_CONNECTIONS = 64          # pages and feeds served at once
 FLOOR_KEEPALIVE_SECONDS = 15    # a comment line on a quiet feed: proxies and browsers keep it open
@@ -3581,8 +3590,12 @@ class Floor:
                     trend.append(record["mood"])
                     del trend[:-FLOOR_MOODS_KEPT]
             call["alerts"] += kind == "alert"
-            call["lines"].append(record)
-            del call["lines"][:-FLOOR_CALL_LINES]
+            lines = call["lines"]
+            lines.append(record)
+            if kind not in SAID and (others := [n for n, line in enumerate(lines) if line["type"] not in SAID]) \
+                    and len(others) > FLOOR_CALL_OTHER_LINES:  # 500 key presses leave what was said alone
+                del lines[others[0]]
+            del lines[:-FLOOR_CALL_LINES]
 
     def forget_call(self, sid: str) -> None:
         self.calls.pop(sid, None)

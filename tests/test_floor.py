@@ -93,6 +93,27 @@ def test_ended_calls_are_listed_for_a_while_then_forgotten():
     assert [c["stream"] for c in serving.floor.snapshot()["ended"]] == [calls[2].stream_sid, calls[1].stream_sid]
 
 
+def test_what_a_client_sends_is_kept_within_bounds_and_what_was_said_outlives_its_key_presses():
+    """A start with 4,000 parameters and a call of 500 key presses held the floor's memory
+    and each snapshot at the client's will (issue 37: 250 such calls, /calls 28 MB)."""
+    serving = floor_runtime()
+    call = Call(params={f"p{n}": "v" * 30 for n in range(4000)})
+    stream = call_on(serving, [*call.session(media=1), *(call.dtmf(str(n % 10)) for n in range(500)), call.stop()])
+    assert len(stream.parameters) == app.START_PARAMETERS == 100 and list(stream.parameters)[-1] == "p99"
+    kept = serving.floor.calls[call.stream_sid]
+    assert len(kept["parameters"]) == 100
+    floor = serving.floor
+    for n in range(3):
+        floor.publish({"type": "transcript", "stream": call.stream_sid, "call": "CA1", "server": "test", "time": "",
+                       "track": "inbound", "offset": n, "text": f"line {n}", "partial": False})
+        for _ in range(200):
+            floor.publish({"type": "dtmf", "stream": call.stream_sid, "call": "CA1", "server": "test", "time": "",
+                           "digit": "1"})
+    lines = kept["lines"]
+    assert [line["text"] for line in lines if line["type"] == "transcript"] == ["line 0", "line 1", "line 2"]
+    assert sum(line["type"] != "transcript" for line in lines) == app.FLOOR_CALL_OTHER_LINES
+
+
 def test_a_feed_client_that_does_not_read_is_dropped_and_the_others_are_untouched():
     floor = app.Floor("test", app.Limits(floor_client_queue=10))
     slow, fast = gevent.queue.Queue(), gevent.queue.Queue()
