@@ -114,6 +114,23 @@ def test_what_a_client_sends_is_kept_within_bounds_and_what_was_said_outlives_it
     assert sum(line["type"] != "transcript" for line in lines) == app.FLOOR_CALL_OTHER_LINES
 
 
+def test_a_snapshot_of_many_calls_is_serialized_a_few_calls_at_a_time_letting_the_calls_go_on():
+    floor = app.Floor("test")
+    for n in range(120):
+        floor.publish({"type": "start", "stream": f"MZ{n}", "call": f"CA{n}", "server": "test", "time": f"{n:05}",
+                       "tracks": ["inbound"], "parameters": {"From": f"+1555{n:07}"}})
+    ticks = []
+    ticker = gevent.spawn(lambda: [(ticks.append(1), gevent.sleep(0)) for _ in iter(int, 1)])
+    gevent.sleep(0)
+    ticks.clear()
+    snapshot = floor.snapshot()
+    body = b"".join(app.snapshot_pieces(snapshot))  # read without a pause of the test's own
+    ticker.kill()
+    assert json.loads(body) == json.loads(app.json_dumps(snapshot))
+    assert len(ticks) >= 120 // app.SNAPSHOT_CALLS_AT_ONCE, "the event loop ran between the pieces"
+    assert json.loads(b"".join(app.snapshot_pieces({"open": [], "ended": []}))) == {"open": [], "ended": []}
+
+
 def test_a_feed_client_that_does_not_read_is_dropped_and_the_others_are_untouched():
     floor = app.Floor("test", app.Limits(floor_client_queue=10))
     slow, fast = gevent.queue.Queue(), gevent.queue.Queue()
@@ -377,8 +394,12 @@ def test_one_gunicorn_worker_serves_the_floor_of_its_calls(start_server):
 def test_an_event_made_while_a_feed_sends_its_snapshot_follows_it():
     floor = app.Floor("test")
     feed = app.floor_feed(floor, None)
-    assert next(feed).startswith(b"id: 0\nevent: snapshot\n")
+    pieces = [next(feed)]  # the snapshot's first piece: the rest comes a few calls at a time
+    assert pieces[0].startswith(b"id: 0\nevent: snapshot\n")
     floor.publish({"type": "dtmf", "stream": "MZ1", "call": "CA1", "server": "test", "time": "", "digit": "1"})
+    while not pieces[-1].endswith(b"\n\n"):
+        pieces.append(next(feed))
+    assert json.loads(b"".join(pieces).partition(b"data: ")[2])["open"] == [], "taken before the event, not twice"
     assert next(feed).startswith(b"id: 1\ndata: "), "not skipped as if the snapshot had it"
     feed.close()
     assert floor.clients == set()
