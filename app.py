@@ -20,12 +20,12 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
   3291    Sinks                       the console's lines, transcript files
   3380    Metrics                     --metrics-port: Prometheus
   3472    The floor                   --floor-port: every live call on one page, /events, /calls
-  3868    The floor's page            its HTML, CSS and JavaScript
-  4100    The floor across processes  --redis-url: one Redis stream
-  4968  The transport                 what a user need not read:
-  4970    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  5139    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5804  Start-up                      configure(), main(), then gunicorn's worker
+  3874    The floor's page            its HTML, CSS and JavaScript
+  4106    The floor across processes  --redis-url: one Redis stream
+  4974  The transport                 what a user need not read:
+  4976    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  5145    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5866  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -3477,6 +3477,7 @@ FLOOR_CALL_OTHER_LINES = 100    # ... of which at most this many are not what wa
 SAID = ("transcript", "alert")
 FLOOR_MOODS_KEPT = 12           # per call and track: the moods of its latest lines, its trend on the page
 FLOOR_CONNECTIONS = 64          # pages and feeds served at once
+FLOOR_FEEDS = FLOOR_CONNECTIONS // 2  # /events open at once: pages and /calls keep the other half
 FLOOR_KEEPALIVE_SECONDS = 15    # a comment line on a quiet feed: proxies and browsers keep it open
 
 
@@ -3728,6 +3729,11 @@ def floor_app(floor: Floor, token: str | None) -> Flask:
             refused.warning("bad floor request remote=%s path=/events status=400 reason=Last-Event-ID %s is not an "
                             "event's id", request.remote_addr, printable(resume, 40))
             return Response(b"Last-Event-ID: the id of an event this feed sent, a number\n", 400,
+                            content_type="text/plain")
+        if len(floor.clients) >= FLOOR_FEEDS:  # half the floor's connections: pages and /calls keep the rest
+            refused.warning("floor request refused remote=%s path=/events status=503 reason=%d feeds open already",
+                            request.remote_addr, FLOOR_FEEDS)
+            return Response(b"too many feeds open: try again later\n", 503, {"Retry-After": "10"},
                             content_type="text/plain")
         return Response(floor_feed(floor, resume), content_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
 
@@ -5627,6 +5633,62 @@ BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length:
 TLS_HANDSHAKE = b"\x16"  # the first byte a TLS client sends (a handshake record), where HTTP has a method
 
 
+LISTENER_REQUEST_SECONDS = 10  # the floor's and the metrics' listeners: a connection sends each request within this
+
+
+class ListenerTimeout(Exception):
+    """Thrown into a floor or metrics connection that has not sent its request in time, or is
+    the oldest of too many still sending one."""
+
+
+class ListenerHandler(pywsgi.WSGIHandler):
+    """The floor's and the metrics' connections (a listener of their own, few at a time): each
+    request must come within LISTENER_REQUEST_SECONDS, the first as the next on a kept-alive
+    connection, and at most half the listener's connections may be sending one (a new one
+    drops the oldest), so idle connections cannot take every slot from a supervisor."""
+
+    pending: dict  # this listener's connections still sending a request: their greenlets (for_listener)
+    most_pending: int
+    evicted = False
+    deadline: Any = None
+
+    @classmethod
+    def for_listener(cls, connections: int) -> type["ListenerHandler"]:
+        return type(cls.__name__, (cls,), {"pending": {}, "most_pending": max(1, connections // 2)})
+
+    def handle_one_request(self):
+        self.pending[self] = gevent.getcurrent()
+        if len(self.pending) > self.most_pending:
+            oldest = next(iter(self.pending))
+            oldest.evicted = True
+            gevent.kill(self.pending.pop(oldest), ListenerTimeout())  # does not wait for it
+        self.deadline = gevent.Timeout.start_new(LISTENER_REQUEST_SECONDS, ListenerTimeout())
+        try:
+            return super().handle_one_request()
+        except ListenerTimeout:  # idle, or trickling: closed without a word (any client can cause it)
+            return None
+        finally:
+            self.deadline.close()
+            self.pending.pop(self, None)
+
+    def _handle_client_error(self, ex):
+        if isinstance(ex, ListenerTimeout):  # while its headers came (pywsgi passes on only those): no word
+            return None
+        return super()._handle_client_error(ex)
+
+    def handle_one_response(self):
+        self.deadline.close()
+        self.pending.pop(self, None)
+        if self.evicted:  # dropped just as its request came in: its exception lands here, then it closes
+            try:
+                gevent.sleep(0)
+            except ListenerTimeout:
+                pass
+            self.close_connection = True
+            return
+        super().handle_one_response()
+
+
 class MediaStreamHandler(WebSocketHandler):
     """gevent-websocket answers 101 before Flask runs, so refusals happen here, before it.
     While it sends a request, a connection has --handshake-timeout, however slowly it
@@ -5869,6 +5931,7 @@ def serve_metrics(host: str, port: int, metrics: Metrics) -> None:
     (not /metrics on the app's port, which ngrok publishes), served by the event loop."""
     import prometheus_client
     server = pywsgi.WSGIServer((host, port), prometheus_client.make_wsgi_app(metrics.registry),
+                               handler_class=ListenerHandler.for_listener(METRICS_CONNECTIONS),
                                spawn=Pool(METRICS_CONNECTIONS), log=None, error_log=log)
     try:
         server.start()
@@ -5888,6 +5951,7 @@ def serve_floor(runtime: Runtime) -> None:
     assert floor is not None and settings.floor_port
     host, port = settings.floor_host, settings.floor_port
     server = pywsgi.WSGIServer((host, port), floor_app(floor, settings.floor_token), spawn=Pool(FLOOR_CONNECTIONS),
+                               handler_class=ListenerHandler.for_listener(FLOOR_CONNECTIONS),
                                log=None, error_log=log)
     try:
         server.start()

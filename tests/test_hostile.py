@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+import app
+from tests.conftest import free_port, http_request
 from tests.twilio_sim import CHUNK, Call, frame
 
 SILENCE = b"\xff" * CHUNK
@@ -331,3 +333,32 @@ def test_the_handshake_timeout_does_not_touch_a_stream(start_server):
     time.sleep(1.5)  # a stream outlives the handshake timeout: nothing to wait for but time itself
     client.send_all([call.media("inbound", SILENCE, 40), call.stop()])
     assert server.ending(client, call) == (1000, "stop", "2")
+
+
+def test_idle_connections_cannot_lock_a_supervisor_out_of_the_floor_nor_prometheus_out_of_its_metrics(start_server):
+    """64 idle connections took every slot of the floor (8 of the metrics port): a supervisor
+    with the token got no answer, and none was dropped after 60 s. Now at most half of a
+    listener's connections may be sending a request: a new one drops the oldest."""
+    floor_port, metrics_port = free_port(), free_port()
+    server = start_server("--floor-port", str(floor_port), "--floor-host", "0.0.0.0", "--metrics-port",
+                          str(metrics_port), env={"FLOOR_TOKEN": TOKEN})
+    idle = [socket.create_connection(("127.0.0.1", port)) for port in [floor_port] * 64 + [metrics_port] * 8]
+    for sock in idle[::2]:  # half of them trickle: a request line, and nothing after it
+        sock.sendall(b"GET /calls HTTP/1.1\r\n")
+    assert http_request(floor_port, "/calls", Authorization=f"Bearer {TOKEN}")[0] == 200
+    assert http_request(metrics_port, "/metrics")[0] == 200
+    for oldest in idle[:2]:  # one that trickled, one that sent nothing
+        oldest.settimeout(5)
+        assert oldest.recv(100) == b"", "the oldest idle connections were dropped, without a word, for newer ones"
+    feeds = []
+    for _ in range(app.FLOOR_FEEDS):  # feeds take half the floor's connections at most: pages keep the rest
+        feeds.append(socket.create_connection(("127.0.0.1", floor_port)))
+        feeds[-1].sendall(f"GET /events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+        feeds[-1].settimeout(5)
+        assert feeds[-1].recv(12) == b"HTTP/1.1 200"
+    status, headers, _ = http_request(floor_port, "/events", Authorization=f"Bearer {TOKEN}")
+    assert (status, headers["Retry-After"]) == (503, "10")
+    assert http_request(floor_port, "/calls", Authorization=f"Bearer {TOKEN}")[0] == 200
+    for sock in idle + feeds:
+        sock.close()
+    assert "Traceback" not in server.log() and "Invalid request" not in server.log()
