@@ -25,7 +25,7 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
   4974  The transport                 what a user need not read:
   4976    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
   5145    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5866  Start-up                      configure(), main(), then gunicorn's worker
+  5868  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -5305,8 +5305,10 @@ class MediaWebSocket(WebSocket):
                 if self.queued > OUTBOX_LIMIT and self.writer is not None:
                     self.wait_until_taken()
                     continue
-                if self.runtime.loop_behind and not parser.buffer and not self.talks_back:
-                    gevent.sleep(self.runtime.settings.read_interval_ms / 1000)  # one wake-up for what gathered
+                if self.runtime.loop_behind and not parser.buffer and not self.talks_back and self.drained is not False:
+                    # One wake-up for what gathered, all of it read (4 KiB a turn of the loop, read_when_ready)
+                    # before the next nap: 4 KiB a nap, a call fell further behind at each stall of the loop.
+                    gevent.sleep(self.runtime.settings.read_interval_ms / 1000)
                     self.drained = None
                 elif self.handle_as_it_lands and self.recv and self.drained and self.fill == self.read_when_ready:
                     self.wait_handling_media()
