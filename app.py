@@ -15,17 +15,17 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
   2385    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
   2709    Alerts                      --alerts: the phrases that matter, in what is said
   2794    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
-  3034    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  3089    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
-  3291    Sinks                       the console's lines, transcript files
-  3380    Metrics                     --metrics-port: Prometheus
-  3472    The floor                   --floor-port: every live call on one page, /events, /calls
-  3874    The floor's page            its HTML, CSS and JavaScript
-  4106    The floor across processes  --redis-url: one Redis stream
-  4974  The transport                 what a user need not read:
-  4976    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  5145    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5868  Start-up                      configure(), main(), then gunicorn's worker
+  3018    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  3073    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
+  3275    Sinks                       the console's lines, transcript files
+  3364    Metrics                     --metrics-port: Prometheus
+  3456    The floor                   --floor-port: every live call on one page, /events, /calls
+  3858    The floor's page            its HTML, CSS and JavaScript
+  4090    The floor across processes  --redis-url: one Redis stream
+  4964  The transport                 what a user need not read:
+  4966    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  5135    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5858  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -2815,8 +2815,7 @@ return 0
 def alert_message(record: dict, floor_url: str | None, history: bool = True) -> dict:
     """What the webhook gets: the alert's fields, a link to the call on the floor's history,
     and `text`, one line that a Slack or Teams incoming webhook shows as it is."""
-    given = record.get("caller")
-    caller = given if isinstance(given, str) and given else None  # another program's entry may hold anything
+    caller = record.get("caller")  # a string, or none: checked_record() has seen to it for Redis' entries
     link = None if not floor_url else f"{floor_url.rstrip('/')}/history/{urlquote(record['stream'], safe='')}" \
         if history else f"{floor_url.rstrip('/')}/"  # a floor that keeps no history: its page
     text = f'Alert {record["category"]}: "{record["phrase"]}" from {caller or "an unknown caller"}: "{record["text"]}"'
@@ -2824,13 +2823,6 @@ def alert_message(record: dict, floor_url: str | None, history: bool = True) -> 
             "line": record["text"], "track": record.get("track"), "caller": caller,
             "call": record.get("call"), "stream": record["stream"], "server": record.get("server"),
             "time": record.get("time"), "link": link, "id": record.get("uid")}
-
-
-def is_alert_record(record: Any) -> bool:
-    """An `alert` record with the fields a message needs, as strings (the stream is Redis', which
-    other programs may write to)."""
-    return isinstance(record, dict) and record.get("type") == "alert" and all(
-        isinstance(record.get(name), str) for name in ("stream", "category", "phrase", "text"))
 
 
 class NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -2858,7 +2850,7 @@ class AlertWebhook:
     def __init__(self, url: str, secret: str | None, floor_url: str | None, server: str,
                  redis_url: str | None = None, metrics: Metrics | None = None, limits: Limits = Limits(),
                  history: bool = True):
-        self.url, self.secret, self.floor_url, self.server = url, secret, floor_url, server
+        self.secret, self.floor_url, self.server = secret, floor_url, server
         self.history = history  # the floor linked to keeps a history: link to the call's page there
         self.redis_url, self.metrics, self.limits = redis_url, metrics, limits
         self.shown = shown_web_address(url)
@@ -2866,7 +2858,6 @@ class AlertWebhook:
         self.queued = gevent.event.Event()
         self.idle = gevent.event.Event()
         self.greenlet: gevent.Greenlet | None = None
-        self.sent = self.dropped = 0
         self.failing_since: float | None = None
         self.drops = LogThrottle("alerts dropped", 5)
         patched = gevent.monkey.is_module_patched("socket")  # gunicorn's worker: urllib waits as a greenlet does
@@ -2947,10 +2938,6 @@ class AlertWebhook:
                            printable(str(record.get("category")), 64), printable(str(record.get("stream")), 64))
 
     def counted(self, result: str) -> None:
-        if result == "sent":
-            self.sent += 1
-        else:
-            self.dropped += 1
         if self.metrics:
             self.metrics.alert_webhooks.labels(result).inc()
 
@@ -2994,11 +2981,8 @@ class AlertWebhook:
                     wanted = ">"
                 done: list = []
                 for entry_id, values in entries:
-                    try:
-                        record = json_loads(values[values[::2].index(b"event") * 2 + 1]) if values else None
-                    except (ValueError, TypeError, AttributeError):  # another program's entry
-                        record = None
-                    if isinstance(record, dict) and is_alert_record(record):
+                    record = redis_record(values)  # None: another program's entry, or one trimmed since
+                    if record is not None and record["type"] == "alert":
                         if done:
                             client.xack(REDIS_STREAM, ALERT_GROUP, *done)
                             done = []
@@ -4344,6 +4328,16 @@ def checked_record(record: Any) -> dict | None:
     return record if all(name in record for name in required) else None
 
 
+def redis_record(fields: Any) -> dict | None:
+    """The call event an entry of the Redis stream holds (its `event` field), checked; None if it
+    holds none: another program's entry, one over REDIS_ENTRY_BYTES, or one trimmed away."""
+    try:
+        raw = fields[fields[::2].index(b"event") * 2 + 1]
+        return checked_record(json_loads(raw)) if len(raw) <= REDIS_ENTRY_BYTES else None
+    except (TypeError, ValueError, AttributeError, RecursionError):
+        return None
+
+
 def follow_redis(url: str, floor: Floor) -> None:
     """A floor's greenlet: every process's events from the Redis stream (from its oldest
     kept, so calls already open are shown), onto this floor; after Redis was down, on from
@@ -4372,11 +4366,7 @@ def follow_redis(url: str, floor: Floor) -> None:
             behind = len(entries) >= REDIS_BATCH
             for entry_id, fields in entries:
                 last = entry_id
-                try:
-                    raw = fields[fields[::2].index(b"event") * 2 + 1]
-                    record = checked_record(json_loads(raw)) if len(raw) <= REDIS_ENTRY_BYTES else None
-                except (TypeError, ValueError, AttributeError, RecursionError):
-                    record = None
+                record = redis_record(fields)
                 if record is None:  # another program's entry, or one broken: skipped, counted, said
                     floor.skipped += 1
                     skipped.warning("Redis stream %s: entry %s is not a call event (or one over %d bytes): skipped, "
