@@ -1,37 +1,38 @@
 """Receive the live audio of Twilio phone calls (Media Streams) on a WebSocket at /media.
 
 Run it:   python app.py    then `ngrok http 5000`, and a TwiML Bin with <Stream url="wss://<ngrok host>/media"/>
-Start here: media(), the tutorial's loop, at line 154.
+Start here: media(), the tutorial's loop, at line 155.
 Your own processing: subclass MediaStream, then app.main(stream_class=YourStream) (README).
 
 The file, top to bottom: each section and its first line (tests/test_setup.py keeps them true).
-   108  The tutorial's app            Flask, Sockets (fixed for today's Werkzeug) and the /media loop
-   184  The call                      its events, typed; MediaStream: one method per Twilio event
-  1237  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
-  1453  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
-  2105  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
-  2333  Optional features             each switched on by a flag, each consuming call events:
-  2335    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
-  2385    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2709    Alerts                      --alerts: the phrases that matter, in what is said
-  2794    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
-  3018    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  3073    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
-  3275    Sinks                       the console's lines, transcript files
-  3364    Metrics                     --metrics-port: Prometheus
-  3456    The floor                   --floor-port: every live call on one page, /events, /calls
-  3858    The floor's page            its HTML, CSS and JavaScript
-  4090    The floor across processes  --redis-url: one Redis stream
-  4964  The transport                 what a user need not read:
-  4966    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  5135    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5858  Start-up                      configure(), main(), then gunicorn's worker
+   109  The tutorial's app            Flask, Sockets (fixed for today's Werkzeug) and the /media loop
+   185  The call                      its events, typed; MediaStream: one method per Twilio event
+  1238  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
+  1454  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
+  2106  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
+  2334  Optional features             each switched on by a flag, each consuming call events:
+  2336    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
+  2386    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
+  2710    Alerts                      --alerts: the phrases that matter, in what is said
+  2795    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
+  3019    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  3074    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
+  3276    Sinks                       the console's lines, transcript files
+  3365    Metrics                     --metrics-port: Prometheus
+  3457    The floor                   --floor-port: every live call on one page, /events, /calls
+  3859    The floor's page            its HTML, CSS and JavaScript
+  4091    The floor across processes  --redis-url: one Redis stream
+  4965  The transport                 what a user need not read:
+  4967    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  5136    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5859  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
 import argparse
 import base64
 import binascii
+import contextlib
 import datetime
 import enum
 import errno
@@ -5980,6 +5981,77 @@ def serve_floor_once_free(runtime: Runtime) -> None:
             gevent.sleep(FLOOR_BIND_RETRY_SECONDS)
 
 
+def threaded_metrics_server(host: str, port: int, wsgi_app: Callable) -> Any:
+    """gunicorn's master serves metrics from threads (it runs no event loop), a thread a
+    connection: as ListenerHandler does, each request must come within
+    LISTENER_REQUEST_SECONDS, and at most half of METRICS_CONNECTIONS may be sending one (a
+    new one drops the oldest), so idle connections neither pile up threads nor keep one."""
+    import socketserver
+    import wsgiref.simple_server  # here: http.server is 10 ms of every start-up otherwise
+
+    class Handler(wsgiref.simple_server.WSGIRequestHandler):
+        timeout = LISTENER_REQUEST_SECONDS  # each read and write on the connection, answers included
+        pending: dict = {}  # connections still sending their request, oldest first: their deadlines
+        lock = threading.Lock()
+        dropped = False
+
+        def setup(self):
+            super().setup()
+            with self.lock:
+                self.pending[self] = time.monotonic() + LISTENER_REQUEST_SECONDS
+                if len(self.pending) > METRICS_CONNECTIONS // 2:
+                    oldest = next(iter(self.pending))
+                    del self.pending[oldest]
+                    oldest.drop()
+
+        @classmethod
+        def drop_late(cls):
+            """One thread for every connection's deadline: dropped once it passed."""
+            while True:
+                time.sleep(1)
+                with cls.lock:
+                    late = [handler for handler, deadline in cls.pending.items() if deadline < time.monotonic()]
+                    for handler in late:
+                        del cls.pending[handler]
+                        handler.drop()
+
+        def drop(self):
+            """Idle too long, or the oldest of too many: closed without a word (any client can cause it)."""
+            self.dropped = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)  # its thread's read ends at once
+
+        def parse_request(self):
+            whole = super().parse_request()  # the request line and every header have come, or EOF
+            self.done_sending()
+            return whole and not self.dropped  # a request cut short by drop() is not answered
+
+        def done_sending(self):
+            with self.lock:
+                self.pending.pop(self, None)
+
+        def finish(self):
+            self.done_sending()
+            with contextlib.suppress(OSError):
+                super().finish()
+
+        def log_message(self, format, *args):  # a scrape is not news
+            pass
+
+    class Server(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
+        address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        daemon_threads = True
+        request_queue_size = 128  # socketserver's 5 would leave a burst of connections retrying SYNs for seconds
+
+        def handle_error(self, request, client_address):  # a client gone mid-answer: nothing to say
+            pass
+
+    server = wsgiref.simple_server.make_server(host, port, wsgi_app, Server, handler_class=Handler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    threading.Thread(target=Handler.drop_late, name="metrics-deadlines", daemon=True).start()
+    return server
+
+
 def serve_metrics_of_workers(host: str, port: int) -> None:
     """gunicorn's master: the sum of its workers' metrics (prometheus-client's multiprocess
     mode), from a thread of its own; the workers inherit PROMETHEUS_MULTIPROC_DIR."""
@@ -5990,7 +6062,7 @@ def serve_metrics_of_workers(host: str, port: int) -> None:
     else:
         folder = tempfile.mkdtemp(prefix="mediastreams-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+    from prometheus_client import CollectorRegistry, make_wsgi_app, multiprocess
 
     class LiveWorkers(multiprocess.MultiProcessCollector):
         def collect(self):  # a worker that died without ending its streams no longer counts them as open
@@ -6003,7 +6075,7 @@ def serve_metrics_of_workers(host: str, port: int) -> None:
     registry = CollectorRegistry()
     LiveWorkers(registry, folder)
     try:
-        start_http_server(port, host, registry)
+        threaded_metrics_server(host, port, make_wsgi_app(registry))
     except OSError as exc:
         raise cannot_listen("--metrics-port (METRICS_PORT)", host, port, exc) from None
     startup_log.info("Metrics for Prometheus at http://%s:%d/metrics, all workers together",

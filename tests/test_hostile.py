@@ -1,7 +1,10 @@
 """Hostile clients, each attack reproduced on a real server: no socket held, no log line
 forged, no traceback at will, no disk filled, no memory kept."""
+import contextlib
+import os
 import re
 import resource
+import select
 import socket
 import ssl
 import threading
@@ -10,7 +13,7 @@ import time
 import pytest
 
 import app
-from tests.conftest import free_port, http_request
+from tests.conftest import GUNICORN_READY, free_port, gunicorn_command, http_request
 from tests.twilio_sim import CHUNK, Call, frame
 
 SILENCE = b"\xff" * CHUNK
@@ -335,6 +338,25 @@ def test_the_handshake_timeout_does_not_touch_a_stream(start_server):
     assert server.ending(client, call) == (1000, "stop", "2")
 
 
+def dropped_in_time(connections, trickling, opened):
+    """Seconds from `opened` until the listener dropped every one of `connections` (those
+    `trickling` sending a header every second meanwhile, so that no one read waits long)."""
+    left = list(connections)
+    while left and time.monotonic() - opened < app.LISTENER_REQUEST_SECONDS + 5:
+        for sock in set(trickling) & set(left):
+            with contextlib.suppress(OSError):
+                sock.sendall(b"X-Trickle: 1\r\n")
+        ready, _, _ = select.select(left, [], [], 1.0)
+        for sock in ready:
+            try:
+                assert sock.recv(100) == b"", "dropped without a word"
+            except ConnectionResetError:  # a trickled header crossed the drop: also without a word
+                pass
+            left.remove(sock)
+    assert not left, f"{len(left)} connections still open {app.LISTENER_REQUEST_SECONDS + 5} s after they opened"
+    return time.monotonic() - opened
+
+
 def test_idle_connections_cannot_lock_a_supervisor_out_of_the_floor_nor_prometheus_out_of_its_metrics(start_server):
     """64 idle connections took every slot of the floor (8 of the metrics port): a supervisor
     with the token got no answer, and none was dropped after 60 s. Now at most half of a
@@ -343,6 +365,7 @@ def test_idle_connections_cannot_lock_a_supervisor_out_of_the_floor_nor_promethe
     server = start_server("--floor-port", str(floor_port), "--floor-host", "0.0.0.0", "--metrics-port",
                           str(metrics_port), env={"FLOOR_TOKEN": TOKEN})
     idle = [socket.create_connection(("127.0.0.1", port)) for port in [floor_port] * 64 + [metrics_port] * 8]
+    opened = time.monotonic()
     for sock in idle[::2]:  # half of them trickle: a request line, and nothing after it
         sock.sendall(b"GET /calls HTTP/1.1\r\n")
     assert http_request(floor_port, "/calls", Authorization=f"Bearer {TOKEN}")[0] == 200
@@ -359,6 +382,37 @@ def test_idle_connections_cannot_lock_a_supervisor_out_of_the_floor_nor_promethe
     status, headers, _ = http_request(floor_port, "/events", Authorization=f"Bearer {TOKEN}")
     assert (status, headers["Retry-After"]) == (503, "10")
     assert http_request(floor_port, "/calls", Authorization=f"Bearer {TOKEN}")[0] == 200
+    left = [sock for sock in idle if sock.fileno() != -1 and not select.select([sock], [], [], 0)[0]]
+    assert app.LISTENER_REQUEST_SECONDS - 1 < dropped_in_time(left, trickling=idle[::2], opened=opened)
     for sock in idle + feeds:
         sock.close()
     assert "Traceback" not in server.log() and "Invalid request" not in server.log()
+
+
+def test_idle_connections_neither_pile_up_nor_stay_on_the_metrics_of_gunicorns_master(start_server):
+    """gunicorn's master serves its workers' metrics from threads, one a connection: idle ones
+    kept a thread each for ever. Now at most half of its connections may be sending a request
+    (a new one drops the oldest), and each must send it within LISTENER_REQUEST_SECONDS."""
+    metrics_port = free_port()
+    server = start_server(command=gunicorn_command("-w", "1"), ready=GUNICORN_READY,
+                          env={"METRICS_PORT": str(metrics_port)})
+    server.wait_for(r"Metrics for Prometheus at .* all workers together")
+    threads_before = len(os.listdir(f"/proc/{server.process.pid}/task"))
+    idle = [socket.create_connection(("127.0.0.1", metrics_port)) for _ in range(3 * app.METRICS_CONNECTIONS)]
+    opened = time.monotonic()
+    for sock in idle[::2]:  # half of them trickle: a request line, and nothing after it
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+    time.sleep(0.5)  # every connection's thread has taken it in: the request below is the newest
+    assert http_request(metrics_port, "/metrics")[0] == 200
+    left = list(idle)
+    while len(left) > app.METRICS_CONNECTIONS // 2:  # the oldest, whichever they are: dropped for newer ones
+        ready, _, _ = select.select(left, [], [], 5.0)
+        assert ready, f"{len(left)} idle connections still open: at most {app.METRICS_CONNECTIONS // 2} may be"
+        for sock in ready:
+            assert sock.recv(100) == b"", "dropped without a word"
+            left.remove(sock)
+    assert len(os.listdir(f"/proc/{server.process.pid}/task")) <= threads_before + app.METRICS_CONNECTIONS
+    # those never pushed out: dropped when their time is up, however they trickle
+    assert app.LISTENER_REQUEST_SECONDS - 1 < dropped_in_time(left, trickling=idle[::2], opened=opened)
+    assert http_request(metrics_port, "/metrics")[0] == 200
+    assert "Traceback" not in server.log()
