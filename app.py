@@ -9,23 +9,23 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
    185  The call                      its events, typed; MediaStream: one method per Twilio event
   1238  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
   1454  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
-  2106  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
-  2334  Optional features             each switched on by a flag, each consuming call events:
-  2336    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
-  2386    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2710    Alerts                      --alerts: the phrases that matter, in what is said
-  2795    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
-  3019    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  3074    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
-  3276    Sinks                       the console's lines, transcript files
-  3365    Metrics                     --metrics-port: Prometheus
-  3457    The floor                   --floor-port: every live call on one page, /events, /calls
-  3859    The floor's page            its HTML, CSS and JavaScript
-  4091    The floor across processes  --redis-url: one Redis stream
-  4965  The transport                 what a user need not read:
-  4967    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  5136    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5859  Start-up                      configure(), main(), then gunicorn's worker
+  2107  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
+  2335  Optional features             each switched on by a flag, each consuming call events:
+  2337    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
+  2387    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
+  2711    Alerts                      --alerts: the phrases that matter, in what is said
+  2796    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
+  3020    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  3075    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
+  3277    Sinks                       the console's lines, transcript files
+  3366    Metrics                     --metrics-port: Prometheus
+  3458    The floor                   --floor-port: every live call on one page, /events, /calls
+  3872    The floor's page            its HTML, CSS and JavaScript
+  4104    The floor across processes  --redis-url: one Redis stream
+  4978  The transport                 what a user need not read:
+  4980    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  5149    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5872  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -1724,7 +1724,8 @@ class Limits:
     transcript_queue: int = 16         # utterances waiting for recognition, per process; beyond, the oldest is dropped
     transcript_wait_seconds: float = 10  # at a call's end, what its last utterances' recognition may take
     whisper_hint: bool = False         # --alerts' phrases as Whisper's prompt: measured by tests/bench_words.py --hint
-    floor_events_kept: int = 10_000    # the feed's latest events, for a client that resumes (Last-Event-ID)
+    floor_events_kept: int = 10_000    # the feed's latest events, for a client that resumes (Last-Event-ID) ...
+    floor_events_bytes: int = 4 << 20  # ... and at most this much of their JSON (10,000 of 100 parameters: 150 MB)
     floor_ended_kept: int = 200        # ended calls still listed (for FLOOR_ENDED_SECONDS at most)
     floor_client_queue: int = 2000     # events waiting for one feed client; beyond, it is dropped (and resumes)
     floor_silent_seconds: float = 60   # with Redis, an open call none of whose events came for this long is
@@ -3458,7 +3459,7 @@ class Metrics:
 
 FLOOR_ENDED_SECONDS = 600       # ... for this long
 FLOOR_CALL_LINES = 500          # per call: transcript lines, key presses, marks and warnings kept for its page ...
-FLOOR_CALL_OTHER_LINES = 100    # ... of which at most this many are not what was said (keys, marks, warnings)
+FLOOR_CALL_OTHER_LINES = 20     # ... of which at most this many are not what was said (keys, marks, warnings)
 SAID = ("transcript", "alert")
 FLOOR_MOODS_KEPT = 12           # per call and track: the moods of its latest lines, its trend on the page
 FLOOR_CONNECTIONS = 64          # pages and feeds served at once
@@ -3512,7 +3513,9 @@ class Floor:
             history.forgotten.append(self.forget_call)
         self.calls: dict[str, dict] = {}          # stream SID: the call as the page shows it
         self.ended: deque = deque()                # (SID, time.monotonic()) of each ended call, oldest first
-        self.events: deque = deque(maxlen=limits.floor_events_kept)
+        self.events: deque = deque()               # the latest records, for a feed that resumes ...
+        self.event_sizes: deque = deque()          # ... the length of each one's JSON
+        self.events_bytes = 0                      # ... and their sum (Limits.floor_events_bytes at most)
         self.last_id = 0
         self.clients: set = set()                  # each feed's gevent queue
         self.heard: dict[str, float] = {}          # stream SID of each open call: time.monotonic() of its last event
@@ -3532,13 +3535,23 @@ class Floor:
         self.update(record)
         if self.history is not None:
             self.history.add(record)
-        self.events.append(record)
+        self.keep(record)
         for client in list(self.clients):
             if client.qsize() >= self.limits.floor_client_queue:  # a feed that does not read: dropped, it resumes
                 self.clients.discard(client)
                 client.put(None)
             else:
                 client.put(record)
+
+    def keep(self, record: dict) -> None:
+        """The latest events, for a feed that resumes: within a count and a size, whatever they hold."""
+        size = len(json_dumps(record))
+        self.events.append(record)
+        self.event_sizes.append(size)
+        self.events_bytes += size
+        while len(self.events) > self.limits.floor_events_kept or self.events_bytes > self.limits.floor_events_bytes:
+            self.events.popleft()
+            self.events_bytes -= self.event_sizes.popleft()
 
     def update(self, record: dict) -> None:
         sid, kind = record["stream"], record["type"]

@@ -85,6 +85,22 @@ def test_a_client_resumes_from_its_last_event_id_while_the_floor_still_holds_wha
     assert floor.since(9) is None, "an id from another run"
 
 
+def test_the_events_kept_for_feeds_that_resume_are_bounded_in_size_whatever_they_hold():
+    """The feed kept its latest 10,000 events whatever their size: short calls whose starts carry
+    100 long parameters each held about 75 MB after 3,000 calls. Now also at most
+    Limits.floor_events_bytes of their JSON, the oldest going first."""
+    floor = app.Floor("test", app.Limits(floor_events_bytes=100_000))
+    parameters = {f"name{n:03d}" + "x" * 96: "v" * 40 for n in range(app.START_PARAMETERS)}
+    for n in range(50):
+        for kind, fields in (("start", {"tracks": ["inbound"], "parameters": parameters, "format": "x"}),
+                             ("end", {"ended": "stop"})):
+            floor.publish({"type": kind, "stream": f"MZ{n}", "call": "CA1", "server": "test", "time": app.utc_now(),
+                           **fields})
+    kept = list(floor.events)
+    assert sum(len(app.json_dumps(record)) for record in kept) <= 100_000 < 50 * len(app.json_dumps(kept[-2]))
+    assert [record["id"] for record in kept] == list(range(101 - len(kept), 101)) and len(kept) >= 6
+    assert floor.since(98) == kept[-2:] and floor.since(1) is None, "what is no longer kept: a snapshot again"
+
 def test_ended_calls_are_listed_for_a_while_then_forgotten():
     serving = floor_runtime(limits=app.Limits(floor_ended_kept=2))
     calls = [Call() for _ in range(3)]
