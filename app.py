@@ -9,23 +9,23 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
    185  The call                      its events, typed; MediaStream: one method per Twilio event
   1238  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
   1454  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
-  2107  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
-  2335  Optional features             each switched on by a flag, each consuming call events:
-  2337    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
-  2387    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2711    Alerts                      --alerts: the phrases that matter, in what is said
-  2796    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
-  3020    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  3075    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
-  3277    Sinks                       the console's lines, transcript files
-  3366    Metrics                     --metrics-port: Prometheus
-  3458    The floor                   --floor-port: every live call on one page, /events, /calls
-  3872    The floor's page            its HTML, CSS and JavaScript
-  4104    The floor across processes  --redis-url: one Redis stream
-  4978  The transport                 what a user need not read:
-  4980    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  5149    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5872  Start-up                      configure(), main(), then gunicorn's worker
+  2109  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
+  2337  Optional features             each switched on by a flag, each consuming call events:
+  2339    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
+  2389    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
+  2713    Alerts                      --alerts: the phrases that matter, in what is said
+  2798    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
+  3022    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  3077    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
+  3279    Sinks                       the console's lines, transcript files
+  3368    Metrics                     --metrics-port: Prometheus
+  3460    The floor                   --floor-port: every live call on one page, /events, /calls
+  3874    The floor's page            its HTML, CSS and JavaScript
+  4106    The floor across processes  --redis-url: one Redis stream
+  4980  The transport                 what a user need not read:
+  4982    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  5151    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5899  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -1828,6 +1828,8 @@ class Runtime:
     handshaking: dict = field(default_factory=dict)  # connections sending a request, oldest first: their greenlets
     unfinished_bytes: int = 0          # what half-received messages hold, all streams together
     loop_behind: bool = False          # the event loop is late: listen-only streams are read every --read-interval-ms
+    catch_up_pool: float = 0.0         # bytes every stream together may still read on past a full read (reads_on)
+    catch_up_at: float = 0.0           # ... as of this time.monotonic()
     shutting_down: bool = False
     connection_warnings: LogThrottle = field(default_factory=lambda: LogThrottle("warnings about connections", 10))
     stream_warnings: LogThrottle = field(default_factory=lambda: LogThrottle("stream warnings", 200))
@@ -5155,6 +5157,9 @@ MAX_HANDSHAKES = 100      # connections still sending their request; beyond, the
 UNFINISHED_BYTES_LIMIT = 32 << 20  # what all streams' half-received messages may hold together
 SPARE_FILES = 64          # descriptors beyond sockets and recordings: listener, logs, imports
 RECV_BYTES = 4096   # ten Twilio messages; 64 KiB reads fragmented the heap: RSS grew by the round
+CATCH_UP_BYTES_PER_SECOND = 65_536  # a stream earns reading on past a full read, for each second it waited (a call
+CATCH_UP_STREAM_BYTES = 65_536      # sends 8-33 KB/s), up to this; all streams together draw on a pool that
+CATCH_UP_POOL_BYTES = 1 << 20       # fills at this a second (and holds no more), so floods lengthen no turn much
 SEND_BATCH = 16384   # bytes of frames the writer hands the socket at a time
 OUTBOX_LIMIT = 1 << 20  # bytes waiting to be sent to a client beyond which we stop reading from it
 
@@ -5214,7 +5219,7 @@ class MediaWebSocket(WebSocket):
 
     __slots__ = ("runtime", "parser", "error", "last_received", "greenlet", "fill", "held", "outbox", "queued",
                  "writer", "taken", "broken", "talks_back", "hub", "readable", "drained", "handle_as_it_lands",
-                 "landed", "recv", "receiving")
+                 "landed", "recv", "receiving", "catch_up", "catch_up_at")
     closed: bool  # the library's WebSocket has this slot, and those let_go() empties
 
     def __init__(self, environ, stream, handler):
@@ -5224,7 +5229,8 @@ class MediaWebSocket(WebSocket):
         self.runtime: Runtime = handler.runtime
         self.parser = FrameParser(self.runtime.settings.max_message_bytes)
         self.error = None
-        self.last_received = time.monotonic()
+        self.last_received = self.catch_up_at = time.monotonic()
+        self.catch_up = 0.0       # bytes it may read on past a full read before the loop goes round (reads_on)
         self.greenlet = gevent.getcurrent()
         self.receiving = False    # in receive(): waiting for the client's next message
         self.fill = self.first_fill
@@ -5249,7 +5255,7 @@ class MediaWebSocket(WebSocket):
 
     def first_fill(self, size: int) -> bytes:
         # What the HTTP parser buffered past the request, to its end; then straight from the socket.
-        if self.drained is False:  # the last read was full: the event loop's turn first, as in read_when_ready
+        if self.drained is False and not self.reads_on():  # the last read was full: as in read_when_ready
             self.hub.wait(self.hub.loop.timer(0))
         data = self.handler.rfile.read1(size)
         self.drained = len(data) < size
@@ -5267,11 +5273,29 @@ class MediaWebSocket(WebSocket):
         # gevent.sleep(0): its callback can run again before the loop polls.)
         if self.drained:
             self.hub.wait(self.readable)
-        elif self.drained is False:
+        elif self.drained is False and not self.reads_on():
             self.hub.wait(self.hub.loop.timer(0))
         data = self.handler.socket.recv(size)
         self.drained = len(data) < size
         return data
+
+    def reads_on(self) -> bool:
+        """After a full read: read on at once (True), or let the event loop go round first. A
+        stream the loop left unread (a stall: a slow request, your code) catches up at once:
+        read RECV_BYTES a turn, a call fell further behind at each stall when stalls came turn
+        after turn (issue 37: 1.7 s behind after 10 s of 0.45 s stalls). What it reads on is
+        earned by waiting, CATCH_UP_BYTES_PER_SECOND, and drawn from a pool every stream
+        shares, so that floods, which always have more, gain little from it."""
+        runtime, now = self.runtime, self.last_received
+        self.catch_up = min(CATCH_UP_STREAM_BYTES, self.catch_up + CATCH_UP_BYTES_PER_SECOND * (now - self.catch_up_at))
+        runtime.catch_up_pool = min(CATCH_UP_POOL_BYTES, runtime.catch_up_pool +
+                                    CATCH_UP_POOL_BYTES * max(0.0, now - runtime.catch_up_at))
+        self.catch_up_at = runtime.catch_up_at = now
+        if self.catch_up < RECV_BYTES or runtime.catch_up_pool < RECV_BYTES:
+            return False
+        self.catch_up -= RECV_BYTES
+        runtime.catch_up_pool -= RECV_BYTES
+        return True
 
     def receive(self):
         if self.closed:
@@ -5345,14 +5369,17 @@ class MediaWebSocket(WebSocket):
     def on_readable(self) -> None:
         # The event loop's callback while the greenlet waits: no switch to it and back per
         # message. Its work is receive()'s, for media; anything else is left to receive().
-        try:
-            data = self.recv(RECV_BYTES)  # type: ignore[misc]  # set: only a plain socket is read here
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
         parser = self.parser
-        if data:
+        while True:
+            try:
+                data = self.recv(RECV_BYTES)  # type: ignore[misc]  # set: only a plain socket is read here
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.drained = False  # receive() reads the end, or the error, itself
+                break
             self.last_received = time.monotonic()
             self.drained = len(data) < RECV_BYTES
             parser.feed(data)
@@ -5364,13 +5391,13 @@ class MediaWebSocket(WebSocket):
                         break
             except Exception as exc:  # a bug in the handling: raised in the stream's greenlet
                 self.landed = exc
-            if not (self.landed is not None or parser.outgoing  # a pong, or a close frame: no longer OPEN
+            if (self.landed is not None or parser.outgoing  # a pong, or a close frame: no longer OPEN
                     or len(parser.buffer) > RECV_BYTES or parser.fragments is not None or self.held
                     or self.queued > OUTBOX_LIMIT and self.writer is not None
                     or self.runtime.loop_behind and not self.talks_back):
+                break
+            if self.drained or not self.reads_on():  # else more waits, and this stream is catching up
                 return
-        else:
-            self.drained = False  # receive() reads the end, or the error, itself
         self.greenlet.switch()
 
     def wait_until_taken(self) -> None:

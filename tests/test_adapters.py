@@ -350,6 +350,45 @@ def test_a_stream_read_in_batches_catches_up_on_all_it_has_waiting_after_each_na
     theirs.close()
 
 
+
+def turns_to_read(messages, waited, as_it_lands):
+    """How many turns of the event loop a stream takes to read `messages`, all waiting at once,
+    after the loop was held for `waited` seconds (0: a client that always has more, a flood).
+    `as_it_lands`: read by the event loop's callback (media), else by receive()'s greenlet."""
+    ours, theirs = gsocket.socketpair()
+    ws = websocket(app.MediaWebSocket, ours, runtime())
+    theirs.sendall(frame(0x1, b"start"))  # read whole: from now on the socket is read as it is after a handshake
+    assert ws.receive() == "start"
+    got = []
+    if as_it_lands:  # as a stream's media are: handled in the loop's callback, the greenlet woken for the rest
+        ws.handle_as_it_lands = lambda message: "end" if message == "end" else got.append(message) or "media"
+    sender = gevent.spawn(theirs.sendall, b"".join(frame(0x1, message) for message in [*messages, b"end"]))
+    gevent.sleep(0.05)  # all of it waiting, or as much as the socket holds (a flood: the rest as it is read)
+    time.sleep(waited)  # the loop held: the stream has waited this long, as after a stall
+    turns = []
+    ticker = gevent.spawn(lambda: [(turns.append(1), gevent.get_hub().wait(gevent.get_hub().loop.timer(0)))
+                                   for _ in iter(int, 1)])
+    while (message := ws.receive()) != "end":
+        got.append(message)
+    ticker.kill()
+    sender.get()
+    assert [m.encode() if isinstance(m, str) else m for m in got] == messages
+    ours.close()
+    theirs.close()
+    return len(turns)
+
+
+@pytest.mark.parametrize("as_it_lands", [False, True], ids=["receive", "as-it-lands"])
+def test_a_stream_the_event_loop_left_unread_catches_up_at_once_and_a_flood_still_lets_it_go_round(as_it_lands):
+    """After a full read (RECV_BYTES) the loop went round before the next: with stalls turn after
+    turn, a call read 4 KiB a stall and fell further behind at each (issue 37: 1.7 s behind after
+    10 s of back-to-back 0.45 s stalls, 20 calls). A stream now reads on at once what it earned
+    by waiting; a client that always has more (it never waited) still reads 4 KiB a turn."""
+    backlog = [b"%04d" % i + b"x" * 318 for i in range(120)]  # 40 KB of Twilio-sized messages: 0.45 s of 6 calls
+    assert turns_to_read(backlog, waited=0.8, as_it_lands=as_it_lands) <= 2, "one turn for all that waited"
+    flood = [b"%05d" % i + b"x" * 317 for i in range(1200)]  # 400 KB
+    assert turns_to_read(flood, waited=0, as_it_lands=as_it_lands) >= 50, "a flood earns next to nothing"
+
 class CountedRecv:
     """A socket's own socket, counting its recv() calls."""
 
