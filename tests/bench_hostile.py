@@ -24,9 +24,41 @@ line of figures:
                how long the recording is, and what the server said
   pong-order   --echo, a media message in two fragments with a ping between them: what the
                server sends first
+
+What each attack of the reliability campaign costs everyone else ("no client delays another
+call by more than 0.5 s or grows the server by more than 100 MB"): beside each, --bystanders
+(20) well-behaved real-time calls, driven from one thread, send a media message every 20 ms
+and a ping after every 5th; each line gives their round trip (p50/p99/max), how far behind
+the server was with them:
+  webhook-fields  TWILIO_AUTH_TOKEN set, 4 clients POST unsigned forms of --fields (1,000) and
+               3,800 fields (distinct names, 16 KiB at most) to /twiml for --seconds, a new
+               connection each: the statuses, the time per request (p50/max)
+  odd-sids     600 short calls of a SID with a space ("MZ<32 hex> x") and 4,000 parameters
+               (--max-message-bytes 1 MiB, so that such a start is taken): the calls /calls
+               still shows open and ended, RSS before -> peak -> after
+  floor-bloat  250 open calls of 4,000 parameters and 500 key presses, then /calls again and
+               again for 3 s (5 times at least): its size, its time (p50/max), the bystanders'
+               round trip during the fetches, RSS
+  lockout      FLOOR_TOKEN set, 64 idle connections to the floor and 8 to --metrics-port: how
+               long /calls (with the token) and /metrics take to answer (15 s at most), and how
+               many idle connections the server has closed after 12 s
+  last-event-id  50 GET /events with a Last-Event-ID of 5,000 digits: the statuses, the lines
+               (and tracebacks) the server's log grew by
+  redis-entries  --redis-url (a redis-server of its own; skipped without one): 4 entries of
+               the stream with wrong fields, 200 of 100 KB, then a valid start: /calls 5 times,
+               whether the valid call is there, RSS, tracebacks
+  stalls       the server started through a wrapper whose greenlet holds the event loop (a
+               blocking sleep of --stall s, 0.45) every --stall-every s (1.0), for --seconds;
+               also with --read-interval-ms 0: a call that fell behind by more than one stall
+               shows in the max. --stall-every 0.001: stall upon stall, as four clients of
+               1,000-field webhooks made them before (the loop goes round once between two)
 """
 import argparse
+import collections
 import functools
+import http.client
+import itertools
+import json
 import multiprocessing
 import os
 import re
@@ -35,6 +67,7 @@ import shutil
 import signal
 import socket
 import statistics
+import string
 import struct
 import subprocess
 import sys
@@ -44,17 +77,21 @@ import time
 from pathlib import Path
 
 from tests.bench_load import MEDIA, PEERS_DIR, peer_command
-from tests.conftest import LISTENING, ROOT, ZERO_MASK, clean_environment, free_port, rss_mib, text_frame
-from tests.twilio_sim import CHUNK, Call, WSClient, frame
+from tests.conftest import (LISTENING, ROOT, ZERO_MASK, Redis, clean_environment, free_port, rss_mib,
+                            text_frame)
+from tests.twilio_sim import CHUNK, Call, WSClient, as_signed, frame, parse_frame, signature
 
 SILENCE = b"\xff" * CHUNK
 
 
 class Server:
-    def __init__(self, app_path, *args, folder):
+    """`python app.py ARGS` (or `command` ARGS) on a free port, with `env` added to its environment."""
+
+    def __init__(self, app_path, *args, folder, env=None, command=None):
         self.log_path = Path(folder) / f"server-{time.monotonic_ns()}.log"
-        self.process = subprocess.Popen([sys.executable, str(app_path), "--host", "127.0.0.1", "--port", "0", *args],
-                                        cwd=Path(app_path).parent, env=clean_environment(),
+        self.process = subprocess.Popen([*(command or [sys.executable, str(app_path)]), "--host", "127.0.0.1",
+                                         "--port", "0", *args],
+                                        cwd=Path(app_path).parent, env=clean_environment(env),
                                         stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
         self.port = int(self.wait_for(LISTENING).group(1))
         self.url = f"ws://127.0.0.1:{self.port}/media"
@@ -365,21 +402,523 @@ def case_pong_order(app, folder, args):
     return f"ping inside a fragmented media message: the server sent first {'the pong' if first[0] == 0xA else 'the echo'}"
 
 
+# --- What a hostile client costs the calls beside it: 20 bystanders and their round trip ------
+
+class Bystanders:
+    """`count` well-behaved real-time calls, all driven from one thread (a thread each would add
+    this process's GIL to what is measured): every 20 ms each call sends a media message, and
+    after every 5th a ping whose payload is when it was sent. A pong's round trip is how far
+    behind the server is with that call. A stall of ours is caught up (the messages missed are
+    sent), never drifted. stop() ends the calls as Twilio does and returns the round trips (ms)."""
+
+    def __init__(self, url, count=20, headers=None):
+        self.url, self.count, self.headers = url, count, headers
+        self.round_trips, self.pings, self.dropped = [], 0, 0
+        self.running, self.sending = threading.Event(), threading.Event()
+        self.clients, self.thread = [], None
+
+    def start(self):
+        for _ in range(self.count):
+            client, call = WSClient(self.url, headers=self.headers, timeout=10), Call()
+            client.send_all(call.session())
+            client.call, client.sent, client.alive = call, 0, True
+            self.clients.append(client)
+        self.running.set()
+        self.sending.set()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+        return self
+
+    def run(self):
+        selector, started = selectors.DefaultSelector(), time.monotonic()
+        for n, client in enumerate(self.clients):
+            client.first_at = started + 0.020 * n / len(self.clients)  # spread over the 20 ms
+            selector.register(client.sock, selectors.EVENT_READ, client)
+        while self.running.is_set():
+            now = time.monotonic()
+            for client in self.clients if self.sending.is_set() else ():
+                while client.alive and client.first_at + 0.020 * client.sent <= now:  # the missed ones too
+                    self.send_media(client, selector)
+            due = [client.first_at + 0.020 * client.sent for client in self.clients
+                   if client.alive and self.sending.is_set()]
+            wait = min(due, default=now + 0.020) - time.monotonic()
+            for key, _ in selector.select(max(0.0, min(wait, 0.020))):
+                self.read(key.data, selector)
+
+    def send_media(self, client, selector):
+        client.sent += 1
+        data = text_frame(client.call.media("inbound", SILENCE, 20 * client.sent))
+        if client.sent % 5 == 0:
+            data += frame(0x9, struct.pack("!d", time.monotonic()))
+            self.pings += 1
+        try:
+            client.sock.sendall(data)  # blocks while the server takes nothing: fine, we catch up after
+        except OSError:
+            self.drop(client, selector)
+
+    def read(self, client, selector):
+        try:
+            data = client.sock.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            return self.drop(client, selector)
+        now = time.monotonic()
+        client.buffer += data
+        while (parsed := parse_frame(client.buffer)) is not None:
+            opcode, payload, used = parsed
+            client.buffer = client.buffer[used:]
+            if opcode == 0xA and len(payload) == 8:
+                self.round_trips.append(1000 * (now - struct.unpack("!d", payload)[0]))
+            elif opcode == 0x8:
+                return self.drop(client, selector)
+
+    def drop(self, client, selector):
+        if client.alive:
+            client.alive = False
+            self.dropped += 1
+            selector.unregister(client.sock)
+
+    def stop(self):
+        """The calls ended (stop, then a close frame), and the round trips in ms, sorted. The pongs
+        of the last pings are waited for (2 s at most): they may be the ones held up."""
+        self.sending.clear()
+        deadline = time.monotonic() + 2
+        while len(self.round_trips) < self.pings and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.running.clear()
+        self.thread.join(30)
+        for client in self.clients:
+            if client.alive:
+                try:
+                    client.sock.sendall(text_frame(client.call.stop()) + frame(0x8, struct.pack("!H", 1000)))
+                except OSError:
+                    pass
+        deadline = time.monotonic() + 5
+        for client in self.clients:
+            closed_after(client.sock, max(0.01, deadline - time.monotonic()))
+            client.sock.close()
+        self.round_trips.sort()
+        return self.round_trips
+
+    def summary(self):
+        dropped = f", {self.dropped} dropped by the server" if self.dropped else ""
+        return (f"{self.count} bystanders' round trip {spread(self.round_trips)} "
+                f"({len(self.round_trips)} of {self.pings} pings answered{dropped})")
+
+
+def spread(values):
+    """'p50 X / p99 Y / max Z ms' of milliseconds."""
+    if not values:
+        return "none"
+    values = sorted(values)
+    return (f"p50 {statistics.median(values):.1f} / p99 {values[int(0.99 * (len(values) - 1))]:.1f} / "
+            f"max {values[-1]:.1f} ms")
+
+
+def counts(values):
+    """'403 x120, 200 x3': how often each value came."""
+    return ", ".join(f"{value} x{n}" for value, n in collections.Counter(values).most_common()) or "none"
+
+
+class PeakRss:
+    """A process's RSS at its peak (MiB), sampled every 0.25 s on a thread until stop()."""
+
+    def __init__(self, pid):
+        self.pid, self.peak = pid, rss_mib(pid)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+
+    def sample(self):
+        while not self.done.wait(0.25):
+            try:
+                self.peak = max(self.peak, rss_mib(self.pid))
+            except OSError:  # the process is gone
+                return
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        return self.peak
+
+
+def timed_get(port, path, timeout=30.0, **headers):
+    """(status, or the error's name; body; seconds) of one GET to 127.0.0.1:port."""
+    started = time.monotonic()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        status, body = response.status, response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        status, body = type(exc).__name__, b""
+    finally:
+        connection.close()
+    return status, body, time.monotonic() - started
+
+
+def wait_listening(port, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"nothing listens on port {port}")
+            time.sleep(0.05)
+
+
+def floor_server(app, folder, *args, env=None):
+    """A server with a floor on a free port: (server, floor port)."""
+    port = free_port()
+    server = Server(app, "--quiet-levels", "--floor-port", str(port), *args, folder=folder, env=env)
+    wait_listening(port)
+    return server, port
+
+
+def tracebacks(text):
+    return text.count("Traceback")
+
+
+NAME_LETTERS = string.ascii_letters + string.digits
+
+
+def form_body(fields):
+    """A form of `fields` distinct names, each as short as it comes (a, b, ..., aa, ab, ...), with
+    empty values: 3,800 fit in the 16 KiB body app.py takes on /twiml (old and new), each a name
+    to sort for the signature."""
+    names = itertools.chain(NAME_LETTERS, *(map("".join, itertools.product(NAME_LETTERS, repeat=k)) for k in (2, 3)))
+    return "&".join(f"{name}=" for name in itertools.islice(names, fields)).encode()
+
+
+def post_forms(port, body, seconds, statuses, times):
+    """POST `body` unsigned to /twiml, a new connection each time, for `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            connection.request("POST", "/twiml", body=body,
+                               headers={"Content-Type": "application/x-www-form-urlencoded"})
+            response = connection.getresponse()
+            response.read()
+            statuses.append(response.status)
+        except (OSError, http.client.HTTPException) as exc:
+            statuses.append(type(exc).__name__)
+        finally:
+            connection.close()
+        times.append(1000 * (time.monotonic() - started))
+
+
+def case_webhook_fields(app, folder, args):
+    server = Server(app, "--quiet-levels", folder=folder, env={"TWILIO_AUTH_TOKEN": "bench-token"})
+    signed = {"X-Twilio-Signature": signature("bench-token", as_signed(server.url))}  # the bystanders are Twilio's
+    lines = []
+    try:
+        for fields in sorted({args.fields, 3800}):
+            body = form_body(fields)
+            statuses, times = [], []
+            bystanders = Bystanders(server.url, args.bystanders, signed).start()
+            posters = [threading.Thread(target=post_forms, args=(server.port, body, args.seconds, statuses, times))
+                       for _ in range(4)]
+            for poster in posters:
+                poster.start()
+            for poster in posters:
+                poster.join()
+            bystanders.stop()
+            lines.append(f"{fields} fields ({len(body)} bytes): {counts(statuses)}; "
+                         f"per request p50 {statistics.median(times):.0f} / max {max(times):.0f} ms; "
+                         f"{bystanders.summary()}")
+    finally:
+        server.stop()
+    return f"4 clients POST unsigned forms to /twiml for {args.seconds:g} s: " + "; ".join(lines)
+
+
+ODD_PARAMETERS = {f"p{i}": "v" * 30 for i in range(4000)}  # a start of about 170 KB
+BIG_MESSAGES = ("--max-message-bytes", str(1 << 20))  # so that such a start is taken at all (64 KiB by default)
+
+
+def odd_calls(url, numbers, failures):
+    """Short calls, one after another, until `numbers` runs out: a SID with a space, 4,000
+    parameters, then connected, start, 1 media and stop in one write, and the server's close."""
+    for n in numbers:
+        try:
+            client, call = WSClient(url, timeout=30), Call(params=ODD_PARAMETERS, stream_sid=f"MZ{n:032x} x")
+            client.send_raw(b"".join(text_frame(message) for message in call.session(media=1, stop=True)))
+            client.wait_closed(30)
+        except OSError as exc:
+            failures.append(type(exc).__name__)
+
+
+def case_odd_sids(app, folder, args):
+    server, floor_port = floor_server(app, folder, *BIG_MESSAGES)
+    failures, numbers = [], iter(range(600))  # next() on it is atomic: each call once, 4 at a time
+    try:
+        before, rss = server.rss(), PeakRss(server.process.pid)
+        bystanders = Bystanders(server.url, args.bystanders).start()
+        callers = [threading.Thread(target=odd_calls, args=(server.url, numbers, failures)) for _ in range(4)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join()
+        bystanders.stop()
+        time.sleep(1)
+        status, body, _ = timed_get(floor_port, "/calls")
+        shown = json.loads(body) if status == 200 else {}
+        after, peak = server.rss(), rss.stop()
+        traces = tracebacks(server.log())
+    finally:
+        server.stop()
+    return (f"600 calls of a SID with a space and 4,000 parameters ({len(failures)} failed: {counts(failures)}): "
+            f"/calls {status}, open {len(shown.get('open', []))}, ended {len(shown.get('ended', []))}; "
+            f"RSS {before:.0f} -> peak {peak:.0f} -> after {after:.0f} MiB; {traces} tracebacks; "
+            f"{bystanders.summary()}")
+
+
+def case_floor_bloat(app, folder, args):
+    server, floor_port = floor_server(app, folder, *BIG_MESSAGES, "--idle-timeout", "0")
+    clients, sizes, times = [], [], []
+    try:
+        before, rss = server.rss(), PeakRss(server.process.pid)
+        for _ in range(250):
+            client, call = WSClient(server.url, timeout=120), Call(params=ODD_PARAMETERS)
+            messages = [*call.session(), *(call.dtmf(str(k % 10)) for k in range(500))]
+            client.send_raw(b"".join(text_frame(message) for message in messages))
+            client.call = call
+            clients.append(client)
+        for client in clients:  # a ping behind each call's messages: its pong, once they are handled
+            client.send_raw(frame(0x9, b"handled?"))
+        closed = 0
+        for client in clients:
+            try:
+                while (opcode := client.recv_frame()[0]) not in (0xA, 0x8):
+                    pass
+                closed += opcode == 0x8
+            except OSError:
+                closed += 1
+        opened = server.rss()
+        bystanders = Bystanders(server.url, args.bystanders).start()
+        statuses, until = [], time.monotonic() + 3  # 5 fetches at least, for 3 s at least: pings to answer meanwhile
+        while len(statuses) < 5 or time.monotonic() < until:
+            status, body, took = timed_get(floor_port, "/calls", timeout=60)
+            statuses.append(status)
+            sizes.append(len(body) / 1e6)
+            times.append(1000 * took)
+        bystanders.stop()
+        peak = rss.stop()
+        for client in clients:
+            try:
+                client.send_raw(text_frame(client.call.stop()) + frame(0x8, struct.pack("!H", 1000)))
+            except OSError:
+                pass
+            client.sock.close()
+    finally:
+        server.stop()
+    return (f"250 open calls of 4,000 parameters and 500 key presses ({closed} closed by the server): "
+            f"RSS {before:.0f} -> {opened:.0f} MiB (peak {peak:.0f}); /calls {counts(statuses)}, "
+            f"{max(sizes):.1f} MB, fetched in p50 {statistics.median(times):.0f} / max {max(times):.0f} ms; "
+            f"during the fetches {bystanders.summary()}")
+
+
+FLOOR_TOKEN = "bench-floor-token-0123"  # FLOOR_TOKEN: at least 16 letters, digits or -._~
+
+
+def still_open(sock):
+    """Whether the server still holds this connection open (what it sent is read and dropped)."""
+    try:
+        while sock.recv(65536, socket.MSG_DONTWAIT):
+            pass
+        return False  # EOF
+    except BlockingIOError:
+        return True
+    except OSError:  # reset
+        return False
+
+
+def case_lockout(app, folder, args):
+    metrics_port = free_port()
+    server, floor_port = floor_server(app, folder, "--metrics-port", str(metrics_port),
+                                      env={"FLOOR_TOKEN": FLOOR_TOKEN})
+    wait_listening(metrics_port)
+    answers = {}
+
+    def ask(name, port, path, **headers):
+        answers[name] = timed_get(port, path, timeout=15, **headers)
+
+    try:
+        bystanders = Bystanders(server.url, args.bystanders).start()
+        opened = time.monotonic()
+        idle = {"floor": [socket.create_connection(("127.0.0.1", floor_port)) for _ in range(64)],
+                "metrics": [socket.create_connection(("127.0.0.1", metrics_port)) for _ in range(8)]}
+        askers = [threading.Thread(target=ask, args=("/calls", floor_port, "/calls"),
+                                   kwargs={"Authorization": f"Bearer {FLOOR_TOKEN}"}),
+                  threading.Thread(target=ask, args=("/metrics", metrics_port, "/metrics"))]
+        for asker in askers:
+            asker.start()
+        time.sleep(max(0.0, opened + 12 - time.monotonic()))
+        closed = {name: sum(not still_open(sock) for sock in socks) for name, socks in idle.items()}
+        for asker in askers:
+            asker.join(20)
+        bystanders.stop()
+        for sock in idle["floor"] + idle["metrics"]:
+            sock.close()
+    finally:
+        server.stop()
+    said = []
+    for name in ("/calls", "/metrics"):
+        status, _, took = answers.get(name, ("no answer", b"", 15.0))
+        said.append(f"{name} {status} in {1000 * took:.0f} ms" if isinstance(status, int) else
+                    f"{name}: no answer in 15 s ({status})")
+    return (f"64 idle connections to the floor, 8 to the metrics port: {', '.join(said)}; after 12 s the server had "
+            f"closed {closed['floor']} of 64 and {closed['metrics']} of 8; {bystanders.summary()}")
+
+
+def status_line(port, path, headers, timeout=10.0):
+    """The status of a GET, from its status line alone; the connection closed at once."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n" +
+                      "".join(f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n").encode())
+        head = b""
+        try:
+            while b"\r\n" not in head and (more := sock.recv(4096)):
+                head += more
+        except OSError as exc:
+            return type(exc).__name__
+    return head.split(b" ")[1].decode() if head.startswith(b"HTTP/") else "no answer"
+
+
+def case_last_event_id(app, folder, args):
+    server, floor_port = floor_server(app, folder)
+    try:
+        bystanders = Bystanders(server.url, args.bystanders).start()
+        time.sleep(0.5)
+        lines_before = server.log().splitlines()
+        statuses = [status_line(floor_port, "/events", {"Last-Event-ID": "9" * 5000}) for _ in range(50)]
+        time.sleep(1)
+        grown = server.log().splitlines()[len(lines_before):]
+        bystanders.stop()
+    finally:
+        server.stop()
+    return (f"50 GET /events with a Last-Event-ID of 5,000 digits: {counts(statuses)}; the log grew by {len(grown)} "
+            f"lines ({tracebacks(chr(10).join(grown))} tracebacks); {bystanders.summary()}")
+
+
+REDIS_TIME = "2026-12-06T20:00:00.000Z"
+
+
+def start_record(stream, **changed):
+    """A floor's record of a call's start, as floor_record() makes it, with `changed` fields."""
+    return {"type": "start", "stream": stream, "call": "CA" + "0" * 32, "server": "bench", "time": REDIS_TIME,
+            "uid": f"bench/{stream}", "tracks": ["inbound"], "parameters": {"From": "+15550100"},
+            "format": "audio/x-mulaw/8000/1", **changed}
+
+
+def case_redis_entries(app, folder, args):
+    if shutil.which("redis-server") is None:
+        return "skipped: redis-server is not on PATH"
+    import redis
+    store = Redis(folder)
+    server = None
+    try:
+        server, floor_port = floor_server(app, folder, "--redis-url", store.url)
+        bystanders = Bystanders(server.url, args.bystanders).start()
+        before, rss = server.rss(), PeakRss(server.process.pid)
+        valid = "MZ" + "b" * 32
+        entries = [start_record("MZ" + "1" * 32, time=None), start_record("MZ" + "2" * 32, time=5),
+                   start_record("MZ" + "3" * 32, time=[1]), start_record("MZ" + "4" * 32, parameters="x"),
+                   *(start_record(f"MZ{n:032x}", parameters={"p": "v" * 100_000}) for n in range(200)),
+                   start_record(valid)]  # the valid one last: read only if the floor got past all the others
+        client = redis.Redis.from_url(store.url)
+        for entry in entries:
+            client.xadd("mediastreams:events", {"event": json.dumps(entry)})
+        client.close()
+        deadline, seen = time.monotonic() + 15, False
+        while not seen and time.monotonic() < deadline:  # until the floor has read them all
+            status, body, _ = timed_get(floor_port, "/calls")
+            seen = status == 200 and valid.encode() in body
+            time.sleep(0 if seen else 0.5)
+        statuses, there = [], []
+        for _ in range(5):
+            status, body, _ = timed_get(floor_port, "/calls")
+            statuses.append(status)
+            there.append(status == 200 and valid.encode() in body)
+        bystanders.stop()
+        after, peak = server.rss(), rss.stop()
+        traces = tracebacks(server.log())
+    finally:
+        if server:
+            server.stop()
+        store.kill()
+    return (f"XADD 4 bad entries, 200 of 100 KB, then a valid start: /calls x5 {counts(statuses)}; the valid call "
+            f"shown in {sum(there)} of 5; RSS {before:.0f} -> peak {peak:.0f} -> after {after:.0f} MiB; "
+            f"{traces} tracebacks; {bystanders.summary()}")
+
+
+STALLING = """\
+import sys, time
+sys.path.insert(0, {folder!r})
+import gevent
+import app
+
+
+def stall():
+    while True:
+        gevent.sleep({every!r})
+        time.sleep({stall!r})  # blocking: holds the event loop
+
+
+gevent.spawn(stall)
+app.main(sys.argv[1:])
+"""
+
+
+def case_stalls(app, folder, args):
+    code = STALLING.format(folder=str(Path(app).resolve().parent), every=args.stall_every, stall=args.stall)
+    lines = []
+    for flags in ((), ("--read-interval-ms", "0")):
+        server = Server(app, "--quiet-levels", *flags, folder=folder, command=[sys.executable, "-c", code])
+        try:
+            bystanders = Bystanders(server.url, args.bystanders).start()
+            time.sleep(args.seconds)
+            bystanders.stop()
+            late = [int(m) for m in re.findall(r"event loop (\d+) ms late", server.log())]
+        finally:
+            server.stop()
+        lines.append(f"{' '.join(flags) or 'default'}: {bystanders.summary()}, "
+                     f"loop late at most {max(late, default=0)} ms")
+    return (f"the event loop held {args.stall:g} s every {args.stall_every:g} s for {args.seconds:g} s: " +
+            "; ".join(lines))
+
+
 CASES = {"close": case_close,
          **{f"{kind}-flood": functools.partial(run_flood, kind=kind)
             for kind in ("ping", "mark", "unknown", "invalid-json", "media")},
-         "unix-flood": case_unix_flood, "echo-flood": case_echo_flood, "marks": case_marks, "jump": case_jump, "pong-order": case_pong_order}
+         "unix-flood": case_unix_flood, "echo-flood": case_echo_flood, "marks": case_marks, "jump": case_jump,
+         "pong-order": case_pong_order,
+         "webhook-fields": case_webhook_fields, "odd-sids": case_odd_sids, "floor-bloat": case_floor_bloat,
+         "lockout": case_lockout, "last-event-id": case_last_event_id, "redis-entries": case_redis_entries,
+         "stalls": case_stalls}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("cases", nargs="*", help=f"of {', '.join(CASES)} (default: all)")
     parser.add_argument("--app", default=str(ROOT / "app.py"), help="the app.py to run (default: this one)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="how long each flood lasts (default 10)")
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="how long each flood, webhook-fields and stalls last (default 10)")
     parser.add_argument("--marks", type=int, default=10_000, help="marks: how many are outstanding (default 10,000)")
     parser.add_argument("--calls", type=int, default=300, help="close: calls ending at once (default 300)")
     parser.add_argument("--vs", type=lambda raw: raw.split(",") if raw else [], default=[],
                         help="close: peers to run the same against, e.g. node (tests/bench_load.py installs them)")
+    parser.add_argument("--fields", type=int, default=1000,
+                        help="webhook-fields: fields of each form, besides 3,800 (default 1,000)")
+    parser.add_argument("--bystanders", type=int, default=20,
+                        help="well-behaved real-time calls beside each attack (default 20)")
+    parser.add_argument("--stall", type=float, default=0.45, help="stalls: seconds the loop is held (default 0.45)")
+    parser.add_argument("--stall-every", type=float, default=1.0,
+                        help="stalls: seconds between two holds (default 1.0)")
     parser.add_argument("--keep", action="store_true", help="keep each case's folder (the server's log) in /tmp")
     args = parser.parse_args(argv)
     for name in args.cases or CASES:
