@@ -1725,7 +1725,7 @@ class Limits:
     transcript_wait_seconds: float = 10  # at a call's end, what its last utterances' recognition may take
     whisper_hint: bool = False         # --alerts' phrases as Whisper's prompt: measured by tests/bench_words.py --hint
     floor_events_kept: int = 10_000    # the feed's latest events, for a client that resumes (Last-Event-ID) ...
-    floor_events_bytes: int = 4 << 20  # ... and at most this much of their JSON (10,000 of 100 parameters: 150 MB)
+    floor_events_bytes: int = 4 << 20  # ... and this much of their JSON (3,000 short calls of 100 parameters: 75 MB)
     floor_ended_kept: int = 200        # ended calls still listed (for FLOOR_ENDED_SECONDS at most)
     floor_client_queue: int = 2000     # events waiting for one feed client; beyond, it is dropped (and resumes)
     floor_silent_seconds: float = 60   # with Redis, an open call none of whose events came for this long is
