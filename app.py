@@ -9,23 +9,23 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
    185  The call                      its events, typed; MediaStream: one method per Twilio event
   1238  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
   1454  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
-  2109  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
-  2337  Optional features             each switched on by a flag, each consuming call events:
-  2339    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
-  2389    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2713    Alerts                      --alerts: the phrases that matter, in what is said
-  2798    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
-  3022    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  3077    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
-  3279    Sinks                       the console's lines, transcript files
-  3368    Metrics                     --metrics-port: Prometheus
-  3460    The floor                   --floor-port: every live call on one page, /events, /calls
-  3874    The floor's page            its HTML, CSS and JavaScript
-  4106    The floor across processes  --redis-url: one Redis stream
-  4980  The transport                 what a user need not read:
-  4982    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  5151    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5899  Start-up                      configure(), main(), then gunicorn's worker
+  2107  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
+  2335  Optional features             each switched on by a flag, each consuming call events:
+  2337    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
+  2387    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
+  2711    Alerts                      --alerts: the phrases that matter, in what is said
+  2796    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
+  3020    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  3075    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
+  3277    Sinks                       the console's lines, transcript files
+  3366    Metrics                     --metrics-port: Prometheus
+  3458    The floor                   --floor-port: every live call on one page, /events, /calls
+  3872    The floor's page            its HTML, CSS and JavaScript
+  4104    The floor across processes  --redis-url: one Redis stream
+  4978  The transport                 what a user need not read:
+  4980    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  5149    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5896  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -1828,8 +1828,6 @@ class Runtime:
     handshaking: dict = field(default_factory=dict)  # connections sending a request, oldest first: their greenlets
     unfinished_bytes: int = 0          # what half-received messages hold, all streams together
     loop_behind: bool = False          # the event loop is late: listen-only streams are read every --read-interval-ms
-    catch_up_pool: float = 0.0         # bytes every stream together may still read on past a full read (reads_on)
-    catch_up_at: float = 0.0           # ... as of this time.monotonic()
     shutting_down: bool = False
     connection_warnings: LogThrottle = field(default_factory=lambda: LogThrottle("warnings about connections", 10))
     stream_warnings: LogThrottle = field(default_factory=lambda: LogThrottle("stream warnings", 200))
@@ -5158,8 +5156,8 @@ UNFINISHED_BYTES_LIMIT = 32 << 20  # what all streams' half-received messages ma
 SPARE_FILES = 64          # descriptors beyond sockets and recordings: listener, logs, imports
 RECV_BYTES = 4096   # ten Twilio messages; 64 KiB reads fragmented the heap: RSS grew by the round
 CATCH_UP_BYTES_PER_SECOND = 65_536  # a stream earns reading on past a full read, for each second it waited (a call
-CATCH_UP_STREAM_BYTES = 65_536      # sends 8-33 KB/s), up to this; all streams together draw on a pool that
-CATCH_UP_POOL_BYTES = 1 << 20       # fills at this a second (and holds no more), so floods lengthen no turn much
+CATCH_UP_STREAM_BYTES = 65_536      # sends 8-33 KB/s), up to this; every stream together earns at most this a
+CATCH_UP_ALL_BYTES_PER_SECOND = 1 << 20  # second (an equal share each), so that floods lengthen no turn much
 SEND_BATCH = 16384   # bytes of frames the writer hands the socket at a time
 OUTBOX_LIMIT = 1 << 20  # bytes waiting to be sent to a client beyond which we stop reading from it
 
@@ -5284,17 +5282,16 @@ class MediaWebSocket(WebSocket):
         stream the loop left unread (a stall: a slow request, your code) catches up at once:
         read RECV_BYTES a turn, a call fell further behind at each stall when stalls came turn
         after turn (issue 37: 1.7 s behind after 10 s of 0.45 s stalls). What it reads on is
-        earned by waiting, CATCH_UP_BYTES_PER_SECOND, and drawn from a pool every stream
-        shares, so that floods, which always have more, gain little from it."""
-        runtime, now = self.runtime, self.last_received
-        self.catch_up = min(CATCH_UP_STREAM_BYTES, self.catch_up + CATCH_UP_BYTES_PER_SECOND * (now - self.catch_up_at))
-        runtime.catch_up_pool = min(CATCH_UP_POOL_BYTES, runtime.catch_up_pool +
-                                    CATCH_UP_POOL_BYTES * max(0.0, now - runtime.catch_up_at))
-        self.catch_up_at = runtime.catch_up_at = now
-        if self.catch_up < RECV_BYTES or runtime.catch_up_pool < RECV_BYTES:
+        earned by waiting, at CATCH_UP_BYTES_PER_SECOND or an equal share of
+        CATCH_UP_ALL_BYTES_PER_SECOND, so floods, which always have more, gain little from it
+        (a pool served first come would starve the streams the loop serves last)."""
+        now = self.last_received
+        rate = min(CATCH_UP_BYTES_PER_SECOND, CATCH_UP_ALL_BYTES_PER_SECOND / max(1, len(self.runtime.open_websockets)))
+        self.catch_up = min(CATCH_UP_STREAM_BYTES, self.catch_up + rate * (now - self.catch_up_at))
+        self.catch_up_at = now
+        if self.catch_up < RECV_BYTES:
             return False
         self.catch_up -= RECV_BYTES
-        runtime.catch_up_pool -= RECV_BYTES
         return True
 
     def receive(self):

@@ -351,12 +351,15 @@ def test_a_stream_read_in_batches_catches_up_on_all_it_has_waiting_after_each_na
 
 
 
-def turns_to_read(messages, waited, as_it_lands):
+def turns_to_read(messages, waited, as_it_lands, others=0):
     """How many turns of the event loop a stream takes to read `messages`, all waiting at once,
-    after the loop was held for `waited` seconds (0: a client that always has more, a flood).
-    `as_it_lands`: read by the event loop's callback (media), else by receive()'s greenlet."""
+    after the loop was held for `waited` seconds (0: a client that always has more, a flood),
+    with `others` streams open beside it. `as_it_lands`: read by the event loop's callback
+    (media), else by receive()'s greenlet."""
     ours, theirs = gsocket.socketpair()
-    ws = websocket(app.MediaWebSocket, ours, runtime())
+    serving = runtime()
+    serving.open_websockets.update(object() for _ in range(others))
+    ws = websocket(app.MediaWebSocket, ours, serving)
     theirs.sendall(frame(0x1, b"start"))  # read whole: from now on the socket is read as it is after a handshake
     assert ws.receive() == "start"
     got = []
@@ -388,6 +391,8 @@ def test_a_stream_the_event_loop_left_unread_catches_up_at_once_and_a_flood_stil
     assert turns_to_read(backlog, waited=0.8, as_it_lands=as_it_lands) <= 2, "one turn for all that waited"
     flood = [b"%05d" % i + b"x" * 317 for i in range(1200)]  # 400 KB
     assert turns_to_read(flood, waited=0, as_it_lands=as_it_lands) >= 50, "a flood earns next to nothing"
+    # beside 63 others, each stream earns a 64th of CATCH_UP_ALL_BYTES_PER_SECOND: 13 KB in 0.8 s
+    assert turns_to_read(backlog, waited=0.8, as_it_lands=as_it_lands, others=63) >= 5, "all floods together gain little"
 
 class CountedRecv:
     """A socket's own socket, counting its recv() calls."""
