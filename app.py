@@ -25,7 +25,7 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
   4978  The transport                 what a user need not read:
   4980    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
   5149    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5896  Start-up                      configure(), main(), then gunicorn's worker
+  5897  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -1951,8 +1951,8 @@ def create_runtime(settings: Settings, stream_class: type | None = None, *, limi
     if transcriber and settings.record:
         runtime.sinks.append(TranscriptFiles(settings.record, runtime.stream_warnings))
     if settings.alert_webhook:
-        floor_url = settings.floor_url or (settings.floor_port and "http://%s:%d" % (
-            f"[{settings.floor_host}]" if ":" in settings.floor_host else settings.floor_host, settings.floor_port))
+        floor_url = settings.floor_url or (settings.floor_port and f"http://{url_host(settings.floor_host)}:"
+                                                                  f"{settings.floor_port}")
         runtime.alert_webhook = AlertWebhook(settings.alert_webhook, settings.alert_webhook_secret, floor_url or None,
                                              server, settings.redis_url, metrics, limits,
                                              history=bool(settings.floor_url or settings.history))
@@ -5760,8 +5760,9 @@ class MediaStreamHandler(WebSocketHandler):
             body = self.rfile.read(self.content_length)
             if len(body) < self.content_length:
                 raise ValueError("a body cut short")
-            if body.count(b"&") >= WEBHOOK_FIELDS:  # before any parsing or signature: each field costs
-                raise ValueError(f"a body of {body.count(b'&') + 1} fields (Twilio's have fewer than {WEBHOOK_FIELDS})")
+            fields_sent = body.count(b"&") + 1
+            if fields_sent > WEBHOOK_FIELDS:  # before any parsing or signature: each field costs
+                raise ValueError(f"a body of {fields_sent} fields (Twilio's have fewer than {WEBHOOK_FIELDS})")
             self.rfile = io.BufferedReader(io.BytesIO(body))  # what pywsgi reads it from
         self.close_connection = True  # no keep-alive: a client cannot pipeline requests it never reads
         return True
@@ -5951,6 +5952,11 @@ def configure(argv: list[str] | None = None, environ=os.environ, stream_class=No
     return runtime
 
 
+def url_host(host: str) -> str:
+    """A host as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 def cannot_listen(setting: str, host: str, port: int, exc: OSError) -> SettingsError:
     reason = exc.args[1] if len(exc.args) == 2 else str(exc)  # not strerror: gevent adds the address to it
     return SettingsError(f"{setting}: cannot listen on {host}:{port}: {reason}")
@@ -5967,7 +5973,7 @@ def serve_metrics(host: str, port: int, metrics: Metrics) -> None:
         server.start()
     except OSError as exc:
         raise cannot_listen("--metrics-port (METRICS_PORT)", host, port, exc) from None
-    startup_log.info("Metrics for Prometheus at http://%s:%d/metrics", f"[{host}]" if ":" in host else host,
+    startup_log.info("Metrics for Prometheus at http://%s:%d/metrics", url_host(host),
                      server.server_port)
 
 
@@ -5993,11 +5999,10 @@ def serve_floor(runtime: Runtime) -> None:
     if floor.history is not None:
         floor.history.start()
         startup_log.info("The call history in %s, at http://%s:%d/history (%s)", os.path.abspath(floor.history.path),
-                         f"[{host}]" if ":" in host else host, server.server_port,
+                         url_host(host), server.server_port,
                          f"calls older than {settings.history_days:g} days forgotten" if settings.history_days
                          else "kept for ever")
-    shown = f"[{host}]" if ":" in host else host
-    startup_log.info("The floor at http://%s:%d/ (its feed at /events)%s%s", shown, server.server_port,
+    startup_log.info("The floor at http://%s:%d/ (its feed at /events)%s%s", url_host(host), server.server_port,
                      ", every process's calls from Redis" if settings.redis_url else "",
                      ", FLOOR_TOKEN needed" if settings.floor_token else "")
 
@@ -6115,8 +6120,8 @@ def serve_metrics_of_workers(host: str, port: int) -> None:
         threaded_metrics_server(host, port, make_wsgi_app(registry))
     except OSError as exc:
         raise cannot_listen("--metrics-port (METRICS_PORT)", host, port, exc) from None
-    startup_log.info("Metrics for Prometheus at http://%s:%d/metrics, all workers together",
-                     f"[{host}]" if ":" in host else host, port)
+    startup_log.info("Metrics for Prometheus at http://%s:%d/metrics, all workers together", url_host(host),
+                     port)
 
 
 
@@ -6192,7 +6197,7 @@ def main(argv: list[str] | None = None, stream_class: type | None = None, limits
     if settings.host in ("0.0.0.0", "::", ""):
         where, host = f"all interfaces: {settings.host or '0.0.0.0'}", "localhost"
     else:
-        where, host = "this interface only", f"[{settings.host}]" if ":" in settings.host else settings.host
+        where, host = "this interface only", url_host(settings.host)
     startup_log.info("Listening on http://%s:%d (%s), WebSocket at ws://%s:%d/media", host, port, where, host, port)
     log_startup_notes(settings)
 
