@@ -9,23 +9,23 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
    185  The call                      its events, typed; MediaStream: one method per Twilio event
   1238  Text and audio helpers        log-safe text, mu-law to PCM and back (no audioop), levels, WAV
   1454  Settings and the runtime      each flag once: read_settings() -> Settings; create_runtime()
-  2107  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
-  2335  Optional features             each switched on by a flag, each consuming call events:
-  2337    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
-  2387    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2711    Alerts                      --alerts: the phrases that matter, in what is said
-  2796    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
-  3020    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  3075    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
-  3277    Sinks                       the console's lines, transcript files
-  3366    Metrics                     --metrics-port: Prometheus
-  3458    The floor                   --floor-port: every live call on one page, /events, /calls
-  3872    The floor's page            its HTML, CSS and JavaScript
-  4104    The floor across processes  --redis-url: one Redis stream
-  4978  The transport                 what a user need not read:
-  4980    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  5149    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5897  Start-up                      configure(), main(), then gunicorn's worker
+  2110  HTTP                          /, /healthz, Twilio's webhooks, the handshake checks
+  2338  Optional features             each switched on by a flag, each consuming call events:
+  2340    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
+  2390    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
+  2792    Alerts                      --alerts: the phrases that matter, in what is said
+  2877    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
+  3101    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  3156    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
+  3358    Sinks                       the console's lines, transcript files
+  3448    Metrics                     --metrics-port: Prometheus
+  3540    The floor                   --floor-port: every live call on one page, /events, /calls
+  3954    The floor's page            its HTML, CSS and JavaScript
+  4186    The floor across processes  --redis-url: one Redis stream
+  5060  The transport                 what a user need not read:
+  5062    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  5231    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5979  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -1838,6 +1838,7 @@ class Runtime:
     deliverer: "gevent.Greenlet | None" = None
     counted: bool = False              # a sink wants each open call's counts once a second (Counted): metrics
     levels: bool = True                # a sink shows levels: the console (unless --quiet-levels), the floor, Redis
+    partials: bool = False             # a sink shows the words so far: the floor, Redis, the console with --transcript-partials
     calls: dict = field(default_factory=dict)  # call_key: each open call's MediaStream
     call_keys: Any = field(default_factory=itertools.count, repr=False)
     event_numbers: Any = field(default_factory=itertools.count, repr=False)
@@ -1931,7 +1932,8 @@ def create_runtime(settings: Settings, stream_class: type | None = None, *, limi
     metrics = Metrics() if settings.metrics_port else None
     runtime = Runtime(settings, serving or MediaStream, max_streams or settings.max_streams, greeting, transcriber,
                       Mood() if settings.mood else None, metrics, limits=limits, counted=metrics is not None)
-    runtime.sinks.append(Console(runtime.stream_warnings, quiet_levels=settings.quiet_levels))
+    runtime.sinks.append(Console(runtime.stream_warnings, quiet_levels=settings.quiet_levels,
+                                 partials=settings.transcript_partials))
     if metrics:
         runtime.sinks.append(metrics)
     server = f"{socket.gethostname()}:{os.getpid()}"
@@ -1958,6 +1960,7 @@ def create_runtime(settings: Settings, stream_class: type | None = None, *, limi
                                              history=bool(settings.floor_url or settings.history))
         runtime.sinks.append(runtime.alert_webhook)
     runtime.levels = not settings.quiet_levels or runtime.floor is not None or runtime.publisher is not None
+    runtime.partials = settings.transcript_partials or runtime.floor is not None or runtime.publisher is not None
     return runtime
 
 
@@ -2391,9 +2394,16 @@ SPEECH_END_MS = 500          # this much non-speech after speech ends an utteran
 PREROLL_MS = 200             # audio kept from before speech is heard: the first syllable's onset
 MIN_SPEECH_MS = 200          # less voiced audio than this is a click or a breath: not recognized
 MAX_UTTERANCE_SECONDS = 10   # longer speech is cut into pieces this long
-PARTIAL_EVERY_MS = 1000      # --transcript-partials: a partial line this often while someone speaks
+PARTIAL_AFTER_MS = 2000      # speech longer than this shows its words so far (the floor, the feed) ...
+PARTIAL_EVERY_MS = 1000      # ... this often
+PARTIAL_SHARE = 0.25         # partials' recognition time, at most this share of whole utterances' (+ 1 s)
 TRACK_QUEUE = 3              # ... and per track: one track sending faster than it is heard crowds out no other
-WINDOW_SECONDS, WINDOW_PADDING_SECONDS = 10, 3  # the model's window: utterance + padding, never under 10 s
+# Whisper's window: the utterance plus 4 s, in steps of 2 s (6, 8 ... 14 s), where the stock 30 s
+# costs 3x for the same words; with less padding it says a sentence twice more often, or misses
+# more words (tests/README.md has the figures).
+WINDOW_PADDING_SECONDS, WINDOW_STEP_SECONDS = 4, 2
+BATCH = 8                    # utterances of one window size recognized in one pass of the model
+BEAM = 5                     # whole lines (greedy decoding loses 6 points of accuracy); partials: greedy
 
 
 @dataclass(eq=False)
@@ -2401,14 +2411,15 @@ class Utterance:
     transcript: "TrackTranscript"
     at: float                 # seconds from the stream's first audio
     pcm: bytes                # 8 kHz 16-bit
-    partial: bool = False
+    partial: bool = False     # the words so far of an utterance still being said (its index is the one it will have)
     index: int = -1           # a whole one's place among its track's: their lines are made in this order
     seconds: float = 0.0      # how long its speaker spoke (first voiced frame to last)
+    window: int = 0           # the recognizer's batches hold utterances of one window size
 
 
 class WhisperRecognizer:
-    """Whisper (faster-whisper on CTranslate2): the words in 8 kHz 16-bit speech. Loaded at
-    start-up, where a model that cannot load stops the server with one line."""
+    """Whisper (faster-whisper on CTranslate2): the words in 8 kHz 16-bit speech, a batch at a
+    time. Loaded at start-up, where a model that cannot load stops the server with one line."""
 
     def __init__(self, model_name: str, threads: int, hint: str = ""):
         import numpy
@@ -2423,60 +2434,89 @@ class WhisperRecognizer:
                                        task="transcribe", language="en")
             # `hint`: text as if said just before (Whisper's prompt), which makes its words likelier
             self.prompt = [self.tokenizer.sot_prev, *self.tokenizer.encode(" " + hint)[-223:]] if hint else []
-            self(bytes(8000))  # a broken model fails here, not on the first call
+            self.batch([bytes(8000)])  # a broken model fails here, not on the first call
         except Exception as exc:  # whatever faster-whisper, huggingface_hub or CTranslate2 raise
             hint = "" if os.path.isdir(os.path.expanduser(model_name)) else \
                 " (a model name is downloaded from huggingface.co on first use; offline, give a model directory)"
             raise SettingsError(f"--transcribe-model (TRANSCRIBE_MODEL): cannot load {model_name!r}{hint}: "
                                 f"{type(exc).__name__}: {first_sentences(str(exc), 300)}") from None
 
-    def __call__(self, pcm: bytes) -> str:
-        """On a native thread. Whisper's window is cut to the utterance plus padding (a 30 s
-        window costs 3x as much; under 10 s it repeats itself)."""
+    @staticmethod
+    def window(pcm_bytes: int) -> int:
+        """The window, in seconds, of an utterance this long: what it is batched by."""
+        seconds = pcm_bytes / 16000 + WINDOW_PADDING_SECONDS
+        return min(30, WINDOW_STEP_SECONDS * math.ceil(seconds / WINDOW_STEP_SECONDS))
+
+    def batch(self, pcms: list[bytes], partial: bool = False) -> list[str]:
+        """On a native thread: one encoder pass over the batch's windows, then their words
+        decoded together. An utterance's words do not depend on what it is batched with."""
         import ctranslate2
         from faster_whisper.audio import pad_or_trim
         np = self.numpy
-        samples = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768
-        audio = np.interp(np.arange(2 * len(samples)) / 2, np.arange(len(samples)), samples).astype(np.float32)
-        features = self.whisper.feature_extractor(audio)
-        frames = 100 * min(30, max(WINDOW_SECONDS, len(pcm) / 16000 + WINDOW_PADDING_SECONDS))
-        features = np.ascontiguousarray(pad_or_trim(features, int(frames))[None])
-        encoded = self.whisper.model.encode(ctranslate2.StorageView.from_array(features))
+        window = max(self.window(len(pcm)) for pcm in pcms)
+        features = []
+        for pcm in pcms:
+            samples = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768
+            audio = np.interp(np.arange(2 * len(samples)) / 2, np.arange(len(samples)), samples).astype(np.float32)
+            features.append(pad_or_trim(self.whisper.feature_extractor(audio), 100 * window))
+        encoded = self.whisper.model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(features)))
         prompt = [*self.prompt, *self.tokenizer.sot_sequence, self.tokenizer.no_timestamps]
-        longest = len(self.prompt) + int(20 + 10 * len(pcm) / 16000)  # the hint's tokens count too
-        tokens = self.whisper.model.generate(encoded, [prompt], beam_size=5, suppress_blank=True, suppress_tokens=[-1],
-                                             max_length=longest)[0].sequences_ids[0]
-        return self.tokenizer.decode([token for token in tokens if token < self.tokenizer.eot]).strip()
+        longest = len(self.prompt) + 20 + 10 * (window - WINDOW_PADDING_SECONDS)  # tokens: the window's, not the batch's
+        results = self.whisper.model.generate(encoded, [prompt] * len(pcms), beam_size=1 if partial else BEAM,
+                                              suppress_blank=True, suppress_tokens=[-1], max_length=longest)
+        return [without_repeats(self.tokenizer.decode([token for token in result.sequences_ids[0]
+                                                       if token < self.tokenizer.eot]).strip()) for result in results]
+
+
+def without_repeats(text: str) -> str:
+    """Whisper's words without the sentence it said again (and again) to fill its window: "Help
+    the woman get back to her feet. Help the woman". What repeats must be 4 words or more, 3 of
+    them different: "one one one one" of a card number is what was said."""
+    words = text.split()
+    plain = [re.sub(r"[^\w']", "", word.lower()) for word in words]
+    for period in range(4, len(words) - 2):
+        if len(set(plain[:period])) >= 3 and all(plain[n] == plain[n - period] for n in range(period, len(words))):
+            return " ".join(words[:period])
+    return text
 
 
 class Transcriber:
-    """One per process: `recognize` (pcm -> text, WhisperRecognizer unless a test gives its
-    own) runs on native threads, which CTranslate2 lets run without the GIL, so no call's
-    greenlet waits for it; utterances wait in one bounded queue, and when recognition falls
-    behind the oldest waiting one is dropped and counted."""
+    """One per process: utterances wait in one bounded queue and are recognized a batch at a
+    time (the oldest whole utterance and up to BATCH-1 more of its window size) on native
+    threads, which CTranslate2 lets run without the GIL, so no call's greenlet waits for it.
+    A lone utterance is never held back for company: it waits at most for the batch being
+    recognized. When recognition falls behind the oldest waiting one is dropped and counted.
+    `recognize`: WhisperRecognizer, or a test's own (pcm -> text, one at a time)."""
 
-    def __init__(self, recognize: Callable[[bytes], str], threads: int, queue_size: int = Limits.transcript_queue):
-        self.recognize, self.queue_size = recognize, queue_size
+    def __init__(self, recognize: Callable[[bytes], str] | WhisperRecognizer, threads: int,
+                 queue_size: int = Limits.transcript_queue):
+        self.queue_size = queue_size
+        self.recognize_batch: Callable[[list[bytes], bool], list[str]] = getattr(recognize, "batch", None) or \
+            (lambda pcms, partial: [recognize(pcm) for pcm in pcms])  # type: ignore[operator]
+        self.window: Callable[[int], int] = getattr(recognize, "window", None) or (lambda size: 0)
         self.threads = gevent.threadpool.ThreadPool(threads)
         self.waiting: deque[Utterance] = deque()
         self.arrived = gevent.event.Event()
+        self.spent = {False: 0.0, True: 0.0}  # seconds recognizing whole utterances and partials, halved each minute
+        self.spent_since = time.monotonic()
         for _ in range(threads):
             gevent.spawn(self.recognize_waiting)
 
     def submit(self, utterance: Utterance) -> None:
         transcript = utterance.transcript
+        utterance.window = self.window(len(utterance.pcm))
+        # what waited of this track's speech so far is out of date, whatever comes
+        self.waiting = deque(waiting for waiting in self.waiting
+                             if not (waiting.partial and waiting.transcript is transcript))
         if utterance.partial:
-            if not self.waiting:  # a partial line only costs idle time
-                self.waiting.append(utterance)
-                self.arrived.set()
+            self.waiting.append(utterance)
+            self.arrived.set()
             return
-        if any(waiting.partial for waiting in self.waiting):  # whole utterances go first
-            self.waiting = deque(waiting for waiting in self.waiting if not waiting.partial)
         same_track = [waiting for waiting in self.waiting if waiting.transcript is transcript]
         if len(same_track) >= TRACK_QUEUE:
             self.drop(same_track[0])
-        elif len(self.waiting) >= self.queue_size:
-            self.drop(self.waiting[0])
+        elif sum(not waiting.partial for waiting in self.waiting) >= self.queue_size:
+            self.drop(next(waiting for waiting in self.waiting if not waiting.partial))
         transcript.pending += 1
         self.waiting.append(utterance)
         self.arrived.set()
@@ -2489,19 +2529,54 @@ class Transcriber:
         """A transcript's utterances still waiting: its call has ended."""
         self.waiting = deque(waiting for waiting in self.waiting if waiting.transcript is not transcript)
 
+    def next_batch(self) -> list[Utterance]:
+        """Whole utterances first, the oldest and those of its window; then partials, while
+        they have cost less than PARTIAL_SHARE of the time whole ones took (else they are skipped)."""
+        chosen = [waiting for waiting in self.waiting if not waiting.partial]
+        if not chosen:
+            affordable = self.spent[True] <= PARTIAL_SHARE * self.spent[False] + 1
+            self.waiting = deque(waiting for waiting in self.waiting
+                                 if affordable and waiting.transcript.still_saying(waiting))
+            chosen = list(self.waiting)
+        batch = [utterance for utterance in chosen if utterance.window == chosen[0].window][:BATCH]
+        for utterance in batch:
+            self.waiting.remove(utterance)
+        return batch
+
+    def count_time(self, partial: bool, seconds: float) -> None:
+        now = time.monotonic()
+        halved = 0.5 ** ((now - self.spent_since) / 60)  # what counts is the last few minutes
+        self.spent = {kind: spent * halved for kind, spent in self.spent.items()}
+        self.spent_since = now
+        self.spent[partial] += seconds
+
     def recognize_waiting(self) -> None:
         while True:
-            while not self.waiting:
+            batch = self.next_batch()
+            if not batch:
                 self.arrived.clear()
                 self.arrived.wait()
-            utterance = self.waiting.popleft()
-            try:
-                text = self.threads.apply(self.recognize, (utterance.pcm,))
-            except Exception as exc:  # a model that fails on some audio: that utterance only
-                utterance.transcript.stream.warn(f"transcript recognition failed: {type(exc).__name__}: "
-                                                 f"{printable(str(exc), 200)}")
-                text = ""
-            utterance.transcript.heard(utterance, text)
+                continue
+            started = time.monotonic()
+            texts = self.recognized(batch)
+            self.count_time(batch[0].partial, time.monotonic() - started)
+            for utterance, text in zip(batch, texts):
+                utterance.transcript.heard(utterance, text)
+
+    def recognized(self, batch: list[Utterance]) -> list[str]:
+        """The words of each; a batch that fails is tried one by one, so that audio a model
+        fails on costs only its own utterance."""
+        try:
+            texts = self.threads.apply(self.recognize_batch, ([utterance.pcm for utterance in batch], batch[0].partial))
+            if len(texts) == len(batch):
+                return texts
+            raise ValueError(f"{len(texts)} results for {len(batch)} utterances")
+        except Exception as exc:  # a model that fails on some audio: that utterance only
+            if len(batch) > 1:
+                return [self.recognized([utterance])[0] for utterance in batch]
+            batch[0].transcript.stream.warn(f"transcript recognition failed: {type(exc).__name__}: "
+                                            f"{printable(str(exc), 200)}")
+            return [""]
 
 
 class TrackTranscript:
@@ -2512,7 +2587,7 @@ class TrackTranscript:
         import webrtcvad
         self.stream, self.track = stream, track
         self.transcriber: Transcriber = stream.runtime.transcriber  # type: ignore[assignment]
-        self.partials = stream.runtime.settings.transcript_partials
+        self.partials = stream.runtime.partials  # the words so far, while someone speaks: something shows them
         self.vad = webrtcvad.Vad(2)  # 0-3: how sure it must be that a frame is speech
         self.rest = b""             # less than a frame, left from the last chunk
         self.preroll: deque[bytes] = deque(maxlen=PREROLL_MS // 20)
@@ -2551,7 +2626,8 @@ class TrackTranscript:
                 self.start_ms = at_ms - 20 * (len(self.preroll) - 1)
                 self.speech = bytearray().join(self.preroll)
                 self.preroll.clear()
-                self.voiced_ms, self.silent_ms, self.partial_ms = 20, 0, at_ms
+                self.voiced_ms, self.silent_ms = 20, 0
+                self.partial_ms = at_ms + PARTIAL_AFTER_MS - PARTIAL_EVERY_MS  # the first after PARTIAL_AFTER_MS
                 self.voiced_from, self.last_voiced_ms = at_ms, at_ms + 20
             return
         self.speech += frame
@@ -2562,7 +2638,8 @@ class TrackTranscript:
             self.end_utterance()
         elif self.partials and at_ms - self.partial_ms >= PARTIAL_EVERY_MS:
             self.partial_ms = at_ms
-            self.transcriber.submit(Utterance(self, self.start_ms / 1000, bytes(self.speech), partial=True))
+            self.transcriber.submit(Utterance(self, self.start_ms / 1000, bytes(self.speech), partial=True,
+                                              index=self.submitted))
 
     def end_utterance(self) -> None:
         if self.speech is not None and self.voiced_ms >= MIN_SPEECH_MS:
@@ -2577,11 +2654,15 @@ class TrackTranscript:
         self.speech, self.rest = None, b""
         self.preroll.clear()
 
+    def still_saying(self, partial: Utterance) -> bool:
+        """Whether the utterance a partial is the words so far of is still being said."""
+        return not self.closed and self.speech is not None and partial.index == self.submitted
+
     def heard(self, utterance: Utterance, text: str) -> None:
         if self.closed:
             return
         if utterance.partial:
-            if text and self.speech is not None:  # still speaking
+            if text and self.still_saying(utterance):
                 self.stream.emit(Transcribed, track=self.track, at=utterance.at, partial=True,
                                  text=partial_redacted(text) if self.redact else text)
             return
@@ -3281,7 +3362,8 @@ class Console:
     them (a level line only if it builds its meter: not with --quiet-levels). Warnings, which
     any client can cause at will, go through the runtime's throttle."""
 
-    def __init__(self, stream_warnings: LogThrottle, quiet_levels: bool = False):
+    def __init__(self, stream_warnings: LogThrottle, quiet_levels: bool = False, partials: bool = False):
+        self.partials = partials  # --transcript-partials: the words so far too (else a line per utterance)
         self.stream_warnings = stream_warnings
         self.lines: dict[type, Callable[[Any], None]] = {
             Accepted: lambda e: log.info("Connection accepted %s", e.label),
@@ -3317,7 +3399,7 @@ class Console:
 
     def __call__(self, event: CallEvent) -> None:
         line = self.lines.get(type(event))
-        if line:
+        if line and (self.partials or not isinstance(event, Transcribed) or not event.partial):
             line(event)
 
     @staticmethod
@@ -3581,9 +3663,9 @@ class Floor:
             self.forget_old_calls()
         elif kind in ("transcript", "alert", "dtmf", "mark", "warning", "barge_in", "stop"):
             if kind == "transcript":
-                if record["partial"]:
-                    return
                 call["words"] = record["text"]
+                if record["partial"]:  # the words so far of someone speaking: shown, not a line yet
+                    return
                 if "mood" in record:  # --mood: each speaker's trend, their latest lines
                     trend = call["moods"].setdefault(record["track"], [])
                     trend.append(record["mood"])
@@ -3921,8 +4003,8 @@ function apply(r) {
     call.levels = {};
   } else if (["transcript", "alert", "dtmf", "mark", "warning", "barge_in", "stop"].includes(r.type)) {
     if (r.type === "transcript") {
-      if (r.partial) return;
       call.words = r.text;
+      if (r.partial) return;  // the words so far of someone speaking: shown, not a line yet
       if (typeof r.mood === "number") (call.moods[r.track] ||= []).push(r.mood) > MOODS && call.moods[r.track].shift();
     }
     if (r.type === "alert" && !call.alerts++ && !call.ended) call.moved = true;  // up, among the calls with alerts

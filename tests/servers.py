@@ -241,14 +241,14 @@ class SlowFinish(app.MediaStream):
 
 def stalled_recognizer():
     """One utterance may wait for recognition, and each takes 1.5 s: recognition falls behind."""
-    recognize = app.WhisperRecognizer.__call__
+    recognize = app.WhisperRecognizer.batch
 
-    def stalled(self, pcm):
-        if len(pcm) > 8000:  # not the start-up check
-            time.sleep(1.5)
-        return recognize(self, pcm)
+    def stalled(self, pcms, partial=False):
+        if len(pcms[0]) > 8000:  # not the start-up check
+            time.sleep(1.5 * len(pcms))
+        return recognize(self, pcms, partial)
 
-    app.WhisperRecognizer.__call__ = stalled
+    app.WhisperRecognizer.batch = stalled
 
 
 # --- Alerts to people (test_alert_webhook.py) --------------------------------------------------
@@ -262,8 +262,9 @@ def says_refunds():
         def __init__(self, *args):
             pass
 
-        def __call__(self, pcm):
-            return f"Line {next(lines)}: I want my money back." if len(pcm) > 8000 else ""
+        def batch(self, pcms, partial=False):  # the words so far of a long utterance: none, not a line
+            return [f"Line {next(lines)}: I want my money back." if len(pcm) > 8000 and not partial else ""
+                    for pcm in pcms]
 
     app.WhisperRecognizer = SaysRefunds
 

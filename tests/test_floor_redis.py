@@ -72,7 +72,7 @@ def test_calls_into_two_servers_appear_on_one_floor_with_their_words_and_end_the
     wait.until(lambda b: b.find_element(By.ID, "count").text == "2 live")
     callers = sorted(cell.text for cell in browser.find_elements(By.CSS_SELECTOR, "#calls .who"))
     assert callers == sorted([HTML_FROM, "+15550001"]) and browser.find_elements(By.CSS_SELECTOR, "img") == []
-    wait.until(lambda b: any("sheet" in cell.text.lower()  # the latest words: the second sentence
+    wait.until(lambda b: any("background" in cell.text.lower()  # the latest words: the second sentence
                              for cell in b.find_elements(By.CSS_SELECTOR, "#calls .words")))
     servers = {call["server"] for call in calls_of(floor.floor_port)["open"]}
     assert len(servers) == 2 and floor.log().count("Only the floor") == 1, "two processes, one floor"

@@ -273,11 +273,11 @@ def test_the_pages_play_a_call_from_a_clicked_line_and_show_what_clients_sent_as
     call = Call(params={"From": XSS})
     said(server, call, "two_sentences.wav", ("inbound", "outbound"))
     wait = WebDriverWait(browser, 20)
-    eventually(lambda: (found := history_of(floor_port, q="sheet")) and found[0]["ended"])
-    browser.get(f"http://127.0.0.1:{floor_port}/history?q=sheet")
+    eventually(lambda: (found := history_of(floor_port, q="planks")) and found[0]["ended"])
+    browser.get(f"http://127.0.0.1:{floor_port}/history?q=planks")
     link = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#calls a"))[0]
     assert link.text == XSS and browser.find_elements(By.CSS_SELECTOR, "img") == [], "text, never markup"
-    assert wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#calls mark")).text.lower() == "sheet"
+    assert wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#calls mark")).text.lower() == "planks"
     link.click()
     lines = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#conversation li.transcript.inbound"))
     assert len(lines) == 2 and browser.find_elements(By.CSS_SELECTOR, "#plot svg polyline, #plot svg rect")

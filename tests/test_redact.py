@@ -87,7 +87,7 @@ def test_a_partial_line_is_redacted_before_its_event_is_made(redact, shown):
     stream = app.MediaStream(serving, remote="test")
     transcript = app.TrackTranscript(stream, "inbound")
     transcript.speech = bytearray(320)  # still speaking
-    transcript.heard(app.Utterance(transcript, 1.0, bytes(320), partial=True), "my card number is 4111 1111 11")
+    transcript.heard(app.Utterance(transcript, 1.0, bytes(320), partial=True, index=0), "my card number is 4111 1111 11")
     line, = [e for e in events if isinstance(e, app.Transcribed)]
     assert (line.text, line.partial) == (shown, True)
 
