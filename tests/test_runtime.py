@@ -11,18 +11,8 @@ import gevent
 import pytest
 
 import app
-from tests.conftest import ROOT, SentMessages, call_on, runtime, samples
+from tests.conftest import ROOT, Events, SentMessages, call_on, runtime, samples
 from tests.twilio_sim import CHUNK, Call, decode_ulaw, encode_ulaw, read_wav, tone, write_wav
-
-
-class Events(list):
-    """A sink of the test's: every event the runtime delivers."""
-
-    def __call__(self, event):
-        self.append(event)
-
-    def of(self, kind):
-        return [event for event in self if isinstance(event, kind)]
 
 
 def test_settings_are_frozen_and_read_settings_gives_the_defaults_as_settings_does():
