@@ -13,19 +13,19 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
   2338  Optional features             each switched on by a flag, each consuming call events:
   2340    Talking back                --echo, --greet: the ready modes of a <Connect><Stream>
   2390    Transcripts                 --transcribe: utterances by voice activity, Whisper on threads
-  2795    Alerts                      --alerts: the phrases that matter, in what is said
-  2880    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
-  3104    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
-  3159    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
-  3361    Sinks                       the console's lines, transcript files
-  3451    Metrics                     --metrics-port: Prometheus
-  3543    The floor                   --floor-port: every live call on one page, /events, /calls
-  3957    The floor's page            its HTML, CSS and JavaScript
-  4189    The floor across processes  --redis-url: one Redis stream
-  5063  The transport                 what a user need not read:
-  5065    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  5234    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5982  Start-up                      configure(), main(), then gunicorn's worker
+  2797    Alerts                      --alerts: the phrases that matter, in what is said
+  2882    Alerts to people            --alert-webhook: each alert POSTed once, signed: Slack, Teams, yours
+  3106    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
+  3161    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
+  3363    Sinks                       the console's lines, transcript files
+  3453    Metrics                     --metrics-port: Prometheus
+  3545    The floor                   --floor-port: every live call on one page, /events, /calls
+  3959    The floor's page            its HTML, CSS and JavaScript
+  4191    The floor across processes  --redis-url: one Redis stream
+  5065  The transport                 what a user need not read:
+  5067    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  5236    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5984  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -2396,7 +2396,8 @@ MIN_SPEECH_MS = 200          # less voiced audio than this is a click or a breat
 MAX_UTTERANCE_SECONDS = 10   # longer speech is cut into pieces this long
 PARTIAL_AFTER_MS = 2000      # speech longer than this shows its words so far (the floor, the feed) ...
 PARTIAL_EVERY_MS = 1000      # ... this often
-PARTIAL_SHARE = 0.25         # partials' recognition time, at most this share of whole utterances' (+ 1 s)
+PARTIAL_SHARE = 0.25         # partials' recognition time, at most this share of whole utterances' ...
+PARTIAL_ALLOWANCE_SECONDS = 3  # ... and this: on a quiet server, a 10 s sentence is shown growing throughout
 TRACK_QUEUE = 3              # ... and per track: one track sending faster than it is heard crowds out no other
 # Whisper's window: the utterance plus 4 s, in steps of 2 s (6, 8 ... 14 s), where the stock 30 s
 # costs 3x for the same words; with less padding it says a sentence twice more often, or misses
@@ -2535,7 +2536,8 @@ class Transcriber:
         they have cost less than PARTIAL_SHARE of the time whole ones took (else they are skipped)."""
         chosen = [waiting for waiting in self.waiting if not waiting.partial]
         if not chosen:
-            affordable = self.spent[True] + self.last_partials <= PARTIAL_SHARE * self.spent[False] + 1
+            affordable = self.spent[True] + self.last_partials <= \
+                PARTIAL_SHARE * self.spent[False] + PARTIAL_ALLOWANCE_SECONDS
             self.waiting = deque(waiting for waiting in self.waiting
                                  if affordable and waiting.transcript.still_saying(waiting))
             chosen = list(self.waiting)

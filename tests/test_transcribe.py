@@ -365,10 +365,10 @@ def test_the_words_so_far_wait_for_whole_utterances_and_cost_at_most_a_quarter_o
     say(other, "a whole one", 16000)
     assert [u.partial for u in transcriber.waiting] == [True, False], "one partial a track: the latest"
     assert [u.partial for u in transcriber.next_batch()] == [False], "whole utterances first"
-    transcriber.spent = {False: 8.0, True: 3.1}  # partials took more than a quarter (+1 s) of the time
+    transcriber.spent = {False: 8.0, True: 5.1}  # partials took more than a quarter (+3 s) of the time
     assert transcriber.next_batch() == [] and not transcriber.waiting, "skipped"
     transcriber.submit(app.Utterance(speaking, 0.0, bytes(speaking.speech), partial=True, index=0))
-    transcriber.spent, transcriber.last_partials = {False: 8.0, True: 2.9}, 0.2  # the next would go past it
+    transcriber.spent, transcriber.last_partials = {False: 8.0, True: 4.9}, 0.2  # the next would go past it
     assert transcriber.next_batch() == []
     transcriber.submit(app.Utterance(speaking, 0.0, bytes(speaking.speech), partial=True, index=0))
     transcriber.last_partials = 0.1
