@@ -18,14 +18,14 @@ The file, top to bottom: each section and its first line (tests/test_setup.py ke
   3106    Mood                        --mood: each line from -1 (angry) to +1 (pleased)
   3161    Redaction                   card numbers, codes, expiry dates, SSNs, keys: never kept
   3363    Sinks                       the console's lines, transcript files
-  3453    Metrics                     --metrics-port: Prometheus
-  3545    The floor                   --floor-port: every live call on one page, /events, /calls
-  3959    The floor's page            its HTML, CSS and JavaScript
-  4191    The floor across processes  --redis-url: one Redis stream
-  5065  The transport                 what a user need not read:
-  5067    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
-  5236    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
-  5984  Start-up                      configure(), main(), then gunicorn's worker
+  3457    Metrics                     --metrics-port: Prometheus
+  3549    The floor                   --floor-port: every live call on one page, /events, /calls
+  3963    The floor's page            its HTML, CSS and JavaScript
+  4195    The floor across processes  --redis-url: one Redis stream
+  5069  The transport                 what a user need not read:
+  5071    WebSocket frames            RFC 6455 without I/O: bytes in, messages and replies out
+  5240    The WebSocket and its handler  gevent-websocket and pywsgi, adapted: reads, outbox, limits
+  5988  Start-up                      configure(), main(), then gunicorn's worker
 """
 from __future__ import annotations
 
@@ -3387,9 +3387,7 @@ class Console:
             Stopped: lambda e: log.info("%s stop", e.label),
             SecureSection: lambda e: log.info("%s %s", e.label, "secure section: recordings silent, nothing transcribed, "
                                               "keys hidden" if e.paused else "secure section over"),
-            Transcribed: lambda e: log.info('%s transcript%s track=%s at=%.2fs text="%s"%s', e.label,
-                                            "-partial" if e.partial else "", e.track, e.at, quoted(e.text),
-                                            "" if e.mood is None else f" mood={e.mood:.2f}"),
+            Transcribed: self.transcribed,
             Alerted: lambda e: log.info('%s alert track=%s category=%s phrase="%s" text="%s"', e.label, e.track,
                                         e.category, quoted(e.phrase), quoted(e.text)),
             Warned: lambda e: self.stream_warnings.warning("%s %s", e.label, e.message),
@@ -3404,8 +3402,14 @@ class Console:
 
     def __call__(self, event: CallEvent) -> None:
         line = self.lines.get(type(event))
-        if line and (self.partials or not isinstance(event, Transcribed) or not event.partial):
+        if line:
             line(event)
+
+    def transcribed(self, e: Transcribed) -> None:
+        if e.partial and not self.partials:  # the words so far: the floor's, the console's only if asked
+            return
+        log.info('%s transcript%s track=%s at=%.2fs text="%s"%s', e.label, "-partial" if e.partial else "", e.track,
+                 e.at, quoted(e.text), "" if e.mood is None else f" mood={e.mood:.2f}")
 
     @staticmethod
     def started(event: Started) -> None:
